@@ -1,0 +1,313 @@
+"""GPT-2: causal self-attention, MLP, pre-norm block and the full language model.
+
+Reads top to bottom like the paper: attention, MLP, block, GPT. Parameter names follow HF
+transformers' ``GPT2LMHeadModel`` (``transformer.h.0.attn.c_attn`` ...) so weights map one to one;
+the only difference is that we use ``nn.Linear`` where HF uses its transposed ``Conv1D``
+(``hf.py`` is the one place that knows about that).
+
+The KV cache lives here too because attention reads and writes it. Generation (``generate.py``)
+drives it: ``setup_cache`` once, then a prefill forward over the prompt and one-token decode
+forwards, each told which cache slots (``input_pos``) it writes.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from .config import GPTconfig
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values of one attention layer: ``(batch, n_head, max_len, head_dim)``.
+
+    Static shapes (gpt-fast's design) mean decode never reallocates and can be compiled.
+    """
+
+    def __init__(self, batch_size: int, n_head: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        shape = (batch_size, n_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``k, v`` (B, H, T, hd) into slots ``input_pos`` (T,) and return the whole cache."""
+        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.k, self.v
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head masked self-attention with one fused QKV projection and PyTorch SDPA."""
+
+    def __init__(self, config: GPTconfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.head_dim = config.head_dim
+        self.d_model = config.d_model
+        self.c_attn = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
+        self.attn_dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(self.d_model, dim=2)
+        # (B, T, C) -> (B, n_head, T, head_dim): heads become a batch dimension for SDPA.
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        if self.kv_cache is not None:
+            assert input_pos is not None and mask is not None, "the KV cache needs input_pos and a mask"
+            k, v = self.kv_cache.update(input_pos, k, v)
+        dropout_p = self.attn_dropout if self.training else 0.0
+        if mask is None:
+            # Plain causal attention: SDPA picks its flash / memory-efficient kernels.
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network: d_model -> 4*d_model -> d_model with tanh-GELU."""
+
+    def __init__(self, config: GPTconfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.d_model, 4 * config.d_model, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.d_model, config.d_model, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # GPT-2 was trained with the tanh approximation of GELU ("gelu_new" in HF).
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, config: GPTconfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), input_pos, mask)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    """The GPT-2 language model. ``GPT(config)(input_ids)`` returns logits ``(B, T, vocab_size)``."""
+
+    def __init__(self, config: GPTconfig | None = None) -> None:
+        super().__init__()
+        if config is None:
+            config = GPTconfig()
+        if not isinstance(config, GPTconfig):
+            raise ValueError(f"GPT expects a GPTconfig, got {type(config).__name__}")
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.d_model),  # token embedding
+            wpe=nn.Embedding(config.context_length, config.d_model),  # learned position embedding
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        # Weight tying (as GPT-2): the output projection is the token embedding matrix.
+        self.lm_head.weight = self.transformer.wte.weight
+        # Range-checking ids costs a device->host sync; the trainer turns it off once it has
+        # checked the dataset (and torch.compile would graph-break on it).
+        self.check_inputs = True
+        self.apply(self._init_weights)
+        # GPT-2 scales the init of the projections that write into the residual stream by
+        # 1/sqrt(2 * n_layer): there are two such additions per block.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        self._cache_len = 0
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    # --- information ---------------------------------------------------------------------------
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Number of parameters, the tied head counted once; ``non_embedding`` leaves out the
+        position embedding (the usual convention for scaling laws and FLOP counts)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward): 6N + 12·L·T·d (PaLM appendix B)."""
+        cfg = self.config
+        T = seq_len or cfg.context_length
+        return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * T * cfg.d_model
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.wte.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.wte.weight.dtype
+
+    # --- forward -------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``(B, T, vocab_size)`` for token ids ``(B, T)``.
+
+        Plain use needs only ``input_ids``. Generation passes ``input_pos`` (the KV-cache slots,
+        shape ``(T,)``, which are also the positions unless ``position_ids`` ``(B, T)`` says
+        otherwise, e.g. for left-padded batches) and optionally a boolean attention ``mask``
+        ``(B or 1, 1, T, cache_len)`` where True means "may attend".
+        """
+        self._check_input_ids(input_ids)
+        B, T = input_ids.shape
+        if self._cache_len:
+            if input_pos is None:
+                raise ValueError("the KV cache is set up: pass input_pos (the cache slots to write), "
+                                 "or call model.clear_cache() first")
+            if mask is None:
+                mask = self.causal_mask[None, None, input_pos]
+            pos = input_pos if position_ids is None else position_ids
+        else:
+            if input_pos is not None:
+                raise ValueError("input_pos is only meaningful with a KV cache; call model.setup_cache() first")
+            pos = torch.arange(T, device=input_ids.device) if position_ids is None else position_ids
+        x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x, input_pos, mask)
+        x = self.transformer.ln_f(x)
+        return self.lm_head(x)
+
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """Mean next-token cross-entropy: ``targets[b, t]`` is the id that should follow
+        ``input_ids[b, :t+1]`` (usually ``input_ids`` shifted left by one); positions whose
+        target is ``ignore_index`` do not count."""
+        logits = self(input_ids)
+        if targets.shape != input_ids.shape:
+            raise ValueError(f"targets must have the shape of input_ids {tuple(input_ids.shape)}, "
+                             f"got {tuple(targets.shape)}")
+        # Cross-entropy in fp32 even when the logits are bf16: the log-sum-exp needs the range.
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=ignore_index)
+
+    def _check_input_ids(self, input_ids: torch.Tensor) -> None:
+        if not isinstance(input_ids, torch.Tensor):
+            raise ValueError(f"input_ids must be a torch.Tensor of token ids with shape (batch, seq_len), "
+                             f"got {type(input_ids).__name__}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must hold integer token ids (torch.long), got dtype {input_ids.dtype}; "
+                             f"convert with input_ids.long()")
+        if input_ids.dim() != 2:
+            hint = " (for one sequence use input_ids[None])" if input_ids.dim() == 1 else ""
+            raise ValueError(f"input_ids must have shape (batch, seq_len), got shape "
+                             f"{tuple(input_ids.shape)}{hint}")
+        T = input_ids.size(1)
+        if T == 0:
+            raise ValueError("input_ids is empty (seq_len 0): give at least one token")
+        limit = self._cache_len or self.config.context_length
+        if T > limit:
+            raise ValueError(f"sequence length {T} exceeds the model's context_length {limit}; "
+                             f"crop the input to its last {limit} tokens (input_ids[:, -{limit}:])")
+        if self.check_inputs and input_ids.numel():
+            lo, hi = torch.aminmax(input_ids)
+            lo, hi = int(lo), int(hi)
+            if lo < 0 or hi >= self.config.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"token id {bad} is out of range: ids must be in [0, {self.config.vocab_size}) "
+                                 f"for this model's vocab_size {self.config.vocab_size}")
+
+    # --- KV cache ------------------------------------------------------------------------------
+    def setup_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> None:
+        """Allocate a KV cache for ``batch_size`` rows of up to ``max_len`` tokens (default:
+        ``context_length``). Until ``clear_cache()`` every forward must say its ``input_pos``."""
+        max_len = max_len or self.config.context_length
+        if not 0 < max_len <= self.config.context_length:
+            raise ValueError(f"cache length must be in [1, context_length={self.config.context_length}], got {max_len}")
+        dtype = dtype or self.dtype
+        for block in self.transformer.h:
+            block.attn.kv_cache = KVCache(batch_size, self.config.n_head, max_len, self.config.head_dim,
+                                          dtype, self.device)
+        # Row t of the causal mask says which cache slots a token at slot t may see.
+        self.register_buffer("causal_mask",
+                             torch.tril(torch.ones(max_len, max_len, dtype=torch.bool, device=self.device)),
+                             persistent=False)
+        self._cache_len = max_len
+
+    def clear_cache(self) -> None:
+        """Free the KV cache and return to plain (cache-less) forwards."""
+        for block in self.transformer.h:
+            block.attn.kv_cache = None
+        if hasattr(self, "causal_mask"):
+            del self.causal_mask
+        self._cache_len = 0
+
+    # --- shape surgery -------------------------------------------------------------------------
+    def crop_context(self, context_length: int) -> None:
+        """Shrink the context (e.g. 1024 -> 256) by keeping the first position embeddings."""
+        if not 0 < context_length <= self.config.context_length:
+            raise ValueError(f"can only crop context_length to a value in [1, {self.config.context_length}], "
+                             f"got {context_length}")
+        self.config.context_length = context_length
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:context_length].detach().clone())
+        self.transformer.wpe.num_embeddings = context_length
+
+    # --- weights in and out (HF format; see checkpoint.py) --------------------------------------
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, **kwargs: Any) -> GPT:
+        """Load a model folder (ours or HF's GPT-2 layout) or an OpenAI name (``gpt2``,
+        ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl``; downloaded only where a network exists).
+        Keyword arguments: ``context_length`` (crop), ``dropout``, ``device``, ``dtype``."""
+        from .checkpoint import load_model
+
+        return load_model(name_or_path, **kwargs)
+
+    def save_pretrained(self, directory: str | Path, tokenizer: Any = None) -> None:
+        """Write ``config.json`` and ``model.safetensors`` in HF's GPT-2 layout, so that
+        ``transformers.GPT2LMHeadModel.from_pretrained(directory)`` loads them too."""
+        from .checkpoint import save_model
+
+        save_model(self, directory, tokenizer=tokenizer)
+
+    # --- generation (generate.py) ----------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs: Any) -> torch.Tensor:
+        """Continue ``input_ids`` by ``max_new_tokens`` tokens; see ``gpt2model.generate.generate``."""
+        from .generate import generate
+
+        return generate(self, input_ids, max_new_tokens, **kwargs)
+
+    def stream(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs: Any) -> Iterator[torch.Tensor]:
+        """Yield new tokens as they are produced; see ``gpt2model.generate.stream``."""
+        from .generate import stream
+
+        return stream(self, input_ids, max_new_tokens, **kwargs)
