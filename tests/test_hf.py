@@ -1,0 +1,224 @@
+"""Parity with the reference implementation, HF transformers' GPT2LMHeadModel, and the model
+folder format (HF's layout) in both directions."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from gpt2model import GPT, GPTconfig
+from gpt2model.checkpoint import CheckpointError
+
+transformers = pytest.importorskip("transformers")
+from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+
+SHAPES = {
+    "seed": GPTconfig(),
+    "gpt2-vocab-ctx1024": GPTconfig(context_length=1024, vocab_size=50257, n_layer=2, n_head=4, d_model=64),
+    "odd": GPTconfig(context_length=96, vocab_size=1000, n_layer=3, n_head=3, d_model=48),
+}
+
+
+def hf_reference(directory: Path) -> GPT2LMHeadModel:
+    """Load with HF and demand a clean load: no missing, unexpected or mismatched weights."""
+    model, info = GPT2LMHeadModel.from_pretrained(directory, output_loading_info=True, attn_implementation="eager")
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    return model.eval()
+
+
+def random_hf(config: GPTconfig, seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=config.vocab_size, n_positions=config.context_length, n_embd=config.d_model,
+                     n_layer=config.n_layer, n_head=config.n_head, bos_token_id=None, eos_token_id=None)
+    model = GPT2LMHeadModel(cfg).eval()
+    # HF zero-initialises biases and sets LayerNorm to 1/0; randomise everything so a swapped
+    # or untransposed tensor cannot hide.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    return model
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_ours_to_hf_logits_match(name: str, tmp_path: Path) -> None:
+    config = SHAPES[name]
+    torch.manual_seed(1)
+    ours = GPT(config).eval()
+    with torch.no_grad():  # non-trivial biases and LayerNorm params
+        for p in ours.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    ours.save_pretrained(tmp_path)
+    hf = hf_reference(tmp_path)
+    x = torch.randint(0, config.vocab_size, (2, min(config.context_length, 300)))
+    with torch.no_grad():
+        assert max_diff(ours(x), hf(x).logits) <= 1e-5
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_hf_to_ours_logits_match(name: str, tmp_path: Path) -> None:
+    config = SHAPES[name]
+    hf = random_hf(config)
+    hf.save_pretrained(tmp_path)
+    ours = GPT.from_pretrained(tmp_path)
+    assert ours.config.to_dict() == {**config.to_dict(), "dropout": 0.1}  # HF's default pdrop
+    x = torch.randint(0, config.vocab_size, (3, min(config.context_length, 200)))
+    with torch.no_grad():
+        assert max_diff(ours(x), hf(x).logits) <= 1e-5
+        # Greedy next tokens agree too.
+        assert torch.equal(ours(x).argmax(-1), hf(x).logits.argmax(-1))
+
+
+def test_loss_matches_hf(tmp_path: Path) -> None:
+    config = SHAPES["odd"]
+    hf = random_hf(config)
+    hf.save_pretrained(tmp_path)
+    ours = GPT.from_pretrained(tmp_path)
+    x = torch.randint(0, config.vocab_size, (2, 50))
+    with torch.no_grad():
+        assert abs(ours.loss(x[:, :-1], x[:, 1:]).item() - hf(x, labels=x).loss.item()) < 1e-5
+
+
+def test_save_load_round_trip_is_bit_identical(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = GPT(SHAPES["odd"]).eval()
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    loaded = GPT.from_pretrained(tmp_path)
+    assert loaded.config == model.config
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    x = torch.randint(0, 1000, (2, 40))
+    assert torch.equal(model(x), loaded(x))
+
+
+def test_no_bias_model_exports_to_hf(tmp_path: Path) -> None:
+    cfg = GPTconfig(context_length=64, vocab_size=300, n_layer=2, n_head=2, d_model=32, bias=False)
+    torch.manual_seed(0)
+    ours = GPT(cfg).eval()
+    ours.save_pretrained(tmp_path)
+    hf = hf_reference(tmp_path)
+    x = torch.randint(0, 300, (2, 64))
+    with torch.no_grad():
+        assert max_diff(ours(x), hf(x).logits) <= 1e-5
+    again = GPT.from_pretrained(tmp_path)
+    assert again.config.bias is False and torch.equal(again(x), ours(x))
+
+
+def test_hf_writes_no_weight_warnings(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    GPT(SHAPES["odd"]).save_pretrained(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        GPT2LMHeadModel.from_pretrained(tmp_path)
+    # HF logs a "LOAD REPORT" table listing MISSING / UNEXPECTED / MISMATCHED keys when anything is off.
+    noisy = ("load report", "missing", "unexpected", "mismatch", "newly initialized", "weight")
+    assert not [r for r in caplog.records if any(w in r.getMessage().lower() for w in noisy)]
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["model_type"] == "gpt2" and cfg["architectures"] == ["GPT2LMHeadModel"]
+
+
+def test_hub_style_keys_and_legacy_bin(tmp_path: Path) -> None:
+    """OpenAI's original upload: keys without 'transformer.', no lm_head, causal-mask buffers,
+    in a pytorch_model.bin."""
+    config = SHAPES["odd"]
+    hf = random_hf(config)
+    hf.config.save_pretrained(tmp_path)
+    sd = {k.removeprefix("transformer."): v.clone() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    for i in range(config.n_layer):
+        sd[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 96, 96))
+        sd[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    ours = GPT.from_pretrained(tmp_path)
+    x = torch.randint(0, config.vocab_size, (2, 30))
+    with torch.no_grad():
+        assert max_diff(ours(x), hf(x).logits) <= 1e-5
+    # Same keys in a safetensors file.
+    (tmp_path / "pytorch_model.bin").unlink()
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "model.safetensors"))
+    with torch.no_grad():
+        assert max_diff(GPT.from_pretrained(tmp_path)(x), hf(x).logits) <= 1e-5
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("this code ran while loading",))
+
+
+def test_pickled_code_is_never_run(tmp_path: Path) -> None:
+    GPT(SHAPES["odd"]).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with open(tmp_path / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"transformer.wte.weight": _Evil()}, f)
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        GPT.from_pretrained(tmp_path)
+
+
+def test_crop_context_on_load(tmp_path: Path) -> None:
+    config = SHAPES["gpt2-vocab-ctx1024"]
+    hf = random_hf(config)
+    hf.save_pretrained(tmp_path)
+    ours = GPT.from_pretrained(tmp_path, context_length=128)
+    assert ours.config.context_length == 128 and ours.transformer.wpe.weight.shape == (128, 64)
+    x = torch.randint(0, config.vocab_size, (1, 128))
+    with torch.no_grad():
+        assert max_diff(ours(x), hf(x).logits) <= 1e-5
+    with pytest.raises(CheckpointError, match="cannot be grown"):
+        GPT.from_pretrained(tmp_path, context_length=2048)
+
+
+def test_dtype_device_and_dropout_overrides(tmp_path: Path) -> None:
+    GPT(SHAPES["odd"]).save_pretrained(tmp_path)
+    m = GPT.from_pretrained(tmp_path, dtype=torch.bfloat16, device="cpu", dropout=0.25)
+    assert m.dtype == torch.bfloat16 and m.config.dropout == 0.25 and not m.training
+
+
+def test_bad_model_folders(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="no model folder at"):
+        GPT.from_pretrained(tmp_path / "nope")
+    GPT(SHAPES["odd"]).save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        GPT.from_pretrained(tmp_path / "m")
+    weights.write_bytes(b"\x00" * 100)  # garbage
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        GPT.from_pretrained(tmp_path / "m")
+    weights.unlink()
+    with pytest.raises(CheckpointError, match="has no model.safetensors"):
+        GPT.from_pretrained(tmp_path / "m")
+    # config.json that does not describe the weights
+    GPT(SHAPES["odd"]).save_pretrained(tmp_path / "k")
+    cfg = json.loads((tmp_path / "k" / "config.json").read_text())
+    cfg["gpt2model"]["n_layer"] = 4
+    (tmp_path / "k" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="does not match its config.json"):
+        GPT.from_pretrained(tmp_path / "k")
+    (tmp_path / "k" / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        GPT.from_pretrained(tmp_path / "k")
+
+
+def test_unsupported_hf_variant_is_refused(tmp_path: Path) -> None:
+    hf = random_hf(SHAPES["odd"])
+    hf.config.scale_attn_by_inverse_layer_idx = True
+    hf.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx"):
+        GPT.from_pretrained(tmp_path)
+
+
+def test_hub_name_without_network_gives_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match="Without a network, download the folder elsewhere"):
+        GPT.from_pretrained("gpt2")
