@@ -1,0 +1,34 @@
+"""The `gpt2` entry points: console script wiring, `python -m gpt2model`, and `gpt2 info`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gpt2model import GPT, GPTconfig
+from gpt2model.cli import main
+
+
+def test_python_dash_m_help() -> None:
+    out = subprocess.run([sys.executable, "-m", "gpt2model", "--help"], capture_output=True, text=True, check=True)
+    assert "usage: gpt2" in out.stdout and "info" in out.stdout
+
+
+def test_info_preset(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", "gpt2"]) == 0
+    assert "parameters: 124,439,808" in capsys.readouterr().out
+
+
+def test_info_model_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    GPT(GPTconfig(n_layer=1, d_model=32, n_head=2, context_length=16)).save_pretrained(tmp_path)
+    assert main(["info", str(tmp_path)]) == 0
+    assert '"n_layer": 1' in capsys.readouterr().out
+
+
+def test_info_bad_path_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gpt2 info: error: no model folder at") and "Traceback" not in err
