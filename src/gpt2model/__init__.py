@@ -6,6 +6,7 @@
 
 from .config import PRESETS, GPTconfig
 from .model import GPT, MLP, Block, CausalSelfAttention, KVCache
+from .tokenizer import load_tokenizer as load_tokenizer
 
 __version__ = "0.1.0"
 

@@ -188,3 +188,111 @@ def load_model(name_or_path: str | Path, *, context_length: int | None = None, d
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
     return model.eval()
+
+
+# --- training checkpoints -----------------------------------------------------------------------
+# A run folder (``gpt2 train --out OUT``) is a model folder plus ``training_state.pt``:
+#
+#   OUT/config.json, OUT/model.safetensors, tokenizer files   the latest model (an export for users)
+#   OUT/training_state.pt   step, a copy of the weights, optimizer, grad scaler, RNG states, sampler,
+#                           best val loss, configs: everything --resume needs, in ONE file
+#   OUT/best/               model folder of the best val loss so far
+#
+# Consistency under a kill at any instant: every file is replaced atomically (write a temp file,
+# fsync, rename), and the training state carries its own copy of the weights, so the state that
+# resume reads is always internally consistent (weights, optimizer and step from the same moment).
+# The model export is written *before* the state; a kill between the two leaves the export one
+# checkpoint ahead of the state, and resume re-exports the state's weights before going on.
+TRAINING_STATE_FILE = "training_state.pt"
+TRAINING_STATE_VERSION = 1
+
+
+def save_training_checkpoint(directory: str | Path, model: GPT, state: dict[str, Any]) -> None:
+    """Write the model export, then atomically the training ``state`` (which gets the weights added
+    under ``"model"``). ``state`` must hold only tensors and plain Python data (``weights_only``)."""
+    directory = Path(directory)
+    model = getattr(model, "_orig_mod", model)
+    weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    save_model(model, directory)
+    with atomic_path(directory / TRAINING_STATE_FILE) as tmp:
+        torch.save({**state, "version": TRAINING_STATE_VERSION, "model": weights}, tmp)
+
+
+def load_training_state(directory: str | Path) -> dict[str, Any]:
+    """Read ``training_state.pt`` without unpickling code (``torch.load(weights_only=True)``)."""
+    path = Path(directory) / TRAINING_STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: {directory} holds no resumable run (train without --resume "
+                              f"to start one)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged file raises many types
+        raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+    if not isinstance(state, dict) or state.get("version") != TRAINING_STATE_VERSION:
+        raise CheckpointError(f"{path} is not a version-{TRAINING_STATE_VERSION} training state")
+    return state
+
+
+def rng_state() -> dict[str, Any]:
+    """All random-number streams training touches (python, numpy, torch CPU, CUDA), as
+    ``weights_only``-loadable data."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, py_gauss = random.getstate()
+    state: dict[str, Any] = {
+        "python": [version, list(internal), py_gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # the current device's generator
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured."""
+    import random
+
+    import numpy as np
+
+    version, internal, py_gauss = state["python"]
+    random.setstate((version, tuple(internal), py_gauss))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def replace_dir(src: str | Path, dst: str | Path) -> None:
+    """Move the finished folder ``src`` to ``dst``, replacing ``dst`` as a whole.
+
+    Two renames: ``dst`` -> ``.<name>.old``, then ``src`` -> ``dst``. A kill between them leaves no
+    ``dst`` but its old copy, which :func:`recover_dir` puts back, so readers only ever see a
+    complete old or complete new folder."""
+    import shutil
+
+    src, dst = Path(src), Path(dst)
+    old = dst.with_name(f".{dst.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(src, dst)
+    fsync_dir(dst.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(dst: str | Path) -> None:
+    """Undo a :func:`replace_dir` that was killed between its two renames."""
+    import shutil
+
+    dst = Path(dst)
+    old = dst.with_name(f".{dst.name}.old")
+    if old.exists() and not dst.exists():
+        os.replace(old, dst)
+    elif old.exists():
+        shutil.rmtree(old, ignore_errors=True)

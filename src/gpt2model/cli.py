@@ -12,6 +12,43 @@ import sys
 from collections.abc import Sequence
 
 
+# --- prepare --------------------------------------------------------------------------------------
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prepare", help="tokenize text into a dataset folder (train.bin, val.bin, meta.json)",
+                       description="Tokenize text files, folders or a named dataset (shakespeare_char, "
+                       "shakespeare) into train.bin / val.bin / meta.json + the tokenizer's files. Files are "
+                       "documents, separated by <|endoftext|> where the tokenizer has one; the first "
+                       "(1 - val_fraction) of the tokens are train, the rest val.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="text files, folders (searched recursively for --glob), or shakespeare_char / shakespeare")
+    p.add_argument("--tokenizer", default=None,
+                   help="char, gpt2, bpe (train a new one; needs --vocab-size), or a folder with a saved "
+                   "tokenizer (e.g. a model's, for fine-tuning). Default: the named dataset's, else gpt2")
+    p.add_argument("--vocab-size", type=int, default=None, help="vocabulary size for --tokenizer bpe")
+    p.add_argument("--out", default=None, help="output folder (default: data/<name>)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of tokens for val (default: 0.1)")
+    p.add_argument("--glob", default="*.txt", help="file pattern for folder inputs (default: *.txt)")
+    p.add_argument("--errors", choices=("strict", "replace"), default="strict",
+                   help="non-UTF-8 bytes: strict = error naming file and offset (default); replace = U+FFFD")
+    p.add_argument("--unknown-char", default=None,
+                   help="with a reused char tokenizer: replace characters outside its vocabulary by this one")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_prepare)
+
+
+def _run_prepare(args: argparse.Namespace) -> int:
+    from .data import open_dataset, prepare_dataset
+
+    out = prepare_dataset(args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                          val_fraction=args.val_fraction, glob=args.glob, errors=args.errors,
+                          unknown_char=args.unknown_char, progress=not args.quiet)
+    ds = open_dataset(out)
+    t = ds.meta["tokens"]
+    print(f"wrote {out}: {ds.meta['tokenizer']['type']} tokenizer, vocab {ds.vocab_size:,}, "
+          f"train {t['train']:,} tokens, val {t['val']:,} tokens ({ds.dtype.name})")
+    return 0
+
+
 # --- info -----------------------------------------------------------------------------------------
 def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="print a model's or preset's configuration and parameter count")
@@ -32,12 +69,212 @@ def _run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- train ----------------------------------------------------------------------------------------
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from dataclasses import fields
+
+    from .config import TrainConfig
+    from .train import train  # noqa: F401 - fail here, not mid-run, if training can't import
+
+    p = sub.add_parser("train", help="train a GPT on a prepared dataset (or fine-tune one, or resume a run)",
+                       description="Train a GPT. Every option can also be set in a TOML file (--config); the "
+                       "command line overrides the file. Resume a run with the same command plus --resume. "
+                       "Multi-GPU/CPU: torchrun --nproc_per_node N -m gpt2model train ...")
+    p.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                   help="TOML file of options (flat 'key = value', keys as below with underscores)")
+    defaults = TrainConfig()
+    for f in fields(TrainConfig):
+        flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
+        # SUPPRESS: only options actually given reach the config, so they can override the file.
+        kwargs = dict(default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default: {default})")
+        if isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        else:
+            kind = TrainConfig.field_type(f.name)
+            p.add_argument(flag, type=kind, metavar=f.name.upper() if kind is not str else "STR", **kwargs)
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .config import TrainConfig
+    from .train import NonFiniteLossError, train
+
+    options = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config")}
+    cfg = TrainConfig.load(getattr(args, "config", None), **options)
+    try:
+        result = train(cfg)
+    except NonFiniteLossError as e:
+        print(f"gpt2 train: {e}", file=sys.stderr)
+        return 1
+    print(f"trained to step {result.step}; best val loss {result.best_val_loss:.4f}; model in {cfg.out}")
+    return 0
+
+
+# --- sample ---------------------------------------------------------------------------------------
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _load_model_and_tokenizer(name_or_path: str, device: str, dtype: str):  # noqa: ANN202 - (GPT, tokenizer)
+    """The model and the tokenizer stored with it; OpenAI's GPT-2 BPE for a hub name or a HF
+    folder without tokenizer files (when the model's vocabulary is GPT-2's)."""
+    from pathlib import Path
+
+    import torch
+
+    from .model import GPT
+    from .tokenizer import load_tokenizer
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = GPT.from_pretrained(name_or_path, device=device, dtype=getattr(torch, dtype))
+    if Path(name_or_path).expanduser().is_dir():
+        try:
+            tokenizer = load_tokenizer(name_or_path)
+        except FileNotFoundError:
+            if model.config.vocab_size < 50257:
+                raise
+            tokenizer = load_tokenizer("gpt2")
+    else:
+        tokenizer = load_tokenizer("gpt2")
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer found for {name_or_path} has {tokenizer.vocab_size} ids but the model only "
+                         f"{model.config.vocab_size}: the folder mixes files of different models")
+    return model, tokenizer
+
+
+def _add_sample(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sample", help="generate text from a model (ours or HF GPT-2)",
+                       description="Sample continuations of a prompt with a KV-cached decoder. Stops at the "
+                       "tokenizer's end-of-text token. Temperature 0 is greedy decoding.")
+    p.add_argument("--model", required=True, help="a model folder (ours or HF GPT-2) or a hub name (gpt2, ...)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", default=None,
+                     help="prompt text (default: the end-of-text token if the tokenizer has one, else a newline)")
+    src.add_argument("--prompt-file", default=None, help="read the prompt from this UTF-8 file")
+    p.add_argument("--num-samples", type=int, default=1, help="number of samples (default: 1)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate per sample (default: 200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; higher = more random (default: 0.8)")
+    p.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with this total "
+                   "probability, in (0, 1]")
+    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--device", default="auto", help="cpu, cuda, mps, ... (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=_DTYPES, default="float32", help="weights dtype (default: float32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start)")
+    p.set_defaults(func=_run_sample)
+
+
+def _run_sample(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from .generate import check_sampling_args, generate, stream_text
+
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+    check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    model, tokenizer = _load_model_and_tokenizer(args.model, args.device, args.dtype)
+    if args.prompt_file is not None:
+        prompt = Path(args.prompt_file).read_text(encoding="utf-8")
+    else:
+        prompt = args.prompt
+    if prompt is not None:
+        prompt_ids = tokenizer.encode(prompt)
+        if not prompt_ids:
+            raise ValueError("the prompt is empty; give some text, or leave --prompt out for the default")
+    elif tokenizer.eot is not None:
+        prompt, prompt_ids = "", [tokenizer.eot]
+    else:
+        prompt = "\n"
+        prompt_ids = tokenizer.encode(prompt)
+    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eot_id=tokenizer.eot,
+                   compile=args.compile)
+    gen = torch.Generator(device=model.device).manual_seed(args.seed) if args.seed is not None else None
+    for i in range(args.num_samples):
+        if args.stream:
+            print(prompt, end="", flush=True)
+            for piece in stream_text(model, tokenizer, prompt_ids, args.max_new_tokens, generator=gen, **options):
+                print(piece, end="", flush=True)
+            print()
+        elif i == 0:  # all samples in one batch
+            rows = generate(model, [prompt_ids] * args.num_samples, args.max_new_tokens, generator=gen, **options)
+            for row in rows:
+                new = row[len(prompt_ids):]
+                if new and new[-1] == tokenizer.eot:
+                    new = new[:-1]
+                print(prompt + tokenizer.decode(new))
+                if args.num_samples > 1:
+                    print("---------------")
+            break
+        if args.num_samples > 1:
+            print("---------------")
+    return 0
+
+
+# --- eval -----------------------------------------------------------------------------------------
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a model on a text or dataset split",
+                       description="Score a whole text with sliding windows of the model's context: every "
+                       "window starts --stride tokens after the previous one and only its new tokens count "
+                       "(HF's perplexity-guide method).")
+    p.add_argument("--model", required=True, help="a model folder (ours or HF GPT-2) or a hub name")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", help="a UTF-8 text file, encoded with the model's tokenizer")
+    src.add_argument("--data", help="a dataset folder written by 'gpt2 prepare'")
+    p.add_argument("--split", choices=("train", "val"), default="val", help="split of --data (default: val)")
+    p.add_argument("--stride", type=int, default=None, help="window stride (default: context_length // 2)")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per forward (default: 1)")
+    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
+    p.add_argument("--device", default="auto", help="cpu, cuda, mps, ... (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=_DTYPES, default="float32", help="weights dtype (default: float32)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the results to this JSON file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .checkpoint import atomic_write_json
+    from .evaluate import evaluate
+
+    model, tokenizer = _load_model_and_tokenizer(args.model, args.device, args.dtype)
+    if args.text is not None:
+        ids = tokenizer.encode(Path(args.text).read_text(encoding="utf-8"))
+        source = args.text
+    else:
+        from .data import open_dataset
+
+        dataset = open_dataset(args.data)
+        tokenizer = dataset.tokenizer()
+        ids = dataset.split(args.split)
+        source = f"{args.data} ({args.split})"
+    if args.max_tokens is not None:
+        if args.max_tokens < 2:
+            raise ValueError(f"--max-tokens must be >= 2, got {args.max_tokens}")
+        ids = ids[:args.max_tokens]
+    r = evaluate(model, ids, stride=args.stride, batch_size=args.batch_size, tokenizer=tokenizer,
+                 progress=not args.no_progress)
+    bpb = f"{r.bits_per_byte:.4f}" if r.bits_per_byte is not None else "-"
+    print(f"{source}: loss {r.loss:.4f}  perplexity {r.perplexity:.3f}  bits/byte {bpb}  "
+          f"({r.num_tokens:,} tokens, {r.num_bytes or 0:,} bytes; context {r.context_length}, stride {r.stride})")
+    if args.json is not None:
+        atomic_write_json(args.json, {"model": str(args.model), "source": source, **r.to_dict()})
+    return 0
+
+
 # --- main -----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpt2", description="GPT-2 from scratch: prepare data, train, sample, "
                                      "evaluate and benchmark.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_prepare(sub)
     _add_info(sub)
+    _add_train(sub)
+    _add_sample(sub)
+    _add_eval(sub)
     return parser
 
 

@@ -1,0 +1,538 @@
+"""Token datasets: prepare text into token files, then sample (x, y) batches from them.
+
+A dataset folder (written by :func:`prepare_dataset` / ``gpt2 prepare``) holds
+
+- ``train.bin``, ``val.bin``: the token ids, raw little-endian ``uint16`` (vocabularies up to 65,536)
+  or ``uint32``, read back with ``np.memmap`` so a dataset never has to fit in RAM;
+- ``meta.json``: tokenizer spec, vocabulary size, dtype, token counts per split, sha256 + size of
+  every source file, the split fraction and a format version;
+- the tokenizer's files (``tokenizer_spec.json`` + ``vocab.json``/``merges.txt`` or ``tokenizer.json``).
+
+Decisions (and why):
+
+- **Documents.** Input files are documents, concatenated in the order given (folders: sorted
+  paths) with the tokenizer's ``eot`` id *between* consecutive documents (the char tokenizer has no
+  ``eot``, so its documents are simply concatenated). A single file therefore encodes exactly like
+  the whole text (Tiny Shakespeare with GPT-2 BPE = 338,025 tokens).
+- **Split.** The first ``int(n * (1 - val_fraction))`` tokens of the concatenated stream are
+  ``train``, the rest ``val`` -- nanoGPT's "first 90% / last 10%". For Tiny Shakespeare with the
+  char tokenizer that is exactly nanoGPT's 1,003,854 / 111,540. (nanoGPT's GPT-2 ``shakespeare``
+  splits the *characters* and encodes each half, giving 301,966 / 36,059; splitting tokens gives
+  304,222 / 33,803 and makes ``val_fraction`` mean a fraction of what training sees.)
+- **Streaming and exactness.** Files are read in chunks (bounded memory) and each chunk is encoded
+  independently on all cores. A chunk ends just before a ``"\\n"`` (or, failing that, a space) whose
+  preceding character is not whitespace. GPT-2's pre-tokenizer regex (tiktoken's and HF's ByteLevel
+  one) never lets a token run from a non-whitespace character into a following whitespace
+  character, and the last token before the cut never needs to look past it, so the pieces
+  pre-tokenize -- and hence BPE-encode -- exactly as the whole text does (tested against
+  whole-text encoding). Cutting anywhere else is not safe: ``"a\\n\\nb"`` cut after the newlines
+  gives ``"\\n\\n"`` as one token where the whole text has two.
+- **Atomic output.** Everything is written into ``.<out>.tmp-<pid>`` next to ``<out>`` and renamed
+  into place at the end, so an interrupted prepare never leaves a folder that looks complete;
+  :func:`open_dataset` still checks that ``meta.json`` exists and that the ``.bin`` sizes match it.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import os
+import shutil
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .tokenizer import BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer, load_tokenizer
+
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+SPLITS = ("train", "val")
+# Named datasets: name -> (asset, default tokenizer).
+NAMED_DATASETS: dict[str, tuple[str, str]] = {
+    "shakespeare_char": ("tinyshakespeare/input.txt", "char"),
+    "shakespeare": ("tinyshakespeare/input.txt", "gpt2"),
+}
+# Files a dataset folder may hold; an existing --out folder holding anything else is not replaced.
+_DATASET_FILES = {"train.bin", "val.bin", META_FILE, "tokenizer_spec.json", "vocab.json", "merges.txt",
+                  "tokenizer.json"}
+
+
+# --- reading text -----------------------------------------------------------------------------------
+def _safe_cut(text: str) -> int:
+    """The last index ``p > 0`` where ``text`` can be cut with encode(text[:p]) + encode(text[p:]) ==
+    encode(text) for GPT-2-style pre-tokenizers: ``text[p]`` is a newline (else a space) and
+    ``text[p-1]`` is not whitespace. 0 when there is none."""
+    for sep in ("\n", " "):
+        p = text.rfind(sep)
+        while p > 0:
+            if not text[p - 1].isspace():
+                return p
+            p = text.rfind(sep, 0, p)
+    return 0
+
+
+def _read_chunks(path: Path, chunk_bytes: int, errors: str, info: dict[str, Any]) -> Iterator[tuple[str, int]]:
+    """Yield ``(text, raw_bytes_read)`` pieces of the UTF-8 file ``path``, cut where encoding is exact
+    (see :func:`_safe_cut`). Fills ``info`` with the file's ``bytes`` and ``sha256`` when done."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors)
+    sha = hashlib.sha256()
+    offset = 0  # bytes read so far (for error messages)
+    buf = ""
+    read_since_yield = 0
+    with open(path, "rb") as f:
+        while True:
+            raw = f.read(chunk_bytes)
+            pending = len(decoder.getstate()[0])  # bytes of a character split by the previous read
+            try:
+                text = decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path} is not valid UTF-8: byte offset {offset - pending + e.start} "
+                                 f"({e.reason}, byte {e.object[e.start:e.start + 1]!r}). Convert the file to "
+                                 f"UTF-8, or pass errors='replace' (CLI: --errors replace) to substitute "
+                                 f"U+FFFD for bad bytes") from None
+            sha.update(raw)
+            offset += len(raw)
+            read_since_yield += len(raw)
+            buf += text
+            if not raw:
+                if buf or read_since_yield:
+                    yield buf, read_since_yield
+                break
+            cut = _safe_cut(buf)
+            if cut == 0 and len(buf) > 16 * chunk_bytes:
+                warnings.warn(f"{path}: no whitespace in {len(buf):,} characters near byte {offset:,}; cutting "
+                              f"there (BPE may differ from whole-file encoding at this one point)", stacklevel=2)
+                cut = len(buf)
+            if cut:
+                yield buf[:cut], read_since_yield
+                buf = buf[cut:]
+                read_since_yield = 0
+    info["bytes"] = offset
+    info["sha256"] = sha.hexdigest()
+
+
+def _iter_corpus(sources: Sequence[Path], chunk_bytes: int, errors: str,
+                 infos: list[dict[str, Any]] | None = None) -> Iterator[tuple[str | None, int]]:
+    """All sources as one stream of ``(text, raw_bytes)``; ``(None, 0)`` marks the end of each document
+    except the last."""
+    for i, path in enumerate(sources):
+        info: dict[str, Any] = {"path": str(path)}
+        yield from _read_chunks(path, chunk_bytes, errors, info)
+        if infos is not None:
+            infos.append(info)
+        if i + 1 < len(sources):
+            yield None, 0
+
+
+def resolve_sources(inputs: Sequence[str | Path], glob: str = "*.txt") -> list[Path]:
+    """Text files to read: files as given, folders searched recursively for ``glob`` (sorted)."""
+    if not inputs:
+        raise ValueError("no input given: pass text files, folders, or a dataset name "
+                         f"({', '.join(NAMED_DATASETS)})")
+    out: list[Path] = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.rglob(glob) if p.is_file())
+            if not found:
+                raise FileNotFoundError(f"folder {path} has no files matching {glob!r} (searched recursively); "
+                                        f"pass --glob to match your files")
+            out.extend(found)
+        elif path.is_file():
+            out.append(path)
+        else:
+            raise FileNotFoundError(f"input {path} does not exist (expected a text file, a folder, or one of "
+                                    f"the named datasets {', '.join(NAMED_DATASETS)})")
+    seen: set[Path] = set()
+    unique = []
+    for p in out:  # the same file given twice is read once
+        if p.resolve() not in seen:
+            seen.add(p.resolve())
+            unique.append(p)
+    return unique
+
+
+# --- preparing -------------------------------------------------------------------------------------
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _remove_stale_temp(out: Path) -> None:
+    """Delete temp folders left by prepares of ``out`` that were killed (their process is gone)."""
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if tmp.is_dir() and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _build_tokenizer(kind: str, sources: Sequence[Path], vocab_size: int | None, errors: str,
+                     unknown_char: str | None, chunk_bytes: int) -> Tokenizer:
+    if kind == "gpt2":
+        return GPT2Tokenizer()
+    if kind == "char":
+        # First streamed pass: the vocabulary is every character of every file.
+        texts = (t for t, _ in _iter_corpus(sources, chunk_bytes, errors) if t)
+        return CharTokenizer.from_text(texts, unknown=unknown_char)
+    if kind == "bpe":
+        if vocab_size is None:
+            raise ValueError("--tokenizer bpe needs --vocab-size (e.g. 4096)")
+        texts = (t for t, _ in _iter_corpus(sources, chunk_bytes, errors) if t)
+        return BPETokenizer.train(texts, vocab_size)
+    if Path(kind).expanduser().is_dir():  # reuse a saved tokenizer (e.g. a model's, for fine-tuning)
+        tok = load_tokenizer(kind)
+        if unknown_char is not None:
+            if not isinstance(tok, CharTokenizer):
+                raise ValueError("--unknown-char only applies to a char tokenizer")
+            tok = CharTokenizer(tok.chars, unknown=unknown_char)
+        return tok
+    raise ValueError(f"unknown tokenizer {kind!r}: use char, gpt2, bpe, or a folder that holds a saved tokenizer")
+
+
+def prepare_dataset(inputs: str | Path | Sequence[str | Path], out: str | Path | None = None, *,
+                    tokenizer: str | None = None, vocab_size: int | None = None, val_fraction: float = 0.1,
+                    glob: str = "*.txt", errors: str = "strict", unknown_char: str | None = None,
+                    chunk_bytes: int = 1 << 20, progress: bool = True) -> Path:
+    """Tokenize text into a dataset folder (see the module docstring) and return its path.
+
+    ``inputs``: text files, folders (searched recursively for ``glob``), or a named dataset
+    (``shakespeare_char``, ``shakespeare``). ``tokenizer``: ``char``, ``gpt2``, ``bpe`` (needs
+    ``vocab_size``) or a folder with a saved tokenizer; default: the named dataset's, else ``gpt2``.
+    ``out``: default ``data/<name>``. ``errors``: ``strict`` (non-UTF-8 bytes are an error naming the
+    file and byte offset) or ``replace``. ``unknown_char``: char tokenizer only, replacement for
+    characters outside the vocabulary (only relevant with a reused tokenizer).
+    """
+    if isinstance(inputs, (str, Path)):
+        inputs = [inputs]
+    inputs = list(inputs)
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
+    if errors not in ("strict", "replace"):
+        raise ValueError(f"errors={errors!r} must be 'strict' or 'replace'")
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes={chunk_bytes} must be positive")
+    if vocab_size is not None and tokenizer != "bpe":
+        raise ValueError("vocab_size (--vocab-size) only applies to --tokenizer bpe; the others fix their own")
+    named = len(inputs) == 1 and str(inputs[0]) in NAMED_DATASETS and not Path(inputs[0]).exists()
+    if named:
+        from .assets import asset_path
+
+        name = str(inputs[0])
+        asset, default_tokenizer = NAMED_DATASETS[name]
+        sources = [asset_path(asset)]
+    else:
+        sources = resolve_sources(inputs, glob)
+        first = Path(inputs[0]).expanduser()
+        name = first.stem if first.is_file() else first.resolve().name
+        default_tokenizer = "gpt2"
+    out = Path(out if out is not None else Path("data") / name).expanduser()
+    # A re-run with --out inside an input folder must not read its own output (or temp folders).
+    sources = [p for p in sources if out.resolve() not in p.resolve().parents
+               and not p.resolve().parent.name.startswith(f".{out.name}.")]
+    total_bytes = sum(p.stat().st_size for p in sources)
+    if total_bytes == 0:
+        raise ValueError(f"empty corpus: {', '.join(map(str, sources[:5])) or 'the inputs'} hold no text")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; pass a folder")
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in _DATASET_FILES)
+        if foreign:
+            raise ValueError(f"--out {out} exists and holds files that are not part of a dataset "
+                             f"({', '.join(foreign[:5])}); pick another folder")
+
+    tok = _build_tokenizer(tokenizer or default_tokenizer, sources, vocab_size, errors, unknown_char, chunk_bytes)
+    dtype = np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temp(out)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        infos: list[dict[str, Any]] = []
+        n = _encode_to_file(tok, sources, tmp / "train.bin", dtype, errors, chunk_bytes, total_bytes, progress,
+                            infos)
+        if n == 0:
+            raise ValueError(f"empty corpus: {', '.join(map(str, sources[:5]))} encode to no tokens")
+        # Split the concatenated stream: move the tail into val.bin, truncate the rest in place.
+        n_train = int(n * (1.0 - val_fraction))
+        with open(tmp / "train.bin", "rb+") as f, open(tmp / "val.bin", "wb") as v:
+            f.seek(n_train * dtype.itemsize)
+            shutil.copyfileobj(f, v, 1 << 24)
+            f.truncate(n_train * dtype.itemsize)
+            v.flush()
+            os.fsync(v.fileno())
+            os.fsync(f.fileno())
+        tok.save(tmp)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "name": name,
+            "tokenizer": tok.spec(),
+            "vocab_size": tok.vocab_size,
+            "eot": tok.eot,
+            "dtype": dtype.name,
+            "tokens": {"train": n_train, "val": n - n_train},
+            "val_fraction": val_fraction,
+            "split": "first int(n * (1 - val_fraction)) tokens of the concatenated stream are train, the rest val",
+            "documents": "input files in order, separated by the eot token" if tok.eot is not None
+                         else "input files in order, concatenated (the tokenizer has no eot token)",
+            "errors": errors,
+            "sources": [{"path": i["path"], "bytes": i["bytes"], "sha256": i["sha256"]} for i in infos],
+        }
+        from .checkpoint import atomic_write_json, fsync_dir
+
+        atomic_write_json(tmp / META_FILE, meta)  # written last: its presence marks a complete folder
+        fsync_dir(tmp)
+        if out.exists():  # an earlier dataset (checked above to hold only dataset files): swap it out
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+        fsync_dir(out.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _encode_to_file(tok: Tokenizer, sources: Sequence[Path], path: Path, dtype: np.dtype, errors: str,
+                    chunk_bytes: int, total_bytes: int, progress: bool, infos: list[dict[str, Any]]) -> int:
+    """Stream-encode all sources into ``path``; batches of chunks go to ``tok.encode_batch`` (all
+    cores). Memory: one batch of text + its tokens, independent of corpus size."""
+    from tqdm import tqdm
+
+    batch_chars = max(chunk_bytes, 1) * 2 * (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                             else (os.cpu_count() or 1))
+    n_tokens = 0
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="encoding",
+               disable=not progress, dynamic_ncols=True)
+    eot = np.array([tok.eot if tok.eot is not None else 0], dtype=dtype)
+
+    def flush(items: list[str | None], nbytes: int) -> None:
+        nonlocal n_tokens
+        texts = [t for t in items if t is not None]
+        encoded = iter(tok.encode_batch(texts))
+        for item in items:
+            ids = eot if item is None else next(encoded)
+            f.write(ids.astype(dtype, copy=False).tobytes())
+            n_tokens += len(ids)
+        bar.update(nbytes)
+        bar.set_postfix_str(f"{n_tokens:,} tokens", refresh=False)
+
+    with bar, open(path, "wb") as f:
+        items: list[str | None] = []
+        chars = nbytes = 0
+        for text, raw in _iter_corpus(sources, chunk_bytes, errors, infos):
+            if text is None and tok.eot is None:
+                continue
+            items.append(text)
+            chars += len(text or "")
+            nbytes += raw
+            if chars >= batch_chars:
+                flush(items, nbytes)
+                items, chars, nbytes = [], 0, 0
+        flush(items, nbytes)
+        f.flush()
+        os.fsync(f.fileno())
+    return n_tokens
+
+
+# --- reading a dataset -----------------------------------------------------------------------------
+class TokenDataset:
+    """A validated dataset folder. ``split(name)`` returns the tokens as a read-only ``np.memmap``."""
+
+    def __init__(self, directory: Path, meta: dict[str, Any]) -> None:
+        self.directory = directory
+        self.meta = meta
+        self.vocab_size: int = int(meta["vocab_size"])
+        self.eot: int | None = meta.get("eot")
+        self.dtype = np.dtype(meta["dtype"])
+        self._tokenizer: Tokenizer | None = None
+
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer the dataset was encoded with (loaded once)."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.directory)
+            if self._tokenizer.vocab_size != self.vocab_size:
+                raise ValueError(f"{self.directory}: tokenizer has {self._tokenizer.vocab_size} tokens but "
+                                 f"{META_FILE} says {self.vocab_size}; the folder is inconsistent, re-run prepare")
+        return self._tokenizer
+
+    def num_tokens(self, split: str) -> int:
+        return int(self.meta["tokens"][self._check_split(split)])
+
+    def split(self, split: str) -> np.ndarray:
+        """``"train"`` or ``"val"`` -> 1-D token array (``np.memmap``; an empty array for an empty split,
+        which cannot be memory-mapped)."""
+        split = self._check_split(split)
+        if self.num_tokens(split) == 0:
+            return np.zeros(0, dtype=self.dtype)
+        return np.memmap(self.directory / f"{split}.bin", dtype=self.dtype, mode="r")
+
+    def _check_split(self, split: str) -> str:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        return split
+
+    def __repr__(self) -> str:
+        t = self.meta["tokens"]
+        return (f"TokenDataset({str(self.directory)!r}, vocab_size={self.vocab_size}, train={t['train']:,}, "
+                f"val={t['val']:,}, dtype={self.dtype.name})")
+
+
+def open_dataset(directory: str | Path) -> TokenDataset:
+    """Open and validate a dataset folder written by :func:`prepare_dataset`.
+
+    Raises ``FileNotFoundError`` for a missing folder and ``ValueError`` for an incomplete one
+    (no ``meta.json``: an interrupted prepare) or one whose ``.bin`` files do not match ``meta.json``.
+    """
+    import json
+
+    directory = Path(directory).expanduser()
+    if not directory.is_dir():
+        raise FileNotFoundError(f"dataset folder {directory} does not exist; create it with "
+                                f"'gpt2 prepare <text files or shakespeare_char> --out {directory}'")
+    meta_path = directory / META_FILE
+    if not meta_path.is_file():
+        raise ValueError(f"{directory} is not a complete dataset: {META_FILE} is missing (an interrupted "
+                         f"'gpt2 prepare'?). Run 'gpt2 prepare ... --out {directory}' again")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{meta_path} is not valid JSON ({e}); re-run 'gpt2 prepare'") from None
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{meta_path} has format_version={version!r}; this gpt2model reads version "
+                         f"{FORMAT_VERSION}. Re-run 'gpt2 prepare'")
+    try:
+        dtype = np.dtype(meta["dtype"])
+        vocab_size = int(meta["vocab_size"])
+        counts = {s: int(meta["tokens"][s]) for s in SPLITS}
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{meta_path} lacks or has a bad field ({type(e).__name__}: {e}); re-run 'gpt2 prepare'"
+                         ) from None
+    if dtype not in (np.dtype(np.uint16), np.dtype(np.uint32)) or vocab_size > np.iinfo(dtype).max + 1:
+        raise ValueError(f"{meta_path}: dtype {dtype} cannot hold vocab_size {vocab_size}")
+    for s in SPLITS:
+        path = directory / f"{s}.bin"
+        if not path.is_file():
+            raise ValueError(f"{directory} is not a complete dataset: {path.name} is missing. Re-run 'gpt2 prepare'")
+        expected = counts[s] * dtype.itemsize
+        size = path.stat().st_size
+        if size != expected:
+            raise ValueError(f"{path} has {size:,} bytes but {META_FILE} says {counts[s]:,} {dtype.name} tokens "
+                             f"({expected:,} bytes): the file is truncated or from another prepare. "
+                             f"Re-run 'gpt2 prepare'")
+    return TokenDataset(directory, meta)
+
+
+# --- batches ---------------------------------------------------------------------------------------
+def _split_name(tokens: np.ndarray, name: str | None) -> str:
+    if name:
+        return name
+    filename = getattr(tokens, "filename", None)  # np.memmap knows its file (train.bin / val.bin)
+    return f"split {Path(filename).name}" if filename else "the token split"
+
+
+def _check_tokens(tokens: np.ndarray, context_length: int, batch_size: int, name: str | None) -> None:
+    if batch_size < 1 or context_length < 1:
+        raise ValueError(f"batch_size={batch_size} and context_length={context_length} must be positive")
+    if tokens.ndim != 1:
+        raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
+    if len(tokens) < context_length + 1:
+        raise ValueError(f"{_split_name(tokens, name)} has {len(tokens):,} tokens, too few for one window of "
+                         f"context_length + 1 = {context_length + 1}; use a larger corpus (or --val-fraction) "
+                         f"or a smaller context_length")
+
+
+def _windows(tokens: np.ndarray, starts: np.ndarray, context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # One contiguous slice per window (sequential reads from the memmap), then int64 for embeddings.
+    buf = np.stack([np.asarray(tokens[s:s + context_length + 1]) for s in starts.tolist()]).astype(np.int64)
+    return torch.from_numpy(buf[:, :-1].copy()), torch.from_numpy(buf[:, 1:].copy())
+
+
+class BatchSampler:
+    """Random (x, y) training windows, deterministic for a seed, resumable, rank-aware.
+
+    Batch ``i`` comes from a generator seeded with ``(seed, i)``: it draws ``world_size *
+    batch_size`` window offsets and this rank returns rows ``[rank*batch_size:(rank+1)*batch_size]``,
+    so every rank draws the same global batch and keeps its own slice (2 ranks x B == 1 rank x 2B,
+    exactly). Seeding per batch makes the state two integers (``seed``, ``step``): JSON-able, and
+    resuming is exact.
+
+    ``tokens`` is usually the memmap from :meth:`TokenDataset.split`; it is kept open for the
+    sampler's lifetime. nanoGPT re-creates its memmap every batch because the process RSS grows as
+    pages are touched; those are clean, file-backed page-cache pages that the kernel drops under
+    memory pressure (re-mapping only hides them from RSS), so re-opening buys nothing and costs two
+    syscalls per batch. Each window is copied out of the map, so returned tensors never pin it.
+    """
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, context_length: int, seed: int, rank: int = 0,
+                 world_size: int = 1, *, name: str | None = None) -> None:
+        _check_tokens(tokens, context_length, batch_size, name)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        if seed < 0:
+            raise ValueError(f"seed={seed} must be non-negative")
+        self.tokens = tokens
+        self.batch_size = batch_size
+        self.context_length = context_length
+        self.seed = int(seed)
+        self.rank = rank
+        self.world_size = world_size
+        self.step = 0  # batches drawn so far
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, y)``: int64 CPU tensors of shape (batch_size, context_length), ``y`` = ``x`` shifted by one."""
+        rng = np.random.default_rng([self.seed, self.step])
+        starts = rng.integers(0, len(self.tokens) - self.context_length, size=self.world_size * self.batch_size)
+        self.step += 1
+        mine = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        return _windows(self.tokens, mine, self.context_length)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"seed": self.seed, "step": self.step, "global_batch": self.world_size * self.batch_size,
+                "context_length": self.context_length, "num_tokens": len(self.tokens)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue the stream saved by :meth:`state_dict` (also with another rank/world_size split of
+        the same global batch)."""
+        mine = self.state_dict()
+        for key in ("global_batch", "context_length", "num_tokens"):
+            if key in state and int(state[key]) != mine[key]:
+                raise ValueError(f"cannot resume the batch stream: saved {key}={state[key]} but this sampler "
+                                 f"has {mine[key]} (the same data, context_length and world_size*batch_size "
+                                 f"are needed for an exact resume)")
+        self.seed = int(state["seed"])
+        self.step = int(state["step"])
+
+
+def eval_batches(tokens: np.ndarray, batch_size: int, context_length: int, max_batches: int | None = None,
+                 *, name: str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A fixed, deterministic evaluation set of (x, y) batches.
+
+    The split is tiled with non-overlapping windows (every token is a target once, except a tail
+    shorter than a window); when that is more than ``max_batches * batch_size`` windows, that many
+    are taken evenly spaced over the split instead. The last batch may be smaller: weight batch
+    losses by ``x.numel()`` when averaging.
+    """
+    _check_tokens(tokens, context_length, batch_size, name)
+    n_windows = (len(tokens) - 1) // context_length  # non-overlapping windows that fit
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches={max_batches} must be positive (or None for the whole split)")
+    if max_batches is None or n_windows <= max_batches * batch_size:
+        starts = np.arange(n_windows, dtype=np.int64) * context_length
+    else:
+        n_windows = max_batches * batch_size
+        starts = np.linspace(0, len(tokens) - context_length - 1, n_windows).round().astype(np.int64)
+    return [_windows(tokens, starts[i:i + batch_size], context_length) for i in range(0, n_windows, batch_size)]

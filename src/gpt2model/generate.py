@@ -1,0 +1,381 @@
+"""Generation: a static KV cache, ``prefill`` + ``decode_one_token`` (gpt-fast's design), sampling.
+
+The loop in :func:`stream` is the only generation loop; :func:`generate` collects it and
+:func:`stream_text` turns it into text. Each step feeds one token against the preallocated cache,
+so a token costs O(context), not O(context²) as re-running the whole window would.
+
+Windows (what a token is conditioned on), documented once here:
+
+* A prompt longer than ``context_length`` is cropped to its last ``context_length`` tokens, with a
+  warning (the returned ids still start with the whole prompt).
+* When the window would grow past ``context_length``, the cache slides: the most recent
+  ``context_length // 2`` tokens are re-prefilled at positions ``0 ..`` and decoding goes on from
+  there. So every token is predicted exactly as a cache-less ``model(ids[:, start:])[:, -1]`` on
+  its window, with ``start`` moving forward in jumps of about ``context_length // 2`` (the cost of
+  one prefill every ``context_length // 2`` tokens instead of a full forward per token, as
+  nanoGPT's crop-every-step loop does).
+* A batch of prompts of different lengths is left-padded, with an attention mask and per-row
+  positions, so each row gets the tokens it would get alone as long as the longest prompt plus
+  ``max_new_tokens`` fits in the context. Past that the rows slide together, when the longest
+  (padded) row fills the cache, so a shorter row may slide earlier than it would alone.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+from torch.nn import functional as F
+
+if TYPE_CHECKING:
+    from .model import GPT
+
+
+class Decoder(Protocol):
+    """What generation needs from a tokenizer: ids -> text (and ``eot``, the end-of-text id)."""
+
+    eot: int | None
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+# --- sampling ----------------------------------------------------------------------------------------
+def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw one token id per row from ``logits`` ``(B, vocab)``; returns ``(B,)`` int64.
+
+    ``temperature == 0`` is greedy (argmax; ``top_k``/``top_p`` are then irrelevant). Otherwise
+    the logits are divided by ``temperature``, ``top_k`` keeps the k largest logits (all tokens
+    tied with the k-th stay), and ``top_p`` (nucleus) keeps the smallest set of most likely tokens
+    whose total probability reaches ``top_p`` (always at least the most likely one). Everything is
+    done in fp32 whatever the model's dtype, and ``generator`` makes the draw reproducible.
+    """
+    logits = logits.float()  # bf16 has too few mantissa bits for a faithful softmax/cumsum
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # A token is dropped when the tokens before it already reach top_p. The small slack makes
+        # sums that equal top_p up to fp32 rounding (0.5 + 0.3 vs 0.8) count as reaching it.
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        drop_sorted = before >= top_p - 1e-6
+        drop_sorted[:, 0] = False
+        drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+        probs = probs.masked_fill(drop, 0.0)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Raise a ``ValueError`` naming the fix for any out-of-range sampling setting."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0 \
+            or math.isinf(temperature):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be an integer >= 1 (or None for no top-k filter), got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+                              or not 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1] (or None for no nucleus filter), got {top_p!r}")
+
+
+# --- the two forwards --------------------------------------------------------------------------------
+def prefill(model: GPT, input_ids: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor,
+            position_ids: torch.Tensor) -> torch.Tensor:
+    """Run a whole window ``(B, T)`` into cache slots ``input_pos`` and return the last logits ``(B, V)``."""
+    return model(input_ids, input_pos=input_pos, mask=mask, position_ids=position_ids)[:, -1]
+
+
+def decode_one_token(model: GPT, token: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor,
+                     position_ids: torch.Tensor) -> torch.Tensor:
+    """Feed one token per row ``(B, 1)`` into cache slot ``input_pos`` ``(1,)``; return logits ``(B, V)``."""
+    return model(token, input_pos=input_pos, mask=mask, position_ids=position_ids)[:, -1]
+
+
+_compiled_decode: Callable[..., torch.Tensor] | None = None
+
+
+def _decode_fn(compile: bool) -> Callable[..., torch.Tensor]:
+    global _compiled_decode
+    if not compile:
+        return decode_one_token
+    if _compiled_decode is None:
+        # Static cache => static shapes: one graph serves every step (input_pos is a tensor).
+        _compiled_decode = torch.compile(decode_one_token, dynamic=False)
+    return _compiled_decode
+
+
+# --- input handling ----------------------------------------------------------------------------------
+def _as_padded_batch(input_ids: torch.Tensor | Sequence[Sequence[int]],
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """``(ids (B, P), valid (B, P) bool, ragged)``: a list of prompts is left-padded with 0s."""
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.dim() != 2:
+            hint = " (for one prompt use ids[None])" if input_ids.dim() == 1 else ""
+            raise ValueError(f"input_ids must be a (batch, seq_len) tensor or a list of id lists, got shape "
+                             f"{tuple(input_ids.shape)}{hint}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.size(1) == 0 or input_ids.size(0) == 0:
+            raise ValueError("empty prompt: give at least one token per row (e.g. the tokenizer's eot id)")
+        ids = input_ids.to(device=device, dtype=torch.long)
+        return ids, torch.ones_like(ids, dtype=torch.bool), False
+    if isinstance(input_ids, (str, bytes)) or not isinstance(input_ids, Sequence) or not input_ids \
+            or not all(isinstance(row, (Sequence, torch.Tensor)) and not isinstance(row, str) for row in input_ids):
+        raise ValueError("input_ids must be a (batch, seq_len) tensor or a non-empty list of token id lists "
+                         "(e.g. [[464, 2068], [40]]); encode text with the tokenizer first")
+    rows = [[int(t) for t in row] for row in input_ids]
+    if any(len(row) == 0 for row in rows):
+        raise ValueError("empty prompt: every prompt needs at least one token (e.g. the tokenizer's eot id)")
+    P = max(len(row) for row in rows)
+    ids = torch.zeros(len(rows), P, dtype=torch.long)
+    valid = torch.zeros(len(rows), P, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        ids[i, P - len(row):] = torch.tensor(row, dtype=torch.long)
+        valid[i, P - len(row):] = True
+    return ids.to(device), valid.to(device), True
+
+
+def _check_id_range(ids: torch.Tensor, vocab_size: int) -> None:
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"token id {lo if lo < 0 else hi} is out of range: ids must be in [0, {vocab_size}) "
+                         f"for this model's vocab_size {vocab_size}")
+
+
+def _make_generator(seed: int | None, generator: torch.Generator | None,
+                    device: torch.device) -> torch.Generator | None:
+    if seed is not None and generator is not None:
+        raise ValueError("pass either seed or generator, not both")
+    if seed is None:
+        return generator
+    return torch.Generator(device=device).manual_seed(int(seed))
+
+
+# --- the loop ------------------------------------------------------------------------------------
+@torch.no_grad()
+def stream(model: GPT, input_ids: torch.Tensor | Sequence[Sequence[int]], max_new_tokens: int, *,
+           temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+           seed: int | None = None, generator: torch.Generator | None = None, eot_id: int | None = None,
+           stop_strings: Sequence[str] | None = None, tokenizer: Decoder | None = None,
+           compile: bool = False) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, ``(B,)`` int64 on the model's device, as it is produced.
+
+    ``input_ids`` is a ``(B, T)`` tensor or a list of prompts (lists of ids) of any lengths.
+    Sampling: see :func:`sample_logits`; ``seed`` (or a ``torch.Generator``) makes it
+    reproducible. A row is finished when it produces ``eot_id`` or when its generated text
+    (decoded with ``tokenizer``) contains one of ``stop_strings``; finished rows keep yielding
+    ``eot_id`` (0 when there is none) and the loop ends when every row is finished or after
+    ``max_new_tokens`` steps. ``compile=True`` compiles the decode step with ``torch.compile``
+    (falls back to eager with a warning where that fails). Windows: see the module docstring.
+    """
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+    stops = list(stop_strings or [])
+    if stops and tokenizer is None:
+        raise ValueError("stop_strings need a tokenizer (anything with .decode(ids) -> str) to read the text")
+    if any(not isinstance(s, str) or not s for s in stops):
+        raise ValueError(f"stop_strings must be non-empty strings, got {stops!r}")
+    device = model.device
+    prompt, prompt_valid, _ = _as_padded_batch(input_ids, device)
+    _check_id_range(prompt, model.config.vocab_size)
+    if eot_id is not None and not 0 <= eot_id < model.config.vocab_size:
+        raise ValueError(f"eot_id {eot_id} is not a token id of this model (vocab_size {model.config.vocab_size})")
+    gen = _make_generator(seed, generator, device)
+    if max_new_tokens == 0:
+        return
+    C = model.config.context_length
+    if prompt.size(1) > C:
+        warnings.warn(f"the prompt has {prompt.size(1)} tokens, more than context_length {C}: using its last {C}",
+                      stacklevel=3)
+        prompt, prompt_valid = prompt[:, -C:], prompt_valid[:, -C:]
+    B, P = prompt.shape
+    total = P + max_new_tokens
+    tokens = torch.zeros(B, total, dtype=torch.long, device=device)  # every token fed so far, padded
+    tokens[:, :P] = prompt
+    valid = torch.ones(B, total, dtype=torch.bool, device=device)
+    valid[:, :P] = prompt_valid
+    pad_id = eot_id if eot_id is not None else 0
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    check_done = eot_id is not None or bool(stops)
+    stop_tail = max((len(s.encode("utf-8")) for s in stops), default=0) + 1  # tokens are >= 1 byte each
+
+    max_len = min(C, total - 1)  # the last sampled token is never fed back
+    keep = max(1, C // 2)
+    # Running decode mask over all cache slots: slot s becomes visible when it is written.
+    attn_mask = torch.zeros(B, 1, 1, max_len, dtype=torch.bool, device=device)
+    check_inputs = model.check_inputs
+    decode = _decode_fn(compile)
+    model.setup_cache(B, max_len)
+    try:
+        model.check_inputs = False  # ids were range-checked above; the per-step check syncs the device
+
+        def fill_window(start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+            """Prefill tokens[:, start:end] into slots 0..; return (last logits, next positions)."""
+            T = end - start
+            window_valid = valid[:, start:end]
+            attn_mask.zero_()
+            attn_mask[:, 0, 0, :T] = window_valid
+            mask = model.causal_mask[:T] & attn_mask  # (B, 1, T, max_len)
+            # A padding query attends to itself only; an all-masked row would make SDPA return NaN.
+            diag = torch.arange(T, device=device)
+            mask[:, 0, diag, diag] = True
+            position_ids = (window_valid.long().cumsum(dim=1) - 1).clamp(min=0)
+            logits = prefill(model, tokens[:, start:end], diag, mask, position_ids)
+            return logits, position_ids[:, -1:] + 1
+
+        start, n = 0, P  # the window is tokens[:, start:n]; its slots are 0 .. n-start-1
+        logits, next_pos = fill_window(start, n)
+        slot = torch.zeros(1, dtype=torch.long, device=device)
+        for step in range(max_new_tokens):
+            token = sample_logits(logits, temperature, top_k, top_p, gen)
+            if check_done:
+                token = torch.where(done, torch.full_like(token, pad_id), token)
+            tokens[:, n] = token
+            n += 1
+            if check_done:
+                if eot_id is not None:
+                    done |= token == eot_id
+                if stops:
+                    _mark_stopped(done, tokens[:, P:n], tokenizer, stops, stop_tail)
+            yield token
+            if step == max_new_tokens - 1 or (check_done and bool(done.all())):
+                break
+            if n - start > C:  # the window would outgrow the context: slide it (module docstring)
+                start = n - keep
+                logits, next_pos = fill_window(start, n)
+            else:
+                slot.fill_(n - 1 - start)
+                attn_mask.index_fill_(3, slot, True)
+                try:
+                    logits = decode(model, token[:, None], slot, attn_mask, next_pos)
+                except Exception as e:  # noqa: BLE001 - any compiler failure: eager is always correct
+                    if decode is decode_one_token:
+                        raise
+                    warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: "
+                                  f"{str(e)[:200]}); decoding eagerly instead", stacklevel=2)
+                    decode = decode_one_token  # rewriting the same cache slot again is harmless
+                    logits = decode(model, token[:, None], slot, attn_mask, next_pos)
+                next_pos = next_pos + 1
+    finally:
+        model.clear_cache()
+        model.check_inputs = check_inputs
+
+
+def _mark_stopped(done: torch.Tensor, generated: torch.Tensor, tokenizer: Decoder, stops: list[str],
+                  tail: int) -> None:
+    """Mark rows whose newest tokens complete a stop string. Only the last ``tail`` tokens are
+    decoded: a stop string ending in the newest token lies inside them (each token is >= 1 byte),
+    and earlier occurrences would have finished the row already."""
+    for b in range(done.size(0)):
+        if not done[b]:
+            text = tokenizer.decode(generated[b, -tail:].tolist())
+            if any(s in text for s in stops):
+                done[b] = True
+
+
+@torch.no_grad()
+def generate(model: GPT, input_ids: torch.Tensor | Sequence[Sequence[int]], max_new_tokens: int,
+             **kwargs: Any) -> torch.Tensor | list[list[int]]:
+    """Continue each prompt by up to ``max_new_tokens`` tokens and return prompt + continuation.
+
+    For a ``(B, T)`` tensor the result is a ``(B, T + n)`` tensor, ``n <= max_new_tokens`` (fewer
+    when every row stopped early; rows that stopped earlier are padded with ``eot_id``). For a list
+    of prompts it is a list of lists, each row ending at its stop token (``eot_id`` included, as
+    HF does). Keyword arguments are those of :func:`stream` (``temperature=0`` is greedy).
+    """
+    new = list(stream(model, input_ids, max_new_tokens, **kwargs))
+    is_tensor = isinstance(input_ids, torch.Tensor)
+    if is_tensor:
+        prompt = input_ids.to(device=model.device, dtype=torch.long)
+        return torch.cat([prompt, torch.stack(new, dim=1)], dim=1) if new else prompt
+    eot_id = kwargs.get("eot_id")
+    stops = kwargs.get("stop_strings") or []
+    tokenizer = kwargs.get("tokenizer")
+    cont = torch.stack(new, dim=1).tolist() if new else [[] for _ in input_ids]
+    out = []
+    for prompt_row, row in zip(input_ids, cont, strict=True):
+        end = len(row)
+        if eot_id is not None and eot_id in row:
+            end = row.index(eot_id) + 1
+        if stops and tokenizer is not None:
+            end = min(end, _stop_end(row[:end], tokenizer, stops))
+        out.append([int(t) for t in prompt_row] + row[:end])
+    return out
+
+
+def _stop_end(row: list[int], tokenizer: Decoder, stops: list[str]) -> int:
+    """Number of tokens up to and including the one that completes the first stop string."""
+    for i in range(1, len(row) + 1):
+        text = tokenizer.decode(row[:i])
+        if any(s in text for s in stops):
+            return i
+    return len(row)
+
+
+# --- text ------------------------------------------------------------------------------------------
+def stream_text(model: GPT, tokenizer: Any, prompt: str | Sequence[int], max_new_tokens: int, *,
+                stop_strings: Sequence[str] | None = None, **kwargs: Any) -> Iterator[str]:
+    """Generate from one prompt and yield the continuation as text pieces as they become final.
+
+    A piece is held back while it may still change: bytes of an incomplete UTF-8 character
+    (byte-level BPE splits characters across tokens) and a tail that could be the start of a
+    stop string. Generation stops at the tokenizer's end-of-text token (not yielded) or at a stop
+    string (the text before it is yielded, the stop string is not). Other keyword arguments are
+    those of :func:`stream`.
+    """
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ValueError("empty prompt: give some text (or the end-of-text token's ids)")
+        prompt_ids = tokenizer.encode(prompt)
+    else:
+        prompt_ids = [int(t) for t in prompt]
+    stops = [s for s in (stop_strings or []) if s]
+    kwargs.setdefault("eot_id", getattr(tokenizer, "eot", None))
+    eot_id = kwargs["eot_id"]
+    pending: list[int] = []  # tokens whose text may still be an incomplete character
+    held = ""  # decoded text not yet yielded (a possible stop-string prefix)
+    for token in stream(model, [prompt_ids], max_new_tokens, **kwargs):
+        t = int(token[0])
+        if t == eot_id:
+            break
+        pending.append(t)
+        piece = tokenizer.decode(pending)
+        # U+FFFD at the end: a character cut between tokens. A UTF-8 character has at most 4
+        # bytes, so after 4 tokens the replacement character is real and is let through.
+        if piece.endswith("\ufffd") and len(pending) < 4:
+            continue
+        pending = []
+        held += piece
+        cut = min((i for i in (held.find(s) for s in stops) if i >= 0), default=-1)
+        if cut >= 0:
+            if cut:
+                yield held[:cut]
+            return
+        hold = _longest_stop_prefix_suffix(held, stops)
+        if len(held) > hold:
+            yield held[:len(held) - hold]
+            held = held[len(held) - hold:]
+    held += tokenizer.decode(pending) if pending else ""
+    cut = min((i for i in (held.find(s) for s in stops) if i >= 0), default=-1)
+    held = held[:cut] if cut >= 0 else held
+    if held:
+        yield held
+
+
+def _longest_stop_prefix_suffix(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of some stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best

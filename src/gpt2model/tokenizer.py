@@ -1,0 +1,371 @@
+"""Tokenizers: text <-> token ids, one small interface, three implementations.
+
+Every tokenizer has ``name``, ``vocab_size``, ``eot`` (the end-of-text id, or ``None``),
+``encode(text) -> list[int]``, ``decode(ids) -> str``, ``encode_batch(texts) -> list[np.ndarray]``
+(all cores, uint32 arrays: used by ``gpt2 prepare``), ``spec() -> dict`` and ``save(directory)``.
+:func:`load_tokenizer` reads back whatever ``save`` wrote.
+
+- :class:`CharTokenizer`: one id per character, ids = the sorted unique characters of a corpus
+  (nanoGPT's ``shakespeare_char``). No end-of-text token.
+- :class:`GPT2Tokenizer`: OpenAI's 50,257-token byte-level BPE through tiktoken, built offline from
+  ``encoder.json`` + ``vocab.bpe``; id-for-id identical to ``tiktoken.get_encoding("gpt2")``.
+- :class:`BPETokenizer`: a new byte-level BPE of any vocabulary size trained on your corpus with HF
+  ``tokenizers`` (GPT-2's pre-tokenizer and byte alphabet, so every string round-trips exactly).
+
+``<|endoftext|>`` in user text: ``encode`` treats the literal string as ordinary text (tiktoken's
+``disallowed_special=()``), so text can never inject the special token; document boundaries get the
+``eot`` id appended explicitly by the caller (``gpt2 prepare`` does this between files).
+``decode`` turns the ``eot`` id back into the string ``"<|endoftext|>"``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import shutil
+import threading
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+SPEC_FILE = "tokenizer_spec.json"
+EOT_TEXT = "<|endoftext|>"
+# GPT-2's pre-tokenizer regex, as tiktoken writes it (tiktoken_ext/openai_public.py).
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+GPT2_VOCAB_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+GPT2_MERGES_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+
+
+def _num_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """What every tokenizer provides (see the module docstring)."""
+
+    name: str
+    vocab_size: int
+    eot: int | None
+
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: Sequence[int]) -> str: ...
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]: ...
+    def spec(self) -> dict[str, Any]: ...
+    def save(self, directory: str | Path) -> None: ...
+
+
+def _write_spec(directory: str | Path, spec: dict[str, Any]) -> Path:
+    from .checkpoint import atomic_write_json  # lazy: checkpoint imports torch
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(directory / SPEC_FILE, {"format_version": 1, **spec})
+    return directory
+
+
+# --- characters ---------------------------------------------------------------------------------
+class CharTokenizer:
+    """One id per character: id ``i`` is the ``i``-th character of ``chars`` (sorted, unique).
+
+    ``unknown``: a character of the vocabulary to use for characters outside it. By default
+    (``None``) encoding an unknown character raises ``ValueError`` naming it, because silently
+    mapping it would corrupt the data without anyone noticing.
+    """
+
+    name = "char"
+    eot: int | None = None  # a character vocabulary has no spare symbol for end-of-text
+
+    def __init__(self, chars: str | Iterable[str], unknown: str | None = None) -> None:
+        chars = "".join(sorted(set(chars)))
+        if not chars:
+            raise ValueError("a character tokenizer needs at least one character; the corpus is empty")
+        if unknown is not None and unknown not in chars:
+            raise ValueError(f"replacement character {unknown!r} is not in the vocabulary; pick one of {chars!r}")
+        self.chars = chars
+        self.vocab_size = len(chars)
+        self.unknown = unknown
+        self._stoi = {c: i for i, c in enumerate(chars)}
+        # Sorted code points for vectorised encoding with np.searchsorted (~50x faster than a dict
+        # lookup per character, which matters for a 1 GB corpus).
+        self._codes = np.array([ord(c) for c in chars], dtype=np.uint32)
+
+    @classmethod
+    def from_text(cls, text: str | Iterable[str], unknown: str | None = None) -> CharTokenizer:
+        """Vocabulary = the sorted unique characters of ``text`` (a string or an iterable of chunks,
+        so a large corpus can be streamed)."""
+        if isinstance(text, str):
+            return cls(set(text), unknown=unknown)
+        seen: set[str] = set()
+        for chunk in text:
+            seen.update(chunk)
+        return cls(seen, unknown=unknown)
+
+    def _encode_array(self, text: str) -> np.ndarray:
+        codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        ids = np.searchsorted(self._codes, codes).astype(np.uint32)
+        bad = ids >= self.vocab_size
+        bad[~bad] = self._codes[ids[~bad]] != codes[~bad]
+        if bad.any():
+            if self.unknown is None:
+                where = np.flatnonzero(bad)
+                unknown = sorted({chr(c) for c in codes[where[:100_000]]})
+                shown = ", ".join(repr(c) for c in unknown[:20]) + (" ..." if len(unknown) > 20 else "")
+                raise ValueError(f"{int(bad.sum())} character(s) not in the {self.vocab_size}-character "
+                                 f"vocabulary (first at position {int(where[0])}): {shown}. Build the "
+                                 f"vocabulary from text that contains them, or pass unknown=<a character> "
+                                 f"(CLI: --unknown-char) to replace them")
+            ids[bad] = self._stoi[self.unknown]
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        return self._encode_array(text).tolist()
+
+    def decode(self, ids: Sequence[int]) -> str:
+        try:
+            return "".join(self.chars[i] for i in ids)
+        except IndexError:
+            bad = [int(i) for i in ids if not 0 <= int(i) < self.vocab_size][:5]
+            raise ValueError(f"ids {bad} are outside the character vocabulary [0, {self.vocab_size})") from None
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return [self._encode_array(t) for t in texts]
+
+    def spec(self) -> dict[str, Any]:
+        return {"type": "char", "vocab_size": self.vocab_size, "chars": self.chars, "unknown": self.unknown}
+
+    def save(self, directory: str | Path) -> None:
+        _write_spec(directory, self.spec())
+
+    def __repr__(self) -> str:
+        return f"CharTokenizer(vocab_size={self.vocab_size})"
+
+
+# --- OpenAI GPT-2 BPE -----------------------------------------------------------------------------
+_TIKTOKEN_ENV_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _no_tiktoken_cache() -> Iterator[None]:
+    """tiktoken copies even local files into a cache folder unless TIKTOKEN_CACHE_DIR is "" (its
+    documented "cache nothing" value); set it just while we read the files."""
+    with _TIKTOKEN_ENV_LOCK:
+        old = os.environ.get("TIKTOKEN_CACHE_DIR")
+        os.environ["TIKTOKEN_CACHE_DIR"] = ""
+        try:
+            yield
+        finally:
+            if old is None:
+                del os.environ["TIKTOKEN_CACHE_DIR"]
+            else:
+                os.environ["TIKTOKEN_CACHE_DIR"] = old
+
+
+@functools.lru_cache(maxsize=4)
+def _tiktoken_encoding(vocab_json: str, merges: str, check_hash: bool):
+    """Build (once per pair of files) the tiktoken encoding for a GPT-2-style vocab.json + merges."""
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+    with _no_tiktoken_cache():
+        ranks = data_gym_to_mergeable_bpe_ranks(
+            vocab_bpe_file=merges, encoder_json_file=vocab_json,
+            vocab_bpe_hash=GPT2_MERGES_SHA256 if check_hash else None,
+            encoder_json_hash=GPT2_VOCAB_JSON_SHA256 if check_hash else None)
+    n = len(ranks)  # the special token comes after the mergeable ones (50256 for GPT-2)
+    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={EOT_TEXT: n}, explicit_n_vocab=n + 1)
+
+
+class GPT2Tokenizer:
+    """OpenAI's GPT-2 byte-level BPE (50,257 tokens, ``<|endoftext|>`` = 50256) via tiktoken.
+
+    Built offline from ``vocab.json``/``encoder.json`` + ``merges.txt``/``vocab.bpe``: by default the
+    project's data files (``assets.asset_path("gpt2/...")``, sha256-checked), or the files of a saved
+    folder. The encoding is built once per process and cached.
+    """
+
+    name = "gpt2"
+
+    def __init__(self, vocab_json: str | Path | None = None, merges: str | Path | None = None) -> None:
+        if (vocab_json is None) != (merges is None):
+            raise ValueError("pass both vocab_json and merges, or neither (the project's GPT-2 files)")
+        if vocab_json is None:
+            from .assets import asset_path
+
+            vocab_json, merges = asset_path("gpt2/encoder.json"), asset_path("gpt2/vocab.bpe")
+            check_hash = True
+        else:
+            check_hash = False  # a saved/HF folder: any GPT-2-style BPE is fine
+        self._files = (Path(vocab_json), Path(merges))
+        for f in self._files:
+            if not f.is_file():
+                raise FileNotFoundError(f"GPT-2 tokenizer file {f} is missing")
+        try:
+            self._enc = _tiktoken_encoding(str(self._files[0].resolve()), str(self._files[1].resolve()), check_hash)
+        except (AssertionError, KeyError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{self._files[0]} / {self._files[1]} are not a valid GPT-2 vocab.json + merges "
+                             f"pair ({type(e).__name__}: {e})") from None
+        self.vocab_size: int = self._enc.n_vocab
+        self.eot: int | None = self._enc.eot_token
+
+    def encode(self, text: str) -> list[int]:
+        # disallowed_special=(): "<|endoftext|>" in user text is ordinary text, never the eot id.
+        return self._enc.encode_ordinary(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        # errors="replace": a slice of ids can end inside a multi-byte character (e.g. while
+        # streaming); whole encodings always decode exactly.
+        return self._enc.decode(list(map(int, ids)), errors="replace")
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        # tiktoken's Rust core releases the GIL, so threads use every core; encode_to_numpy avoids
+        # building Python int lists (~36 bytes per token).
+        encode = functools.partial(self._enc.encode_to_numpy, disallowed_special=())
+        if len(texts) <= 1:
+            return [encode(t) for t in texts]
+        with ThreadPoolExecutor(min(_num_threads(), len(texts))) as pool:
+            return list(pool.map(encode, texts))
+
+    def spec(self) -> dict[str, Any]:
+        return {"type": "gpt2", "vocab_size": self.vocab_size, "eot": self.eot,
+                "files": ["vocab.json", "merges.txt"]}
+
+    def save(self, directory: str | Path) -> None:
+        """Write ``tokenizer_spec.json`` + ``vocab.json`` + ``merges.txt`` (HF's GPT-2 file names, so
+        ``transformers.GPT2TokenizerFast.from_pretrained(directory)`` works on the folder too)."""
+        from .checkpoint import atomic_path
+
+        directory = _write_spec(directory, self.spec())
+        for src, name in zip(self._files, ("vocab.json", "merges.txt"), strict=True):
+            dst = directory / name
+            if dst.exists() and dst.resolve() == src.resolve():
+                continue
+            with atomic_path(dst) as tmp:
+                shutil.copyfile(src, tmp)
+
+    def __repr__(self) -> str:
+        return f"GPT2Tokenizer(vocab_size={self.vocab_size})"
+
+
+# --- a new byte-level BPE -------------------------------------------------------------------------
+class BPETokenizer:
+    """A byte-level BPE trained on your corpus with HF ``tokenizers``.
+
+    GPT-2's design: the ByteLevel pre-tokenizer (GPT-2 regex, no added prefix space) maps every byte
+    to a symbol, the 256 byte symbols are the initial alphabet, so any Unicode string encodes and
+    decodes back exactly. ``<|endoftext|>`` is a special token (id 0); as with GPT-2, the literal
+    string in user text is encoded as ordinary text.
+    """
+
+    name = "bpe"
+    FILE = "tokenizer.json"
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tok = tokenizer
+        # Treat "<|endoftext|>" in input text as ordinary text (same rule as GPT2Tokenizer).
+        self._tok.encode_special_tokens = True
+        self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
+        self.eot: int | None = tokenizer.token_to_id(EOT_TEXT)
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> BPETokenizer:
+        """Train on an iterable of text chunks (streamed: memory ~ the number of distinct words)."""
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
+        if vocab_size < 257:
+            raise ValueError(f"vocab_size={vocab_size} is too small: a byte-level BPE needs 256 byte tokens "
+                             f"+ <|endoftext|> = 257 at least")
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      special_tokens=[EOT_TEXT])
+        tok.train_from_iterator(texts, trainer=trainer)
+        got = tok.get_vocab_size(with_added_tokens=True)
+        if got < vocab_size:
+            warnings.warn(f"the corpus only supports {got} BPE tokens (asked for {vocab_size}): no pair "
+                          f"occurs at least min_frequency={min_frequency} times any more", stacklevel=2)
+        return cls(tok)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> BPETokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        try:
+            return cls(HFTokenizer.from_file(str(path)))
+        except Exception as e:  # the Rust side raises a bare Exception for bad JSON
+            raise ValueError(f"cannot read tokenizer file {path}: {e}") from None
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(list(map(int, ids)), skip_special_tokens=False)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        # encode_batch runs on all cores (Rayon) on the Rust side.
+        return [np.asarray(e.ids, dtype=np.uint32) for e in self._tok.encode_batch(list(texts),
+                                                                                   add_special_tokens=False)]
+
+    def spec(self) -> dict[str, Any]:
+        return {"type": "bpe", "vocab_size": self.vocab_size, "eot": self.eot, "files": [self.FILE]}
+
+    def save(self, directory: str | Path) -> None:
+        from .checkpoint import atomic_path
+
+        directory = _write_spec(directory, self.spec())
+        with atomic_path(directory / self.FILE) as tmp:
+            self._tok.save(str(tmp))
+
+    def __repr__(self) -> str:
+        return f"BPETokenizer(vocab_size={self.vocab_size})"
+
+
+# --- loading --------------------------------------------------------------------------------------
+def load_tokenizer(name_or_path: str | Path) -> CharTokenizer | GPT2Tokenizer | BPETokenizer:
+    """``"gpt2"`` -> OpenAI's GPT-2 BPE; a folder written by some tokenizer's ``save()`` (a dataset
+    or model folder) -> that tokenizer; a HF GPT-2 folder with ``vocab.json`` + ``merges.txt`` (no
+    spec file) -> GPT-2 BPE from those files; a folder with only a ``tokenizer.json`` -> that BPE."""
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        if str(name_or_path) == "gpt2":
+            return GPT2Tokenizer()
+        if path.exists():
+            raise ValueError(f"{path} is a file; pass the folder that holds {SPEC_FILE} (a dataset or model "
+                             f"folder), or 'gpt2'")
+        raise FileNotFoundError(f"no tokenizer folder at {path}; pass a dataset folder written by "
+                                f"'gpt2 prepare', a model folder, or 'gpt2'")
+    spec_path = path / SPEC_FILE
+    if spec_path.is_file():
+        try:
+            spec = json.loads(spec_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{spec_path} is not valid JSON ({e}); the file is corrupt or truncated") from None
+        kind = spec.get("type")
+        if kind == "char":
+            tok: CharTokenizer | GPT2Tokenizer | BPETokenizer = CharTokenizer(spec["chars"], spec.get("unknown"))
+        elif kind == "gpt2":
+            tok = GPT2Tokenizer(path / "vocab.json", path / "merges.txt")
+        elif kind == "bpe":
+            tok = BPETokenizer.from_file(path / BPETokenizer.FILE)
+        else:
+            raise ValueError(f"{spec_path} has unknown tokenizer type {kind!r} (expected char, gpt2 or bpe)")
+        if spec.get("vocab_size") not in (None, tok.vocab_size):
+            raise ValueError(f"{spec_path} says vocab_size={spec['vocab_size']} but its files give "
+                             f"{tok.vocab_size}; the folder is inconsistent")
+        return tok
+    if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+        return GPT2Tokenizer(path / "vocab.json", path / "merges.txt")
+    if (path / BPETokenizer.FILE).is_file():
+        return BPETokenizer.from_file(path / BPETokenizer.FILE)
+    raise FileNotFoundError(f"{path} has no tokenizer: expected {SPEC_FILE} (written by gpt2model), or HF's "
+                            f"vocab.json + merges.txt, or tokenizer.json")

@@ -1,0 +1,358 @@
+"""Dataset preparation (streamed, chunked, atomic) and batch sampling, checked against whole-text
+encoding, nanoGPT's split sizes, and hand-built expectations."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gpt2model.cli import main
+from gpt2model.data import BatchSampler, eval_batches, open_dataset, prepare_dataset
+from gpt2model.tokenizer import GPT2Tokenizer
+
+# Whitespace-heavy, multi-script text: the cases where a careless chunk cut changes BPE tokens.
+TRICKY = (
+    "First line\n\n\nthree newlines above;  two spaces, trailing spaces   \n"
+    "\t\ttabs\r\nCRLF\r\n\r\n   leading spaces\n"
+    "日本語の文章には空白がありません。中文也没有空格。\n"
+    "emoji 🎉👍🏽 👩‍👩‍👧‍👦, accents déjà vu, e\u0301\n"
+    "it's we'll 123456 3.14 <|endoftext|> done.\n"
+) * 40
+
+
+def _tokens(ds) -> np.ndarray:
+    return np.concatenate([ds.split("train"), ds.split("val")])
+
+
+# --- prepare: named datasets -----------------------------------------------------------------------
+def test_prepare_shakespeare_char_equals_nanogpt(shakespeare_text, tmp_path):
+    out = prepare_dataset("shakespeare_char", tmp_path / "sc", progress=False)
+    ds = open_dataset(out)
+    assert ds.meta["tokens"] == {"train": 1_003_854, "val": 111_540}  # nanoGPT's shakespeare_char split
+    assert ds.vocab_size == 65 and ds.dtype == np.uint16 and ds.eot is None
+    assert isinstance(ds.split("train"), np.memmap)
+    tok = ds.tokenizer()
+    assert tok.decode(ds.split("train")) == shakespeare_text[:1_003_854]
+    assert tok.decode(ds.split("val")) == shakespeare_text[1_003_854:]
+    src = ds.meta["sources"][0]
+    assert src["bytes"] == 1_115_394
+    assert src["sha256"] == "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+    assert {p.name for p in out.iterdir()} == {"train.bin", "val.bin", "meta.json", "tokenizer_spec.json"}
+
+
+def test_prepare_shakespeare_gpt2_chunked_equals_whole(shakespeare_text, tmp_path):
+    # 4 KiB chunks: ~270 independently encoded pieces must give exactly the whole-text encoding.
+    out = prepare_dataset("shakespeare", tmp_path / "s", chunk_bytes=4096, progress=False)
+    ds = open_dataset(out)
+    whole = GPT2Tokenizer().encode(shakespeare_text)
+    assert len(whole) == 338_025
+    assert _tokens(ds).tolist() == whole
+    assert ds.meta["tokens"] == {"train": int(338_025 * 0.9), "val": 338_025 - int(338_025 * 0.9)}
+    assert ds.tokenizer().decode(_tokens(ds)) == shakespeare_text
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bpe"])
+@pytest.mark.parametrize("chunk_bytes", [7, 64, 1000])
+def test_chunked_encoding_is_exact_on_tricky_text(kind, chunk_bytes, tmp_path):
+    src = tmp_path / "tricky.txt"
+    src.write_bytes(TRICKY.encode())
+    out = prepare_dataset([src], tmp_path / "out", tokenizer=kind, vocab_size=400 if kind == "bpe" else None,
+                          val_fraction=0.0, chunk_bytes=chunk_bytes, progress=False)
+    ds = open_dataset(out)
+    tok = ds.tokenizer()
+    assert _tokens(ds).tolist() == tok.encode(TRICKY)
+    assert tok.decode(_tokens(ds)) == TRICKY
+    assert ds.meta["tokens"]["val"] == 0 and len(ds.split("val")) == 0
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bpe"])
+def test_chunked_encoding_is_exact_on_random_unicode_whitespace(kind, tmp_path):
+    # Random text over an alphabet rich in the characters where Python's and the Rust regex's ideas
+    # of whitespace could disagree (\x1c, \x85, NBSP, U+2028, U+3000, ...).
+    alphabet = list("ab1' s!\n\t\r\x0b\x0c\x1c\x1f\x85\xa0\u2028\u3000\u200b") + ["é", "日", "🎉", "\r\n", "  "]
+    rng = np.random.default_rng(0)
+    text = "".join(rng.choice(alphabet, size=20_000))
+    src = tmp_path / "random.txt"
+    src.write_bytes(text.encode())
+    out = prepare_dataset([src], tmp_path / "out", tokenizer=kind, vocab_size=300 if kind == "bpe" else None,
+                          val_fraction=0.0, chunk_bytes=33, progress=False)
+    ds = open_dataset(out)
+    assert _tokens(ds).tolist() == ds.tokenizer().encode(text)
+
+
+def test_naive_chunk_cut_would_not_be_exact():
+    # Why chunks are cut before a newline that follows a non-space: cutting after "\n\n" merges the
+    # pair into one token ("\n\n" = 628) where the whole text has two "\n" (198, 198).
+    tok = GPT2Tokenizer()
+    text = "a\n\nb"
+    assert tok.encode(text) == [64, 198, 198, 65]
+    assert tok.encode("a\n\n") + tok.encode("b") == [64, 628, 65]
+    assert tok.encode("a") + tok.encode("\n\nb") == tok.encode(text)
+
+
+# --- prepare: files, folders, documents ------------------------------------------------------------
+def test_folder_documents_separated_by_eot(tmp_path):
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    docs = {"b.txt": "second document\n", "a.txt": "first document\n", "sub/c.txt": "third, nested 🎉"}
+    for name, text in docs.items():
+        (corpus / name).write_text(text, encoding="utf-8")
+    (corpus / "notes.md").write_text("not matched by *.txt")
+    ds = open_dataset(prepare_dataset([corpus], tmp_path / "out", tokenizer="gpt2", val_fraction=0.0,
+                                      progress=False))
+    tok = ds.tokenizer()
+    ordered = [docs["a.txt"], docs["b.txt"], docs["sub/c.txt"]]  # sorted paths
+    assert [Path(s["path"]).name for s in ds.meta["sources"]] == ["a.txt", "b.txt", "c.txt"]
+    expected = tok.encode(ordered[0]) + [tok.eot] + tok.encode(ordered[1]) + [tok.eot] + tok.encode(ordered[2])
+    assert _tokens(ds).tolist() == expected
+    assert tok.decode(_tokens(ds)) == "<|endoftext|>".join(ordered)
+    # --glob picks other files; the char tokenizer (no eot) concatenates and sees every file's characters
+    ds = open_dataset(prepare_dataset([corpus], tmp_path / "md", tokenizer="char", glob="*.md", progress=False))
+    assert ds.tokenizer().decode(_tokens(ds)) == "not matched by *.txt"
+    ds = open_dataset(prepare_dataset([corpus / "a.txt", corpus / "sub" / "c.txt"], tmp_path / "chars",
+                                      tokenizer="char", progress=False))
+    assert ds.tokenizer().decode(_tokens(ds)) == docs["a.txt"] + docs["sub/c.txt"]
+    assert "🎉" in ds.tokenizer().chars
+    # --out inside the input folder with a catch-all glob: a re-run doesn't read its own output
+    for _ in range(2):
+        ds = open_dataset(prepare_dataset([corpus], corpus / "data", tokenizer="char", glob="*", progress=False))
+        assert len(ds.meta["sources"]) == 4
+
+
+def test_split_sizes_add_up_and_trained_bpe_saved_with_dataset(shakespeare_text, tmp_path):
+    src = tmp_path / "tiny.txt"
+    src.write_text(shakespeare_text[:200_000])
+    out = prepare_dataset([src], tmp_path / "bpe", tokenizer="bpe", vocab_size=512, val_fraction=0.25,
+                          progress=False)
+    ds = open_dataset(out)
+    assert (out / "tokenizer.json").is_file() and ds.vocab_size == 512 and ds.eot == 0
+    n = len(ds.tokenizer().encode(shakespeare_text[:200_000]))
+    assert ds.meta["tokens"]["train"] + ds.meta["tokens"]["val"] == n
+    assert ds.meta["tokens"]["train"] == int(n * 0.75)
+    assert ds.tokenizer().decode(_tokens(ds)) == shakespeare_text[:200_000]
+
+
+def test_reused_tokenizer_and_uint32_vocab(tmp_path):
+    # A character vocabulary larger than 65,536 needs uint32 token files.
+    chars = "".join(chr(c) for c in range(0x20000, 0x20000 + 70_000))
+    src = tmp_path / "wide.txt"
+    src.write_text(chars + chars[::-1], encoding="utf-8")
+    ds = open_dataset(prepare_dataset([src], tmp_path / "wide", tokenizer="char", progress=False))
+    assert ds.vocab_size == 70_000 and ds.dtype == np.uint32
+    assert ds.tokenizer().decode(_tokens(ds)) == chars + chars[::-1]
+    # --tokenizer <folder>: encode new text with an existing tokenizer (e.g. a model's)
+    other = tmp_path / "other.txt"
+    other.write_text(chars[:10] + "x")
+    with pytest.raises(ValueError, match="not in the 70000-character vocabulary.*'x'"):
+        prepare_dataset([other], tmp_path / "o", tokenizer=str(tmp_path / "wide"), progress=False)
+    ds = open_dataset(prepare_dataset([other], tmp_path / "o", tokenizer=str(tmp_path / "wide"),
+                                      unknown_char=chars[0], val_fraction=0.0, progress=False))
+    assert ds.tokenizer().decode(_tokens(ds)) == chars[:10] + chars[0]
+
+
+# --- bad input --------------------------------------------------------------------------------------
+def test_non_utf8_error_names_file_and_offset(tmp_path):
+    src = tmp_path / "latin1.txt"
+    # A 3-byte character straddles the 16-byte read boundary; the bad byte 0xE9 is at offset 40.
+    data = "x" * 15 + "€" + "y" * 22
+    raw = data.encode() + b"\xe9t\xe9\n"
+    assert raw.index(b"\xe9t") == 40
+    src.write_bytes(raw)
+    with pytest.raises(ValueError, match=r"latin1\.txt is not valid UTF-8: byte offset 40 .*--errors replace"):
+        prepare_dataset([src], tmp_path / "out", tokenizer="char", chunk_bytes=16, progress=False)
+    assert not (tmp_path / "out").exists()
+    ds = open_dataset(prepare_dataset([src], tmp_path / "out", tokenizer="char", errors="replace", chunk_bytes=16,
+                                      val_fraction=0.0, progress=False))
+    assert ds.tokenizer().decode(_tokens(ds)) == data + "\ufffdt\ufffd\n"
+
+
+def test_bad_inputs_raise_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        prepare_dataset([tmp_path / "missing.txt"], tmp_path / "out", progress=False)
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match="empty corpus"):
+        prepare_dataset([tmp_path / "empty.txt"], tmp_path / "out", progress=False)
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no files matching '\*\.txt'"):
+        prepare_dataset([tmp_path / "folder"], tmp_path / "out", progress=False)
+    (tmp_path / "a.txt").write_text("hello")
+    with pytest.raises(ValueError, match="val_fraction"):
+        prepare_dataset([tmp_path / "a.txt"], tmp_path / "out", val_fraction=1.0, progress=False)
+    with pytest.raises(ValueError, match="needs --vocab-size"):
+        prepare_dataset([tmp_path / "a.txt"], tmp_path / "out", tokenizer="bpe", progress=False)
+    with pytest.raises(ValueError, match="only applies to --tokenizer bpe"):
+        prepare_dataset([tmp_path / "a.txt"], tmp_path / "out", tokenizer="gpt2", vocab_size=1000, progress=False)
+    with pytest.raises(ValueError, match="unknown tokenizer 'wordpiece'"):
+        prepare_dataset([tmp_path / "a.txt"], tmp_path / "out", tokenizer="wordpiece", progress=False)
+    # an --out folder with the user's own files is never replaced
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    with pytest.raises(ValueError, match="thesis.tex"):
+        prepare_dataset([tmp_path / "a.txt"], tmp_path / "mine", progress=False)
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+    with pytest.raises(FileNotFoundError, match="gpt2 prepare"):
+        open_dataset(tmp_path / "nope")
+
+
+# --- interrupted / damaged datasets -------------------------------------------------------------------
+def test_interrupted_prepare_leaves_no_complete_looking_folder(tmp_path, monkeypatch):
+    src = tmp_path / "a.txt"
+    src.write_text("To be, or not to be: that is the question.\n" * 100)
+    out = tmp_path / "ds"
+
+    def interrupted(self, directory):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(GPT2Tokenizer, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_dataset([src], out, progress=False)
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]  # temp folder cleaned up
+    monkeypatch.undo()
+    # A process killed outright (no cleanup) leaves only a hidden temp folder, which is not the dataset;
+    # the next prepare removes it since its process is gone.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".ds.tmp-{dead.pid}"
+    stale.mkdir()
+    (stale / "train.bin").write_bytes(b"\0" * 10)
+    with pytest.raises(FileNotFoundError):
+        open_dataset(out)
+    prepare_dataset([src], out, progress=False)
+    assert not stale.exists()
+    # Preparing again into an existing dataset folder replaces it.
+    ds = open_dataset(prepare_dataset([src], out, tokenizer="char", progress=False))
+    assert ds.meta["tokenizer"]["type"] == "char"
+
+
+def test_open_dataset_detects_partial_or_mismatched_folder(tmp_path):
+    src = tmp_path / "a.txt"
+    src.write_text("All the world's a stage, and all the men and women merely players.\n" * 50)
+    out = prepare_dataset([src], tmp_path / "ds", tokenizer="char", progress=False)
+    meta = json.loads((out / "meta.json").read_text())
+    # truncated bin (a copy cut short)
+    train = (out / "train.bin").read_bytes()
+    (out / "train.bin").write_bytes(train[:-2])
+    with pytest.raises(ValueError, match=r"train\.bin has .* bytes but meta\.json says .* truncated"):
+        open_dataset(out)
+    (out / "train.bin").write_bytes(train)
+    # meta.json that doesn't match its bins
+    (out / "meta.json").write_text(json.dumps({**meta, "tokens": {"train": 5, "val": meta["tokens"]["val"]}}))
+    with pytest.raises(ValueError, match="says 5 uint16 tokens"):
+        open_dataset(out)
+    (out / "meta.json").write_text(json.dumps({**meta, "format_version": 99}))
+    with pytest.raises(ValueError, match="format_version=99"):
+        open_dataset(out)
+    (out / "meta.json").write_text("{")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        open_dataset(out)
+    (out / "meta.json").unlink()
+    with pytest.raises(ValueError, match="meta.json is missing .*interrupted"):
+        open_dataset(out)
+
+
+# --- batches -----------------------------------------------------------------------------------------
+@pytest.fixture
+def tokens() -> np.ndarray:
+    return np.arange(10_000, dtype=np.uint16) % 5000  # position i holds i % 5000: windows are checkable
+
+
+def test_sampler_windows_are_shifted_slices(tokens):
+    s = BatchSampler(tokens, batch_size=4, context_length=16, seed=0)
+    x, y = s.next_batch()
+    assert x.shape == y.shape == (4, 16) and x.dtype == y.dtype == torch.int64
+    for row_x, row_y in zip(x, y, strict=True):
+        start = int(row_x[0]) if int(row_x[0]) + 17 <= 5000 else None
+        if start is not None:  # away from the wrap-around, the window is exactly tokens[start:start+17]
+            assert row_x.tolist() == list(range(start, start + 16))
+        assert row_y[:-1].tolist() == row_x[1:].tolist()
+        assert (row_y[-1] - row_x[-1]) % 5000 == 1
+
+
+def test_sampler_is_deterministic_and_resumes_exactly(tokens):
+    a = BatchSampler(tokens, 8, 32, seed=1337)
+    b = BatchSampler(tokens, 8, 32, seed=1337)
+    c = BatchSampler(tokens, 8, 32, seed=1338)
+    first = [a.next_batch() for _ in range(3)]
+    assert all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(first, [b.next_batch() for _ in range(3)],
+                                                                strict=True))
+    assert not torch.equal(first[0][0], c.next_batch()[0])
+    state = json.loads(json.dumps(a.state_dict()))  # plain JSON round trip
+    expected = [a.next_batch() for _ in range(3)]
+    resumed = BatchSampler(tokens, 8, 32, seed=0)  # the state, not the constructor seed, decides
+    resumed.load_state_dict(state)
+    for (x1, y1), (x2, y2) in zip(expected, [resumed.next_batch() for _ in range(3)], strict=True):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    with pytest.raises(ValueError, match="global_batch=8 .* has 16"):
+        BatchSampler(tokens, 16, 32, seed=0).load_state_dict(state)
+
+
+def test_sampler_ranks_partition_the_global_batch(tokens):
+    single = BatchSampler(tokens, 8, 32, seed=7)
+    ranks = [BatchSampler(tokens, 4, 32, seed=7, rank=r, world_size=2) for r in range(2)]
+    for _ in range(3):
+        x, y = single.next_batch()
+        parts = [r.next_batch() for r in ranks]
+        assert not torch.equal(parts[0][0], parts[1][0])
+        assert torch.equal(torch.cat([p[0] for p in parts]), x) and torch.equal(torch.cat([p[1] for p in parts]), y)
+    # a 1-rank state resumes as 2 ranks with the same global batch
+    state = single.state_dict()
+    x, _ = single.next_batch()
+    for r in ranks:
+        r.load_state_dict(state)
+    assert torch.equal(torch.cat([r.next_batch()[0] for r in ranks]), x)
+    with pytest.raises(ValueError, match="rank=2"):
+        BatchSampler(tokens, 4, 32, seed=7, rank=2, world_size=2)
+
+
+def test_sampler_on_memmap_split(tmp_path):
+    src = tmp_path / "a.txt"
+    text = "".join(chr(97 + i % 26) for i in range(3000))
+    src.write_text(text)
+    ds = open_dataset(prepare_dataset([src], tmp_path / "ds", tokenizer="char", progress=False))
+    x, y = BatchSampler(ds.split("train"), 2, 10, seed=0).next_batch()
+    tok = ds.tokenizer()
+    for row_x, row_y in zip(x, y, strict=True):
+        assert tok.decode(row_x.tolist()) + tok.decode(row_y[-1:].tolist()) in text
+    # the val split (300 tokens) is too short for context_length 300: the error names split, count, length
+    with pytest.raises(ValueError, match=r"split val\.bin has 300 tokens, too few .* context_length \+ 1 = 301"):
+        BatchSampler(ds.split("val"), 2, 300, seed=0)
+    with pytest.raises(ValueError, match=r"split val\.bin has 300 tokens"):
+        eval_batches(ds.split("val"), 2, 300)
+
+
+def test_eval_batches_tile_small_splits_and_space_out_large_ones(tokens):
+    batches = eval_batches(tokens[:1001], batch_size=4, context_length=100)
+    xs = torch.cat([x for x, _ in batches])
+    assert [len(x) for x, _ in batches] == [4, 4, 2]  # 10 non-overlapping windows cover 1000 targets
+    assert xs[:, 0].tolist() == list(range(0, 1000, 100))
+    assert torch.cat([y for _, y in batches]).flatten().tolist() == list(range(1, 1001))
+    capped = eval_batches(tokens, batch_size=4, context_length=100, max_batches=2)
+    starts = torch.cat([x for x, _ in capped])[:, 0].tolist()
+    assert len(capped) == 2 and starts[0] == 0 and starts[-1] == (10_000 - 101) % 5000
+    again = eval_batches(tokens, batch_size=4, context_length=100, max_batches=2)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(capped, again, strict=True))
+    with pytest.raises(ValueError, match="max_batches"):
+        eval_batches(tokens, 4, 100, max_batches=0)
+
+
+# --- CLI ---------------------------------------------------------------------------------------------------
+def test_cli_prepare(tmp_path, capsys, data_dir):
+    assert main(["prepare", "shakespeare_char", "--out", str(tmp_path / "sc"), "--quiet"]) == 0
+    assert "train 1,003,854 tokens, val 111,540 tokens" in capsys.readouterr().out
+    assert open_dataset(tmp_path / "sc").vocab_size == 65
+    assert main(["prepare", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "x")]) == 2
+    assert "gpt2 prepare: error: input" in capsys.readouterr().err
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"ok \xff")
+    assert main(["prepare", str(bad), "--tokenizer", "char", "--out", str(tmp_path / "y"), "--quiet"]) == 2
+    assert "byte offset 3" in capsys.readouterr().err
+    assert main(["prepare", str(bad), "--tokenizer", "char", "--errors", "replace", "--out", str(tmp_path / "y"),
+                 "--quiet"]) == 0
+

@@ -1,0 +1,425 @@
+"""Generation: the KV-cached loop against full recomputes and HF's greedy search, sampling filters
+on hand-built distributions, batching, stopping, streaming, bf16, bad input, and the CLI verb."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+
+import pytest
+import torch
+
+from gpt2model import GPT, GPTconfig
+from gpt2model import generate as gen_mod
+from gpt2model.generate import generate, sample_logits, stream, stream_text
+
+TINY = GPTconfig(context_length=16, vocab_size=50, n_layer=2, n_head=2, d_model=32)
+
+
+def spiky(model: GPT, std: float = 0.15, seed: int = 0) -> GPT:
+    """Re-draw the weights with a larger std: GPT-2's init (0.02) gives nearly flat logits, and
+    greedy decoding then repeats one token forever, which would make every comparison weak."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ln" not in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model.eval()
+
+
+def tiny(config: GPTconfig = TINY, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return spiky(GPT(config), seed=seed)
+
+
+def recompute(model: GPT, prompt: list[int], n: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy without a cache, following the documented window rule: crop the prompt to the last
+    context_length tokens; when a window would exceed the context, restart it at the last
+    context_length // 2 tokens. Returns the ids and the logits of every step."""
+    C = model.config.context_length
+    ids = list(prompt)
+    start = max(0, len(ids) - C)
+    all_logits = []
+    with torch.no_grad():
+        for _ in range(n):
+            if len(ids) - start > C:
+                start = len(ids) - C // 2
+            logits = model(torch.tensor([ids[start:]]))[0, -1]
+            all_logits.append(logits)
+            ids.append(int(logits.argmax()))
+    return ids, all_logits
+
+
+class CharDecoder:
+    """A stand-in tokenizer: id i <-> one character (no dependency on tokenizer.py)."""
+
+    chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWX"
+    eot = None
+
+    def encode(self, text: str) -> list[int]:
+        return [self.chars.index(c) for c in text]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+
+def record_logits(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
+    """Capture the logits that the generation loop samples from at every step."""
+    seen: list[torch.Tensor] = []
+    real = gen_mod.sample_logits
+
+    def spy(logits: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        seen.append(logits.clone())
+        return real(logits, *args, **kwargs)
+
+    monkeypatch.setattr(gen_mod, "sample_logits", spy)
+    return seen
+
+
+# --- the cache against full recomputes -------------------------------------------------------------
+def test_cached_logits_equal_full_recompute_at_every_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny()
+    seen = record_logits(monkeypatch)
+    prompt = [3, 1, 4, 1, 5]
+    # 40 new tokens with context 16: the window slides several times (prefill of the last 8).
+    out = generate(model, torch.tensor([prompt]), 40, temperature=0)
+    ids, ref_logits = recompute(model, prompt, 40)
+    assert out[0].tolist() == ids
+    assert len(seen) == 40
+    for step, (cached, full) in enumerate(zip(seen, ref_logits, strict=True)):
+        assert torch.allclose(cached[0], full, atol=1e-5, rtol=0), f"step {step}"
+    assert not hasattr(model, "causal_mask") and model.check_inputs  # the model is left as it was
+
+
+def test_ragged_batch_logits_equal_each_row_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny()
+    prompts = [[7], [1, 2, 3, 4, 5, 6], [9, 8, 7]]
+    seen = record_logits(monkeypatch)
+    out = generate(model, prompts, 10, temperature=0)  # 6 + 10 = context: no slide
+    for row, prompt in enumerate(prompts):
+        ids, ref_logits = recompute(model, prompt, 10)
+        assert out[row] == ids
+        for cached, full in zip(seen, ref_logits, strict=True):
+            assert torch.allclose(cached[row], full, atol=1e-5, rtol=0)
+
+
+def test_long_prompt_is_cropped_with_a_warning() -> None:
+    model = tiny()
+    prompt = list(torch.randint(0, 50, (40,), generator=torch.Generator().manual_seed(1)).tolist())
+    with pytest.warns(UserWarning, match="more than context_length 16"):
+        out = generate(model, [prompt], 12, temperature=0)
+    assert out[0] == recompute(model, prompt, 12)[0]
+
+
+# --- HF parity ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("config, prompt_len, new", [
+    (GPTconfig(), 7, 40),  # the seed's config
+    (GPTconfig(context_length=1024, vocab_size=50257, n_layer=2, n_head=2, d_model=64), 9, 30),  # GPT-2 shaped
+    (GPTconfig(context_length=24, vocab_size=50, n_layer=2, n_head=2, d_model=32), 5, 19),  # up to the context
+])
+def test_greedy_matches_hf_generate(tmp_path, config: GPTconfig, prompt_len: int, new: int) -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = spiky(GPT(config), std=0.1)
+    model.save_pretrained(tmp_path)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    prompt = torch.randint(0, config.vocab_size, (2, prompt_len), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new,
+                               do_sample=False, pad_token_id=0, eos_token_id=None)
+    ours = model.generate(prompt, new, temperature=0)
+    assert ours.shape == expected.shape
+    assert torch.equal(ours, expected)
+
+
+# --- sampling ----------------------------------------------------------------------------------------
+def draws(probs: list[float], n: int = 4000, **kwargs) -> torch.Tensor:
+    logits = torch.tensor(probs).log().expand(n, -1)
+    return sample_logits(logits, generator=torch.Generator().manual_seed(0), **kwargs)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
+    probs = [0.5, 0.3, 0.15, 0.05]
+    assert set(draws(probs, top_p=0.8).tolist()) == {0, 1}
+    assert set(draws(probs, top_p=0.81).tolist()) == {0, 1, 2}
+    assert set(draws(probs, top_p=0.5).tolist()) == {0}
+    assert set(draws(probs, top_p=0.01).tolist()) == {0}  # always at least the most likely token
+    assert set(draws(probs, top_p=1.0).tolist()) == {0, 1, 2, 3}
+    # Order in the vocabulary does not matter, and the kept tokens are renormalised.
+    kept = draws([0.05, 0.3, 0.15, 0.5], top_p=0.8)
+    assert set(kept.tolist()) == {1, 3}
+    assert abs((kept == 3).float().mean().item() - 0.5 / 0.8) < 0.03
+
+
+def test_top_k_and_temperature() -> None:
+    probs = [0.1, 0.4, 0.2, 0.3]
+    assert set(draws(probs, top_k=2).tolist()) == {1, 3}
+    assert set(draws(probs, top_k=1).tolist()) == {1}
+    assert set(draws(probs, top_k=10).tolist()) == {0, 1, 2, 3}
+    assert set(draws(probs, top_k=3, top_p=0.6).tolist()) == {1, 3}  # top-k first, then the nucleus of the rest
+    assert set(draws(probs, temperature=0).tolist()) == {1}  # greedy
+    # Temperature 0.5 squares the probabilities before renormalising.
+    x = draws([0.25, 0.75], n=20000, temperature=0.5)
+    assert abs((x == 1).float().mean().item() - 0.9) < 0.01
+    # bf16 logits are sampled in fp32.
+    assert sample_logits(torch.tensor([[0.0, 5.0]], dtype=torch.bfloat16), temperature=0).tolist() == [1]
+
+
+def test_same_seed_same_sample() -> None:
+    model = tiny()
+    prompt = torch.tensor([[1, 2, 3]])
+    a = generate(model, prompt, 30, seed=123, top_k=20)
+    b = generate(model, prompt, 30, seed=123, top_k=20)
+    c = generate(model, prompt, 30, seed=124, top_k=20)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(generate(model, prompt, 20, generator=g1), generate(model, prompt, 20, generator=g2))
+
+
+# --- batching and stopping ---------------------------------------------------------------------------
+def test_batch_of_different_lengths_equals_one_by_one() -> None:
+    model = tiny(GPTconfig(context_length=64, vocab_size=50, n_layer=2, n_head=2, d_model=32))
+    prompts = [[5], [1, 2, 3, 4, 5, 6, 7, 8], [9, 9, 3]]
+    batched = generate(model, prompts, 20, temperature=0)
+    alone = [generate(model, [p], 20, temperature=0)[0] for p in prompts]
+    assert batched == alone
+    # And as tensors, for prompts of equal length.
+    x = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    both = generate(model, x, 20, temperature=0)
+    assert torch.equal(both[1:], generate(model, x[1:], 20, temperature=0))
+
+
+def first_new_token(ids: list[int]) -> int:
+    """Index of the first token that differs from all before it (skipping index 0)."""
+    return next(i for i in range(1, len(ids)) if ids[i] not in ids[:i])
+
+
+def test_stop_on_eot_rows_finish_and_are_padded() -> None:
+    model = tiny(GPTconfig(context_length=64, vocab_size=50, n_layer=2, n_head=2, d_model=32), seed=1)
+    prompts = [[5], [1, 2, 3, 4]]
+    free = generate(model, prompts, 20, temperature=0)
+    cont0, cont1 = free[0][1:], free[1][4:]
+    k = first_new_token(cont0)
+    eot = cont0[k]
+    stopped = generate(model, prompts, 20, temperature=0, eot_id=eot)
+    assert stopped[0] == [5] + cont0[:k + 1]  # ends with (and includes) the eot token
+    assert stopped[1] == [1, 2, 3, 4] + (cont1[:cont1.index(eot) + 1] if eot in cont1 else cont1)
+    # As a tensor: a finished row keeps being padded with eot while the other goes on, and the
+    # loop ends as soon as every row is done.
+    x = torch.tensor([[5] * 4, [1, 2, 3, 4]])
+    free_t = generate(model, x, 15, temperature=0)[:, 4:].tolist()
+    k = first_new_token(free_t[0])
+    eot = free_t[0][k]
+    out = generate(model, x, 15, temperature=0, eot_id=eot)
+    assert out[0, 4:4 + k + 1].tolist() == free_t[0][:k + 1]
+    assert (out[0, 4 + k + 1:] == eot).all()
+    end = free_t[1].index(eot) + 1 if eot in free_t[1] else 15
+    assert out.shape[1] == 4 + max(k + 1, end)
+    assert out[1, 4:4 + end].tolist() == free_t[1][:end]
+
+
+def test_stop_strings() -> None:
+    model = tiny()
+    tok = CharDecoder()
+    free = generate(model, [[1, 2, 3]], 12, temperature=0)[0][3:]
+    text = tok.decode(free)
+    stop = text[4:6]  # a stop string that ends with the 6th new token (or earlier)
+    first = text.find(stop)
+    out = generate(model, [[1, 2, 3]], 12, temperature=0, stop_strings=[stop], tokenizer=tok)[0][3:]
+    assert out == free[:first + 2]
+    # Streams stop at the same place, and the text stream leaves the stop string out.
+    streamed = torch.cat(list(stream(model, [[1, 2, 3]], 12, temperature=0, stop_strings=[stop], tokenizer=tok)))
+    assert streamed.tolist() == out
+    pieces = list(stream_text(model, tok, "bcd", 12, stop_strings=[stop], temperature=0))
+    assert "".join(pieces) == text[:first]
+    with pytest.raises(ValueError, match="need a tokenizer"):
+        generate(model, [[1]], 3, stop_strings=["a"])
+
+
+# --- streaming ---------------------------------------------------------------------------------------
+def test_stream_yields_the_same_tokens_as_generate() -> None:
+    model = tiny()
+    prompts = [[1, 2], [3, 4, 5, 6]]
+    tokens = list(model.stream(prompts, 25, seed=7, top_p=0.9))
+    assert len(tokens) == 25 and all(t.shape == (2,) for t in tokens)
+    full = model.generate(prompts, 25, seed=7, top_p=0.9)
+    assert [row[len(p):] for row, p in zip(full, prompts, strict=True)] == torch.stack(tokens, 1).tolist()
+    # Abandoning a stream half-way leaves the model usable (cache freed).
+    it = model.stream(prompts, 25, seed=7)
+    next(it)
+    it.close()
+    assert not hasattr(model, "causal_mask")
+    assert model(torch.tensor([[1, 2]])).shape == (1, 2, 50)
+
+
+class ByteDecoder:
+    """Byte-level stand-in tokenizer: id = one byte (as GPT-2's BPE can split a character)."""
+
+    eot = 255
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+
+def test_stream_text_holds_back_partial_characters_and_stop_strings(monkeypatch: pytest.MonkeyPatch) -> None:
+    text = "héllo wörld 🙂 STOP not this"
+    script = list(text.encode("utf-8"))
+
+    def scripted(model, input_ids, max_new_tokens, **kwargs) -> Iterator[torch.Tensor]:
+        for t in script[:max_new_tokens]:
+            yield torch.tensor([t])
+
+    monkeypatch.setattr(gen_mod, "stream", scripted)
+    tok = ByteDecoder()
+    pieces = list(stream_text(None, tok, "x", 100, stop_strings=["STOP"]))  # type: ignore[arg-type]
+    assert "".join(pieces) == "héllo wörld 🙂 "
+    assert all("\ufffd" not in p for p in pieces)
+    assert len(pieces) > 5  # it really streams
+    # Without the stop string everything comes out; eot ends the stream and is not shown.
+    script.append(tok.eot)
+    script.extend(b"after eot")
+    assert "".join(stream_text(None, tok, "x", 100)) == text  # type: ignore[arg-type]
+    # A partial stop string at the very end is released when generation ends.
+    script[:] = list(b"abc ST")
+    assert "".join(stream_text(None, tok, "x", 100, stop_strings=["STOP"])) == "abc ST"  # type: ignore[arg-type]
+
+
+def test_stream_text_with_the_gpt2_tokenizer(data_dir) -> None:
+    from gpt2model.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("gpt2")
+    model = tiny(GPTconfig(context_length=64, vocab_size=50257, n_layer=1, n_head=2, d_model=32), seed=3)
+    prompt = tok.encode("Hello, world")
+    ids = generate(model, [prompt], 30, seed=1, eot_id=tok.eot)[0][len(prompt):]
+    if ids and ids[-1] == tok.eot:
+        ids = ids[:-1]
+    pieces = list(stream_text(model, tok, "Hello, world", 30, seed=1))
+    assert "".join(pieces) == tok.decode(ids)
+
+
+# --- dtypes and bad input ----------------------------------------------------------------------------
+def test_bf16_model_generates_and_matches_fp32_greedy_at_first() -> None:
+    model = tiny(GPTconfig(context_length=32, vocab_size=50, n_layer=2, n_head=2, d_model=32), seed=4)
+    prompt = torch.tensor([[1, 2, 3, 4]])
+    fp32 = generate(model, prompt, 8, temperature=0)
+    model.to(torch.bfloat16)
+    bf16 = generate(model, prompt, 8, temperature=0)
+    assert bf16.dtype == torch.long
+    assert torch.equal(bf16[:, :4 + 3], fp32[:, :4 + 3])
+    sampled = generate(model, [[1], [2, 3]], 40, seed=0, top_k=10, top_p=0.9)  # past the context, padded
+    assert [len(r) for r in sampled] == [41, 42]
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(input_ids=[[]]), "empty prompt"),
+    (dict(input_ids=torch.zeros(1, 0, dtype=torch.long)), "empty prompt"),
+    (dict(input_ids=[[1, 99]]), "token id 99 is out of range"),
+    (dict(input_ids=torch.tensor([1, 2])), r"ids\[None\]"),
+    (dict(top_p=0.0), "top_p must be in"),
+    (dict(top_p=1.5), "top_p must be in"),
+    (dict(top_k=0), "top_k must be an integer >= 1"),
+    (dict(temperature=-0.1), "temperature must be"),
+    (dict(max_new_tokens=-1), "max_new_tokens must be"),
+    (dict(eot_id=50), "eot_id 50"),
+])
+def test_bad_input_raises_value_error(kwargs: dict, fragment: str) -> None:
+    model = tiny()
+    args = dict(input_ids=[[1, 2]], max_new_tokens=3) | kwargs
+    with pytest.raises(ValueError, match=fragment):
+        generate(model, **args)
+
+
+def test_zero_new_tokens_returns_the_prompt() -> None:
+    model = tiny()
+    assert generate(model, [[1, 2]], 0) == [[1, 2]]
+    assert generate(model, torch.tensor([[1, 2]]), 0).tolist() == [[1, 2]]
+
+
+def test_char_tokenizer_rejects_unknown_prompt_characters() -> None:
+    from gpt2model.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.from_text("abc")
+    with pytest.raises(ValueError, match="not in the"):
+        list(stream_text(tiny(), tok, "abz", 3))
+
+
+@pytest.mark.slow
+def test_compiled_decode_matches_eager() -> None:
+    model = tiny()
+    prompt = torch.tensor([[1, 2, 3]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a platform without a compiler falls back to eager
+        compiled = generate(model, prompt, 30, temperature=0, compile=True)
+    assert torch.equal(compiled, generate(model, prompt, 30, temperature=0))
+
+
+def test_perplexity_sanity_of_sampling_distribution() -> None:
+    # Temperature 1 with no filters samples the model's distribution: the mean log-prob of sampled
+    # tokens under the model is close to minus its entropy (a check that nothing is mis-scaled).
+    logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(0)) * 2
+    logp = logits.log_softmax(-1)[0]
+    x = sample_logits(logits.expand(20000, -1), generator=torch.Generator().manual_seed(1))
+    entropy = -(logp.exp() * logp).sum().item()
+    assert math.isclose(-logp[x].mean().item(), entropy, rel_tol=0.03)
+
+
+# --- the CLI -----------------------------------------------------------------------------------------
+@pytest.fixture
+def char_model_dir(tmp_path):
+    from gpt2model.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.from_text("abcdefghij ROMEO:\n")
+    model = tiny(GPTconfig(context_length=32, vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=16))
+    model.save_pretrained(tmp_path / "m", tokenizer=tok)
+    return tmp_path / "m", model, tok
+
+
+def test_sample_cli_is_reproducible_and_streams_the_same_text(char_model_dir, capsys) -> None:
+    from gpt2model.cli import main
+
+    path, model, tok = char_model_dir
+    args = ["sample", "--model", str(path), "--prompt", "ROMEO:", "--max-new-tokens", "40", "--seed", "3",
+            "--top-k", "5"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert main(args) == 0
+    assert capsys.readouterr().out == first
+    assert main([*args, "--stream"]) == 0
+    assert capsys.readouterr().out == first
+    ids = generate(model, [tok.encode("ROMEO:")], 40, seed=3, top_k=5, temperature=0.8)[0]
+    assert first == tok.decode(ids) + "\n"
+    assert main([*args, "--num-samples", "3", "--temperature", "0"]) == 0
+    out = capsys.readouterr().out.split("---------------\n")
+    assert len(out) == 4 and out[0] == out[1] == out[2] and out[0].startswith("ROMEO:")
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--prompt", "xyz"], "not in the"),
+    (["--prompt", ""], "prompt is empty"),
+    (["--top-p", "0"], "top_p must be in"),
+    (["--top-k", "0"], "top_k must be"),
+    (["--temperature", "-1"], "temperature must be"),
+    (["--max-new-tokens", "-1"], "max_new_tokens must be"),
+])
+def test_sample_cli_bad_input(char_model_dir, capsys, extra: list[str], fragment: str) -> None:
+    from gpt2model.cli import main
+
+    assert main(["sample", "--model", str(char_model_dir[0]), *extra]) == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_sample_cli_on_a_hf_folder_uses_gpt2_bpe_and_eot_prompt(tmp_path, capsys, data_dir) -> None:
+    from gpt2model.cli import main
+    from gpt2model.tokenizer import load_tokenizer
+
+    model = tiny(GPTconfig(context_length=64, vocab_size=50257, n_layer=1, n_head=2, d_model=16))
+    model.save_pretrained(tmp_path)  # weights + config only, as a HF folder without tokenizer files
+    assert main(["sample", "--model", str(tmp_path), "--max-new-tokens", "10", "--temperature", "0"]) == 0
+    tok = load_tokenizer("gpt2")
+    ids = generate(model, [[tok.eot]], 10, temperature=0, eot_id=tok.eot)[0][1:]
+    ids = ids[:-1] if ids[-1] == tok.eot else ids
+    assert capsys.readouterr().out == tok.decode(ids) + "\n"

@@ -1,0 +1,185 @@
+"""Tokenizers against independent references: nanoGPT's char vocabulary rule, tiktoken's own
+``get_encoding("gpt2")`` registry path, and HF transformers' GPT-2 tokenizer."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import gpt2model
+from gpt2model.tokenizer import BPETokenizer, CharTokenizer, GPT2Tokenizer, load_tokenizer
+
+# Text that stresses byte-level BPE: accents (composed and combining), CJK, emoji (ZWJ sequences,
+# skin tones, flags), RTL scripts, code, whitespace runs, CRLF, tabs, NBSP, U+2028, digits, and the
+# literal special-token string.
+MIXED = (
+    "Héllo wörld, naïve café — déjà vu. e\u0301 vs \u00e9\n"
+    "日本語のテキスト、中文字符和한국어 텍스트。\n"
+    "Emoji: 🎉👍🏽 👩‍👩‍👧‍👦 🇫🇷 ✨\r\n"
+    "Ελληνικά, русский, עברית, العربية\n"
+    "def f(x):\n\treturn {'a': [1, 2, 3]}  # comment\n"
+    "    indented    with   runs     of  spaces   \n\n\n\t\t\ttabs\r\n\r\n"
+    "\u00a0non-breaking\u00a0space\u2028line separator 12345678901234567890 3.14159\n"
+    "it's we'll they're I'd <|endoftext|> end\n   "
+)
+
+
+@pytest.fixture(scope="module")
+def data_root() -> Path:
+    """Module-scoped twin of conftest's ``data_dir`` (skips when the data files are absent)."""
+    d = Path(os.environ.get("GPT2MODEL_DATA", ""))
+    if not (d / "gpt2" / "vocab.bpe").is_file() or not (d / "tinyshakespeare" / "input.txt").is_file():
+        pytest.skip("data files not found: set GPT2MODEL_DATA to a folder like ../shared/data")
+    return d
+
+
+@pytest.fixture(scope="module")
+def tiktoken_gpt2(tmp_path_factory, data_root):
+    """The reference: tiktoken.get_encoding("gpt2") through tiktoken's own registry, fed offline by
+    placing the two files under the cache names tiktoken derives from its download URLs."""
+    import tiktoken
+    import tiktoken_ext.openai_public as openai_public
+
+    source = Path(openai_public.__file__).read_text()
+    urls = dict(re.findall(r'(vocab_bpe_file|encoder_json_file)="(https://[^"]+/gpt-2/[^"]+)"', source))
+    cache = tmp_path_factory.mktemp("tiktoken_cache")
+    for key, name in (("vocab_bpe_file", "vocab.bpe"), ("encoder_json_file", "encoder.json")):
+        shutil.copy(data_root / "gpt2" / name, cache / hashlib.sha1(urls[key].encode()).hexdigest())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TIKTOKEN_CACHE_DIR", str(cache))
+        enc = tiktoken.get_encoding("gpt2")
+    assert enc.n_vocab == 50257
+    return enc
+
+
+@pytest.fixture(scope="module")
+def trained_bpe(data_root) -> BPETokenizer:
+    text = (data_root / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
+    return BPETokenizer.train([text[i:i + 100_000] for i in range(0, len(text), 100_000)], vocab_size=600)
+
+
+# --- char ---------------------------------------------------------------------------------------------
+def test_char_tiny_shakespeare_matches_nanogpt(shakespeare_text, tmp_path):
+    tok = CharTokenizer.from_text(shakespeare_text)
+    assert tok.vocab_size == 65
+    assert tok.chars == "".join(sorted(set(shakespeare_text)))  # nanoGPT's shakespeare_char rule
+    assert tok.chars == "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+    stoi = {ch: i for i, ch in enumerate(sorted(set(shakespeare_text)))}  # nanoGPT's prepare.py
+    ids = tok.encode(shakespeare_text)
+    assert ids[:1000] == [stoi[c] for c in shakespeare_text[:1000]]
+    assert tok.decode(ids) == shakespeare_text
+    # streamed construction gives the same vocabulary
+    chunks = (shakespeare_text[i:i + 4096] for i in range(0, len(shakespeare_text), 4096))
+    assert CharTokenizer.from_text(chunks).chars == tok.chars
+    tok.save(tmp_path)
+    assert load_tokenizer(tmp_path).encode("ROMEO:\nO") == tok.encode("ROMEO:\nO")
+
+
+def test_char_unknown_characters_error_names_them():
+    tok = CharTokenizer.from_text("hello world")
+    with pytest.raises(ValueError, match=r"2 character\(s\) not in the 8-character vocabulary.*'X'.*'é'"):
+        tok.encode("hello Xé")
+    replacing = CharTokenizer.from_text("hello world", unknown=" ")
+    assert replacing.decode(replacing.encode("hello Xé")) == "hello   "
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        CharTokenizer.from_text("abc", unknown="z")
+    with pytest.raises(ValueError, match="outside the character vocabulary"):
+        tok.decode([0, 99])
+
+
+def test_char_mixed_script_round_trip():
+    tok = CharTokenizer.from_text(MIXED)
+    assert tok.decode(tok.encode(MIXED)) == MIXED
+    assert [a.tolist() for a in tok.encode_batch([MIXED[:50], MIXED[50:]])] == [tok.encode(MIXED[:50]),
+                                                                                tok.encode(MIXED[50:])]
+
+
+# --- gpt2 ---------------------------------------------------------------------------------------------
+def test_gpt2_equals_tiktoken_on_tiny_shakespeare(tiktoken_gpt2, shakespeare_text):
+    tok = gpt2model.load_tokenizer("gpt2")
+    ids = tok.encode(shakespeare_text)
+    assert len(ids) == 338_025
+    assert ids == tiktoken_gpt2.encode(shakespeare_text)
+    assert tok.decode(ids) == shakespeare_text
+    assert (tok.vocab_size, tok.eot) == (50257, 50256)
+    assert tok.encode("Hello world") == [15496, 995]
+
+
+def test_gpt2_equals_tiktoken_on_mixed_text(tiktoken_gpt2):
+    tok = GPT2Tokenizer()
+    for text in (MIXED, MIXED * 3, " " * 17 + "\n" * 5 + "\t \r\n" * 4, "", "\x00\x7f\ufffd\U0010ffff"):
+        ids = tok.encode(text)
+        assert ids == tiktoken_gpt2.encode(text, disallowed_special=())
+        assert tok.decode(ids) == text
+    # The literal special-token string is ordinary text: user input can't inject the eot id.
+    assert tok.encode("<|endoftext|>") == tiktoken_gpt2.encode("<|endoftext|>", disallowed_special=())
+    assert tok.eot not in tok.encode(MIXED)
+    assert tok.decode([tok.eot]) == "<|endoftext|>"
+    batch = tok.encode_batch([MIXED, "abc", ""])
+    assert [a.dtype for a in batch] == [np.uint32] * 3
+    assert [a.tolist() for a in batch] == [tok.encode(MIXED), tok.encode("abc"), []]
+
+
+def test_gpt2_save_load_and_hf_folders(tmp_path, data_dir):
+    tok = GPT2Tokenizer()
+    tok.save(tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "tokenizer_spec.json").read_text())["type"] == "gpt2"
+    assert load_tokenizer(tmp_path / "ours").encode(MIXED) == tok.encode(MIXED)
+    # A HF GPT-2 folder (vocab.json + merges.txt, no spec of ours) loads as GPT-2 BPE.
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    shutil.copy(data_dir / "gpt2" / "encoder.json", hf / "vocab.json")
+    shutil.copy(data_dir / "gpt2" / "vocab.bpe", hf / "merges.txt")
+    loaded = load_tokenizer(hf)
+    assert isinstance(loaded, GPT2Tokenizer) and loaded.encode(MIXED) == tok.encode(MIXED)
+    # ... and HF transformers reads the folder we saved, giving the same ids.
+    transformers = pytest.importorskip("transformers")
+    hf_tok = transformers.GPT2TokenizerFast.from_pretrained(str(tmp_path / "ours"))
+    assert hf_tok(MIXED.replace("<|endoftext|>", ""))["input_ids"] == tok.encode(MIXED.replace("<|endoftext|>", ""))
+
+
+# --- trained BPE --------------------------------------------------------------------------------------
+def test_trained_bpe_vocab_size_and_exact_round_trip(trained_bpe, tmp_path):
+    tok = trained_bpe
+    assert tok.vocab_size == 600
+    assert tok.eot == 0 and tok.decode([tok.eot]) == "<|endoftext|>"
+    for text in (MIXED, "", "   \n\n\t", "ROMEO:\nWhat, ho! apothecary!\n"):
+        assert tok.decode(tok.encode(text)) == text
+    assert tok.eot not in tok.encode(MIXED)  # literal "<|endoftext|>" is ordinary text
+    # It learned merges: fewer tokens than bytes on in-domain text.
+    sample = "KING HENRY VI:\nWhat say you, my lord, to this?\n"
+    assert len(tok.encode(sample)) < len(sample.encode()) / 2
+    assert [a.tolist() for a in tok.encode_batch([MIXED, sample])] == [tok.encode(MIXED), tok.encode(sample)]
+    tok.save(tmp_path)
+    assert (tmp_path / "tokenizer.json").is_file()
+    loaded = load_tokenizer(tmp_path)
+    assert isinstance(loaded, BPETokenizer) and loaded.encode(MIXED) == tok.encode(MIXED)
+
+
+def test_bpe_rejects_too_small_vocab():
+    with pytest.raises(ValueError, match="at least"):
+        BPETokenizer.train(["abc"], vocab_size=100)
+
+
+# --- load_tokenizer errors ------------------------------------------------------------------------------
+def test_load_tokenizer_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no tokenizer folder"):
+        load_tokenizer(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="has no tokenizer"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer_spec.json").write_text('{"type": "wordpiece"}')
+    with pytest.raises(ValueError, match="unknown tokenizer type 'wordpiece'"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer_spec.json").write_text('{"type": "char", "chars": "abc"')
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer_spec.json").write_text('{"type": "char", "chars": "abc", "vocab_size": 4}')
+    with pytest.raises(ValueError, match="inconsistent"):
+        load_tokenizer(tmp_path)
