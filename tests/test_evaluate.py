@@ -129,3 +129,23 @@ def test_eval_cli_on_a_text_file(tmp_path, capsys) -> None:
     assert "perplexity" in capsys.readouterr().out
     # Errors are one line and exit code 2.
     assert main(["eval", "--model", str(tmp_path / "m"), "--text", str(tmp_path / "missing.txt")]) == 2
+
+
+def test_eval_cli_on_a_dataset_split(tmp_path, capsys) -> None:
+    from gpt2model.cli import main
+    from gpt2model.data import open_dataset, prepare_dataset
+
+    (tmp_path / "a.txt").write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    ds_dir = prepare_dataset([tmp_path / "a.txt"], tmp_path / "ds", tokenizer="char", progress=False)
+    ds = open_dataset(ds_dir)
+    tok = ds.tokenizer()
+    torch.manual_seed(0)
+    model = GPT(GPTconfig(context_length=16, vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=16))
+    model.save_pretrained(tmp_path / "m", tokenizer=tok)
+    assert main(["eval", "--model", str(tmp_path / "m"), "--data", str(ds_dir), "--split", "val",
+                 "--json", str(tmp_path / "r.json"), "--no-progress"]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    val = torch.as_tensor(ds.split("val").astype("int64"))
+    assert math.isclose(result["loss"], evaluate(model.eval(), val).loss, rel_tol=1e-6)
+    assert result["num_tokens"] == len(val) - 1
+    assert "(val)" in capsys.readouterr().out

@@ -245,6 +245,9 @@ def test_stream_yields_the_same_tokens_as_generate() -> None:
     assert len(tokens) == 25 and all(t.shape == (2,) for t in tokens)
     full = model.generate(prompts, 25, seed=7, top_p=0.9)
     assert [row[len(p):] for row, p in zip(full, prompts, strict=True)] == torch.stack(tokens, 1).tolist()
+    # Bad input is reported at the call, not at the first next().
+    with pytest.raises(ValueError, match="empty prompt"):
+        model.stream([[]], 5)
     # Abandoning a stream half-way leaves the model usable (cache freed).
     it = model.stream(prompts, 25, seed=7)
     next(it)

@@ -24,6 +24,16 @@ from gpt2model.model import GPT
 TINY = GPTconfig(context_length=32, vocab_size=65, n_layer=2, n_head=2, d_model=64)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny ops are dominated by OpenMP fork/join costs, which explode when another process holds
+    the second core; one thread keeps these tests fast and their timing stable."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _model(seed: int = 0) -> GPT:
     torch.manual_seed(seed)
     model = GPT(TINY)
@@ -62,6 +72,18 @@ def test_bf16_autocast_gradients_close_to_fp32() -> None:
     assert grads[1].dtype == torch.float32
     rel = (grads[1] - grads[0]).norm() / grads[0].norm()
     assert rel < 2e-2, f"bf16 gradients differ from fp32 by {rel:.3%}"
+
+
+def test_bf16_weights_without_autocast_train() -> None:
+    # bf16 weights (no fp32 master copy) take the fp32-attention training path and must come back
+    # to bf16 before the output projection.
+    x, y = _batch()
+    ref = _model().loss(x, y)
+    model = _model().to(torch.bfloat16)
+    loss = model.loss(x, y)
+    loss.backward()
+    assert loss.dtype == torch.float32 and model.transformer.wte.weight.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(loss, ref, atol=0, rtol=1e-2)
 
 
 def _train_losses(text: str, autocast: bool, steps: int = 30) -> list[float]:

@@ -83,15 +83,19 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
                    help="TOML file of options (flat 'key = value', keys as below with underscores)")
     defaults = TrainConfig()
+    metavars = {"data": "DIR", "out": "DIR", "init_from": "SOURCE", "device": "DEVICE", "dtype": "DTYPE",
+                int: "N", float: "X"}
     for f in fields(TrainConfig):
         flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
+        # None / "" defaults are explained by the help text itself.
+        shown = "" if default is None or default == "" else f" (default: {default})"
         # SUPPRESS: only options actually given reach the config, so they can override the file.
-        kwargs = dict(default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default: {default})")
+        kwargs = dict(default=argparse.SUPPRESS, help=f.metadata["help"] + shown)
         if isinstance(default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         else:
             kind = TrainConfig.field_type(f.name)
-            p.add_argument(flag, type=kind, metavar=f.name.upper() if kind is not str else "STR", **kwargs)
+            p.add_argument(flag, type=kind, metavar=metavars.get(f.name, metavars.get(kind)), **kwargs)
     p.set_defaults(func=_run_train)
 
 

@@ -161,7 +161,6 @@ def _make_generator(seed: int | None, generator: torch.Generator | None,
 
 
 # --- the loop ------------------------------------------------------------------------------------
-@torch.no_grad()
 def stream(model: GPT, input_ids: torch.Tensor | Sequence[Sequence[int]], max_new_tokens: int, *,
            temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
            seed: int | None = None, generator: torch.Generator | None = None, eot_id: int | None = None,
@@ -189,13 +188,25 @@ def stream(model: GPT, input_ids: torch.Tensor | Sequence[Sequence[int]], max_ne
     if eot_id is not None and not 0 <= eot_id < model.config.vocab_size:
         raise ValueError(f"eot_id {eot_id} is not a token id of this model (vocab_size {model.config.vocab_size})")
     gen = _make_generator(seed, generator, device)
-    if max_new_tokens == 0:
-        return
     C = model.config.context_length
-    if prompt.size(1) > C:
+    if prompt.size(1) > C and max_new_tokens > 0:
         warnings.warn(f"the prompt has {prompt.size(1)} tokens, more than context_length {C}: using its last {C}",
                       stacklevel=3)
         prompt, prompt_valid = prompt[:, -C:], prompt_valid[:, -C:]
+    # Everything above runs at the call; the loop below runs as the caller iterates.
+    return _steps(model, prompt, prompt_valid, max_new_tokens, temperature, top_k, top_p, gen, eot_id, stops,
+                  tokenizer, compile)
+
+
+@torch.no_grad()
+def _steps(model: GPT, prompt: torch.Tensor, prompt_valid: torch.Tensor, max_new_tokens: int, temperature: float,
+           top_k: int | None, top_p: float | None, gen: torch.Generator | None, eot_id: int | None,
+           stops: list[str], tokenizer: Decoder | None, compile: bool) -> Iterator[torch.Tensor]:
+    """The generation loop of :func:`stream` on a validated, left-padded prompt."""
+    if max_new_tokens == 0:
+        return
+    device = prompt.device
+    C = model.config.context_length
     B, P = prompt.shape
     total = P + max_new_tokens
     tokens = torch.zeros(B, total, dtype=torch.long, device=device)  # every token fed so far, padded

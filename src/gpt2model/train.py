@@ -485,7 +485,8 @@ def _train(cfg: TrainConfig, setup: DeviceSetup, rank: int, world_size: int) -> 
             if step % cfg.eval_interval == 0 or final:
                 record["val_loss"] = evaluate(eval_model, val_set, setup, world_size > 1)
                 record["train_eval_loss"] = evaluate(eval_model, train_set, setup, world_size > 1)
-                bar.write(f"step {step}: train {record['train_eval_loss']:.4f}, val {record['val_loss']:.4f}")
+                if master:
+                    bar.write(f"step {step}: train {record['train_eval_loss']:.4f}, val {record['val_loss']:.4f}")
                 if record["val_loss"] < best_val:
                     best_val = record["val_loss"]
                     if master:

@@ -1,0 +1,124 @@
+"""Training checkpoints (checkpoint.py's training-state half): the state file round-trips through
+``torch.load(weights_only=True)``, RNG streams continue exactly, the best/ folder swap survives a
+kill between its renames, and damaged files give clear errors."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import pytest
+import torch
+
+from gpt2model import GPT, GPTconfig
+from gpt2model.checkpoint import (
+    TRAINING_STATE_FILE,
+    CheckpointError,
+    load_training_state,
+    recover_dir,
+    replace_dir,
+    rng_state,
+    save_training_checkpoint,
+    set_rng_state,
+)
+
+
+def tiny_model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTconfig(n_layer=1, n_head=2, d_model=16, context_length=8, vocab_size=13))
+
+
+def draws() -> tuple[float, float, list[float], list[float]]:
+    return random.random(), float(np.random.rand()), torch.rand(3).tolist(), torch.randn(2).tolist()
+
+
+def test_rng_state_restores_every_stream() -> None:
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    draws()  # move the streams away from their seeds
+    saved = rng_state()
+    expected = draws()
+    draws()
+    set_rng_state(saved)
+    assert draws() == expected
+
+
+def test_training_checkpoint_round_trip_with_weights_only(tmp_path: Path) -> None:
+    model = tiny_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.loss(torch.randint(0, 13, (2, 8)), torch.randint(0, 13, (2, 8))).backward()
+    opt.step()
+    state = {"step": 7, "optimizer": opt.state_dict(), "rng": [rng_state()], "best_val_loss": float("inf"),
+             "sampler": {"seed": 1, "step": 7}, "train_config": {"lr": 1e-3}}
+    save_training_checkpoint(tmp_path, model, state)
+
+    loaded = load_training_state(tmp_path)  # torch.load(weights_only=True) inside
+    assert loaded["step"] == 7 and loaded["best_val_loss"] == float("inf")
+    assert loaded["sampler"] == {"seed": 1, "step": 7}
+    for name, tensor in model.state_dict().items():  # the state carries its own copy of the weights
+        assert torch.equal(loaded["model"][name], tensor)
+    opt2 = torch.optim.AdamW(tiny_model().parameters(), lr=1e-3)
+    opt2.load_state_dict(loaded["optimizer"])
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    # ... and the folder is a model folder too (the export).
+    again = GPT.from_pretrained(tmp_path)
+    assert torch.equal(again.transformer.wte.weight, model.transformer.wte.weight)
+    # No temp files left behind.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors", TRAINING_STATE_FILE]
+
+
+def test_compiled_or_wrapped_model_saves_without_prefixes(tmp_path: Path) -> None:
+    model = tiny_model()
+
+    class Wrapper(torch.nn.Module):  # what torch.compile returns: the module under _orig_mod
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self._orig_mod = inner
+
+    save_training_checkpoint(tmp_path, Wrapper(model), {"step": 1})
+    assert set(load_training_state(tmp_path)["model"]) == set(model.state_dict())
+
+
+def test_load_training_state_errors(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="no resumable run"):
+        load_training_state(tmp_path)
+    (tmp_path / TRAINING_STATE_FILE).write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_training_state(tmp_path)
+    torch.save({"step": 1}, tmp_path / TRAINING_STATE_FILE)  # no version tag: not ours
+    with pytest.raises(CheckpointError, match="version"):
+        load_training_state(tmp_path)
+
+
+def test_training_state_refuses_pickled_code(tmp_path: Path) -> None:
+    # Any pickled object other than tensors and plain data (here a Path) could run code on load.
+    torch.save({"version": 1, "path": PurePosixPath("x")}, tmp_path / TRAINING_STATE_FILE)
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_training_state(tmp_path)
+
+
+def test_replace_dir_swaps_whole_folders(tmp_path: Path) -> None:
+    dst = tmp_path / "best"
+    for version in ("one", "two"):
+        src = tmp_path / f".best-tmp-{version}"
+        src.mkdir()
+        (src / "a.txt").write_text(version)
+        (src / "b.txt").write_text(version)
+        replace_dir(src, dst)
+        assert {p.read_text() for p in dst.iterdir()} == {version}
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+
+
+def test_recover_dir_after_a_kill_between_the_two_renames(tmp_path: Path) -> None:
+    dst, old = tmp_path / "best", tmp_path / ".best.old"
+    old.mkdir()  # state after rename 1 (best -> .best.old), before rename 2
+    (old / "a.txt").write_text("previous")
+    recover_dir(dst)
+    assert (dst / "a.txt").read_text() == "previous" and not old.exists()
+    # A kill after rename 2 but before the old copy was deleted: keep the new folder.
+    old.mkdir()
+    (old / "a.txt").write_text("stale")
+    recover_dir(dst)
+    assert (dst / "a.txt").read_text() == "previous" and not old.exists()
