@@ -385,3 +385,12 @@ def test_non_finite_loss_stops_with_step_and_checkpoint(dataset: Path, tmp_path:
                  "--n-layer", "1", "--n-head", "1", "--d-model", "16", "--context-length", "16",
                  "--batch-size", "4", "--eval-interval", "100", "--device", "cpu"]) == 1
     assert "at step 5" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_compiled_training_saves_plain_weights(dataset: Path, tmp_path: Path) -> None:
+    """torch.compile (about 40 s to compile on CPU) trains and saves without ``_orig_mod.`` prefixes."""
+    out = tmp_path / "out"
+    train(tiny(dataset, out, max_steps=3, eval_interval=3, compile=True))
+    assert not any("_orig_mod" in k for k in load_training_state(out)["model"])
+    assert GPT.from_pretrained(out).config.d_model == 32
