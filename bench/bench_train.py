@@ -21,8 +21,9 @@ from gpt2model.config import GPTconfig
 from gpt2model.model import GPT
 
 # The optimizer of the seed recipe (nanoGPT's shakespeare_char), identical for both models.
-# fused=True is PyTorch's single-kernel AdamW (CPU support since 2.4): it is the fastest CPU
-# implementation we measured, and using it for both keeps the comparison about the model.
+# fused=True is PyTorch's single-kernel AdamW (CPU support since 2.4): one step over the seed
+# model's 10.7M parameters took 45 ms fused, 374 ms foreach, 450 ms for-loop (2 cores, torch 2.13).
+# Using the fastest for both keeps the comparison about the model.
 ADAMW = dict(lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1, fused=True)
 
 

@@ -86,7 +86,7 @@ def train_section(shape: dict[str, Any], batch_size: int, seq_len: int, peaks: d
                 continue
             times[case] += out["times"]
             rss[case] = max(rss[case], case_rss)
-            info[case] = out
+            info.setdefault(case, out)  # keeps the first round's (cold) compile time
             tok_s = [out["tokens_per_step"] / t for t in out["times"]]
             print(f"  round {r + 1}/{rounds} {_name(case):<18} {mean(tok_s):8.0f} tokens/s  "
                   f"loss0 {out['first_loss']:.4f}  {out['note']}", flush=True)

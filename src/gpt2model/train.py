@@ -134,22 +134,24 @@ def measure_matmul_peak(dtype: torch.dtype, device: str | torch.device) -> float
 @functools.cache
 def _matmul_peak(dtype: torch.dtype, device: str) -> float:
     dev = torch.device(device)
-    n = 1024 if dev.type == "cpu" else 4096
+    # Big enough to reach the BLAS kernel's steady state (1024^2 reads ~40% low on a CPU).
+    n = 2048 if dev.type == "cpu" else 4096
     # Constant inputs: matmul speed doesn't depend on the values, and no RNG stream is consumed.
     a = torch.full((n, n), 0.5, dtype=dtype, device=dev)
     b = torch.full((n, n), 0.5, dtype=dtype, device=dev)
     for _ in range(2):  # warm up kernels / thread pools
         a @ b
     _synchronize(dev)
-    iters, start = 0, time.perf_counter()
-    while True:
-        for _ in range(4):
+    # Best of several short timings: a peak is what the hardware can do, and on a shared machine
+    # the best sample is the one least disturbed by other processes.
+    best, deadline = 0.0, time.perf_counter() + 1.0
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        for _ in range(2):
             a @ b
         _synchronize(dev)
-        iters += 4
-        elapsed = time.perf_counter() - start
-        if elapsed > 0.25:
-            return 2 * n**3 * iters / elapsed
+        best = max(best, 2 * 2 * n**3 / (time.perf_counter() - start))
+    return best
 
 
 # --- optimizer and schedule -----------------------------------------------------------------------
@@ -166,13 +168,15 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def configure_optimizer(model: GPT, cfg: TrainConfig, device_type: str) -> torch.optim.AdamW:
     """AdamW with weight decay on the >=2-D weights (matmuls, embeddings) and none on biases and
-    LayerNorm gains; the fused CUDA kernel where there is one, foreach (multi-tensor) elsewhere."""
+    LayerNorm gains; the fused kernel on CUDA and CPU, foreach (multi-tensor) elsewhere."""
     params = [p for p in model.parameters() if p.requires_grad]  # the tied head counts once
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    kind = {"fused": True} if device_type == "cuda" else {"foreach": True}
+    # The fused kernel (CUDA and CPU) updates all tensors in one pass: on CPU it is ~8x faster than
+    # foreach for the seed model (45 ms vs 374 ms per step, 10.7M parameters).
+    kind = {"fused": True} if device_type in ("cuda", "cpu") else {"foreach": True}
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **kind)
 
 
