@@ -234,7 +234,7 @@ def _steps(model: GPT, prompt: torch.Tensor, prompt_valid: torch.Tensor, max_new
             window_valid = valid[:, start:end]
             attn_mask.zero_()
             attn_mask[:, 0, 0, :T] = window_valid
-            mask = model.causal_mask[:T] & attn_mask  # (B, 1, T, max_len)
+            mask = model.causal_mask[:T, :T] & attn_mask[..., :T]  # (B, 1, T, T): only the window's slots
             # A padding query attends to itself only; an all-masked row would make SDPA return NaN.
             diag = torch.arange(T, device=device)
             mask[:, 0, diag, diag] = True
@@ -265,8 +265,11 @@ def _steps(model: GPT, prompt: torch.Tensor, prompt_valid: torch.Tensor, max_new
             else:
                 slot.fill_(n - 1 - start)
                 attn_mask.index_fill_(3, slot, True)
+                # Eager: attend to the filled slots only (O(filled) per token). Compiled: the full,
+                # static-shape mask, so one graph serves every step.
+                step_mask = attn_mask if decode is not decode_one_token else attn_mask[..., : n - start]
                 try:
-                    logits = decode(model, token[:, None], slot, attn_mask, next_pos)
+                    logits = decode(model, token[:, None], slot, step_mask, next_pos)
                 except Exception as e:  # noqa: BLE001 - any compiler failure: eager is always correct
                     if decode is decode_one_token:
                         raise

@@ -71,6 +71,10 @@ class CausalSelfAttention(nn.Module):
         if self.kv_cache is not None:
             assert input_pos is not None and mask is not None, "the KV cache needs input_pos and a mask"
             k, v = self.kv_cache.update(input_pos, k, v)
+            # Attend only to the slots the mask covers: while the cache is filling, the slots past
+            # the mask's length are empty, and skipping them makes each decode step O(filled).
+            if mask.size(-1) < k.size(2):
+                k, v = k[:, :, : mask.size(-1)], v[:, :, : mask.size(-1)]
         dropout_p = self.attn_dropout if self.training else 0.0
         if mask is None:
             # Plain causal attention: SDPA picks its flash / memory-efficient kernels.
@@ -84,7 +88,8 @@ class CausalSelfAttention(nn.Module):
             else:
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype) if mask.is_floating_point()
+                                               else mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -195,7 +200,8 @@ class GPT(nn.Module):
         Plain use needs only ``input_ids``. Generation passes ``input_pos`` (the KV-cache slots,
         shape ``(T,)``, which are also the positions unless ``position_ids`` ``(B, T)`` says
         otherwise, e.g. for left-padded batches) and optionally a boolean attention ``mask``
-        ``(B or 1, 1, T, cache_len)`` where True means "may attend".
+        ``(B or 1, 1, T, L)`` where True means "may attend" (or an additive float mask); only the
+        first ``L <= cache_len`` cache slots are attended, so a caller can skip empty slots.
         """
         self._check_input_ids(input_ids)
         B, T = input_ids.shape
@@ -205,6 +211,9 @@ class GPT(nn.Module):
                                  "or call model.clear_cache() first")
             if mask is None:
                 mask = self.causal_mask[None, None, input_pos]
+            if mask.dtype == torch.bool:
+                # One additive float mask for all layers; SDPA would convert a bool mask in every layer.
+                mask = torch.zeros(mask.shape, dtype=self.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
             pos = input_pos if position_ids is None else position_ids
         else:
             if input_pos is not None:
