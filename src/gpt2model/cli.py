@@ -1,6 +1,7 @@
 """The ``gpt2`` command: parses arguments and calls the library. No logic of its own.
 
-Verbs: ``prepare`` (text -> token files), ``train``, ``sample``, ``eval``, ``bench``, ``info``.
+Verbs: ``prepare`` (text -> token files), ``train``, ``sample``, ``eval``, ``info``. (Benchmarks
+are ``make bench`` / ``bench/run.py``: they need the dev extras, not part of the installed command.)
 Each verb has an ``_add_<verb>`` function that declares its arguments and a ``_run_<verb>``
 function that calls into the package.
 """
@@ -128,9 +129,11 @@ def _load_model_and_tokenizer(name_or_path: str, device: str, dtype: str):  # no
     from .model import GPT
     from .tokenizer import load_tokenizer
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = GPT.from_pretrained(name_or_path, device=device, dtype=getattr(torch, dtype))
+    from .train import setup_device
+
+    # The trainer's device choice (auto: cuda, then mps, then cpu); dtype is the weights' dtype here.
+    model = GPT.from_pretrained(name_or_path, device=setup_device(device, "float32").device,
+                                dtype=getattr(torch, dtype))
     if Path(name_or_path).expanduser().is_dir():
         try:
             tokenizer = load_tokenizer(name_or_path)
@@ -163,7 +166,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
                    "probability, in (0, 1]")
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
-    p.add_argument("--device", default="auto", help="cpu, cuda, mps, ... (default: cuda if available, else cpu)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", choices=_DTYPES, default="float32", help="weights dtype (default: float32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start)")
     p.set_defaults(func=_run_sample)
@@ -231,7 +234,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stride", type=int, default=None, help="window stride (default: context_length // 2)")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward (default: 1)")
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
-    p.add_argument("--device", default="auto", help="cpu, cuda, mps, ... (default: cuda if available, else cpu)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", choices=_DTYPES, default="float32", help="weights dtype (default: float32)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results to this JSON file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -271,8 +274,8 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 # --- main -----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gpt2", description="GPT-2 from scratch: prepare data, train, sample, "
-                                     "evaluate and benchmark.")
+    parser = argparse.ArgumentParser(prog="gpt2", description="GPT-2 from scratch: prepare data, train, sample "
+                                     "and evaluate.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_prepare(sub)
     _add_info(sub)
