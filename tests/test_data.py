@@ -356,3 +356,17 @@ def test_cli_prepare(tmp_path, capsys, data_dir):
     assert main(["prepare", str(bad), "--tokenizer", "char", "--errors", "replace", "--out", str(tmp_path / "y"),
                  "--quiet"]) == 0
 
+
+
+def test_cli_prepare_input_flag_folder_gpt2(tmp_path, capsys, data_dir):
+    """The issue's form: gpt2 prepare --input SOME_FOLDER --tokenizer gpt2 --out DIR."""
+    folder = tmp_path / "texts"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text("Hello world.\n" * 50, encoding="utf-8")
+    (folder / "sub" / "b.txt").write_text("Ünïcödé and 漢字 🙂\n" * 50, encoding="utf-8")
+    out = tmp_path / "ds"
+    assert main(["prepare", "--input", str(folder), "--tokenizer", "gpt2", "--out", str(out), "--quiet"]) == 0
+    ds = open_dataset(out)
+    assert ds.vocab_size == 50257 and ds.meta["tokens"]["train"] + ds.meta["tokens"]["val"] > 100
+    assert main(["prepare", "--out", str(tmp_path / "none")]) == 2
+    assert "no input" in capsys.readouterr().err

@@ -20,8 +20,10 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
                        "shakespeare) into train.bin / val.bin / meta.json + the tokenizer's files. Files are "
                        "documents, separated by <|endoftext|> where the tokenizer has one; the first "
                        "(1 - val_fraction) of the tokens are train, the rest val.")
-    p.add_argument("inputs", nargs="+", metavar="INPUT",
+    p.add_argument("inputs", nargs="*", metavar="INPUT",
                    help="text files, folders (searched recursively for --glob), or shakespeare_char / shakespeare")
+    p.add_argument("--input", action="append", default=[], metavar="PATH",
+                   help="the same as a positional INPUT (repeatable)")
     p.add_argument("--tokenizer", default=None,
                    help="char, gpt2, bpe (train a new one; needs --vocab-size), or a folder with a saved "
                    "tokenizer (e.g. a model's, for fine-tuning). Default: the named dataset's, else gpt2")
@@ -40,7 +42,11 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
 def _run_prepare(args: argparse.Namespace) -> int:
     from .data import open_dataset, prepare_dataset
 
-    out = prepare_dataset(args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+    inputs = [*args.inputs, *args.input]
+    if not inputs:
+        raise ValueError("no input: name text files, folders or a dataset (shakespeare_char, shakespeare), "
+                         "e.g. 'gpt2 prepare shakespeare_char' or 'gpt2 prepare --input my_texts/'")
+    out = prepare_dataset(inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                           val_fraction=args.val_fraction, glob=args.glob, errors=args.errors,
                           unknown_char=args.unknown_char, progress=not args.quiet)
     ds = open_dataset(out)
