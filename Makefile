@@ -22,7 +22,7 @@ setup: $(VENV)/.installed
 # Train the seed's character-level model on Tiny Shakespeare (~10 min on a 2-core CPU), then sample.
 quickstart: setup
 	$(VENV)/bin/gpt2 prepare shakespeare_char --out data/shakespeare_char
-	$(VENV)/bin/gpt2 train --data data/shakespeare_char --out out/shakespeare_char --config recipes/shakespeare_char_cpu.toml
+	$(VENV)/bin/gpt2 train --data data/shakespeare_char --out out/shakespeare_char --config recipes/shakespeare_char_cpu.toml --overwrite
 	$(VENV)/bin/gpt2 sample --model out/shakespeare_char --prompt "ROMEO:" --max-new-tokens 300 --seed 1337
 
 test: setup

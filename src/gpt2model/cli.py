@@ -134,7 +134,6 @@ def _load_model_and_tokenizer(name_or_path: str, device: str, dtype: str):  # no
 
     from .model import GPT
     from .tokenizer import load_tokenizer
-
     from .train import setup_device
 
     # The trainer's device choice (auto: cuda, then mps, then cpu); dtype is the weights' dtype here.
