@@ -4,10 +4,11 @@
 >>> model = GPT(GPTconfig())
 """
 
-from .config import PRESETS, GPTconfig
+from .config import PRESETS, GPTconfig, TrainConfig
 from .model import GPT, MLP, Block, CausalSelfAttention, KVCache
-from .tokenizer import load_tokenizer as load_tokenizer
+from .tokenizer import load_tokenizer
 
 __version__ = "0.1.0"
 
-__all__ = ["GPT", "GPTconfig", "PRESETS", "CausalSelfAttention", "MLP", "Block", "KVCache", "__version__"]
+__all__ = ["GPT", "GPTconfig", "TrainConfig", "PRESETS", "CausalSelfAttention", "MLP", "Block", "KVCache",
+           "load_tokenizer", "__version__"]
