@@ -28,8 +28,10 @@ if TYPE_CHECKING:
 @dataclass
 class EvalResult:
     """Outcome of :func:`evaluate`: ``loss`` is the mean negative log-likelihood in nats per scored
-    token; ``bits_per_byte`` is the total in bits over the UTF-8 bytes of the scored text (None
-    when no tokenizer was given to count bytes)."""
+    token; ``bits_per_byte`` is the total in bits over the UTF-8 bytes of the text after its first
+    token (None when no tokenizer was given to count bytes). With ``stride == context_length`` the
+    first token of every window is not scored but its bytes still count, so bits per byte then
+    reads slightly low; the default stride scores every token after the first."""
 
     loss: float
     perplexity: float
