@@ -125,6 +125,16 @@ class Block(nn.Module):
         return x
 
 
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean cross-entropy of ``logits`` (B, T, V) against ``targets`` (B, T), skipping ``ignore_index``.
+
+    Computed in fp32 even when the logits are bf16: the log-sum-exp needs the range. (A no-op for
+    fp32 logits. Under autocast cross_entropy would upcast by itself, so this is the one cast either
+    way; with bf16 weights and no autocast it is the needed one.)
+    """
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index)
+
+
 class GPT(nn.Module):
     """The GPT-2 language model. ``GPT(config)(input_ids)`` returns logits ``(B, T, vocab_size)``."""
 
@@ -233,11 +243,7 @@ class GPT(nn.Module):
         if targets.shape != input_ids.shape:
             raise ValueError(f"targets must have the shape of input_ids {tuple(input_ids.shape)}, "
                              f"got {tuple(targets.shape)}")
-        # Cross-entropy in fp32 even when the logits are bf16: the log-sum-exp needs the range.
-        # (A no-op for fp32 logits. Under autocast cross_entropy would upcast by itself, so this
-        # is the one cast either way; with bf16 weights and no autocast it is the needed one.)
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                               ignore_index=ignore_index)
+        return next_token_loss(logits, targets, ignore_index)
 
     def _check_input_ids(self, input_ids: torch.Tensor) -> None:
         if not isinstance(input_ids, torch.Tensor):

@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn import functional as F
 
 from .checkpoint import (
     CONFIG_FILE,
@@ -50,7 +49,7 @@ from .checkpoint import (
 )
 from .config import MODEL_FIELDS, GPTconfig, TrainConfig
 from .data import BatchSampler, eval_batches, open_dataset
-from .model import GPT
+from .model import GPT, next_token_loss
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -181,11 +180,6 @@ def configure_optimizer(model: GPT, cfg: TrainConfig, device_type: str) -> torch
 
 
 # --- evaluation -----------------------------------------------------------------------------------
-def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy, in fp32 even under autocast (the log-sum-exp needs the range)."""
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
-
-
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], setup: DeviceSetup,
              distributed: bool = False) -> float:
