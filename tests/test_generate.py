@@ -400,6 +400,22 @@ def test_sample_cli_is_reproducible_and_streams_the_same_text(char_model_dir, ca
     assert len(out) == 4 and out[0] == out[1] == out[2] and out[0].startswith("ROMEO:")
 
 
+def test_sample_cli_stop_strings(char_model_dir, capsys) -> None:
+    from gpt2model.cli import main
+
+    path, model, tok = char_model_dir
+    args = ["sample", "--model", str(path), "--prompt", "ROMEO:", "--max-new-tokens", "60", "--temperature", "0"]
+    assert main(args) == 0
+    full = capsys.readouterr().out[:-1]
+    continuation = full[len("ROMEO:"):]
+    stop = continuation[5:7]  # a piece of text the greedy continuation is known to contain
+    expected = "ROMEO:" + continuation[: continuation.find(stop)]
+    assert main([*args, "--stop", stop]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+    assert main([*args, "--stop", stop, "--stream"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+
+
 @pytest.mark.parametrize("extra, fragment", [
     (["--prompt", "xyz"], "not in the"),
     (["--prompt", ""], "prompt is empty"),

@@ -170,6 +170,8 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with this total "
                    "probability, in (0, 1]")
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop a sample when its text contains TEXT (not printed); repeatable")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", choices=_DTYPES, default="float32", help="weights dtype (default: float32)")
@@ -207,16 +209,21 @@ def _run_sample(args: argparse.Namespace) -> int:
     for i in range(args.num_samples):
         if args.stream:
             print(prompt, end="", flush=True)
-            for piece in stream_text(model, tokenizer, prompt_ids, args.max_new_tokens, generator=gen, **options):
+            for piece in stream_text(model, tokenizer, prompt_ids, args.max_new_tokens, generator=gen,
+                                     stop_strings=args.stop, **options):
                 print(piece, end="", flush=True)
             print()
         elif i == 0:  # all samples in one batch
-            rows = generate(model, [prompt_ids] * args.num_samples, args.max_new_tokens, generator=gen, **options)
+            rows = generate(model, [prompt_ids] * args.num_samples, args.max_new_tokens, generator=gen,
+                            stop_strings=args.stop, tokenizer=tokenizer, **options)
             for row in rows:
                 new = row[len(prompt_ids):]
                 if new and new[-1] == tokenizer.eot:
                     new = new[:-1]
-                print(prompt + tokenizer.decode(new))
+                text = tokenizer.decode(new)
+                # As with --stream: the text before the first stop string, without it.
+                cut = min((text.find(s) for s in args.stop if s in text), default=len(text))
+                print(prompt + text[:cut])
                 if args.num_samples > 1:
                     print("---------------")
             break
