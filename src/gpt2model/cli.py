@@ -284,6 +284,28 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- export ---------------------------------------------------------------------------------------
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a model as one GGUF file (llama.cpp, ollama, LM Studio)",
+                       description="Export a model folder (ours or HF GPT-2) or a hub name to GGUF, architecture "
+                       "gpt2, with its tokenizer. f32 is exact; f16 and q8_0 are llama.cpp's usual smaller files.")
+    p.add_argument("model", help="a model folder (ours or HF GPT-2) or a hub name")
+    p.add_argument("--gguf", required=True, metavar="OUT.gguf", help="the GGUF file to write")
+    p.add_argument("--dtype", choices=("f32", "f16", "q8_0"), default="f32",
+                   help="tensor precision: f32 (exact, default), f16, or q8_0 (8-bit blocks)")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .export import export_gguf
+
+    out = export_gguf(args.model, args.gguf, args.dtype)
+    print(f"wrote {out} ({args.dtype}, {Path(out).stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
 # --- main -----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpt2", description="GPT-2 from scratch: prepare data, train, sample "
@@ -294,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_sample(sub)
     _add_eval(sub)
+    _add_export(sub)
     return parser
 
 

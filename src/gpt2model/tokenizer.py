@@ -215,6 +215,11 @@ class GPT2Tokenizer:
         self.vocab_size: int = self._enc.n_vocab
         self.eot: int | None = self._enc.eot_token
 
+    @property
+    def files(self) -> tuple[Path, Path]:
+        """The ``(vocab.json, merges.txt)`` pair this tokenizer was built from (GGUF export reads them)."""
+        return self._files
+
     def encode(self, text: str) -> list[int]:
         # disallowed_special=(): "<|endoftext|>" in user text is ordinary text, never the eot id.
         return self._enc.encode_ordinary(text)
