@@ -442,3 +442,45 @@ def test_sample_cli_on_a_hf_folder_uses_gpt2_bpe_and_eot_prompt(tmp_path, capsys
     ids = generate(model, [[tok.eot]], 10, temperature=0, eot_id=tok.eot)[0][1:]
     ids = ids[:-1] if ids[-1] == tok.eot else ids
     assert capsys.readouterr().out == tok.decode(ids) + "\n"
+
+
+# --- TextStream: the one stop-string / UTF-8 rule ------------------------------------------------------
+def test_text_stream_holds_back_and_stops() -> None:
+    from gpt2model.generate import TextStream
+
+    tok = ByteDecoder()
+    ts = TextStream(tok, ["STOP", "xyz"])
+    out = [ts.push(t) for t in "ab é S".encode()]
+    # "é" is two bytes: nothing comes out after its first byte; "S" may start "STOP": held.
+    assert out[:3] == ["a", "b", " "] and out[3] == "" and out[4] == "é" and out[-1] == ""
+    assert "".join(out) == "ab é " and not ts.stopped
+    assert ts.push(ord("T")) == "" and ts.push(ord("x")) == "ST"  # "STx" is no stop; "x" may start "xyz"
+    assert [ts.push(t) for t in b"yz tail"] == ["", "", "", "", "", "", ""] and ts.stopped
+    assert ts.flush() == ""
+    # A held prefix is released at the end; an unfinished character comes out as U+FFFD.
+    ts = TextStream(tok, ["STOP"])
+    assert "".join(ts.push(t) for t in b"abc ST") == "abc " and ts.flush() == "ST"
+    ts = TextStream(tok)
+    assert ts.push(0xC3) == "" and ts.flush() == "\ufffd"
+    # A stop string completed by a token that also starts a new character stops at that token.
+    class Tok:
+        def decode(self, ids: Sequence[int]) -> str:
+            return b"".join({1: b"a", 2: b"b\xc3"}[i] for i in ids).decode("utf-8", errors="replace")
+    ts = TextStream(Tok(), ["ab"])
+    assert ts.push(1) == "" and ts.push(2) == "" and ts.stopped
+    with pytest.raises(ValueError, match="non-empty strings"):
+        TextStream(tok, [""])
+
+
+def test_sample_texts_are_what_the_cli_prints(char_model_dir) -> None:
+    from gpt2model.generate import sample_texts
+
+    _, model, tok = char_model_dir
+    prompt = tok.encode("ROMEO:")
+    rows = generate(model, [prompt], 30, temperature=0)[0][len(prompt):]
+    full = tok.decode(rows)
+    stop = full[6:8]
+    assert sample_texts(model, tok, prompt, 2, 30, temperature=0) == [full, full]
+    assert sample_texts(model, tok, prompt, 1, 30, temperature=0, stop_strings=[stop]) == [full[:full.find(stop)]]
+    with pytest.raises(ValueError, match="num_samples"):
+        sample_texts(model, tok, prompt, 0, 30)

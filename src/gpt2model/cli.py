@@ -182,53 +182,32 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
 def _run_sample(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import torch
-
-    from .generate import check_sampling_args, generate, stream_text
+    from .generate import check_sampling_args, prompt_ids_for, sample_texts, stream_text
 
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
     check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     model, tokenizer = _load_model_and_tokenizer(args.model, args.device, args.dtype)
-    if args.prompt_file is not None:
-        prompt = Path(args.prompt_file).read_text(encoding="utf-8")
-    else:
-        prompt = args.prompt
-    if prompt is not None:
-        prompt_ids = tokenizer.encode(prompt)
-        if not prompt_ids:
-            raise ValueError("the prompt is empty; give some text, or leave --prompt out for the default")
-    elif tokenizer.eot is not None:
-        prompt, prompt_ids = "", [tokenizer.eot]
-    else:
-        prompt = "\n"
-        prompt_ids = tokenizer.encode(prompt)
+    text = Path(args.prompt_file).read_text(encoding="utf-8") if args.prompt_file is not None else args.prompt
+    prompt, prompt_ids = prompt_ids_for(tokenizer, text)
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eot_id=tokenizer.eot,
-                   compile=args.compile)
-    gen = torch.Generator(device=model.device).manual_seed(args.seed) if args.seed is not None else None
-    for i in range(args.num_samples):
-        if args.stream:
+                   compile=args.compile, stop_strings=args.stop)
+    separator = "---------------"
+    if args.stream:
+        for i in range(args.num_samples):  # sample i uses seed S + i, as in the batch
+            seed = None if args.seed is None else args.seed + i
             print(prompt, end="", flush=True)
-            for piece in stream_text(model, tokenizer, prompt_ids, args.max_new_tokens, generator=gen,
-                                     stop_strings=args.stop, **options):
+            for piece in stream_text(model, tokenizer, prompt_ids, args.max_new_tokens, seed=seed, **options):
                 print(piece, end="", flush=True)
             print()
-        elif i == 0:  # all samples in one batch
-            rows = generate(model, [prompt_ids] * args.num_samples, args.max_new_tokens, generator=gen,
-                            stop_strings=args.stop, tokenizer=tokenizer, **options)
-            for row in rows:
-                new = row[len(prompt_ids):]
-                if new and new[-1] == tokenizer.eot:
-                    new = new[:-1]
-                text = tokenizer.decode(new)
-                # As with --stream: the text before the first stop string, without it.
-                cut = min((text.find(s) for s in args.stop if s in text), default=len(text))
-                print(prompt + text[:cut])
-                if args.num_samples > 1:
-                    print("---------------")
-            break
+            if args.num_samples > 1:
+                print(separator)
+        return 0
+    for text in sample_texts(model, tokenizer, prompt_ids, args.num_samples, args.max_new_tokens, seed=args.seed,
+                             **options):
+        print(prompt + text)
         if args.num_samples > 1:
-            print("---------------")
+            print(separator)
     return 0
 
 

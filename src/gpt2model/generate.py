@@ -42,6 +42,82 @@ class Decoder(Protocol):
     def decode(self, ids: Sequence[int]) -> str: ...
 
 
+# --- text: the one stop-string and UTF-8 rule --------------------------------------------------------
+class TextStream:
+    """Turn generated token ids into final text, one token at a time: the one place that knows the
+    stop-string rule and the UTF-8 hold-back (used by :func:`stream`, :func:`generate`,
+    :func:`stream_text`, the CLI and the server).
+
+    ``push(token)`` returns the text that is now final: it never ends inside a UTF-8 character
+    (byte-level BPE splits characters across tokens) and never contains a piece that could still
+    become a stop string. Once the text contains a stop string, ``stopped`` is True and that stop
+    string and everything after it are dropped; later pushes return ``""``. ``flush()`` returns
+    what is still held back when generation ends (an unfinished character comes out as U+FFFD).
+    End-of-text tokens are not special here: the caller decides whether to push them.
+    """
+
+    def __init__(self, tokenizer: Decoder, stop_strings: Sequence[str] = ()) -> None:
+        if isinstance(stop_strings, str):
+            stop_strings = [stop_strings]
+        stops = list(stop_strings or ())
+        if any(not isinstance(s, str) or not s for s in stops):
+            raise ValueError(f"stop strings must be non-empty strings, got {stops!r}")
+        self.tokenizer = tokenizer
+        self.stop_strings = stops
+        self.stopped = False
+        self._pending: list[int] = []  # tokens whose text may still be an incomplete character
+        self._held = ""  # decoded text not yet released: a possible start of a stop string
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the text that became final (possibly ``""``)."""
+        if self.stopped:
+            return ""
+        self._pending.append(int(token_id))
+        piece = self.tokenizer.decode(self._pending)
+        # U+FFFD at the end: a character cut between tokens. A UTF-8 character has at most 4
+        # bytes, so after 4 tokens the replacement character is real and is let through.
+        if piece.endswith("\ufffd") and len(self._pending) < 4:
+            # The complete characters before the cut may already finish a stop string.
+            if self.stop_strings and self._find_stop(self._held + piece.rstrip("\ufffd")) >= 0:
+                self._pending = []
+                return self._release(piece.rstrip("\ufffd"), final=True)
+            return ""
+        self._pending = []
+        return self._release(piece, final=False)
+
+    def flush(self) -> str:
+        """The text still held back, at the end of generation (``""`` once stopped)."""
+        if self.stopped:
+            return ""
+        piece = self.tokenizer.decode(self._pending) if self._pending else ""
+        self._pending = []
+        return self._release(piece, final=True)
+
+    def _find_stop(self, text: str) -> int:
+        return min((i for i in (text.find(s) for s in self.stop_strings) if i >= 0), default=-1)
+
+    def _release(self, piece: str, final: bool) -> str:
+        text = self._held + piece
+        cut = self._find_stop(text) if self.stop_strings else -1
+        if cut >= 0:
+            self.stopped = True
+            self._held = ""
+            return text[:cut]
+        hold = 0 if final else self._longest_stop_prefix_suffix(text)
+        self._held = text[len(text) - hold:]
+        return text[:len(text) - hold]
+
+    def _longest_stop_prefix_suffix(self, text: str) -> int:
+        """Length of the longest suffix of ``text`` that is a proper prefix of some stop string."""
+        best = 0
+        for s in self.stop_strings:
+            for k in range(min(len(s) - 1, len(text)), best, -1):
+                if text.endswith(s[:k]):
+                    best = k
+                    break
+        return best
+
+
 # --- sampling ----------------------------------------------------------------------------------------
 def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -100,17 +176,13 @@ def decode_one_token(model: GPT, token: torch.Tensor, input_pos: torch.Tensor, m
     return model(token, input_pos=input_pos, mask=mask, position_ids=position_ids)[:, -1]
 
 
-_compiled_decode: Callable[..., torch.Tensor] | None = None
-
-
 def _decode_fn(compile: bool) -> Callable[..., torch.Tensor]:
-    global _compiled_decode
+    """The decode step, compiled when asked. ``torch.compile`` keeps its graphs on the function's
+    code object, so wrapping it again per call reuses them (no module-level state needed)."""
     if not compile:
         return decode_one_token
-    if _compiled_decode is None:
-        # Static cache => static shapes: one graph serves every step (input_pos is a tensor).
-        _compiled_decode = torch.compile(decode_one_token, dynamic=False)
-    return _compiled_decode
+    # Static cache => static shapes: one graph serves every step (input_pos is a tensor).
+    return torch.compile(decode_one_token, dynamic=False)
 
 
 # --- input handling ----------------------------------------------------------------------------------
@@ -180,8 +252,7 @@ def stream(model: GPT, input_ids: torch.Tensor | Sequence[Sequence[int]], max_ne
     stops = list(stop_strings or [])
     if stops and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer (anything with .decode(ids) -> str) to read the text")
-    if any(not isinstance(s, str) or not s for s in stops):
-        raise ValueError(f"stop_strings must be non-empty strings, got {stops!r}")
+    TextStream(tokenizer, stops)  # validates the stop strings at the call
     device = model.device
     prompt, prompt_valid, _ = _as_padded_batch(input_ids, device)
     _check_id_range(prompt, model.config.vocab_size)
@@ -193,105 +264,116 @@ def stream(model: GPT, input_ids: torch.Tensor | Sequence[Sequence[int]], max_ne
         warnings.warn(f"the prompt has {prompt.size(1)} tokens, more than context_length {C}: using its last {C}",
                       stacklevel=3)
         prompt, prompt_valid = prompt[:, -C:], prompt_valid[:, -C:]
+    texts = [TextStream(tokenizer, stops) for _ in range(prompt.size(0))] if stops else None
     # Everything above runs at the call; the loop below runs as the caller iterates.
-    return _steps(model, prompt, prompt_valid, max_new_tokens, temperature, top_k, top_p, gen, eot_id, stops,
-                  tokenizer, compile)
+    return _steps(model, prompt, prompt_valid, max_new_tokens,
+                  lambda logits: sample_logits(logits, temperature, top_k, top_p, gen), eot_id, texts, compile)
+
+
+class _Window:
+    """The tokens fed so far (left-padded rows) and the cache window over them, for :func:`_steps`."""
+
+    def __init__(self, model: GPT, prompt: torch.Tensor, prompt_valid: torch.Tensor, max_new_tokens: int) -> None:
+        B, P = prompt.shape
+        total = P + max_new_tokens
+        self.model = model
+        self.tokens = torch.zeros(B, total, dtype=torch.long, device=prompt.device)  # every token, padded
+        self.tokens[:, :P] = prompt
+        self.valid = torch.ones(B, total, dtype=torch.bool, device=prompt.device)
+        self.valid[:, :P] = prompt_valid
+        self.max_len = min(model.config.context_length, total - 1)  # the last sampled token is never fed back
+        # Running decode mask over all cache slots: slot s becomes visible when it is written.
+        self.attn_mask = torch.zeros(B, 1, 1, self.max_len, dtype=torch.bool, device=prompt.device)
+        self.start, self.n = 0, P  # the window is tokens[:, start:n]; its slots are 0 .. n-start-1
+        self.next_pos = torch.zeros(B, 1, dtype=torch.long, device=prompt.device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=prompt.device)
+
+    def fill(self, start: int) -> torch.Tensor:
+        """Prefill tokens[:, start:n] into slots 0..; return the last logits ``(B, V)``."""
+        self.start = start
+        T = self.n - start
+        window_valid = self.valid[:, start:self.n]
+        self.attn_mask.zero_()
+        self.attn_mask[:, 0, 0, :T] = window_valid
+        mask = self.model.causal_mask[:T, :T] & self.attn_mask[..., :T]  # (B, 1, T, T): only the window's slots
+        # A padding query attends to itself only; an all-masked row would make SDPA return NaN.
+        diag = torch.arange(T, device=mask.device)
+        mask[:, 0, diag, diag] = True
+        position_ids = (window_valid.long().cumsum(dim=1) - 1).clamp(min=0)
+        self.next_pos = position_ids[:, -1:] + 1
+        return prefill(self.model, self.tokens[:, start:self.n], diag, mask, position_ids)
+
+    def append(self, token: torch.Tensor) -> None:
+        self.tokens[:, self.n] = token
+        self.n += 1
+
+    def decode(self, decode: Callable[..., torch.Tensor], token: torch.Tensor, full_mask: bool) -> torch.Tensor:
+        """Feed the newest token of every row; return the next logits ``(B, V)``."""
+        self.slot.fill_(self.n - 1 - self.start)
+        self.attn_mask.index_fill_(3, self.slot, True)
+        # Eager: attend to the filled slots only (O(filled) per token). Compiled: the full,
+        # static-shape mask, so one graph serves every step.
+        step_mask = self.attn_mask if full_mask else self.attn_mask[..., : self.n - self.start]
+        logits = decode(self.model, token[:, None], self.slot, step_mask, self.next_pos)
+        self.next_pos = self.next_pos + 1
+        return logits
 
 
 @torch.no_grad()
-def _steps(model: GPT, prompt: torch.Tensor, prompt_valid: torch.Tensor, max_new_tokens: int, temperature: float,
-           top_k: int | None, top_p: float | None, gen: torch.Generator | None, eot_id: int | None,
-           stops: list[str], tokenizer: Decoder | None, compile: bool) -> Iterator[torch.Tensor]:
+def _steps(model: GPT, prompt: torch.Tensor, prompt_valid: torch.Tensor, max_new_tokens: int,
+           sample: Callable[[torch.Tensor], torch.Tensor], eot_id: int | None, texts: list[TextStream] | None,
+           compile: bool) -> Iterator[torch.Tensor]:
     """The generation loop of :func:`stream` on a validated, left-padded prompt."""
     if max_new_tokens == 0:
         return
-    device = prompt.device
+    B = prompt.size(0)
     C = model.config.context_length
-    B, P = prompt.shape
-    total = P + max_new_tokens
-    tokens = torch.zeros(B, total, dtype=torch.long, device=device)  # every token fed so far, padded
-    tokens[:, :P] = prompt
-    valid = torch.ones(B, total, dtype=torch.bool, device=device)
-    valid[:, :P] = prompt_valid
     pad_id = eot_id if eot_id is not None else 0
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    check_done = eot_id is not None or bool(stops)
-    stop_tail = max((len(s.encode("utf-8")) for s in stops), default=0) + 1  # tokens are >= 1 byte each
-
-    max_len = min(C, total - 1)  # the last sampled token is never fed back
-    keep = max(1, C // 2)
-    # Running decode mask over all cache slots: slot s becomes visible when it is written.
-    attn_mask = torch.zeros(B, 1, 1, max_len, dtype=torch.bool, device=device)
-    check_inputs = model.check_inputs
+    done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
+    check_done = eot_id is not None or texts is not None
+    window = _Window(model, prompt, prompt_valid, max_new_tokens)
     decode = _decode_fn(compile)
-    model.setup_cache(B, max_len)
+    check_inputs = model.check_inputs
+    model.setup_cache(B, window.max_len)
     try:
         model.check_inputs = False  # ids were range-checked above; the per-step check syncs the device
-
-        def fill_window(start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-            """Prefill tokens[:, start:end] into slots 0..; return (last logits, next positions)."""
-            T = end - start
-            window_valid = valid[:, start:end]
-            attn_mask.zero_()
-            attn_mask[:, 0, 0, :T] = window_valid
-            mask = model.causal_mask[:T, :T] & attn_mask[..., :T]  # (B, 1, T, T): only the window's slots
-            # A padding query attends to itself only; an all-masked row would make SDPA return NaN.
-            diag = torch.arange(T, device=device)
-            mask[:, 0, diag, diag] = True
-            position_ids = (window_valid.long().cumsum(dim=1) - 1).clamp(min=0)
-            logits = prefill(model, tokens[:, start:end], diag, mask, position_ids)
-            return logits, position_ids[:, -1:] + 1
-
-        start, n = 0, P  # the window is tokens[:, start:n]; its slots are 0 .. n-start-1
-        logits, next_pos = fill_window(start, n)
-        slot = torch.zeros(1, dtype=torch.long, device=device)
+        logits = window.fill(0)
         for step in range(max_new_tokens):
-            token = sample_logits(logits, temperature, top_k, top_p, gen)
+            token = sample(logits)
             if check_done:
                 token = torch.where(done, torch.full_like(token, pad_id), token)
-            tokens[:, n] = token
-            n += 1
+            window.append(token)
             if check_done:
                 if eot_id is not None:
                     done |= token == eot_id
-                if stops:
-                    _mark_stopped(done, tokens[:, P:n], tokenizer, stops, stop_tail)
+                if texts is not None:
+                    _mark_stopped(done, token, texts)
             yield token
             if step == max_new_tokens - 1 or (check_done and bool(done.all())):
                 break
-            if n - start > C:  # the window would outgrow the context: slide it (module docstring)
-                start = n - keep
-                logits, next_pos = fill_window(start, n)
-            else:
-                slot.fill_(n - 1 - start)
-                attn_mask.index_fill_(3, slot, True)
-                # Eager: attend to the filled slots only (O(filled) per token). Compiled: the full,
-                # static-shape mask, so one graph serves every step.
-                step_mask = attn_mask if decode is not decode_one_token else attn_mask[..., : n - start]
-                try:
-                    logits = decode(model, token[:, None], slot, step_mask, next_pos)
-                except Exception as e:  # noqa: BLE001 - any compiler failure: eager is always correct
-                    if decode is decode_one_token:
-                        raise
-                    warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: "
-                                  f"{str(e)[:200]}); decoding eagerly instead", stacklevel=2)
-                    decode = decode_one_token  # rewriting the same cache slot again is harmless
-                    logits = decode(model, token[:, None], slot, attn_mask, next_pos)
-                next_pos = next_pos + 1
+            if window.n - window.start > C:  # the window would outgrow the context: slide it (module docstring)
+                logits = window.fill(window.n - max(1, C // 2))
+                continue
+            try:
+                logits = window.decode(decode, token, full_mask=decode is not decode_one_token)
+            except Exception as e:  # noqa: BLE001 - any compiler failure: eager is always correct
+                if decode is decode_one_token:
+                    raise
+                warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: "
+                              f"{str(e)[:200]}); decoding eagerly instead", stacklevel=2)
+                decode = decode_one_token  # rewriting the same cache slot again is harmless
+                logits = window.decode(decode, token, full_mask=True)
     finally:
         model.clear_cache()
         model.check_inputs = check_inputs
 
 
-def _mark_stopped(done: torch.Tensor, generated: torch.Tensor, tokenizer: Decoder, stops: list[str],
-                  tail: int) -> None:
-    """Mark rows whose newest tokens complete a stop string. Only the last ``tail`` tokens are
-    decoded: a stop string ending in the newest token lies inside them (each token is >= 1 byte),
-    and earlier occurrences would have finished the row already."""
-    for b in range(done.size(0)):
+def _mark_stopped(done: torch.Tensor, token: torch.Tensor, texts: list[TextStream]) -> None:
+    """Mark rows whose text (one :class:`TextStream` per row) just completed a stop string."""
+    for b, t in enumerate(token.tolist()):
         if not done[b]:
-            text = tokenizer.decode(generated[b, -tail:].tolist())
-            if any(s in text for s in stops):
+            texts[b].push(t)
+            if texts[b].stopped:
                 done[b] = True
 
 
@@ -319,18 +401,18 @@ def generate(model: GPT, input_ids: torch.Tensor | Sequence[Sequence[int]], max_
         end = len(row)
         if eot_id is not None and eot_id in row:
             end = row.index(eot_id) + 1
-        if stops and tokenizer is not None:
-            end = min(end, _stop_end(row[:end], tokenizer, stops))
+        if stops:
+            end = min(end, _stop_end(row[:end], TextStream(tokenizer, stops)))
         out.append([int(t) for t in prompt_row] + row[:end])
     return out
 
 
-def _stop_end(row: list[int], tokenizer: Decoder, stops: list[str]) -> int:
-    """Number of tokens up to and including the one that completes the first stop string."""
-    for i in range(1, len(row) + 1):
-        text = tokenizer.decode(row[:i])
-        if any(s in text for s in stops):
-            return i
+def _stop_end(row: list[int], text: TextStream) -> int:
+    """Number of tokens up to and including the one whose text completes a stop string."""
+    for i, t in enumerate(row):
+        text.push(t)
+        if text.stopped:
+            return i + 1
     return len(row)
 
 
@@ -339,11 +421,10 @@ def stream_text(model: GPT, tokenizer: Any, prompt: str | Sequence[int], max_new
                 stop_strings: Sequence[str] | None = None, **kwargs: Any) -> Iterator[str]:
     """Generate from one prompt and yield the continuation as text pieces as they become final.
 
-    A piece is held back while it may still change: bytes of an incomplete UTF-8 character
-    (byte-level BPE splits characters across tokens) and a tail that could be the start of a
-    stop string. Generation stops at the tokenizer's end-of-text token (not yielded) or at a stop
-    string (the text before it is yielded, the stop string is not). Other keyword arguments are
-    those of :func:`stream`.
+    A piece is held back while it may still change (see :class:`TextStream`): bytes of an
+    incomplete UTF-8 character and a tail that could be the start of a stop string. Generation
+    stops at the tokenizer's end-of-text token (not yielded) or at a stop string (the text before
+    it is yielded, the stop string is not). Other keyword arguments are those of :func:`stream`.
     """
     if isinstance(prompt, str):
         if not prompt:
@@ -351,45 +432,52 @@ def stream_text(model: GPT, tokenizer: Any, prompt: str | Sequence[int], max_new
         prompt_ids = tokenizer.encode(prompt)
     else:
         prompt_ids = [int(t) for t in prompt]
-    stops = [s for s in (stop_strings or []) if s]
+    text = TextStream(tokenizer, [s for s in (stop_strings or []) if s])
     kwargs.setdefault("eot_id", getattr(tokenizer, "eot", None))
     eot_id = kwargs["eot_id"]
-    pending: list[int] = []  # tokens whose text may still be an incomplete character
-    held = ""  # decoded text not yet yielded (a possible stop-string prefix)
     for token in stream(model, [prompt_ids], max_new_tokens, **kwargs):
         t = int(token[0])
         if t == eot_id:
             break
-        pending.append(t)
-        piece = tokenizer.decode(pending)
-        # U+FFFD at the end: a character cut between tokens. A UTF-8 character has at most 4
-        # bytes, so after 4 tokens the replacement character is real and is let through.
-        if piece.endswith("\ufffd") and len(pending) < 4:
-            continue
-        pending = []
-        held += piece
-        cut = min((i for i in (held.find(s) for s in stops) if i >= 0), default=-1)
-        if cut >= 0:
-            if cut:
-                yield held[:cut]
+        piece = text.push(t)
+        if piece:
+            yield piece
+        if text.stopped:
             return
-        hold = _longest_stop_prefix_suffix(held, stops)
-        if len(held) > hold:
-            yield held[:len(held) - hold]
-            held = held[len(held) - hold:]
-    held += tokenizer.decode(pending) if pending else ""
-    cut = min((i for i in (held.find(s) for s in stops) if i >= 0), default=-1)
-    held = held[:cut] if cut >= 0 else held
-    if held:
-        yield held
+    piece = text.flush()
+    if piece:
+        yield piece
 
 
-def _longest_stop_prefix_suffix(text: str, stops: list[str]) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of some stop string."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best
+def prompt_ids_for(tokenizer: Any, prompt: str | None) -> tuple[str, list[int]]:
+    """``(prompt text, ids)`` for sampling: ``None`` means the end-of-text token where the
+    tokenizer has one (the text is then ``""``), else a newline."""
+    if prompt is not None:
+        ids = tokenizer.encode(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty; give some text, or leave the prompt out for the default")
+        return prompt, ids
+    if tokenizer.eot is not None:
+        return "", [tokenizer.eot]
+    return "\n", tokenizer.encode("\n")
+
+
+def sample_texts(model: GPT, tokenizer: Any, prompt_ids: Sequence[int], num_samples: int, max_new_tokens: int, *,
+                 stop_strings: Sequence[str] = (), **kwargs: Any) -> list[str]:
+    """``num_samples`` finished continuations of one prompt, generated as one batch (what
+    ``gpt2 sample`` prints after the prompt): each ends before the end-of-text token or before
+    its first stop string. Other keyword arguments are those of :func:`stream`."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+    stops = [s for s in stop_strings if s]
+    kwargs.setdefault("eot_id", getattr(tokenizer, "eot", None))
+    eot_id = kwargs["eot_id"]
+    rows = generate(model, [list(prompt_ids)] * num_samples, max_new_tokens, stop_strings=stops,
+                    tokenizer=tokenizer, **kwargs)
+    texts = []
+    for row in rows:
+        text = TextStream(tokenizer, stops)
+        new = row[len(prompt_ids):]
+        parts = [text.push(t) for t in new if t != eot_id]
+        texts.append("".join(parts) + text.flush())
+    return texts
