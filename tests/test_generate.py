@@ -385,7 +385,8 @@ def test_sample_cli_is_reproducible_and_streams_the_same_text(char_model_dir, ca
     from gpt2model.cli import main
 
     path, model, tok = char_model_dir
-    args = ["sample", "--model", str(path), "--prompt", "ROMEO:", "--max-new-tokens", "40", "--seed", "3",
+    args = ["sample", "--model", str(path), "--device", "cpu", "--prompt", "ROMEO:", "--max-new-tokens", "40",
+            "--seed", "3",
             "--top-k", "5"]
     assert main(args) == 0
     first = capsys.readouterr().out
@@ -400,11 +401,28 @@ def test_sample_cli_is_reproducible_and_streams_the_same_text(char_model_dir, ca
     assert len(out) == 4 and out[0] == out[1] == out[2] and out[0].startswith("ROMEO:")
 
 
+def test_sample_cli_sample_i_is_the_same_batched_streamed_or_alone(char_model_dir, capsys) -> None:
+    from gpt2model.cli import main
+
+    path = str(char_model_dir[0])
+    args = ["sample", "--model", path, "--device", "cpu", "--prompt", "ROMEO:", "--max-new-tokens", "30"]
+    assert main([*args, "--seed", "10", "--num-samples", "3"]) == 0
+    batched = capsys.readouterr().out
+    assert main([*args, "--seed", "10", "--num-samples", "3", "--stream"]) == 0
+    assert capsys.readouterr().out == batched
+    samples = batched.split("---------------\n")[:3]
+    assert len(set(samples)) == 3  # different samples ...
+    for i, sample in enumerate(samples):  # ... each the one a run with seed 10 + i prints
+        assert main([*args, "--seed", str(10 + i)]) == 0
+        assert capsys.readouterr().out == sample
+
+
 def test_sample_cli_stop_strings(char_model_dir, capsys) -> None:
     from gpt2model.cli import main
 
     path, model, tok = char_model_dir
-    args = ["sample", "--model", str(path), "--prompt", "ROMEO:", "--max-new-tokens", "60", "--temperature", "0"]
+    args = ["sample", "--model", str(path), "--device", "cpu", "--prompt", "ROMEO:", "--max-new-tokens", "60",
+            "--temperature", "0"]
     assert main(args) == 0
     full = capsys.readouterr().out[:-1]
     continuation = full[len("ROMEO:"):]
@@ -427,7 +445,7 @@ def test_sample_cli_stop_strings(char_model_dir, capsys) -> None:
 def test_sample_cli_bad_input(char_model_dir, capsys, extra: list[str], fragment: str) -> None:
     from gpt2model.cli import main
 
-    assert main(["sample", "--model", str(char_model_dir[0]), *extra]) == 2
+    assert main(["sample", "--model", str(char_model_dir[0]), "--device", "cpu", *extra]) == 2
     assert fragment in capsys.readouterr().err
 
 
@@ -437,7 +455,8 @@ def test_sample_cli_on_a_hf_folder_uses_gpt2_bpe_and_eot_prompt(tmp_path, capsys
 
     model = tiny(GPTconfig(context_length=64, vocab_size=50257, n_layer=1, n_head=2, d_model=16))
     model.save_pretrained(tmp_path)  # weights + config only, as a HF folder without tokenizer files
-    assert main(["sample", "--model", str(tmp_path), "--max-new-tokens", "10", "--temperature", "0"]) == 0
+    assert main(["sample", "--model", str(tmp_path), "--device", "cpu", "--max-new-tokens", "10",
+                 "--temperature", "0"]) == 0
     tok = load_tokenizer("gpt2")
     ids = generate(model, [[tok.eot]], 10, temperature=0, eot_id=tok.eot)[0][1:]
     ids = ids[:-1] if ids[-1] == tok.eot else ids
@@ -484,3 +503,130 @@ def test_sample_texts_are_what_the_cli_prints(char_model_dir) -> None:
     assert sample_texts(model, tok, prompt, 1, 30, temperature=0, stop_strings=[stop]) == [full[:full.find(stop)]]
     with pytest.raises(ValueError, match="num_samples"):
         sample_texts(model, tok, prompt, 0, 30)
+
+
+# --- sampling that is the same on every device: the counter-based hash ---------------------------------
+def _py_hash32(x: int) -> int:
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def _py_bits(seed: int, step: int, token: int) -> int:
+    seed %= 2**63
+    key = _py_hash32(_py_hash32(_py_hash32((seed >> 32) ^ 0x9E3779B9) ^ (seed & 0xFFFFFFFF)) ^ (step & 0xFFFFFFFF))
+    return _py_hash32(_py_hash32(token) ^ key)
+
+
+def test_random_bits_equal_a_pure_python_reimplementation() -> None:
+    from gpt2model.generate import random_bits, seed_tensor
+
+    seeds = [0, 1, 2**32 + 7, 2**63 - 1, -5, 123456789012345]
+    steps = [0, 1, 2**31, 2**32 + 3, 7, 99]
+    bits = random_bits(seed_tensor(seeds), torch.tensor(steps), 300)
+    for row, (seed, step) in enumerate(zip(seeds, steps, strict=True)):
+        assert bits[row].tolist() == [_py_bits(seed, step, v) for v in range(300)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to compare with the CPU")
+def test_sampling_is_the_same_on_cuda_and_cpu() -> None:
+    logits = torch.randn(4, 50257, generator=torch.Generator().manual_seed(0)) * 3
+    for kwargs in (dict(), dict(top_k=40), dict(top_p=0.9, temperature=0.7)):
+        for step in range(20):
+            cpu = sample_logits(logits, seed=42, step=step, **kwargs)
+            assert torch.equal(sample_logits(logits.cuda(), seed=42, step=step, **kwargs).cpu(), cpu)
+
+
+def _chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * counts.sum()
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def test_draws_follow_the_distribution() -> None:
+    probs = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.06, 0.03, 0.01])
+    logits = probs.log()[None].expand(30000, -1)
+    # Across rows (seeds S, S+1, ...) and across steps of one row: both must be the distribution.
+    across_rows = sample_logits(logits, seed=7)
+    across_steps = sample_logits(logits, seed=torch.full((30000,), 7), step=torch.arange(30000))
+    for x in (across_rows, across_steps):
+        counts = torch.bincount(x, minlength=7).float()
+        assert _chi_square(counts, probs) < 22.46  # chi-square, 6 degrees of freedom, p = 0.001
+    # A filtered draw is the renormalised distribution of the kept tokens.
+    x = sample_logits(logits, seed=8, top_k=3)
+    assert _chi_square(torch.bincount(x, minlength=3).float(), probs[:3] / probs[:3].sum()) < 13.82  # 2 dof
+    x = sample_logits(logits, seed=9, temperature=0.5)
+    sharp = probs**2 / (probs**2).sum()
+    assert _chi_square(torch.bincount(x, minlength=7).float(), sharp) < 22.46  # every expected count >= 5
+
+
+def test_per_row_settings_equal_the_same_settings_alone() -> None:
+    logits = torch.randn(4, 100, generator=torch.Generator().manual_seed(3)) * 2
+    temperature = torch.tensor([0.0, 1.0, 0.7, 1.3])
+    top_k = torch.tensor([0, 5, 0, 20])  # 0: no top-k for that row
+    top_p = torch.tensor([1.0, 1.0, 0.8, 0.9])  # 1: no nucleus for that row
+    settings = [dict(temperature=0.0), dict(temperature=1.0, top_k=5), dict(temperature=0.7, top_p=0.8),
+                dict(temperature=1.3, top_k=20, top_p=0.9)]
+    for step in range(30):
+        batched = sample_logits(logits, temperature, top_k, top_p, seed=100, step=step)
+        for row, kw in enumerate(settings):
+            assert int(batched[row]) == int(sample_logits(logits[row:row + 1], seed=100 + row, step=step, **kw)[0])
+    assert int(batched[0]) == int(logits[0].argmax())  # temperature 0 is exactly greedy
+
+
+def test_batched_row_i_equals_alone_with_seed_s_plus_i() -> None:
+    model = tiny(GPTconfig(context_length=64, vocab_size=50, n_layer=2, n_head=2, d_model=32))
+    prompts = [[5], [1, 2, 3, 4, 5, 6, 7, 8], [9, 9, 3]]
+    batched = generate(model, prompts, 25, seed=40, top_k=20, top_p=0.95)
+    for i, p in enumerate(prompts):
+        assert generate(model, [p], 25, seed=40 + i, top_k=20, top_p=0.95)[0] == batched[i]
+        streamed = [int(t[0]) for t in stream(model, [p], 25, seed=40 + i, top_k=20, top_p=0.95)]
+        assert p + streamed == batched[i]
+    # Equal prompts still get different samples (each row its own seed).
+    same = generate(model, [[1, 2]] * 3, 20, seed=0)
+    assert same[0] != same[1] != same[2]
+
+
+def test_generator_argument_seeds_the_hash() -> None:
+    model = tiny()
+    prompt = torch.tensor([[1, 2, 3]])
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    a, b = generate(model, prompt, 20, generator=g1), generate(model, prompt, 20, generator=g2)
+    assert torch.equal(a, b)
+    assert not torch.equal(generate(model, prompt, 20, generator=g1), a)  # the generator moved on
+    torch.manual_seed(1)
+    c = generate(model, prompt, 20)
+    torch.manual_seed(1)
+    assert torch.equal(generate(model, prompt, 20), c)  # unseeded follows torch's global generator
+    with pytest.raises(ValueError, match="either seed or generator"):
+        generate(model, prompt, 3, seed=1, generator=g1)
+
+
+def test_two_live_streams_on_one_model_are_refused() -> None:
+    model = tiny()
+    first = model.stream([[1, 2]], 10, seed=0)
+    a = [next(first)]
+    second = model.stream([[3]], 10, seed=0)
+    with pytest.raises(RuntimeError, match="already has a live KV cache"):
+        next(second)  # would overwrite the first stream's cache
+    a += list(first)  # the first stream is unharmed
+    assert torch.stack(a, 1).tolist() == [generate(model, [[1, 2]], 10, seed=0)[0][2:]]
+    model.setup_cache(1)
+    with pytest.raises(RuntimeError, match="already has a live KV cache"):
+        model.setup_cache(1)
+    model.clear_cache()
+
+
+def test_one_token_id_check_everywhere() -> None:
+    from gpt2model.evaluate import evaluate
+
+    model = tiny()
+    for call in (lambda: model(torch.tensor([[1, 50]])), lambda: generate(model, [[1, 50]], 2),
+                 lambda: generate(model, torch.tensor([[1, 50]]), 2), lambda: evaluate(model, [1, 50])):
+        with pytest.raises(ValueError, match=r"token id 50 is out of range: ids must be in \[0, 50\)"):
+            call()
+    for call in (lambda: model(torch.tensor([[1.0]])), lambda: generate(model, torch.tensor([[1.0]]), 2),
+                 lambda: evaluate(model, torch.tensor([1.0, 2.0]))):
+        with pytest.raises(ValueError, match="integer token ids"):
+            call()

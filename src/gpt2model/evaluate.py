@@ -21,6 +21,8 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from .model import check_token_ids
+
 if TYPE_CHECKING:
     from .model import GPT
 
@@ -74,17 +76,12 @@ def evaluate(model: GPT, ids: Sequence[int] | np.ndarray | torch.Tensor, *, stri
     ``tokenizer`` (anything with ``decode``) is only used to count the bytes for bits per byte.
     """
     ids = torch.as_tensor(np.asarray(ids, dtype=np.int64) if not isinstance(ids, torch.Tensor) else ids)
-    if ids.dim() != 1:
-        raise ValueError(f"evaluate expects one 1-D sequence of token ids, got shape {tuple(ids.shape)}")
+    check_token_ids(ids, model.config.vocab_size, ndim=1, name="ids")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     C = model.config.context_length
     stride = C // 2 if stride is None else stride
     windows = sliding_windows(ids.numel(), C, stride)
-    lo, hi = int(ids.min()), int(ids.max())
-    if lo < 0 or hi >= model.config.vocab_size:
-        raise ValueError(f"token id {lo if lo < 0 else hi} is outside this model's vocabulary "
-                         f"[0, {model.config.vocab_size}): was the text encoded with the model's tokenizer?")
     was_training = model.training
     model.eval()
     total_nll = 0.0  # a Python float (double): sums of many fp32 losses lose digits

@@ -1,8 +1,15 @@
-"""Generation: a static KV cache, ``prefill`` + ``decode_one_token`` (gpt-fast's design), sampling.
+"""Generation: a static KV cache, ``prefill`` + one ``decode_step`` (gpt-fast's design), sampling.
 
 The loop in :func:`stream` is the only generation loop; :func:`generate` collects it and
 :func:`stream_text` turns it into text. Each step feeds one token against the preallocated cache,
 so a token costs O(context), not O(context²) as re-running the whole window would.
+
+Sampling draws its random numbers from a hash of (seed, token index, token id) computed with
+integer tensor ops (:func:`random_bits`), not from a ``torch.Generator``: the same seed gives the
+same tokens on every device for the same logits, needs no host sync (so it fits inside a CUDA
+graph), and row ``i`` of a batch seeded ``S`` draws exactly what a batch of one seeded ``S + i``
+draws. The serving engine (``engine.py``) runs the same :func:`decode_step` and
+:func:`sample_logits` with per-row settings.
 
 Windows (what a token is conditioned on), documented once here:
 
@@ -28,7 +35,8 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
-from torch.nn import functional as F
+
+from .model import check_token_ids
 
 if TYPE_CHECKING:
     from .model import GPT
@@ -119,34 +127,132 @@ class TextStream:
 
 
 # --- sampling ----------------------------------------------------------------------------------------
-def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                  top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+# Random numbers come from a counter-based hash of (seed, step, token id) computed with int64 tensor
+# ops: the same bits on every device and dtype, no generator state, no host sync, and each row's
+# draw depends only on its own seed and step (so a row gives the same tokens alone or batched).
+_M32 = 0xFFFFFFFF
+_SEED_MOD = 2**63
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """``(x * c) mod 2**32`` for ``x`` in ``[0, 2**32)``, in 16-bit halves so int64 never overflows."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 (C. Wellons' integer hash), a bijection of ``[0, 2**32)``; shifts are logical
+    because every value stays non-negative."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def random_bits(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """32 random bits ``(B, vocab_size)`` int64 for token id ``v`` of row ``b``: a hash of
+    ``(seeds[b], steps[b], v)``. ``seeds`` are in ``[0, 2**63)``, ``steps`` >= 0."""
+    lo, hi = seeds & _M32, seeds >> 32
+    key = _hash32(_hash32(_hash32(hi ^ 0x9E3779B9) ^ lo) ^ (steps & _M32))  # (B,)
+    ids = torch.arange(vocab_size, device=seeds.device, dtype=torch.long)
+    return _hash32(_hash32(ids)[None, :] ^ key[:, None])
+
+
+def seed_tensor(seeds: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
+    """Per-row seeds as the ``(B,)`` int64 tensor :func:`sample_logits` takes (modulo 2**63)."""
+    return torch.tensor([int(s) % _SEED_MOD for s in seeds], dtype=torch.long, device=device)
+
+
+def row_seeds(seed: int, batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Seeds ``seed, seed + 1, ...`` of ``batch_size`` rows: row i of a batch seeded ``S`` draws
+    what a batch of one seeded ``S + i`` draws."""
+    return seed_tensor([int(seed) + i for i in range(batch_size)], device)
+
+
+def new_seed(generator: torch.Generator | None = None) -> int:
+    """A fresh seed from ``generator`` (or torch's global generator, so ``torch.manual_seed``
+    still makes unseeded generation reproducible)."""
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(0, _SEED_MOD - 1, (), generator=generator, device=device))
+
+
+def _per_row(value: float | int | torch.Tensor, B: int, device: torch.device) -> torch.Tensor:
+    return value.to(device) if isinstance(value, torch.Tensor) else torch.full((B,), value, device=device)
+
+
+def sample_logits(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0,
+                  top_k: int | torch.Tensor | None = None, top_p: float | torch.Tensor | None = None,
+                  generator: torch.Generator | None = None, *, seed: int | torch.Tensor | None = None,
+                  step: int | torch.Tensor = 0) -> torch.Tensor:
     """Draw one token id per row from ``logits`` ``(B, vocab)``; returns ``(B,)`` int64.
 
-    ``temperature == 0`` is greedy (argmax; ``top_k``/``top_p`` are then irrelevant). Otherwise
-    the logits are divided by ``temperature``, ``top_k`` keeps the k largest logits (all tokens
-    tied with the k-th stay), and ``top_p`` (nucleus) keeps the smallest set of most likely tokens
-    whose total probability reaches ``top_p`` (always at least the most likely one). Everything is
-    done in fp32 whatever the model's dtype, and ``generator`` makes the draw reproducible.
+    ``temperature == 0`` is greedy (exact argmax; ``top_k``/``top_p`` are then irrelevant).
+    Otherwise the logits are divided by ``temperature``, ``top_k`` keeps the k largest logits (all
+    tokens tied with the k-th stay), and ``top_p`` (nucleus) keeps the smallest set of most likely
+    tokens whose total probability reaches ``top_p`` (always at least the most likely one). Each
+    setting is a number for all rows or a ``(B,)`` tensor per row (``top_k <= 0`` and
+    ``top_p >= 1`` then mean no filter for that row). Everything runs in fp32.
+
+    The draw is a Gumbel-max (exponential race) over the kept tokens, its noise a hash of
+    ``(seed, step, token id)`` (:func:`random_bits`): the same seed gives the same tokens on every
+    device for the same logits. ``seed`` is an int (row i uses ``seed + i``) or a ``(B,)`` tensor;
+    ``step`` (int or ``(B,)``) is the index of the token being drawn, so successive draws differ.
+    Without ``seed`` one is drawn from ``generator`` (or torch's global generator).
     """
     logits = logits.float()  # bf16 has too few mantissa bits for a faithful softmax/cumsum
-    if temperature == 0:
+    B, V = logits.shape
+    if not isinstance(temperature, torch.Tensor) and temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = F.softmax(logits, dim=-1)
-    if top_p is not None and top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # A token is dropped when the tokens before it already reach top_p. The small slack makes
-        # sums that equal top_p up to fp32 rounding (0.5 + 0.3 vs 0.8) count as reaching it.
-        before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        drop_sorted = before >= top_p - 1e-6
-        drop_sorted[:, 0] = False
-        drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
-        probs = probs.masked_fill(drop, 0.0)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    device = logits.device
+    t = _per_row(temperature, B, device).float()
+    greedy = t == 0
+    scaled = logits / torch.where(greedy, torch.ones_like(t), t)[:, None]
+    if isinstance(top_k, torch.Tensor) or isinstance(top_p, torch.Tensor):
+        scaled = _filter_per_row(scaled, top_k, top_p)
+    else:
+        if top_k is not None and top_k < V:
+            kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]
+            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        if top_p is not None and top_p < 1.0:
+            scaled = _filter_top_p(scaled, scaled.softmax(dim=-1).sort(dim=-1, descending=True),
+                                   torch.full((B, 1), float(top_p), device=device))
+    if seed is None:
+        seed = new_seed(generator)
+    seeds = row_seeds(seed, B, device) if not isinstance(seed, torch.Tensor) else seed.to(device)
+    steps = _per_row(step, B, device).long()
+    # Uniform in [2**-24, 1 - 2**-24]: 23 bits keep the top value exactly below 1 in fp32.
+    u = ((random_bits(seeds, steps, V) >> 9).float() + 0.5) * 2.0**-23
+    gumbel = -torch.log(-torch.log(u))
+    drawn = (scaled + gumbel).argmax(dim=-1)
+    return torch.where(greedy, logits.argmax(dim=-1), drawn)
+
+
+def _filter_top_p(scaled: torch.Tensor, sorted_probs_order: tuple[torch.Tensor, torch.Tensor],
+                  top_p: torch.Tensor) -> torch.Tensor:
+    """Mask (to -inf) the tokens outside each row's nucleus; ``top_p`` ``(B, 1)``, >= 1 = keep all."""
+    sorted_probs, order = sorted_probs_order
+    # A token is dropped when the tokens before it already reach top_p. The small slack makes
+    # sums that equal top_p up to fp32 rounding (0.5 + 0.3 vs 0.8) count as reaching it.
+    before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    drop_sorted = (before >= top_p - 1e-6) & (top_p < 1.0)
+    drop_sorted[:, 0] = False
+    drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+    return scaled.masked_fill(drop, float("-inf"))
+
+
+def _filter_per_row(scaled: torch.Tensor, top_k: int | torch.Tensor | None,
+                    top_p: float | torch.Tensor | None) -> torch.Tensor:
+    """top-k then top-p with per-row settings: one full sort, no host sync (graph-friendly)."""
+    B, V = scaled.shape
+    if top_k is not None:
+        k = _per_row(top_k, B, scaled.device).long()
+        k = torch.where((k <= 0) | (k > V), torch.full_like(k, V), k)
+        kth = scaled.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None])
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if top_p is not None:
+        p = _per_row(top_p, B, scaled.device).float()[:, None]
+        scaled = _filter_top_p(scaled, scaled.softmax(dim=-1).sort(dim=-1, descending=True), p)
+    return scaled
 
 
 def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -163,43 +269,48 @@ def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | No
         raise ValueError(f"top_p must be in (0, 1] (or None for no nucleus filter), got {top_p!r}")
 
 
-# --- the two forwards --------------------------------------------------------------------------------
-def prefill(model: GPT, input_ids: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor,
-            position_ids: torch.Tensor) -> torch.Tensor:
+# --- the forwards: prefill and the one decode step ------------------------------------------------
+def prefill(model: GPT, input_ids: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor | None,
+            position_ids: torch.Tensor | None = None, cache_row: int = 0) -> torch.Tensor:
     """Run a whole window ``(B, T)`` into cache slots ``input_pos`` and return the last logits ``(B, V)``."""
-    return model(input_ids, input_pos=input_pos, mask=mask, position_ids=position_ids)[:, -1]
+    return model(input_ids, input_pos=input_pos, mask=mask, position_ids=position_ids, cache_row=cache_row)[:, -1]
 
 
 def decode_one_token(model: GPT, token: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor,
                      position_ids: torch.Tensor) -> torch.Tensor:
-    """Feed one token per row ``(B, 1)`` into cache slot ``input_pos`` ``(1,)``; return logits ``(B, V)``."""
+    """Feed one token per row ``(B, 1)`` into each row's cache slot ``input_pos`` ``(B, 1)``;
+    return the logits ``(B, V)``."""
     return model(token, input_pos=input_pos, mask=mask, position_ids=position_ids)[:, -1]
 
 
-def _decode_fn(compile: bool) -> Callable[..., torch.Tensor]:
-    """The decode step, compiled when asked. ``torch.compile`` keeps its graphs on the function's
-    code object, so wrapping it again per call reuses them (no module-level state needed)."""
-    if not compile:
-        return decode_one_token
-    # Static cache => static shapes: one graph serves every step (input_pos is a tensor).
-    return torch.compile(decode_one_token, dynamic=False)
+def decode_step(model: GPT, token: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor,
+                position_ids: torch.Tensor, temperature: float | torch.Tensor, top_k: int | torch.Tensor | None,
+                top_p: float | torch.Tensor | None, seeds: torch.Tensor,
+                steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one decode step of :func:`stream` and the serving engine: feed ``token`` ``(B, 1)``
+    and draw the next token of every row with :func:`sample_logits`; returns ``(next (B,),
+    logits (B, V))``. Sampling sits inside the step so a compiled (CUDA-graph) step needs no
+    host sync per token except reading the token."""
+    logits = decode_one_token(model, token, input_pos, mask, position_ids)
+    return sample_logits(logits, temperature, top_k, top_p, seed=seeds, step=steps), logits
+
+
+def compiled_decode_step(device: torch.device) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`decode_step` under ``torch.compile``: on CUDA as CUDA graphs (``reduce-overhead``,
+    the whole step one graph: static cache, static shapes); elsewhere the default mode. Graphs
+    are kept on the function's code object, so wrapping it again reuses them (no module state)."""
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    return torch.compile(decode_step, mode=mode, fullgraph=True, dynamic=False)
 
 
 # --- input handling ----------------------------------------------------------------------------------
-def _as_padded_batch(input_ids: torch.Tensor | Sequence[Sequence[int]],
-                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """``(ids (B, P), valid (B, P) bool, ragged)``: a list of prompts is left-padded with 0s."""
+def _as_padded_batch(input_ids: torch.Tensor | Sequence[Sequence[int]], vocab_size: int,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids (B, P), valid (B, P) bool)``: a list of prompts is left-padded with 0s."""
     if isinstance(input_ids, torch.Tensor):
-        if input_ids.dim() != 2:
-            hint = " (for one prompt use ids[None])" if input_ids.dim() == 1 else ""
-            raise ValueError(f"input_ids must be a (batch, seq_len) tensor or a list of id lists, got shape "
-                             f"{tuple(input_ids.shape)}{hint}")
-        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-            raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
-        if input_ids.size(1) == 0 or input_ids.size(0) == 0:
-            raise ValueError("empty prompt: give at least one token per row (e.g. the tokenizer's eot id)")
+        check_token_ids(input_ids, vocab_size)
         ids = input_ids.to(device=device, dtype=torch.long)
-        return ids, torch.ones_like(ids, dtype=torch.bool), False
+        return ids, torch.ones_like(ids, dtype=torch.bool)
     if isinstance(input_ids, (str, bytes)) or not isinstance(input_ids, Sequence) or not input_ids \
             or not all(isinstance(row, (Sequence, torch.Tensor)) and not isinstance(row, str) for row in input_ids):
         raise ValueError("input_ids must be a (batch, seq_len) tensor or a non-empty list of token id lists "
@@ -213,23 +324,21 @@ def _as_padded_batch(input_ids: torch.Tensor | Sequence[Sequence[int]],
     for i, row in enumerate(rows):
         ids[i, P - len(row):] = torch.tensor(row, dtype=torch.long)
         valid[i, P - len(row):] = True
-    return ids.to(device), valid.to(device), True
+    check_token_ids(torch.tensor([t for row in rows for t in row]), vocab_size, ndim=1)
+    return ids.to(device), valid.to(device)
 
 
-def _check_id_range(ids: torch.Tensor, vocab_size: int) -> None:
-    lo, hi = int(ids.min()), int(ids.max())
-    if lo < 0 or hi >= vocab_size:
-        raise ValueError(f"token id {lo if lo < 0 else hi} is out of range: ids must be in [0, {vocab_size}) "
-                         f"for this model's vocab_size {vocab_size}")
-
-
-def _make_generator(seed: int | None, generator: torch.Generator | None,
-                    device: torch.device) -> torch.Generator | None:
+def base_seed(seed: int | None, generator: torch.Generator | None) -> int:
+    """The seed of row 0 of a generation: ``seed``, else one drawn from ``generator`` (kept for
+    compatibility: the generator only seeds the hash, so its device no longer matters), else one
+    drawn from torch's global generator (``torch.manual_seed`` makes it reproducible)."""
     if seed is not None and generator is not None:
         raise ValueError("pass either seed or generator, not both")
-    if seed is None:
-        return generator
-    return torch.Generator(device=device).manual_seed(int(seed))
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        return seed
+    return new_seed(generator)
 
 
 # --- the loop ------------------------------------------------------------------------------------
@@ -241,12 +350,16 @@ def stream(model: GPT, input_ids: torch.Tensor | Sequence[Sequence[int]], max_ne
     """Yield the next token of every row, ``(B,)`` int64 on the model's device, as it is produced.
 
     ``input_ids`` is a ``(B, T)`` tensor or a list of prompts (lists of ids) of any lengths.
-    Sampling: see :func:`sample_logits`; ``seed`` (or a ``torch.Generator``) makes it
-    reproducible. A row is finished when it produces ``eot_id`` or when its generated text
-    (decoded with ``tokenizer``) contains one of ``stop_strings``; finished rows keep yielding
-    ``eot_id`` (0 when there is none) and the loop ends when every row is finished or after
-    ``max_new_tokens`` steps. ``compile=True`` compiles the decode step with ``torch.compile``
-    (falls back to eager with a warning where that fails). Windows: see the module docstring.
+    Sampling: see :func:`sample_logits`. Row ``i`` draws with seed ``seed + i``, so a row gives
+    the same tokens alone (seeded ``seed + i``) or in any batch, on any device (for the same
+    logits). ``generator`` (deprecated) seeds from a ``torch.Generator``; with neither, a seed is
+    drawn from torch's global generator. A row is finished when it produces ``eot_id`` or when its
+    text (one :class:`TextStream` per row, decoded with ``tokenizer``) completes one of
+    ``stop_strings``; finished rows keep yielding ``eot_id`` (0 when there is none) and the loop
+    ends when every row is finished or after ``max_new_tokens`` steps. ``compile=True`` compiles
+    the decode step (:func:`compiled_decode_step`; falls back to eager with a warning where that
+    fails). Windows: see the module docstring. The model's KV cache is in use until the iterator
+    ends or is closed: one generation per model at a time.
     """
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
     stops = list(stop_strings or [])
@@ -254,92 +367,118 @@ def stream(model: GPT, input_ids: torch.Tensor | Sequence[Sequence[int]], max_ne
         raise ValueError("stop_strings need a tokenizer (anything with .decode(ids) -> str) to read the text")
     TextStream(tokenizer, stops)  # validates the stop strings at the call
     device = model.device
-    prompt, prompt_valid, _ = _as_padded_batch(input_ids, device)
-    _check_id_range(prompt, model.config.vocab_size)
-    if eot_id is not None and not 0 <= eot_id < model.config.vocab_size:
-        raise ValueError(f"eot_id {eot_id} is not a token id of this model (vocab_size {model.config.vocab_size})")
-    gen = _make_generator(seed, generator, device)
+    V = model.config.vocab_size
+    prompt, prompt_valid = _as_padded_batch(input_ids, V, device)
+    if eot_id is not None and not 0 <= eot_id < V:
+        raise ValueError(f"eot_id {eot_id} is not a token id of this model (vocab_size {V})")
+    seeds = row_seeds(base_seed(seed, generator), prompt.size(0), device)
     C = model.config.context_length
     if prompt.size(1) > C and max_new_tokens > 0:
         warnings.warn(f"the prompt has {prompt.size(1)} tokens, more than context_length {C}: using its last {C}",
                       stacklevel=3)
         prompt, prompt_valid = prompt[:, -C:], prompt_valid[:, -C:]
     texts = [TextStream(tokenizer, stops) for _ in range(prompt.size(0))] if stops else None
+    sampling = _Sampling(temperature, top_k, top_p, seeds)
     # Everything above runs at the call; the loop below runs as the caller iterates.
-    return _steps(model, prompt, prompt_valid, max_new_tokens,
-                  lambda logits: sample_logits(logits, temperature, top_k, top_p, gen), eot_id, texts, compile)
+    return _steps(model, prompt, prompt_valid, max_new_tokens, sampling, eot_id, texts, compile)
+
+
+class _Sampling:
+    """One generation's sampling settings, seeds and step counter (a static buffer)."""
+
+    def __init__(self, temperature: float, top_k: int | None, top_p: float | None, seeds: torch.Tensor) -> None:
+        self.temperature, self.top_k, self.top_p, self.seeds = temperature, top_k, top_p, seeds
+        self.steps = torch.zeros_like(seeds)
+
+    def at(self, step: int) -> tuple[Any, ...]:
+        """The sampling arguments of :func:`decode_step` for new token ``step``."""
+        self.steps.fill_(step)
+        return self.temperature, self.top_k, self.top_p, self.seeds, self.steps
+
+    def sample(self, logits: torch.Tensor, step: int) -> torch.Tensor:
+        t, k, p, seeds, steps = self.at(step)
+        return sample_logits(logits, t, k, p, seed=seeds, step=steps)
 
 
 class _Window:
-    """The tokens fed so far (left-padded rows) and the cache window over them, for :func:`_steps`."""
+    """The tokens fed so far (left-padded rows) and the cache window over them, for :func:`_steps`.
+
+    All rows of a generation sit at the same cache slot; the decode step still gets per-row
+    slots ``(B, 1)`` (the engine's rows differ). The attention mask is one additive float buffer
+    in the model's dtype, updated in place: nothing is built per step."""
 
     def __init__(self, model: GPT, prompt: torch.Tensor, prompt_valid: torch.Tensor, max_new_tokens: int) -> None:
         B, P = prompt.shape
         total = P + max_new_tokens
+        device = prompt.device
         self.model = model
-        self.tokens = torch.zeros(B, total, dtype=torch.long, device=prompt.device)  # every token, padded
+        self.tokens = torch.zeros(B, total, dtype=torch.long, device=device)  # every token, padded
         self.tokens[:, :P] = prompt
-        self.valid = torch.ones(B, total, dtype=torch.bool, device=prompt.device)
+        self.valid = torch.ones(B, total, dtype=torch.bool, device=device)
         self.valid[:, :P] = prompt_valid
         self.max_len = min(model.config.context_length, total - 1)  # the last sampled token is never fed back
-        # Running decode mask over all cache slots: slot s becomes visible when it is written.
-        self.attn_mask = torch.zeros(B, 1, 1, self.max_len, dtype=torch.bool, device=prompt.device)
+        # Slot s of row b is visible (0) once written and not padding; else -inf.
+        self.mask = torch.full((B, 1, 1, self.max_len), float("-inf"), dtype=model.dtype, device=device)
         self.start, self.n = 0, P  # the window is tokens[:, start:n]; its slots are 0 .. n-start-1
-        self.next_pos = torch.zeros(B, 1, dtype=torch.long, device=prompt.device)
-        self.slot = torch.zeros(1, dtype=torch.long, device=prompt.device)
+        self.slot = torch.zeros(B, 1, dtype=torch.long, device=device)  # static buffers for the step
+        self.next_pos = torch.zeros(B, 1, dtype=torch.long, device=device)
 
     def fill(self, start: int) -> torch.Tensor:
         """Prefill tokens[:, start:n] into slots 0..; return the last logits ``(B, V)``."""
         self.start = start
         T = self.n - start
         window_valid = self.valid[:, start:self.n]
-        self.attn_mask.zero_()
-        self.attn_mask[:, 0, 0, :T] = window_valid
-        mask = self.model.causal_mask[:T, :T] & self.attn_mask[..., :T]  # (B, 1, T, T): only the window's slots
+        mask = self.model.causal_mask[:T, :T] & window_valid[:, None, None, :]  # (B, 1, T, T)
         # A padding query attends to itself only; an all-masked row would make SDPA return NaN.
         diag = torch.arange(T, device=mask.device)
         mask[:, 0, diag, diag] = True
+        self.mask.fill_(float("-inf"))
+        self.mask[:, 0, 0, :T].masked_fill_(window_valid, 0.0)
         position_ids = (window_valid.long().cumsum(dim=1) - 1).clamp(min=0)
-        self.next_pos = position_ids[:, -1:] + 1
+        self.next_pos.copy_(position_ids[:, -1:] + 1)
         return prefill(self.model, self.tokens[:, start:self.n], diag, mask, position_ids)
 
     def append(self, token: torch.Tensor) -> None:
         self.tokens[:, self.n] = token
         self.n += 1
 
-    def decode(self, decode: Callable[..., torch.Tensor], token: torch.Tensor, full_mask: bool) -> torch.Tensor:
-        """Feed the newest token of every row; return the next logits ``(B, V)``."""
-        self.slot.fill_(self.n - 1 - self.start)
-        self.attn_mask.index_fill_(3, self.slot, True)
+    def decode(self, step_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]], token: torch.Tensor,
+               sampling: tuple[Any, ...], full_mask: bool) -> torch.Tensor:
+        """Feed the newest token of every row and draw the next one ``(B,)``."""
+        s = self.n - 1 - self.start
+        self.slot.fill_(s)
+        self.mask[..., s] = 0.0
         # Eager: attend to the filled slots only (O(filled) per token). Compiled: the full,
         # static-shape mask, so one graph serves every step.
-        step_mask = self.attn_mask if full_mask else self.attn_mask[..., : self.n - self.start]
-        logits = decode(self.model, token[:, None], self.slot, step_mask, self.next_pos)
-        self.next_pos = self.next_pos + 1
-        return logits
+        mask = self.mask if full_mask else self.mask[..., : s + 1]
+        nxt, _ = step_fn(self.model, token[:, None], self.slot, mask, self.next_pos, *sampling)
+        self.next_pos += 1
+        return nxt
 
 
 @torch.no_grad()
-def _steps(model: GPT, prompt: torch.Tensor, prompt_valid: torch.Tensor, max_new_tokens: int,
-           sample: Callable[[torch.Tensor], torch.Tensor], eot_id: int | None, texts: list[TextStream] | None,
-           compile: bool) -> Iterator[torch.Tensor]:
+def _steps(model: GPT, prompt: torch.Tensor, prompt_valid: torch.Tensor, max_new_tokens: int, sampling: _Sampling,
+           eot_id: int | None, texts: list[TextStream] | None, compile: bool) -> Iterator[torch.Tensor]:
     """The generation loop of :func:`stream` on a validated, left-padded prompt."""
     if max_new_tokens == 0:
         return
-    B = prompt.size(0)
     C = model.config.context_length
     pad_id = eot_id if eot_id is not None else 0
-    done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
+    done = torch.zeros(prompt.size(0), dtype=torch.bool, device=prompt.device)
     check_done = eot_id is not None or texts is not None
     window = _Window(model, prompt, prompt_valid, max_new_tokens)
-    decode = _decode_fn(compile)
+    step_fn = compiled_decode_step(model.device) if compile else decode_step
     check_inputs = model.check_inputs
-    model.setup_cache(B, window.max_len)
+    model.setup_cache(prompt.size(0), window.max_len)
     try:
         model.check_inputs = False  # ids were range-checked above; the per-step check syncs the device
-        logits = window.fill(0)
+        token = sampling.sample(window.fill(0), 0)
         for step in range(max_new_tokens):
-            token = sample(logits)
+            if step:
+                if window.n - window.start > C:  # the window would outgrow the context: slide it (module docstring)
+                    token = sampling.sample(window.fill(window.n - max(1, C // 2)), step)
+                else:
+                    token, step_fn = _decode_or_fall_back(window, step_fn, token, sampling.at(step))
             if check_done:
                 token = torch.where(done, torch.full_like(token, pad_id), token)
             window.append(token)
@@ -349,23 +488,25 @@ def _steps(model: GPT, prompt: torch.Tensor, prompt_valid: torch.Tensor, max_new
                 if texts is not None:
                     _mark_stopped(done, token, texts)
             yield token
-            if step == max_new_tokens - 1 or (check_done and bool(done.all())):
+            if check_done and bool(done.all()):
                 break
-            if window.n - window.start > C:  # the window would outgrow the context: slide it (module docstring)
-                logits = window.fill(window.n - max(1, C // 2))
-                continue
-            try:
-                logits = window.decode(decode, token, full_mask=decode is not decode_one_token)
-            except Exception as e:  # noqa: BLE001 - any compiler failure: eager is always correct
-                if decode is decode_one_token:
-                    raise
-                warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: "
-                              f"{str(e)[:200]}); decoding eagerly instead", stacklevel=2)
-                decode = decode_one_token  # rewriting the same cache slot again is harmless
-                logits = window.decode(decode, token, full_mask=True)
     finally:
         model.clear_cache()
         model.check_inputs = check_inputs
+
+
+def _decode_or_fall_back(window: _Window, step_fn: Callable[..., Any], token: torch.Tensor,
+                         sampling: tuple[Any, ...]) -> tuple[torch.Tensor, Callable[..., Any]]:
+    """One decode step; a compiled step that fails falls back to eager (always correct) for good."""
+    if step_fn is decode_step:
+        return window.decode(step_fn, token, sampling, full_mask=False), step_fn
+    try:
+        return window.decode(step_fn, token, sampling, full_mask=True), step_fn
+    except Exception as e:  # noqa: BLE001 - any compiler failure
+        warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: {str(e)[:200]}); "
+                      f"decoding eagerly instead", stacklevel=3)
+        # decode() failed before advancing anything; rewriting the same cache slot is harmless.
+        return window.decode(decode_step, token, sampling, full_mask=False), decode_step
 
 
 def _mark_stopped(done: torch.Tensor, token: torch.Tensor, texts: list[TextStream]) -> None:

@@ -26,6 +26,33 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
 
+def check_token_ids(ids: Any, vocab_size: int, *, ndim: int = 2, check_range: bool = True,
+                    name: str = "input_ids") -> None:
+    """The one check of token ids (the model's forward, generation, evaluation): a tensor of
+    integers with ``ndim`` dimensions (2: ``(batch, seq_len)``; 1: one sequence), not empty, every
+    id in ``[0, vocab_size)``. ``check_range=False`` skips the range check, which costs a
+    device-to-host sync (callers that checked the ids once turn it off per step)."""
+    if not isinstance(ids, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of token ids, got {type(ids).__name__}")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integer token ids (torch.long), got dtype {ids.dtype}; "
+                         f"convert with {name}.long()")
+    if ids.dim() != ndim:
+        if ndim == 2:
+            hint = " (for one sequence use input_ids[None])" if ids.dim() == 1 else ""
+            raise ValueError(f"{name} must have shape (batch, seq_len), got shape {tuple(ids.shape)}{hint}")
+        raise ValueError(f"{name} must be one {ndim}-D sequence of token ids, got shape {tuple(ids.shape)}")
+    if ids.numel() == 0:
+        raise ValueError(f"{name} has no tokens (empty prompt): give at least one (e.g. the tokenizer's "
+                         f"end-of-text id)")
+    if check_range:
+        lo, hi = (int(t) for t in torch.aminmax(ids))
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"token id {lo if lo < 0 else hi} is out of range: ids must be in [0, {vocab_size}) "
+                             f"for this model's vocab_size {vocab_size}; were they encoded with this model's "
+                             f"tokenizer?")
+
+
 class KVCache(nn.Module):
     """Preallocated keys and values of one attention layer: ``(batch, n_head, max_len, head_dim)``.
 
@@ -39,11 +66,24 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write ``k, v`` (B, H, T, hd) into slots ``input_pos`` (T,) and return the whole cache."""
-        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
-        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
-        return self.k, self.v
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               cache_row: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``k, v`` (B, H, T, hd) into cache rows ``cache_row .. cache_row + B - 1`` at slots
+        ``input_pos``: ``(T,)`` (the same slots for every row) or ``(B, T)`` (each row its own
+        slots, e.g. rows at different lengths); return those rows of the whole cache (views)."""
+        kc, vc = self.k, self.v
+        B = k.size(0)
+        if cache_row or kc.size(0) != B:
+            kc, vc = kc[cache_row:cache_row + B], vc[cache_row:cache_row + B]  # views: writes land in the cache
+        k, v = k.to(kc.dtype), v.to(vc.dtype)
+        if input_pos.dim() == 1:
+            kc.index_copy_(2, input_pos, k)
+            vc.index_copy_(2, input_pos, v)
+        else:
+            index = input_pos[:, None, :, None].expand(k.shape)
+            kc.scatter_(2, index, k)
+            vc.scatter_(2, index, v)
+        return kc, vc
 
 
 class CausalSelfAttention(nn.Module):
@@ -61,7 +101,7 @@ class CausalSelfAttention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, cache_row: int = 0) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.d_model, dim=2)
         # (B, T, C) -> (B, n_head, T, head_dim): heads become a batch dimension for SDPA.
@@ -70,7 +110,7 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         if self.kv_cache is not None:
             assert input_pos is not None and mask is not None, "the KV cache needs input_pos and a mask"
-            k, v = self.kv_cache.update(input_pos, k, v)
+            k, v = self.kv_cache.update(input_pos, k, v, cache_row)
             # Attend only to the slots the mask covers: while the cache is filling, the slots past
             # the mask's length are empty, and skipping them makes each decode step O(filled).
             if mask.size(-1) < k.size(2):
@@ -119,8 +159,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), input_pos, mask)
+                mask: torch.Tensor | None = None, cache_row: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), input_pos, mask, cache_row)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -164,7 +204,8 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        self._cache_len = 0
+        self._cache_len = 0  # slots per row of the live KV cache (0: none)
+        self._cache_batch = 0  # its rows
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -204,14 +245,20 @@ class GPT(nn.Module):
 
     # --- forward -------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                cache_row: int = 0) -> torch.Tensor:
         """Logits ``(B, T, vocab_size)`` for token ids ``(B, T)``.
 
-        Plain use needs only ``input_ids``. Generation passes ``input_pos`` (the KV-cache slots,
-        shape ``(T,)``, which are also the positions unless ``position_ids`` ``(B, T)`` says
-        otherwise, e.g. for left-padded batches) and optionally a boolean attention ``mask``
-        ``(B or 1, 1, T, L)`` where True means "may attend" (or an additive float mask); only the
-        first ``L <= cache_len`` cache slots are attended, so a caller can skip empty slots.
+        Plain use needs only ``input_ids``. With a KV cache (``setup_cache``) every forward says
+        which cache slots it writes: ``input_pos`` ``(T,)`` (the same slots for all rows) or
+        ``(B, T)`` (each row its own, e.g. rows of different lengths decoding together). These are
+        also the positions unless ``position_ids`` (``(T,)`` or ``(B, T)``) says otherwise, e.g.
+        for left-padded rows. ``mask`` ``(B or 1, 1, T, L)`` says which of the first ``L`` cache
+        slots each token attends to: boolean (True = may attend) or additive float in the model's
+        dtype (0 or -inf; the decode loops keep one such buffer, so no mask is built per step).
+        Only those ``L <= cache_len`` slots are read, so a caller can skip empty slots. Without a
+        mask a token at slot t sees slots 0..t. ``cache_row`` is the first cache row this batch
+        uses (rows ``cache_row .. cache_row + B - 1``; e.g. to prefill one request into its slot).
         """
         self._check_input_ids(input_ids)
         B, T = input_ids.shape
@@ -219,8 +266,12 @@ class GPT(nn.Module):
             if input_pos is None:
                 raise ValueError("the KV cache is set up: pass input_pos (the cache slots to write), "
                                  "or call model.clear_cache() first")
+            if cache_row < 0 or cache_row + B > self._cache_batch:
+                raise ValueError(f"cache rows {cache_row}..{cache_row + B - 1} are outside the KV cache's "
+                                 f"{self._cache_batch} rows")
             if mask is None:
-                mask = self.causal_mask[None, None, input_pos]
+                mask = self.causal_mask[input_pos]  # (T, L) or (B, T, L)
+                mask = mask[None, None] if input_pos.dim() == 1 else mask[:, None]
             if mask.dtype == torch.bool:
                 # One additive float mask for all layers; SDPA would convert a bool mask in every layer.
                 mask = torch.zeros(mask.shape, dtype=self.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
@@ -231,7 +282,7 @@ class GPT(nn.Module):
             pos = torch.arange(T, device=input_ids.device) if position_ids is None else position_ids
         x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(pos))
         for block in self.transformer.h:
-            x = block(x, input_pos, mask)
+            x = block(x, input_pos, mask, cache_row)
         x = self.transformer.ln_f(x)
         return self.lm_head(x)
 
@@ -246,35 +297,22 @@ class GPT(nn.Module):
         return next_token_loss(logits, targets, ignore_index)
 
     def _check_input_ids(self, input_ids: torch.Tensor) -> None:
-        if not isinstance(input_ids, torch.Tensor):
-            raise ValueError(f"input_ids must be a torch.Tensor of token ids with shape (batch, seq_len), "
-                             f"got {type(input_ids).__name__}")
-        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-            raise ValueError(f"input_ids must hold integer token ids (torch.long), got dtype {input_ids.dtype}; "
-                             f"convert with input_ids.long()")
-        if input_ids.dim() != 2:
-            hint = " (for one sequence use input_ids[None])" if input_ids.dim() == 1 else ""
-            raise ValueError(f"input_ids must have shape (batch, seq_len), got shape "
-                             f"{tuple(input_ids.shape)}{hint}")
+        check_token_ids(input_ids, self.config.vocab_size, check_range=self.check_inputs)
         T = input_ids.size(1)
-        if T == 0:
-            raise ValueError("input_ids is empty (seq_len 0): give at least one token")
         limit = self._cache_len or self.config.context_length
         if limit < T:
             raise ValueError(f"sequence length {T} exceeds the model's context_length {limit}; "
                              f"crop the input to its last {limit} tokens (input_ids[:, -{limit}:])")
-        if self.check_inputs and input_ids.numel():
-            lo, hi = torch.aminmax(input_ids)
-            lo, hi = int(lo), int(hi)
-            if lo < 0 or hi >= self.config.vocab_size:
-                bad = lo if lo < 0 else hi
-                raise ValueError(f"token id {bad} is out of range: ids must be in [0, {self.config.vocab_size}) "
-                                 f"for this model's vocab_size {self.config.vocab_size}")
 
     # --- KV cache ------------------------------------------------------------------------------
     def setup_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> None:
         """Allocate a KV cache for ``batch_size`` rows of up to ``max_len`` tokens (default:
         ``context_length``). Until ``clear_cache()`` every forward must say its ``input_pos``."""
+        if self._cache_len:
+            raise RuntimeError("this model already has a live KV cache (another generate/stream or an Engine is "
+                               "using it, e.g. an unfinished stream() iterator): finish or close() that first, or "
+                               "call model.clear_cache() if it was abandoned; a model serves one generation at a "
+                               "time (batch prompts together, or use gpt2model.engine.Engine for many requests)")
         max_len = max_len or self.config.context_length
         if not 0 < max_len <= self.config.context_length:
             raise ValueError(f"cache length must be in [1, context_length={self.config.context_length}], got {max_len}")
@@ -287,6 +325,7 @@ class GPT(nn.Module):
                              torch.tril(torch.ones(max_len, max_len, dtype=torch.bool, device=self.device)),
                              persistent=False)
         self._cache_len = max_len
+        self._cache_batch = batch_size
 
     def clear_cache(self) -> None:
         """Free the KV cache and return to plain (cache-less) forwards."""
@@ -295,6 +334,7 @@ class GPT(nn.Module):
         if hasattr(self, "causal_mask"):
             del self.causal_mask
         self._cache_len = 0
+        self._cache_batch = 0
 
     # --- shape surgery -------------------------------------------------------------------------
     def crop_context(self, context_length: int) -> None:

@@ -1,0 +1,474 @@
+"""The serving engine: continuous batching over the rows ("slots") of one static KV cache.
+
+One inference thread owns the model and a KV cache of ``max_batch`` rows. Requests wait in a
+bounded queue (:class:`QueueFullError` past ``max_queue``); whenever a slot is free the next
+request is prefilled into that cache row (a batch of one) while the other rows keep their
+state, and every decode step then advances all active rows at once, each at its own cache
+position, with its own sampling settings and seed. A finished or cancelled row frees its slot
+at once. The engine knows nothing of HTTP or of text: token ids in, :class:`TokenEvent` /
+:class:`FinishEvent` out (stop strings are :class:`gpt2model.generate.TextStream`'s job, in the
+caller, which cancels the request when its text stops).
+
+It runs the same decode step (:func:`gpt2model.generate.decode_step`) and the same sampling
+function as :func:`gpt2model.generate.generate`, so a request gives exactly the tokens that
+``model.generate(prompt, seed=S, ...)`` gives for it alone (greedy or seeded), however many
+requests run beside it: every row draws from its own seed and token index, never from shared
+generator state.
+
+Decode shapes: eagerly, a step runs over cache rows ``0 .. highest active`` (free slots are
+taken lowest first) and attends to the filled cache positions only; with ``compile=True`` the
+step always runs over all ``max_batch`` rows and the whole cache, so one graph (on CUDA: one
+CUDA graph) serves every step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .generate import (
+    check_sampling_args,
+    compiled_decode_step,
+    decode_step,
+    new_seed,
+    prefill,
+    sample_logits,
+    seed_tensor,
+)
+from .model import check_token_ids
+
+if TYPE_CHECKING:
+    from .model import GPT
+
+MAX_LOGPROBS = 20  # top-k logprobs per token at most (vLLM's default limit)
+
+
+@dataclass
+class SamplingParams:
+    """How one request is sampled. ``temperature=0`` is greedy (exact argmax). ``seed=None``: the
+    engine draws one; the same seed gives the same tokens alone or batched (and the tokens
+    ``model.generate(prompt, seed=seed)`` gives). ``logprobs=k``: each token comes with its
+    log-probability under the model (log-softmax of the raw logits, before temperature and
+    filters) and the ``k`` most likely tokens with theirs. Generating one of ``stop_token_ids``
+    (e.g. end-of-text) ends the request with reason ``"stop"``; that token is not emitted."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    logprobs: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+
+
+class QueueFullError(RuntimeError):
+    """``submit`` found ``max_queue`` requests already waiting (HTTP 429: retry later)."""
+
+
+@dataclass
+class TokenEvent:
+    """One generated token (with its logprob and top logprobs when the request asked for them)."""
+
+    token: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+@dataclass
+class FinishEvent:
+    """The last event of every request: ``reason`` is ``"stop"`` (a stop token), ``"length"``
+    (``max_tokens`` reached), ``"cancelled"`` or ``"error"`` (then ``error`` says what)."""
+
+    reason: str
+    error: str | None = None
+
+
+class Request:
+    """A submitted request: read its events (``events()`` from a thread or ``aevents()`` from
+    asyncio; one reader), ``cancel()`` it from anywhere. Ends with exactly one FinishEvent."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, wake: threading.Condition) -> None:
+        self.id = uuid.uuid4().hex
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.submitted = time.monotonic()
+        self.finish_reason: str | None = None
+        self._engine_wake = wake
+        self._cancelled = threading.Event()
+        self._cond = threading.Condition()
+        self._events: deque[TokenEvent | FinishEvent] = deque()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def cancel(self) -> None:
+        """Ask the engine to stop this request (thread-safe); its slot is freed at the next step."""
+        self._cancelled.set()
+        with self._engine_wake:
+            self._engine_wake.notify_all()
+
+    def _emit(self, event: TokenEvent | FinishEvent) -> None:
+        with self._cond:
+            if self.finish_reason is not None:
+                return  # exactly one FinishEvent, nothing after it
+            if isinstance(event, FinishEvent):
+                self.finish_reason = event.reason
+            self._events.append(event)
+            self._cond.notify_all()
+            waiters = list(self._waiters)
+        for loop, ready in waiters:
+            with contextlib.suppress(RuntimeError):  # the reader's loop is closed: nobody listens any more
+                loop.call_soon_threadsafe(ready.set)
+
+    def events(self) -> Iterator[TokenEvent | FinishEvent]:
+        """Blocking iterator over the events, ending after the FinishEvent."""
+        while True:
+            with self._cond:
+                while not self._events:
+                    self._cond.wait()
+                event = self._events.popleft()
+            yield event
+            if isinstance(event, FinishEvent):
+                return
+
+    async def aevents(self) -> AsyncIterator[TokenEvent | FinishEvent]:
+        """The events for asyncio, woken from the engine thread with ``call_soon_threadsafe``."""
+        ready = asyncio.Event()
+        waiter = (asyncio.get_running_loop(), ready)
+        with self._cond:
+            self._waiters.append(waiter)
+        try:
+            while True:
+                ready.clear()  # before looking, so an event emitted after the look sets it again
+                with self._cond:
+                    batch = list(self._events)
+                    self._events.clear()
+                if not batch:
+                    await ready.wait()
+                    continue
+                for event in batch:
+                    yield event
+                    if isinstance(event, FinishEvent):
+                        return
+        finally:
+            with self._cond:
+                self._waiters.remove(waiter)
+
+
+@dataclass
+class _Slot:
+    """A request's cache row: ``pos`` is the next cache position to write (= tokens in the row)."""
+
+    request: Request
+    pos: int
+    seed: int = 0  # the request's seed, or one the engine drew for it
+    generated: int = 0
+
+
+class Engine:
+    """Continuous batching for one model (see the module docstring). ``start()`` spawns the
+    inference thread; ``ready`` is set once it has warmed up."""
+
+    def __init__(self, model: GPT, *, max_batch: int = 8, max_queue: int = 64, compile: bool = False) -> None:
+        for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        self.model = model
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.compile = compile
+        self.ready = threading.Event()
+        self._wake = threading.Condition()  # guards the queue and the flags below
+        self._queue: deque[Request] = deque()
+        self._accepting = True
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._slots: list[_Slot | None] = [None] * max_batch
+        self._running = 0
+        self._counts = dict(submitted=0, tokens_generated=0, steps=0, prefills=0)
+        self._finished = dict.fromkeys(("stop", "length", "cancelled", "error"), 0)
+        self._fatal: str | None = None
+
+    # --- the public side (any thread) -------------------------------------------------------------
+    def start(self) -> None:
+        """Spawn the inference thread (it allocates the cache and warms up, then sets ``ready``)."""
+        if self._thread is not None:
+            raise RuntimeError("the engine is already started")
+        self._thread = threading.Thread(target=self._run, name="gpt2model-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams) -> Request:
+        """Queue a request; ``ValueError`` names what is wrong with it, ``QueueFullError`` when
+        ``max_queue`` requests already wait, ``RuntimeError`` once shutting down."""
+        prompt = self._check(prompt_ids, params)
+        request = Request(prompt, params, self._wake)
+        with self._wake:
+            if not self._accepting or self._fatal is not None:
+                raise RuntimeError(f"the engine is not accepting requests ({self._fatal or 'shutting down'})")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFullError(f"{len(self._queue)} requests are already waiting (max_queue {self.max_queue}); "
+                                     f"retry later")
+            self._queue.append(request)
+            self._counts["submitted"] += 1
+            self._wake.notify_all()
+        return request
+
+    def shutdown(self, timeout: float) -> None:
+        """Stop accepting; let queued and running requests finish for up to ``timeout`` seconds,
+        then cancel the rest and stop the thread (the model's KV cache is freed)."""
+        deadline = time.monotonic() + max(0.0, timeout)
+        with self._wake:
+            self._accepting = False
+            self._wake.notify_all()
+            while self._thread is not None and self._thread.is_alive() and (self._queue or self._running):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._wake.wait(min(left, 0.05))
+            self._stopping = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(max(5.0, deadline - time.monotonic()))
+        else:
+            self._cancel_all()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for monitoring: requests ``running`` and ``queued`` now, ``tokens_generated``,
+        ``steps`` (decode steps), ``prefills``, ``submitted`` and ``finished`` by reason."""
+        with self._wake:
+            return dict(running=self._running, queued=len(self._queue), max_batch=self.max_batch,
+                        max_queue=self.max_queue, ready=self.ready.is_set(), error=self._fatal,
+                        **self._counts, finished=dict(self._finished))
+
+    def _check(self, prompt_ids: Sequence[int], params: SamplingParams) -> list[int]:
+        cfg = self.model.config
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if isinstance(prompt_ids, (str, bytes)) or not isinstance(prompt_ids, Sequence) \
+                or any(isinstance(t, bool) or not isinstance(t, int) for t in prompt_ids):
+            raise ValueError("the prompt must be a list of token ids (integers); encode text with the tokenizer")
+        prompt = [int(t) for t in prompt_ids]
+        check_token_ids(torch.tensor(prompt, dtype=torch.long), cfg.vocab_size, ndim=1, name="the prompt")
+        check_sampling_args(params.max_tokens, params.temperature, params.top_k, params.top_p)
+        if params.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {params.max_tokens}")
+        if len(prompt) + params.max_tokens > cfg.context_length:
+            raise ValueError(f"the prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
+                             f"model's context length {cfg.context_length}: shorten the prompt or lower max_tokens")
+        if params.seed is not None and (isinstance(params.seed, bool) or not isinstance(params.seed, int)):
+            raise ValueError(f"seed must be an integer, got {params.seed!r}")
+        if params.logprobs is not None and (isinstance(params.logprobs, bool) or not isinstance(params.logprobs, int)
+                                            or not 0 <= params.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {params.logprobs!r}")
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < cfg.vocab_size
+               for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be token ids in [0, {cfg.vocab_size}), "
+                             f"got {params.stop_token_ids!r}")
+        return prompt
+
+    # --- the inference thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._setup()
+        except Exception as e:  # noqa: BLE001 - report it; requests must not wait forever
+            with self._wake:
+                self._fatal = f"the engine failed to start: {type(e).__name__}: {e}"
+            self._cancel_all(reason="error", error=self._fatal)
+            return
+        self.ready.set()
+        try:
+            while True:
+                with self._wake:
+                    while not self._stopping and not self._queue and not self._running:
+                        self._wake.wait()
+                    if self._stopping:
+                        break
+                    admit = self._take_admissible()
+                for slot, request in admit:
+                    self._admit(slot, request)
+                self._drop_cancelled()
+                if self._running:
+                    self._step()
+        finally:
+            self._cancel_all()
+            self.model.clear_cache()
+
+    def _setup(self) -> None:
+        m = self.model
+        m.eval()
+        B, C, device = self.max_batch, m.config.context_length, m.device
+        m.setup_cache(B, C)
+        self._check_inputs = m.check_inputs
+        m.check_inputs = False  # ids are checked at submit; the per-forward check syncs the device
+        self._tokens = torch.zeros(B, 1, dtype=torch.long, device=device)
+        self._pos = torch.zeros(B, 1, dtype=torch.long, device=device)
+        self._mask = torch.full((B, 1, 1, C), float("-inf"), dtype=m.dtype, device=device)
+        self._mask[..., 0] = 0.0  # free rows attend to slot 0: never a fully masked (NaN) row
+        self._step_fn = compiled_decode_step(device) if self.compile else decode_step
+        # Warm up (and compile) with a one-token request in slot 0, then forget it.
+        with torch.no_grad():
+            prefill(m, self._tokens[:1], self._pos[0, :1].clone(), None, cache_row=0)
+            self._decode(B if self.compile else 1, greedy_only=True)
+        self._pos.zero_()
+
+    def _take_admissible(self) -> list[tuple[int, Request]]:
+        """Pop queued requests into free slots (lowest first); called with the lock held."""
+        admit = []
+        for request in [r for r in self._queue if r.cancelled]:  # cancelled while waiting: finish now
+            self._queue.remove(request)
+            self._finish_locked(request, FinishEvent("cancelled"))
+        free = [i for i, s in enumerate(self._slots) if s is None]
+        while free and self._queue:
+            request = self._queue.popleft()
+            if request.cancelled:
+                self._finish_locked(request, FinishEvent("cancelled"))
+                continue
+            slot = free.pop(0)
+            self._slots[slot] = _Slot(request, pos=0)  # reserved; filled by _admit
+            self._running += 1
+            admit.append((slot, request))
+        return admit
+
+    @torch.no_grad()
+    def _admit(self, b: int, request: Request) -> None:
+        """Prefill the prompt into cache row ``b`` and emit the first token."""
+        try:
+            p = request.params
+            ids = torch.tensor([request.prompt_ids], dtype=torch.long, device=self.model.device)
+            P = ids.size(1)
+            positions = torch.arange(P, device=ids.device)
+            logits = prefill(self.model, ids, positions, self.model.causal_mask[:P, :P][None, None], cache_row=b)
+            self._counts["prefills"] += 1
+            self._mask[b].fill_(float("-inf"))
+            self._mask[b, ..., :P] = 0.0
+            slot = self._slots[b]
+            assert slot is not None
+            slot.pos = P
+            slot.seed = new_seed() if p.seed is None else p.seed
+            token = sample_logits(logits, p.temperature, p.top_k, p.top_p, seed=slot.seed, step=0)
+            self._tokens[b] = token
+            self._deliver(b, int(token), logits[0] if p.logprobs is not None else None)
+        except Exception as e:  # noqa: BLE001 - one bad request must not take the engine down
+            self._free(b, FinishEvent("error", f"{type(e).__name__}: {e}"))
+
+    def _drop_cancelled(self) -> None:
+        for b, slot in enumerate(self._slots):
+            if slot is not None and slot.request.cancelled:
+                self._free(b, FinishEvent("cancelled"))
+
+    @torch.no_grad()
+    def _step(self) -> None:
+        """One decode step over every active row; a failure fails those rows, not the engine."""
+        active = [b for b, s in enumerate(self._slots) if s is not None]
+        try:
+            hi = self.max_batch if self.compile else active[-1] + 1
+            tokens, logits = self._decode(hi)
+            self._counts["steps"] += 1
+        except Exception as e:  # noqa: BLE001
+            for b in active:
+                self._free(b, FinishEvent("error", f"decode step failed: {type(e).__name__}: {e}"))
+            return
+        for b in active:
+            slot = self._slots[b]
+            if slot is None:
+                continue
+            try:
+                slot.pos += 1  # the token fed this step now sits in the cache
+                want = slot.request.params.logprobs is not None
+                self._deliver(b, tokens[b], logits[b] if want else None)
+            except Exception as e:  # noqa: BLE001
+                self._free(b, FinishEvent("error", f"{type(e).__name__}: {e}"))
+
+    def _decode(self, hi: int, greedy_only: bool = False) -> tuple[list[int], torch.Tensor]:
+        """Run :func:`decode_step` over cache rows ``0 .. hi-1``; returns the new tokens (host)
+        and the logits. Each active row feeds its last token at its own position."""
+        rows = self._slots[:hi]
+        pos_host = [s.pos if s is not None else 0 for s in rows]
+        self._pos[:hi, 0] = torch.tensor(pos_host)
+        pos = self._pos[:hi]
+        self._mask[:hi].scatter_(3, pos.view(hi, 1, 1, 1), 0.0)  # the slot written now becomes visible
+        L = self._mask.size(-1) if self.compile else max(pos_host) + 1
+        params = [s.request.params if s is not None else None for s in rows]
+        if greedy_only:
+            temperature: Any = torch.zeros(hi, device=pos.device)
+            top_k = top_p = None
+            seeds = steps = torch.zeros(hi, dtype=torch.long, device=pos.device)
+        else:
+            temperature = torch.tensor([p.temperature if p else 0.0 for p in params], device=pos.device)
+            top_k = top_p = None
+            if any(p is not None and p.top_k is not None for p in params):
+                top_k = torch.tensor([(p.top_k or 0) if p else 0 for p in params], device=pos.device)
+            if any(p is not None and p.top_p is not None for p in params):
+                top_p = torch.tensor([p.top_p if p and p.top_p is not None else 1.0 for p in params],
+                                     device=pos.device)
+            seeds = seed_tensor([s.seed if s else 0 for s in rows], pos.device)
+            steps = torch.tensor([s.generated if s else 0 for s in rows], dtype=torch.long, device=pos.device)
+        nxt, logits = self._step_fn(self.model, self._tokens[:hi], pos, self._mask[:hi, :, :, :L], pos,
+                                    temperature, top_k, top_p, seeds, steps)
+        self._tokens[:hi, 0] = nxt
+        return nxt.tolist(), logits
+
+    def _deliver(self, b: int, token: int, logits: torch.Tensor | None) -> None:
+        """Emit row ``b``'s new token (or finish on a stop token) and free the row when done."""
+        slot = self._slots[b]
+        assert slot is not None
+        p = slot.request.params
+        slot.generated += 1
+        if token in p.stop_token_ids:
+            self._free(b, FinishEvent("stop"))
+            return
+        event = TokenEvent(token)
+        if logits is not None:
+            logp = logits.float().log_softmax(dim=-1)
+            event.logprob = float(logp[token])
+            if p.logprobs:
+                top = logp.topk(p.logprobs)
+                event.top_logprobs = [(int(i), float(v)) for v, i in zip(top.values, top.indices, strict=True)]
+            else:
+                event.top_logprobs = []
+        with self._wake:
+            self._counts["tokens_generated"] += 1
+        slot.request._emit(event)
+        if slot.generated >= p.max_tokens:
+            self._free(b, FinishEvent("length"))
+
+    def _free(self, b: int, event: FinishEvent) -> None:
+        slot = self._slots[b]
+        if slot is None:
+            return
+        self._slots[b] = None
+        self._mask[b].fill_(float("-inf"))
+        self._mask[b, ..., 0] = 0.0
+        with self._wake:
+            self._running -= 1
+            self._finish_locked(slot.request, event)
+            self._wake.notify_all()
+
+    def _finish_locked(self, request: Request, event: FinishEvent) -> None:
+        if request.finish_reason is None:
+            self._finished[event.reason] += 1
+        request._emit(event)
+
+    def _cancel_all(self, reason: str = "cancelled", error: str | None = None) -> None:
+        """Finish every running and queued request (at shutdown, or when the engine cannot start)."""
+        for b, slot in enumerate(self._slots):
+            if slot is not None:
+                self._free(b, FinishEvent(reason, error))
+        with self._wake:
+            while self._queue:
+                self._finish_locked(self._queue.popleft(), FinishEvent(reason, error))
+            self._wake.notify_all()
+        if hasattr(self, "_check_inputs"):
+            self.model.check_inputs = self._check_inputs
+

@@ -1,0 +1,250 @@
+"""The serving engine: continuous batching gives each request exactly what it gets alone, cancels
+free their slot, the queue is bounded, a failing request does not take the engine down."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import time
+
+import pytest
+import torch
+
+from gpt2model import GPT, GPTconfig
+from gpt2model import engine as engine_mod
+from gpt2model.engine import Engine, FinishEvent, QueueFullError, Request, SamplingParams, TokenEvent
+from gpt2model.generate import generate
+
+CFG = GPTconfig(context_length=64, vocab_size=50, n_layer=2, n_head=2, d_model=32)
+_REFERENCE: dict[int, GPT] = {}  # a copy of each test model, for generate() while an engine holds the model
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT:
+    torch.manual_seed(0)
+    m = GPT(CFG)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # spiky weights: nearly flat logits would make comparisons weak
+        for name, p in m.named_parameters():
+            if "ln" not in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.15)
+    _REFERENCE[id(m)] = copy.deepcopy(m).eval()
+    return m.eval()
+
+
+@pytest.fixture
+def engine(model: GPT):
+    eng = Engine(model, max_batch=3, max_queue=8)
+    eng.start()
+    assert eng.ready.wait(60)
+    yield eng
+    eng.shutdown(timeout=5)
+    assert not hasattr(model, "causal_mask")  # the cache is freed for plain use
+
+
+def collect(request: Request, n: int | None = None) -> tuple[list[TokenEvent], FinishEvent | None]:
+    """Read all events (or the first ``n`` token events) of a request."""
+    tokens: list[TokenEvent] = []
+    for event in request.events():
+        if isinstance(event, FinishEvent):
+            return tokens, event
+        tokens.append(event)
+        if n is not None and len(tokens) == n:
+            return tokens, None
+    raise AssertionError("events() ended without a FinishEvent")
+
+
+def alone(model: GPT, prompt: list[int], p: SamplingParams) -> list[int]:
+    """What ``model.generate`` gives for the request on its own (on a copy of the model: the
+    engine holds the model's KV cache while it runs)."""
+    eot = p.stop_token_ids[0] if p.stop_token_ids else None
+    out = generate(_REFERENCE[id(model)], [prompt], p.max_tokens, temperature=p.temperature, top_k=p.top_k,
+                   top_p=p.top_p, seed=p.seed, eot_id=eot)[0][len(prompt):]
+    return out[:-1] if p.stop_token_ids and out and out[-1] == p.stop_token_ids[0] else out
+
+
+def test_requests_get_what_they_get_alone_while_others_join_and_leave(engine: Engine, model: GPT) -> None:
+    a_prompt, a = [3, 1, 4, 1, 5], SamplingParams(max_tokens=40, temperature=0)
+    req_a = engine.submit(a_prompt, a)
+    first, _ = collect(req_a, 5)  # A decodes alone for a while ...
+    others = [  # ... then requests of other lengths and settings join; some leave early
+        ([7], SamplingParams(max_tokens=6, temperature=0)),
+        ([9, 8, 7, 6, 5, 4, 3, 2, 1], SamplingParams(max_tokens=20, seed=11, top_k=10)),
+        ([2, 2], SamplingParams(max_tokens=15, seed=5, top_p=0.8, temperature=0.7)),
+        ([1, 2, 3], SamplingParams(max_tokens=12, seed=3)),
+    ]
+    reqs = [engine.submit(p, s) for p, s in others]  # more than the free slots: one waits for a slot
+    rest, fin = collect(req_a)
+    assert fin == FinishEvent("length")
+    assert [e.token for e in first + rest] == alone(model, a_prompt, a)
+    for req, (prompt, params) in zip(reqs, others, strict=True):
+        tokens, fin = collect(req)
+        assert fin.reason == "length" and [e.token for e in tokens] == alone(model, prompt, params), params
+        assert all(e.logprob is None and e.top_logprobs is None for e in tokens)
+    _wait_idle(engine)
+    s = engine.stats()
+    assert s["running"] == 0 and s["queued"] == 0 and s["finished"]["length"] == 5
+    assert s["tokens_generated"] == 40 + 6 + 20 + 15 + 12
+
+
+def _wait_idle(engine: Engine) -> None:
+    deadline = time.monotonic() + 10
+    while engine.stats()["running"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_seeded_request_is_the_same_alone_or_batched(engine: Engine) -> None:
+    params = SamplingParams(max_tokens=25, seed=1234, top_k=20, temperature=0.9)
+    solo, _ = collect(engine.submit([5, 6, 7], params))
+    crowd = [engine.submit([1] * (i + 1), SamplingParams(max_tokens=25, seed=i)) for i in range(2)]
+    again, _ = collect(engine.submit([5, 6, 7], params))
+    assert [e.token for e in again] == [e.token for e in solo]
+    for r in crowd:
+        collect(r)
+    unseeded = [[e.token for e in collect(engine.submit([5, 6, 7], SamplingParams(max_tokens=25)))[0]]
+                for _ in range(2)]
+    assert unseeded[0] != unseeded[1]  # the engine draws a fresh seed for each
+
+
+def test_stop_tokens_and_logprobs(engine: Engine, model: GPT) -> None:
+    prompt = [4, 4, 2]
+    greedy = alone(model, prompt, SamplingParams(max_tokens=20, temperature=0))
+    k = next(i for i in range(1, 20) if greedy[i] not in greedy[:i])
+    tokens, fin = collect(engine.submit(prompt, SamplingParams(max_tokens=20, temperature=0,
+                                                               stop_token_ids=(greedy[k],), logprobs=3)))
+    assert fin.reason == "stop" and [e.token for e in tokens] == greedy[:k]  # the stop token is not emitted
+    ids = list(prompt)
+    with torch.no_grad():
+        for e in tokens:
+            logp = _REFERENCE[id(model)](torch.tensor([ids]))[0, -1].log_softmax(-1)
+            assert e.logprob == pytest.approx(float(logp[e.token]), abs=1e-4)
+            top = logp.topk(3)
+            assert [t for t, _ in e.top_logprobs] == top.indices.tolist()
+            assert [v for _, v in e.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
+            ids.append(e.token)
+    tokens, _ = collect(engine.submit(prompt, SamplingParams(max_tokens=2, temperature=0, logprobs=0)))
+    assert all(e.logprob is not None and e.top_logprobs == [] for e in tokens)
+
+
+def test_cancel_frees_the_slot_within_one_step(model: GPT) -> None:
+    eng = Engine(model, max_batch=1, max_queue=4)
+    eng.start()
+    assert eng.ready.wait(60)
+    try:
+        long = eng.submit([1, 2], SamplingParams(max_tokens=60, temperature=0))
+        waiting = eng.submit([3], SamplingParams(max_tokens=3, temperature=0))  # needs the only slot
+        collect(long, 3)
+        steps = eng.stats()["steps"]
+        long.cancel()
+        after, fin = collect(long)
+        assert fin == FinishEvent("cancelled") and len(after) <= 1
+        tokens, fin = collect(waiting)
+        assert fin.reason == "length" and len(tokens) == 3
+        # The cancelled row took at most one more step; the waiting request 2 (its first token
+        # comes from its prefill).
+        assert eng.stats()["steps"] - steps <= 1 + 2
+        queued = eng.submit([1], SamplingParams(max_tokens=60, temperature=0))
+        blocked = eng.submit([1], SamplingParams(max_tokens=60, temperature=0))
+        blocked.cancel()  # cancelled while queued: finished without ever taking a slot
+        assert collect(blocked) == ([], FinishEvent("cancelled"))
+        queued.cancel()
+        assert collect(queued)[1] == FinishEvent("cancelled")
+        _wait_idle(eng)
+        assert eng.stats()["running"] == 0 and eng.stats()["finished"]["cancelled"] == 3
+    finally:
+        eng.shutdown(timeout=1)
+
+
+def test_queue_full_and_bad_requests(model: GPT) -> None:
+    eng = Engine(model, max_batch=1, max_queue=2)  # not started: nothing leaves the queue
+    p = SamplingParams(max_tokens=4, temperature=0)
+    queued = [eng.submit([1], p), eng.submit([2], p)]
+    with pytest.raises(QueueFullError, match="max_queue 2"):
+        eng.submit([3], p)
+    for prompt, params, fragment in [
+        ([], p, "empty prompt"),
+        ([1, 50], p, "token id 50 is out of range"),
+        ("abc", p, "list of token ids"),
+        ([1.5], p, "list of token ids"),
+        ([1] * 60, SamplingParams(max_tokens=5), "exceeds the model's context length 64"),
+        ([1], SamplingParams(max_tokens=0), "max_tokens must be >= 1"),
+        ([1], SamplingParams(max_tokens=3, temperature=float("nan")), "temperature must be"),
+        ([1], SamplingParams(max_tokens=3, top_p=1.5), "top_p must be in"),
+        ([1], SamplingParams(max_tokens=3, top_k=0), "top_k must be"),
+        ([1], SamplingParams(max_tokens=3, logprobs=99), "logprobs must be"),
+        ([1], SamplingParams(max_tokens=3, stop_token_ids=(77,)), "stop_token_ids"),
+        ([1], SamplingParams(max_tokens=3, seed="x"), "seed must be"),  # type: ignore[arg-type]
+    ]:
+        with pytest.raises(ValueError, match=fragment):
+            eng.submit(prompt, params)
+    eng.start()
+    assert [collect(r)[1].reason for r in queued] == ["length", "length"]
+    eng.shutdown(timeout=1)
+    with pytest.raises(RuntimeError, match="not accepting"):
+        eng.submit([1], p)
+
+
+def test_an_error_in_one_request_does_not_stop_the_engine(model: GPT, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = engine_mod.prefill
+
+    def flaky(model, input_ids, *args, **kwargs):  # noqa: ANN001, ANN202
+        if input_ids.size(1) == 3:
+            raise RuntimeError("boom")
+        return real(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(engine_mod, "prefill", flaky)
+    eng = Engine(model, max_batch=2)
+    eng.start()
+    assert eng.ready.wait(60)
+    try:
+        good = eng.submit([1, 2], SamplingParams(max_tokens=10, temperature=0))
+        bad = eng.submit([1, 2, 3], SamplingParams(max_tokens=10, temperature=0))
+        assert collect(bad) == ([], FinishEvent("error", "RuntimeError: boom"))
+        assert collect(good)[1].reason == "length"
+        assert collect(eng.submit([4], SamplingParams(max_tokens=3)))[1].reason == "length"
+        _wait_idle(eng)
+        s = eng.stats()
+        assert s["running"] == 0 and s["finished"]["error"] == 1 and s["finished"]["length"] == 2
+    finally:
+        eng.shutdown(timeout=1)
+
+
+def test_async_events_and_shutdown(model: GPT) -> None:
+    eng = Engine(model, max_batch=2)
+    eng.start()
+    assert eng.ready.wait(60)
+    params = SamplingParams(max_tokens=8, seed=3)
+
+    async def run() -> list[int]:
+        r = eng.submit([1, 2], params)
+        tokens = [e.token async for e in r.aevents() if isinstance(e, TokenEvent)]
+        return tokens
+
+    tokens = asyncio.run(run())
+    assert tokens == alone(model, [1, 2], params)
+    # Shutdown lets running requests finish within the timeout, then cancels the rest.
+    short = eng.submit([1], SamplingParams(max_tokens=3, temperature=0))
+    time.sleep(0.05)
+    eng.shutdown(timeout=10)
+    assert collect(short)[1].reason == "length"
+    eng2 = Engine(model, max_batch=1)
+    eng2.start()
+    assert eng2.ready.wait(60)
+    endless = eng2.submit([1], SamplingParams(max_tokens=60, temperature=0))
+    collect(endless, 1)
+    eng2.shutdown(timeout=0)
+    assert collect(endless)[1] == FinishEvent("cancelled")
+
+
+@pytest.mark.slow
+def test_compiled_engine_matches_generate(model: GPT) -> None:
+    eng = Engine(model, max_batch=2, compile=True)
+    eng.start()
+    assert eng.ready.wait(600)
+    try:
+        params = [SamplingParams(max_tokens=20, temperature=0), SamplingParams(max_tokens=20, seed=9, top_p=0.9)]
+        reqs = [eng.submit([1, 2, 3], params[0]), eng.submit([4], params[1])]
+        for r, prompt, p in zip(reqs, ([1, 2, 3], [4]), params, strict=True):
+            assert [e.token for e in collect(r)[0]] == alone(model, prompt, p)
+    finally:
+        eng.shutdown(timeout=5)
