@@ -18,6 +18,11 @@ ASSETS: dict[str, tuple[str, str]] = {
         "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
         "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
     ),
+    # OpenAI's LAMBADA test set (the GPT-2 paper's; lm-eval's lambada_openai), for `gpt2 eval --task lambada`.
+    "lambada/lambada_test.jsonl": (
+        "https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl",
+        "4aa8d02cd17c719165fc8a7887fddd641f43fcafa4b1c806ca8abc31fabdb226",
+    ),
     "gpt2/vocab.bpe": (
         "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
         "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",

@@ -115,3 +115,183 @@ def evaluate(model: GPT, ids: Sequence[int] | np.ndarray | torch.Tensor, *, stri
     bpb = total_nll / math.log(2) / num_bytes if num_bytes else None
     return EvalResult(loss=loss, perplexity=math.exp(loss), bits_per_byte=bpb, num_tokens=total_tokens,
                       num_bytes=num_bytes, stride=stride, context_length=C)
+
+
+# --- log-likelihoods of continuations, as lm-evaluation-harness computes them ----------------------
+# A request is ``(context_ids, [continuation_ids, ...])``. For each continuation the model reads
+# ``(context + continuation)[-(C+1):][:-1]`` (left-truncated to the context length C, as lm-eval's
+# ``_loglikelihood_tokens`` does) and the log-probabilities of the continuation's tokens are summed.
+# Speed: the continuations of one context share it. Where nothing is truncated they are packed
+# into one row, ``context + cont_1[:-1] + cont_2[:-1] + ...``, with position ids restarting after
+# the context for each continuation and an attention mask that lets each continuation see the
+# context and itself only: the context is read once instead of once per choice, and the numbers
+# are those of separate forwards (up to float rounding).
+Request = tuple[Sequence[int], Sequence[Sequence[int]]]
+
+
+@dataclass
+class _Row:
+    tokens: list[int]
+    groups: list[int] | None  # per token: 0 = context, i = continuation i; None = plain causal row
+    logit_pos: list[int]      # row positions whose logits predict ...
+    targets: list[int]        # ... these token ids,
+    owners: list[int]         # ... which belong to this flat continuation index
+
+
+def _plain_row(ctx: Sequence[int], cont: Sequence[int], C: int, owner: int) -> _Row:
+    inp = (list(ctx) + list(cont))[-(C + 1):][:-1]
+    n = len(inp)
+    return _Row(inp, None, list(range(n - len(cont), n)), list(cont), [owner] * len(cont))
+
+
+def _rows(requests: Sequence[Request], C: int) -> tuple[list[_Row], list[tuple[int, int]]]:
+    """Pack the requests into rows; also ``(request, choice)`` of each flat continuation index."""
+    rows: list[_Row] = []
+    index: list[tuple[int, int]] = []
+    for r, (ctx, conts) in enumerate(requests):
+        ctx = list(ctx)
+        if not ctx:
+            raise ValueError(f"request {r} has an empty context: give at least one token to condition on "
+                             "(lm-eval uses the end-of-text token for an empty context)")
+        if not conts:
+            raise ValueError(f"request {r} has no continuations to score")
+        owners = []
+        for i, cont in enumerate(conts):
+            if not 1 <= len(cont) <= C:
+                raise ValueError(f"request {r}, continuation {i} has {len(cont)} tokens; each must have "
+                                 f"between 1 and the context length {C}")
+            owners.append(len(index))
+            index.append((r, i))
+        if len(conts) == 1 or any(len(ctx) + len(c) > C + 1 for c in conts):
+            # One continuation, or the context is cut differently per continuation: separate rows.
+            rows.extend(_plain_row(ctx, c, C, o) for c, o in zip(conts, owners, strict=True))
+            continue
+        row: _Row | None = None
+        first_row = len(rows)
+        for cont, owner in zip(conts, owners, strict=True):
+            extra = len(cont) - 1  # the last token is only a target, never an input
+            if row is None or len(row.tokens) + extra > C:
+                row = _Row(list(ctx), [0] * len(ctx), [], [], [])
+                rows.append(row)
+            seg = max(row.groups) + 1
+            start = len(row.tokens)
+            row.logit_pos += [len(ctx) - 1] + list(range(start, start + extra))
+            row.targets += list(cont)
+            row.owners += [owner] * len(cont)
+            row.tokens += list(cont[:-1])
+            row.groups += [seg] * extra
+        for row in rows[first_row:]:
+            if max(row.groups) == 1:
+                row.groups = None  # a single continuation: a plain causal row after all
+    return rows, index
+
+
+def _forward_rows(model: GPT, rows: list[_Row]) -> torch.Tensor:
+    """Logits ``(B, T, V)`` for rows padded on the right (one forward)."""
+    T = max(len(r.tokens) for r in rows)
+    dev = model.device
+    x = torch.zeros(len(rows), T, dtype=torch.long)
+    for b, r in enumerate(rows):
+        x[b, :len(r.tokens)] = torch.tensor(r.tokens)
+    if all(r.groups is None for r in rows):
+        # Right padding under a causal mask: real tokens never see the padding.
+        return model(x.to(dev))
+    groups = torch.full((len(rows), T), -1, dtype=torch.long)
+    pos = torch.zeros(len(rows), T, dtype=torch.long)
+    for b, r in enumerate(rows):
+        n = len(r.tokens)
+        g = torch.tensor(r.groups) if r.groups is not None else torch.zeros(n, dtype=torch.long)
+        groups[b, :n] = g
+        ctx_len = int((g == 0).sum())
+        # Continuation tokens continue the context's positions, each continuation from the same place.
+        first = torch.zeros(n, dtype=torch.long)
+        for seg in g.unique().tolist():
+            idx = (g == seg).nonzero().squeeze(1)
+            first[idx] = idx[0] - (ctx_len if seg else 0)
+        pos[b, :n] = torch.arange(n) - first
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    gq, gk = groups[:, :, None], groups[:, None, :]
+    allowed = causal & ((gk == 0) | (gk == gq))  # padding (group -1) sees itself, so no row is empty
+    mask = torch.zeros(allowed.shape, dtype=model.dtype).masked_fill_(~allowed, float("-inf"))
+    return model(x.to(dev), mask=mask[:, None].to(dev), position_ids=pos.to(dev))
+
+
+@torch.no_grad()
+def loglikelihoods(model: GPT, requests: Sequence[Request], *, batch_size: int = 8, progress: bool = False,
+                   desc: str = "score") -> list[list[tuple[float, bool]]]:
+    """For each request ``(context_ids, [continuation_ids, ...])``: ``(logprob, is_greedy)`` per
+    continuation, as lm-evaluation-harness's ``loglikelihood`` returns them: the summed
+    log-probability of the continuation's tokens given the context (left-truncated to the model's
+    context length), and whether greedy decoding from the context would produce exactly them.
+
+    Rows (packed contexts with their continuations) are sorted by length and run ``batch_size``
+    at a time (memory: ``batch_size * context_length * vocab_size`` fp32 logits at most).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    C, V = model.config.context_length, model.config.vocab_size
+    for r, (ctx, conts) in enumerate(requests):
+        ids = [*ctx, *(t for c in conts for t in c)]
+        if ids and not all(0 <= t < V for t in ids):
+            bad = next(t for t in ids if not 0 <= t < V)
+            raise ValueError(f"request {r}: token id {bad} is outside this model's vocabulary [0, {V}): "
+                             "was the text encoded with the model's tokenizer?")
+    rows, index = _rows(requests, C)
+    rows.sort(key=lambda r: len(r.tokens), reverse=True)  # similar lengths together: little padding
+    logprob = torch.zeros(len(index), dtype=torch.float64)
+    misses = torch.zeros(len(index), dtype=torch.long)  # tokens where greedy decoding differs
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=len(rows), desc=desc, unit="row", disable=not progress)
+    try:
+        for i in range(0, len(rows), batch_size):
+            batch = rows[i:i + batch_size]
+            logits = _forward_rows(model, batch)
+            b_idx = torch.tensor([b for b, r in enumerate(batch) for _ in r.logit_pos])
+            p_idx = torch.tensor([p for r in batch for p in r.logit_pos])
+            targets = torch.tensor([t for r in batch for t in r.targets], device=logits.device)
+            owners = torch.tensor([o for r in batch for o in r.owners])
+            sel = logits[b_idx.to(logits.device), p_idx.to(logits.device)].float()
+            lp = sel.gather(1, targets[:, None]).squeeze(1) - sel.logsumexp(1)
+            miss = sel.argmax(1) != targets
+            logprob.index_add_(0, owners, lp.double().cpu())
+            misses.index_add_(0, owners, miss.long().cpu())
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        model.train(was_training)
+    out: list[list[tuple[float, bool]]] = [[] for _ in requests]
+    for k, (r, _) in enumerate(index):
+        out[r].append((float(logprob[k]), bool(misses[k] == 0)))
+    return out
+
+
+def rolling_windows(tokens: Sequence[int], prefix_token: int | None, context_length: int) -> list[Request]:
+    """lm-evaluation-harness's rolling windows for the log-likelihood of a whole document:
+    ``get_rolling_token_windows(..., context_len=1)`` then ``make_disjoint_window``. The first window
+    predicts the first ``context_length`` tokens from ``prefix_token`` (end-of-text); each further
+    window predicts the next ``context_length`` tokens from the token before them, and the last one
+    keeps a full window of context. Each token is scored once. Without a prefix token (a tokenizer
+    with no end-of-text), the first token is the prefix and is not scored.
+
+    Returns one single-continuation request per window, for :func:`loglikelihoods`.
+    """
+    tokens = list(tokens)
+    if prefix_token is None:
+        if len(tokens) < 2:
+            raise ValueError("a document needs at least 2 tokens to score without an end-of-text prefix token")
+        prefix_token, tokens = tokens[0], tokens[1:]
+    C = context_length
+    if not tokens:
+        return []
+    windows: list[Request] = []
+    first = min(C, len(tokens))
+    windows.append(([prefix_token], [tokens[:first]]))
+    predicted = first
+    while predicted < len(tokens):
+        n = min(len(tokens) - predicted, C)
+        end = predicted + n
+        inp = tokens[max(0, end - C - 1):end - 1]
+        windows.append((inp[:len(inp) - (n - 1)], [tokens[end - n:end]]))
+        predicted = end
+    return windows
