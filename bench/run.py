@@ -7,7 +7,8 @@ Sections (``--only`` picks a subset, comma-separated):
   the same weights and the same AdamW;
 - ``gpt2``: the same for the gpt2 (124M) shape at a batch that fits (4 x 256);
 - ``generate``: generation tokens/s from ``bench/bench_generate.py``;
-- ``curve``: the seed model's loss over 200 training steps in bf16 against fp32.
+- ``curve``: the seed model's loss over 200 training steps in bf16 against fp32;
+- ``tasks``: zero-shot task items/s against lm-evaluation-harness, from ``bench/bench_tasks.py``.
 
 The matmul peak (fp32 and bf16) is always measured first: MFU is model FLOPs/s (6N + 12·L·T·d per
 token) over this machine's own peak in the case's compute dtype. Each case runs in a fresh
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ modules, also
 import bench_train  # noqa: E402
 from common import format_table, machine_info, run_isolated, summarize, write_json  # noqa: E402
 
-SECTIONS = ("train", "gpt2", "generate", "curve")
+SECTIONS = ("train", "gpt2", "generate", "curve", "tasks")
 SEED_SHAPE = dict(context_length=256, vocab_size=65, n_layer=6, n_head=6, d_model=384)
 GPT2_SHAPE = dict(context_length=1024, vocab_size=50257, n_layer=12, n_head=12, d_model=768)
 # --tiny: shapes small enough for the smoke test (the harness end to end in seconds).
@@ -223,6 +224,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tables.append(f"loss curve, bf16 vs fp32 over {steps} steps (smoothed over {curve['smoothing']}): "
                       f"final {curve['final_bf16']:.4f} vs {curve['final_fp32']:.4f} "
                       f"(gap {curve['final_gap_pct']:.2f}%), max gap {curve['max_gap_pct']:.2f}% (target < 2%)")
+    if "tasks" in args.only:
+        import bench_tasks
+
+        print("[tasks] zero-shot tasks on the fixtures, ours vs lm-eval's hf model", flush=True)
+        shape, rounds = ("tiny", 1) if args.tiny else ("gpt2", 1 if args.quick else 3)
+        rows = bench_tasks.run(shape=shape, rounds=rounds)
+        results["tasks"] = rows
+        tables.append(f"zero-shot tasks ({shape} shape, random init, batch 8; items/s from documents to metrics):\n"
+                      + format_table(rows, bench_tasks.COLUMNS))
     results["elapsed_s"] = time.perf_counter() - t_start
     path = write_json(results, args.out)
     print("\n" + "\n\n".join(tables))

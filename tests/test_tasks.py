@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -339,3 +342,125 @@ def test_unknown_task_and_missing_mc_file(tiny_gpt2, gpt2_tokenizer) -> None:
         run_task(tiny_gpt2, gpt2_tokenizer, "multiple_choice")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         run_task(tiny_gpt2, gpt2_tokenizer, "multiple_choice", mc_file="/nonexistent.jsonl")
+
+
+# --- the peer: lm-evaluation-harness's hf model on the same saved folder and fixtures ------------------
+_LM_EVAL_SCRIPT = r'''
+import json, sys
+import lm_eval
+from lm_eval.tasks import TaskManager
+model_dir, task_dir, out = sys.argv[1:4]
+res = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": model_dir, "dtype": "float32", "device": "cpu"},
+                              tasks=["hellaswag_fx", "lambada_fx", "wikitext_fx", "mc_fx"],
+                              task_manager=TaskManager(include_path=task_dir), batch_size=8, log_samples=True,
+                              bootstrap_iters=0)
+json.dump({"results": res["results"],
+           "samples": {t: [[s["doc_id"], s["filtered_resps"]] for s in v] for t, v in res["samples"].items()}},
+          open(out, "w"))
+'''
+
+
+def _lm_eval_task_configs(d: Path, pages: list[str]) -> None:
+    """lm-eval's hellaswag / lambada_openai / wikitext task configs with the dataset pointed at the
+    local fixtures (the same text processing: lm-eval's own functions)."""
+    (d / "pages.jsonl").write_text("".join(json.dumps({"page": p}) + "\n" for p in pages), encoding="utf-8")
+    (d / "hs_utils.py").write_text("from lm_eval.tasks.hellaswag.utils import process_docs  # noqa: F401\n")
+    (d / "wt_utils.py").write_text("from lm_eval.tasks.wikitext.preprocess_wikitext import (  # noqa: F401\n"
+                                   "    process_results, wikitext_detokenizer)\n")
+    common = "dataset_path: json\ndataset_kwargs:\n  data_files:\n"
+    (d / "hellaswag_fx.yaml").write_text(
+        f"task: hellaswag_fx\n{common}    validation: {FIXTURES}/hellaswag/hellaswag_val.jsonl\n"
+        "output_type: multiple_choice\nvalidation_split: validation\nprocess_docs: !function hs_utils.process_docs\n"
+        'doc_to_text: "{{query}}"\ndoc_to_target: "{{label}}"\ndoc_to_choice: "choices"\n'
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+    (d / "lambada_fx.yaml").write_text(
+        f"task: lambada_fx\n{common}    test: {FIXTURES}/lambada/lambada_test.jsonl\n"
+        "output_type: loglikelihood\ntest_split: test\n"
+        "doc_to_text: \"{{text.split(' ')[:-1]|join(' ')}}\"\ndoc_to_target: \"{{' '+text.split(' ')[-1]}}\"\n"
+        "metric_list:\n  - metric: perplexity\n    aggregation: perplexity\n    higher_is_better: false\n"
+        "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    (d / "wikitext_fx.yaml").write_text(
+        f"task: wikitext_fx\n{common}    test: {d}/pages.jsonl\n"
+        "output_type: loglikelihood_rolling\ntest_split: test\ndoc_to_text: \"\"\n"
+        "doc_to_target: !function wt_utils.wikitext_detokenizer\nprocess_results: !function wt_utils.process_results\n"
+        "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n")
+    (d / "mc_fx.yaml").write_text(
+        f"task: mc_fx\n{common}    test: {MC_FILE}\noutput_type: multiple_choice\ntest_split: test\n"
+        'doc_to_text: "{{context}}"\ndoc_to_target: "{{label}}"\ndoc_to_choice: "{{choices}}"\n'
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+
+
+@pytest.mark.slow
+def test_same_scores_as_lm_evaluation_harness(fixtures_data, tmp_path, tiny_gpt2, gpt2_tokenizer) -> None:
+    """Our scores and lm-eval's (its ``hf`` model on the saved folder, offline, the fixtures as local
+    JSON datasets): equal acc / acc_norm, log-likelihoods within 1e-4, equal perplexities."""
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("accelerate")
+    model_dir, task_dir = tmp_path / "model", tmp_path / "tasks"
+    task_dir.mkdir()
+    tiny_gpt2.save_pretrained(model_dir, tokenizer=gpt2_tokenizer)
+    pages = wikitext_pages((fixtures_data / "wikitext2" / "wiki.test.raw").read_text(encoding="utf-8"))
+    _lm_eval_task_configs(task_dir, pages)
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "HF_DATASETS_CACHE": str(tmp_path / "hf_cache"), "TOKENIZERS_PARALLELISM": "false"}
+    out = tmp_path / "lm_eval.json"
+    subprocess.run([sys.executable, "-c", _LM_EVAL_SCRIPT, str(model_dir), str(task_dir), str(out)], env=env,
+                   check=True, capture_output=True, timeout=1200)
+    peer = json.loads(out.read_text())
+    ours = {r.task: r for r in run_tasks(tiny_gpt2, gpt2_tokenizer, ["hellaswag", "lambada", "wikitext2",
+                                                                     "multiple_choice"], mc_file=MC_FILE)}
+    for task, fx in (("hellaswag", "hellaswag_fx"), ("lambada", "lambada_fx"), ("wikitext2", "wikitext_fx"),
+                     ("multiple_choice", "mc_fx")):
+        samples = sorted(peer["samples"][fx])
+        assert len(samples) == ours[task].num_items
+        for (_, resps), lls in zip(samples, ours[task].loglikelihoods, strict=True):
+            theirs = [r[0] if isinstance(r, list) else r for r in resps]
+            # lm-eval sums a document's log-probabilities in fp32: a WikiText page's total (~-2,360
+            # here) is only good to its ulp, 2.4e-4, hence the relative term.
+            assert lls == pytest.approx(theirs, abs=1e-4, rel=2e-7)
+        if task != "wikitext2":
+            for (_, resps), greedy in zip(samples, ours[task].greedy, strict=True):
+                assert greedy == [bool(r[1]) for r in resps]
+        theirs = peer["results"][fx]
+        for key, value in ours[task].metrics.items():
+            if key == "token_perplexity":
+                continue  # ours only
+            if key.startswith("acc"):
+                assert value == theirs[f"{key},none"], (task, key)
+            else:
+                assert value == pytest.approx(theirs[f"{key},none"], rel=1e-5), (task, key)
+
+
+# --- the command line -------------------------------------------------------------------------------
+def test_eval_cli_runs_several_tasks_and_writes_json(fixtures_data, tmp_path, tiny_gpt2, gpt2_tokenizer,
+                                                     capsys) -> None:
+    from gpt2model.cli import main
+
+    model_dir = tmp_path / "model"
+    tiny_gpt2.save_pretrained(model_dir, tokenizer=gpt2_tokenizer)
+    out = tmp_path / "r.json"
+    rc = main(["eval", "--model", str(model_dir), "--task", "hellaswag,lambada", "--task", "multiple_choice",
+               "--mc-file", str(MC_FILE), "--limit", "5", "--batch-size", "3", "--json", str(out), "--no-progress",
+               "--device", "cpu"])
+    assert rc == 0
+    table = capsys.readouterr().out
+    for word in ("hellaswag", "lambada", "multiple_choice", "acc_norm", "perplexity", "stderr", "items/s"):
+        assert word in table
+    data = json.loads(out.read_text())
+    assert [t["task"] for t in data["tasks"]] == ["hellaswag", "lambada", "multiple_choice"]
+    assert all(t["num_items"] == 5 and set(t["metrics"]) == set(t["stderr"]) for t in data["tasks"])
+    direct_run = run_task(tiny_gpt2, gpt2_tokenizer, "hellaswag", limit=5)
+    assert data["tasks"][0]["metrics"] == pytest.approx(direct_run.metrics)
+
+
+def test_eval_cli_errors(fixtures_data, tmp_path, tiny_gpt2, gpt2_tokenizer, capsys) -> None:
+    from gpt2model.cli import main
+
+    model_dir = tmp_path / "model"
+    tiny_gpt2.save_pretrained(model_dir, tokenizer=gpt2_tokenizer)
+    assert main(["eval", "--model", str(model_dir), "--task", "hellaswag,lambda", "--device", "cpu"]) == 2
+    assert "unknown task(s) 'lambda'" in capsys.readouterr().err
+    assert main(["eval", "--model", str(model_dir), "--task", "multiple_choice", "--device", "cpu"]) == 2
+    assert "--mc-file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # --task and --text exclude each other
+        main(["eval", "--model", str(model_dir), "--task", "lambada", "--text", "x.txt"])

@@ -213,18 +213,28 @@ def _run_sample(args: argparse.Namespace) -> int:
 
 # --- eval -----------------------------------------------------------------------------------------
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a model on a text or dataset split",
-                       description="Score a whole text with sliding windows of the model's context: every "
-                       "window starts --stride tokens after the previous one and only its new tokens count "
-                       "(HF's perplexity-guide method).")
+    p = sub.add_parser("eval", help="perplexity of a text or dataset split, or zero-shot tasks (hellaswag, ...)",
+                       description="Either score a whole text with sliding windows of the model's context (every "
+                       "window starts --stride tokens after the previous one and only its new tokens count: HF's "
+                       "perplexity-guide method), or run zero-shot tasks scored as lm-evaluation-harness scores "
+                       "them (--task; data files under $GPT2MODEL_DATA/<task>/, see the README).")
     p.add_argument("--model", required=True, help="a model folder (ours or HF GPT-2) or a hub name")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", help="a UTF-8 text file, encoded with the model's tokenizer")
     src.add_argument("--data", help="a dataset folder written by 'gpt2 prepare'")
+    src.add_argument("--task", action="append", metavar="TASK[,TASK...]",
+                     help="zero-shot task(s), comma-separated or repeated: hellaswag, lambada, wikitext2, enwik8, "
+                     "text8, multiple_choice (needs --mc-file)")
     p.add_argument("--split", choices=("train", "val"), default="val", help="split of --data (default: val)")
-    p.add_argument("--stride", type=int, default=None, help="window stride (default: context_length // 2)")
-    p.add_argument("--batch-size", type=int, default=1, help="windows per forward (default: 1)")
-    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
+    p.add_argument("--stride", type=int, default=None, help="window stride for --text/--data "
+                   "(default: context_length // 2)")
+    p.add_argument("--batch-size", type=int, default=None, help="windows (--text/--data, default 1) or packed rows "
+                   "(--task, default 8) per forward")
+    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of --text/--data")
+    p.add_argument("--limit", type=int, default=None, help="--task: only the first N items of each task "
+                   "(enwik8/text8: N windows)")
+    p.add_argument("--mc-file", default=None, metavar="FILE",
+                   help='--task multiple_choice: JSONL of {"context": str, "choices": [str, ...], "label": int}')
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", choices=_DTYPES, default="float32", help="weights dtype (default: float32)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results to this JSON file")
@@ -238,6 +248,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     from .checkpoint import atomic_write_json
     from .evaluate import evaluate
 
+    if args.task:
+        return _run_eval_tasks(args)
     model, tokenizer = _load_model_and_tokenizer(args.model, args.device, args.dtype)
     if args.text is not None:
         ids = tokenizer.encode(Path(args.text).read_text(encoding="utf-8"))
@@ -253,13 +265,29 @@ def _run_eval(args: argparse.Namespace) -> int:
         if args.max_tokens < 2:
             raise ValueError(f"--max-tokens must be >= 2, got {args.max_tokens}")
         ids = ids[:args.max_tokens]
-    r = evaluate(model, ids, stride=args.stride, batch_size=args.batch_size, tokenizer=tokenizer,
+    r = evaluate(model, ids, stride=args.stride, batch_size=args.batch_size or 1, tokenizer=tokenizer,
                  progress=not args.no_progress)
     bpb = f"{r.bits_per_byte:.4f}" if r.bits_per_byte is not None else "-"
     print(f"{source}: loss {r.loss:.4f}  perplexity {r.perplexity:.3f}  bits/byte {bpb}  "
           f"({r.num_tokens:,} tokens, {r.num_bytes or 0:,} bytes; context {r.context_length}, stride {r.stride})")
     if args.json is not None:
         atomic_write_json(args.json, {"model": str(args.model), "source": source, **r.to_dict()})
+    return 0
+
+
+def _run_eval_tasks(args: argparse.Namespace) -> int:
+    from .checkpoint import atomic_write_json
+    from .tasks import format_table, run_tasks
+
+    names = [t.strip() for arg in args.task for t in arg.split(",") if t.strip()]
+    if not names:
+        raise ValueError("--task names no task; e.g. --task hellaswag,lambada")
+    model, tokenizer = _load_model_and_tokenizer(args.model, args.device, args.dtype)
+    results = run_tasks(model, tokenizer, names, limit=args.limit, batch_size=args.batch_size or 8,
+                        progress=not args.no_progress, mc_file=args.mc_file)
+    print(format_table(results))
+    if args.json is not None:
+        atomic_write_json(args.json, {"model": str(args.model), "tasks": [r.to_dict() for r in results]})
     return 0
 
 
