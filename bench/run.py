@@ -48,7 +48,7 @@ GENERATE_COLUMNS = [("config", "config"), ("batch", "batch"), ("method", "method
 
 def _peak(dtype: torch.dtype) -> float:
     # The trainer's probe, so that the bench and training logs report MFU against the same peak.
-    from gpt2model.train import measure_matmul_peak
+    from gpt2model.device import measure_matmul_peak
 
     return measure_matmul_peak(dtype, "cpu")
 

@@ -1,4 +1,4 @@
-"""Training checkpoints (checkpoint.py's training-state half): the state file round-trips through
+"""Training checkpoints (runfolder.py's training state): the state file round-trips through
 ``torch.load(weights_only=True)``, RNG streams continue exactly, the best/ folder swap survives a
 kill between its renames, and damaged files give clear errors."""
 
@@ -12,12 +12,11 @@ import pytest
 import torch
 
 from gpt2model import GPT, GPTconfig
-from gpt2model.checkpoint import (
+from gpt2model.checkpoint import CheckpointError
+from gpt2model.fileio import recover_dir, replace_dir
+from gpt2model.runfolder import (
     TRAINING_STATE_FILE,
-    CheckpointError,
     load_training_state,
-    recover_dir,
-    replace_dir,
     rng_state,
     save_training_checkpoint,
     set_rng_state,
@@ -79,6 +78,30 @@ def test_compiled_or_wrapped_model_saves_without_prefixes(tmp_path: Path) -> Non
 
     save_training_checkpoint(tmp_path, Wrapper(model), {"step": 1})
     assert set(load_training_state(tmp_path)["model"]) == set(model.state_dict())
+
+
+def test_any_nesting_of_compile_and_ddp_saves_plain_weights(tmp_path: Path) -> None:
+    """DDP(compile(model)) and compile(DDP(model)): unwrapped in whatever order they were applied."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from gpt2model.checkpoint import save_model, unwrap_model
+
+    model = tiny_model()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        for name, wrapped in {"ddp_of_compiled": DDP(torch.compile(model)),
+                              "compiled_ddp": torch.compile(DDP(model))}.items():
+            assert unwrap_model(wrapped) is model
+            save_model(wrapped, tmp_path / name)
+            save_training_checkpoint(tmp_path / name, wrapped, {"step": 1})
+            assert set(load_training_state(tmp_path / name)["model"]) == set(model.state_dict())
+            again = GPT.from_pretrained(tmp_path / name)
+            assert torch.equal(again.transformer.h[0].mlp.c_fc.weight, model.transformer.h[0].mlp.c_fc.weight)
+    finally:
+        dist.destroy_process_group()
+    with pytest.raises(TypeError, match="expected a GPT"):
+        unwrap_model(torch.nn.Linear(2, 2))
 
 
 def test_load_training_state_errors(tmp_path: Path) -> None:

@@ -119,7 +119,7 @@ def test_eval_cli_on_a_text_file(tmp_path, capsys) -> None:
     model.save_pretrained(tmp_path / "m", tokenizer=tok)
     (tmp_path / "t.txt").write_text(text)
     rc = main(["eval", "--model", str(tmp_path / "m"), "--text", str(tmp_path / "t.txt"), "--stride", "8",
-               "--json", str(tmp_path / "r.json"), "--no-progress"])
+               "--json", str(tmp_path / "r.json"), "--no-progress", "--device", "cpu"])
     assert rc == 0
     result = json.loads((tmp_path / "r.json").read_text())
     expected = evaluate(model.eval(), tok.encode(text), stride=8, tokenizer=tok)
@@ -128,7 +128,8 @@ def test_eval_cli_on_a_text_file(tmp_path, capsys) -> None:
     assert math.isclose(result["bits_per_byte"], expected.loss / math.log(2), rel_tol=1e-6)
     assert "perplexity" in capsys.readouterr().out
     # Errors are one line and exit code 2.
-    assert main(["eval", "--model", str(tmp_path / "m"), "--text", str(tmp_path / "missing.txt")]) == 2
+    assert main(["eval", "--model", str(tmp_path / "m"), "--text", str(tmp_path / "missing.txt"),
+                 "--device", "cpu"]) == 2
 
 
 def test_eval_cli_on_a_dataset_split(tmp_path, capsys) -> None:
@@ -143,7 +144,7 @@ def test_eval_cli_on_a_dataset_split(tmp_path, capsys) -> None:
     model = GPT(GPTconfig(context_length=16, vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=16))
     model.save_pretrained(tmp_path / "m", tokenizer=tok)
     assert main(["eval", "--model", str(tmp_path / "m"), "--data", str(ds_dir), "--split", "val",
-                 "--json", str(tmp_path / "r.json"), "--no-progress"]) == 0
+                 "--json", str(tmp_path / "r.json"), "--no-progress", "--device", "cpu"]) == 0
     result = json.loads((tmp_path / "r.json").read_text())
     val = torch.as_tensor(ds.split("val").astype("int64"))
     assert math.isclose(result["loss"], evaluate(model.eval(), val).loss, rel_tol=1e-6)

@@ -124,6 +124,15 @@ def test_hf_writes_no_weight_warnings(tmp_path: Path, caplog: pytest.LogCaptureF
     assert not [r for r in caplog.records if any(w in r.getMessage().lower() for w in noisy)]
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["model_type"] == "gpt2" and cfg["architectures"] == ["GPT2LMHeadModel"]
+    # llama.cpp's convert_hf_to_gguf.py reads n_ctx (OpenAI's configs carry it); the dtype is the tensors'.
+    assert cfg["n_ctx"] == cfg["n_positions"] == 96 and cfg["torch_dtype"] == "float32"
+
+
+def test_config_json_names_the_saved_dtype(tmp_path: Path) -> None:
+    GPT(SHAPES["odd"]).to(torch.bfloat16).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path, torch_dtype="auto")
+    assert hf.dtype == torch.bfloat16 and GPT.from_pretrained(tmp_path).dtype == torch.bfloat16
 
 
 def test_hub_style_keys_and_legacy_bin(tmp_path: Path) -> None:
@@ -171,6 +180,8 @@ def test_crop_context_on_load(tmp_path: Path) -> None:
     x = torch.randint(0, config.vocab_size, (1, 128))
     with torch.no_grad():
         assert max_diff(ours(x), hf(x).logits) <= 1e-5
+    with pytest.raises(ValueError, match="exceeds the model's context_length 128"):
+        ours(torch.zeros(1, 129, dtype=torch.long))
     with pytest.raises(CheckpointError, match="cannot be grown"):
         GPT.from_pretrained(tmp_path, context_length=2048)
 

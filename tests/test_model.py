@@ -187,15 +187,3 @@ def test_kv_cache_prefill_matches_plain_forward() -> None:
         assert torch.allclose(step[:, 0], model(y)[:, 12], atol=1e-5)
     with pytest.raises(ValueError, match="input_pos is only meaningful with a KV cache"):
         model(x, input_pos=torch.arange(12))
-
-
-def test_crop_context() -> None:
-    torch.manual_seed(0)
-    model = GPT(TINY).eval()
-    x = torch.randint(0, TINY.vocab_size, (1, 10))
-    before = model(x)
-    model.crop_context(16)
-    assert model.config.context_length == 16 and model.transformer.wpe.weight.shape[0] == 16
-    assert torch.equal(model(x), before)
-    with pytest.raises(ValueError, match="exceeds the model's context_length 16"):
-        model(torch.zeros(1, 17, dtype=torch.long))

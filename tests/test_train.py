@@ -20,18 +20,13 @@ import pytest
 import torch
 
 from gpt2model import GPT, GPTconfig
-from gpt2model.checkpoint import TRAINING_STATE_FILE, load_training_state, recover_dir
 from gpt2model.cli import build_parser, main
 from gpt2model.config import TrainConfig
 from gpt2model.data import BatchSampler, open_dataset, prepare_dataset
-from gpt2model.train import (
-    NonFiniteLossError,
-    configure_optimizer,
-    lr_at,
-    measure_matmul_peak,
-    read_metrics,
-    train,
-)
+from gpt2model.device import measure_matmul_peak
+from gpt2model.fileio import recover_dir
+from gpt2model.runfolder import TRAINING_STATE_FILE, load_training_state, read_metrics
+from gpt2model.train import NonFiniteLossError, configure_optimizer, lr_at, train
 
 TINY = dict(n_layer=2, n_head=2, d_model=32, context_length=32, batch_size=8, eval_steps=2, device="cpu",
             dtype="float32")
@@ -354,7 +349,8 @@ def test_out_holding_another_run_needs_resume_or_overwrite(dataset: Path, tmp_pa
     train(tiny(dataset, out, max_steps=2, eval_interval=2))
     with pytest.raises(ValueError, match="already holds a run"):
         train(tiny(dataset, out, max_steps=2, eval_interval=2))
-    assert main(["train", "--data", str(dataset), "--out", str(out), "--max-steps", "2", "--n-layer", "1"]) == 2
+    assert main(["train", "--data", str(dataset), "--out", str(out), "--max-steps", "2", "--n-layer", "1",
+                 "--device", "cpu"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     result = train(tiny(dataset, out, max_steps=3, eval_interval=3, overwrite=True))
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3] and result.step == 3
@@ -394,3 +390,18 @@ def test_compiled_training_saves_plain_weights(dataset: Path, tmp_path: Path) ->
     train(tiny(dataset, out, max_steps=3, eval_interval=3, compile=True))
     assert not any("_orig_mod" in k for k in load_training_state(out)["model"])
     assert GPT.from_pretrained(out).config.d_model == 32
+
+
+def test_resume_ignores_options_a_newer_version_dropped(dataset: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    """A training state written by a version whose TrainConfig had a field this one lacks resumes
+    (with a note naming the field), instead of failing with a KeyError."""
+    out = tmp_path / "out"
+    train(tiny(dataset, out, max_steps=2, eval_interval=2))
+    state = load_training_state(out)
+    state["train_config"]["retired_option"] = 3
+    torch.save(state, out / TRAINING_STATE_FILE)
+    capsys.readouterr()
+    result = train(tiny(dataset, out, max_steps=3, eval_interval=3, resume=True, lr=2e-3))
+    printed = capsys.readouterr().out
+    assert result.step == 3 and "retired_option" in printed and "lr 0.001 -> 0.002" in printed

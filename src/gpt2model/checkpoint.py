@@ -1,25 +1,26 @@
-"""The one place that writes and reads model folders and training checkpoints.
+"""The one place that writes and reads model folders (the run folder around them, with the training
+state, lives in ``runfolder.py``).
 
 A model folder is HF's GPT-2 layout: ``config.json`` + ``model.safetensors`` (+ the tokenizer's
 files). Every file is written atomically (temp file in the same folder, fsync, rename), so a
 process killed at any instant leaves either the old file or the new one, never half of one.
 Nothing here unpickles code: weights are safetensors, and ``.bin``/``.pt`` files are read with
 ``torch.load(weights_only=True)``.
+
+:func:`load_model_and_tokenizer` is the loader the CLI (and later the server) use: a model plus the
+tokenizer stored with it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .config import GPTconfig
+from .fileio import atomic_path, atomic_write_json
 from .hf import OPENAI_NAMES, config_from_hf, config_to_hf, state_dict_from_hf, state_dict_to_hf
 from .model import GPT
 
@@ -32,48 +33,7 @@ class CheckpointError(ValueError):
     """A model folder or checkpoint file is missing, corrupt, truncated or does not fit."""
 
 
-# --- atomic files -------------------------------------------------------------------------------
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success fsync it and rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-        fsync_dir(path.parent)
-    finally:
-        tmp_path.unlink(missing_ok=True)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
-
-
-def fsync_dir(directory: str | Path) -> None:
-    """Make a rename durable (POSIX only; a no-op elsewhere)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
+# --- files ------------------------------------------------------------------------------------
 def read_json(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
@@ -113,16 +73,30 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 # --- model folders ------------------------------------------------------------------------------
-def save_model(model: GPT, directory: str | Path, tokenizer: Any = None) -> Path:
-    """Write ``model`` (and ``tokenizer`` if given) to ``directory`` in HF's GPT-2 layout."""
+def unwrap_model(model: torch.nn.Module) -> GPT:
+    """The :class:`GPT` inside any nesting of ``torch.compile`` (``_orig_mod``) and DDP (``module``)
+    wrappers, e.g. DDP(compile(model)) or compile(DDP(model))."""
+    while not isinstance(model, GPT):
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None:
+            inner = getattr(model, "module", None)
+        if not isinstance(inner, torch.nn.Module):
+            raise TypeError(f"expected a GPT (possibly wrapped by torch.compile or DDP), got {type(model).__name__}")
+        model = inner
+    return model
+
+
+def save_model(model: torch.nn.Module, directory: str | Path, tokenizer: Any = None) -> Path:
+    """Write ``model`` (a GPT, or one wrapped by torch.compile/DDP) and ``tokenizer`` if given to
+    ``directory`` in HF's GPT-2 layout."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper -> the real module
-    model = getattr(model, "module", model)  # DDP wrapper -> the real module
+    model = unwrap_model(model)
     eot = getattr(tokenizer, "eot", None) if tokenizer is not None else None
     state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
     save_tensors(directory / WEIGHTS_FILE, state_dict_to_hf(state, model.config))
-    atomic_write_json(directory / CONFIG_FILE, config_to_hf(model.config, eot_id=eot))
+    atomic_write_json(directory / CONFIG_FILE,
+                      config_to_hf(model.config, eot_id=eot, dtype=state["transformer.wte.weight"].dtype))
     if tokenizer is not None:
         tokenizer.save(directory)
     return directory
@@ -190,109 +164,23 @@ def load_model(name_or_path: str | Path, *, context_length: int | None = None, d
     return model.eval()
 
 
-# --- training checkpoints -----------------------------------------------------------------------
-# A run folder (``gpt2 train --out OUT``) is a model folder plus ``training_state.pt``:
-#
-#   OUT/config.json, OUT/model.safetensors, tokenizer files   the latest model (an export for users)
-#   OUT/training_state.pt   step, a copy of the weights, optimizer, grad scaler, RNG states, sampler,
-#                           best val loss, configs: everything --resume needs, in ONE file
-#   OUT/best/               model folder of the best val loss so far
-#
-# Consistency under a kill at any instant: every file is replaced atomically (write a temp file,
-# fsync, rename), and the training state carries its own copy of the weights, so the state that
-# resume reads is always internally consistent (weights, optimizer and step from the same moment).
-# The model export is written *before* the state; a kill between the two leaves the export one
-# checkpoint ahead of the state, and resume re-exports the state's weights before going on.
-TRAINING_STATE_FILE = "training_state.pt"
-TRAINING_STATE_VERSION = 1
+def load_model_and_tokenizer(name_or_path: str | Path, *, device: str | torch.device | None = None,
+                             dtype: torch.dtype | None = None) -> tuple[GPT, Any]:
+    """A model (see :func:`load_model`) and the tokenizer stored with it; OpenAI's GPT-2 BPE for a
+    hub name, or for a HF folder without tokenizer files whose vocabulary is GPT-2's."""
+    from .tokenizer import GPT2_VOCAB_SIZE, load_tokenizer
 
-
-def save_training_checkpoint(directory: str | Path, model: GPT, state: dict[str, Any]) -> None:
-    """Write the model export, then atomically the training ``state`` (which gets the weights added
-    under ``"model"``). ``state`` must hold only tensors and plain Python data (``weights_only``)."""
-    directory = Path(directory)
-    model = getattr(model, "_orig_mod", model)
-    weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-    save_model(model, directory)
-    with atomic_path(directory / TRAINING_STATE_FILE) as tmp:
-        torch.save({**state, "version": TRAINING_STATE_VERSION, "model": weights}, tmp)
-
-
-def load_training_state(directory: str | Path) -> dict[str, Any]:
-    """Read ``training_state.pt`` without unpickling code (``torch.load(weights_only=True)``)."""
-    path = Path(directory) / TRAINING_STATE_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing: {directory} holds no resumable run (train without --resume "
-                              f"to start one)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a damaged file raises many types
-        raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from None
-    if not isinstance(state, dict) or state.get("version") != TRAINING_STATE_VERSION:
-        raise CheckpointError(f"{path} is not a version-{TRAINING_STATE_VERSION} training state")
-    return state
-
-
-def rng_state() -> dict[str, Any]:
-    """All random-number streams training touches (python, numpy, torch CPU, CUDA), as
-    ``weights_only``-loadable data."""
-    import random
-
-    import numpy as np
-
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, internal, py_gauss = random.getstate()
-    state: dict[str, Any] = {
-        "python": [version, list(internal), py_gauss],
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()  # the current device's generator
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` captured."""
-    import random
-
-    import numpy as np
-
-    version, internal, py_gauss = state["python"]
-    random.setstate((version, tuple(internal), py_gauss))
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def replace_dir(src: str | Path, dst: str | Path) -> None:
-    """Move the finished folder ``src`` to ``dst``, replacing ``dst`` as a whole.
-
-    Two renames: ``dst`` -> ``.<name>.old``, then ``src`` -> ``dst``. A kill between them leaves no
-    ``dst`` but its old copy, which :func:`recover_dir` puts back, so readers only ever see a
-    complete old or complete new folder."""
-    import shutil
-
-    src, dst = Path(src), Path(dst)
-    old = dst.with_name(f".{dst.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(src, dst)
-    fsync_dir(dst.parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def recover_dir(dst: str | Path) -> None:
-    """Undo a :func:`replace_dir` that was killed between its two renames."""
-    import shutil
-
-    dst = Path(dst)
-    old = dst.with_name(f".{dst.name}.old")
-    if old.exists() and not dst.exists():
-        os.replace(old, dst)
-    elif old.exists():
-        shutil.rmtree(old, ignore_errors=True)
+    model = load_model(name_or_path, device=device, dtype=dtype)
+    if Path(name_or_path).expanduser().is_dir():
+        try:
+            tokenizer = load_tokenizer(name_or_path)
+        except FileNotFoundError:
+            if model.config.vocab_size < GPT2_VOCAB_SIZE:
+                raise
+            tokenizer = load_tokenizer("gpt2")
+    else:
+        tokenizer = load_tokenizer("gpt2")
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise CheckpointError(f"the tokenizer found for {name_or_path} has {tokenizer.vocab_size} ids but the model "
+                              f"only {model.config.vocab_size}: the folder mixes files of different models")
+    return model, tokenizer

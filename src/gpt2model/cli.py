@@ -122,36 +122,22 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 # --- sample ---------------------------------------------------------------------------------------
-_DTYPES = ("float32", "bfloat16", "float16")
+def _add_device_options(p: argparse.ArgumentParser) -> None:
+    """--device and --dtype of the commands that run a saved model (sample, eval)."""
+    from .device import DTYPE_NAMES
+
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="weights dtype (default: float32)")
 
 
-def _load_model_and_tokenizer(name_or_path: str, device: str, dtype: str):  # noqa: ANN202 - (GPT, tokenizer)
-    """The model and the tokenizer stored with it; OpenAI's GPT-2 BPE for a hub name or a HF
-    folder without tokenizer files (when the model's vocabulary is GPT-2's)."""
-    from pathlib import Path
-
+def _load(args: argparse.Namespace):  # noqa: ANN202 - (GPT, tokenizer)
+    """The model of --model on --device in --dtype, and its tokenizer."""
     import torch
 
-    from .model import GPT
-    from .tokenizer import load_tokenizer
-    from .train import setup_device
+    from .checkpoint import load_model_and_tokenizer
+    from .device import resolve_device
 
-    # The trainer's device choice (auto: cuda, then mps, then cpu); dtype is the weights' dtype here.
-    model = GPT.from_pretrained(name_or_path, device=setup_device(device, "float32").device,
-                                dtype=getattr(torch, dtype))
-    if Path(name_or_path).expanduser().is_dir():
-        try:
-            tokenizer = load_tokenizer(name_or_path)
-        except FileNotFoundError:
-            if model.config.vocab_size < 50257:
-                raise
-            tokenizer = load_tokenizer("gpt2")
-    else:
-        tokenizer = load_tokenizer("gpt2")
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"the tokenizer found for {name_or_path} has {tokenizer.vocab_size} ids but the model only "
-                         f"{model.config.vocab_size}: the folder mixes files of different models")
-    return model, tokenizer
+    return load_model_and_tokenizer(args.model, device=resolve_device(args.device), dtype=getattr(torch, args.dtype))
 
 
 def _add_sample(sub: argparse._SubParsersAction) -> None:
@@ -173,8 +159,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop a sample when its text contains TEXT (not printed); repeatable")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", choices=_DTYPES, default="float32", help="weights dtype (default: float32)")
+    _add_device_options(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start)")
     p.set_defaults(func=_run_sample)
 
@@ -187,7 +172,7 @@ def _run_sample(args: argparse.Namespace) -> int:
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
     check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
-    model, tokenizer = _load_model_and_tokenizer(args.model, args.device, args.dtype)
+    model, tokenizer = _load(args)
     text = Path(args.prompt_file).read_text(encoding="utf-8") if args.prompt_file is not None else args.prompt
     prompt, prompt_ids = prompt_ids_for(tokenizer, text)
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eot_id=tokenizer.eot,
@@ -235,8 +220,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                    "(enwik8/text8: N windows)")
     p.add_argument("--mc-file", default=None, metavar="FILE",
                    help='--task multiple_choice: JSONL of {"context": str, "choices": [str, ...], "label": int}')
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", choices=_DTYPES, default="float32", help="weights dtype (default: float32)")
+    _add_device_options(p)
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results to this JSON file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_eval)
@@ -245,12 +229,12 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def _run_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .checkpoint import atomic_write_json
     from .evaluate import evaluate
+    from .fileio import atomic_write_json
 
     if args.task:
         return _run_eval_tasks(args)
-    model, tokenizer = _load_model_and_tokenizer(args.model, args.device, args.dtype)
+    model, tokenizer = _load(args)
     if args.text is not None:
         ids = tokenizer.encode(Path(args.text).read_text(encoding="utf-8"))
         source = args.text
@@ -276,13 +260,13 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def _run_eval_tasks(args: argparse.Namespace) -> int:
-    from .checkpoint import atomic_write_json
+    from .fileio import atomic_write_json
     from .tasks import format_table, run_tasks
 
     names = [t.strip() for arg in args.task for t in arg.split(",") if t.strip()]
     if not names:
         raise ValueError("--task names no task; e.g. --task hellaswag,lambada")
-    model, tokenizer = _load_model_and_tokenizer(args.model, args.device, args.dtype)
+    model, tokenizer = _load(args)
     results = run_tasks(model, tokenizer, names, limit=args.limit, batch_size=args.batch_size or 8,
                         progress=not args.no_progress, mc_file=args.mc_file)
     print(format_table(results))

@@ -27,9 +27,10 @@ Decisions (and why):
   pre-tokenize -- and hence BPE-encode -- exactly as the whole text does (tested against
   whole-text encoding). Cutting anywhere else is not safe: ``"a\\n\\nb"`` cut after the newlines
   gives ``"\\n\\n"`` as one token where the whole text has two.
-- **Atomic output.** Everything is written into ``.<out>.tmp-<pid>`` next to ``<out>`` and renamed
-  into place at the end, so an interrupted prepare never leaves a folder that looks complete;
-  :func:`open_dataset` still checks that ``meta.json`` exists and that the ``.bin`` sizes match it.
+- **Atomic output.** Everything is written into ``.<out>.tmp-<pid>-<random>`` next to ``<out>`` and
+  swapped into place at the end (``fileio.replace_dir``), so an interrupted prepare never leaves a
+  folder that looks complete; :func:`open_dataset` still checks that ``meta.json`` exists and that
+  the ``.bin`` sizes match it.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .fileio import atomic_write_json, fsync_dir, recover_dir, remove_stale_temporaries, replace_dir, temp_sibling
 from .tokenizer import BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer, load_tokenizer
 
 FORMAT_VERSION = 1
@@ -157,24 +159,6 @@ def resolve_sources(inputs: Sequence[str | Path], glob: str = "*.txt") -> list[P
 
 
 # --- preparing -------------------------------------------------------------------------------------
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
-def _remove_stale_temp(out: Path) -> None:
-    """Delete temp folders left by prepares of ``out`` that were killed (their process is gone)."""
-    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if tmp.is_dir() and pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _build_tokenizer(kind: str, sources: Sequence[Path], vocab_size: int | None, errors: str,
                      unknown_char: str | None, chunk_bytes: int) -> Tokenizer:
     if kind == "gpt2":
@@ -253,9 +237,9 @@ def prepare_dataset(inputs: str | Path | Sequence[str | Path], out: str | Path |
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temp(out)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    recover_dir(out)  # a prepare killed mid-swap
+    remove_stale_temporaries(out.parent, name=out.name)  # temp folders of killed prepares of `out`
+    tmp = temp_sibling(out)
     tmp.mkdir()
     try:
         infos: list[dict[str, Any]] = []
@@ -288,18 +272,9 @@ def prepare_dataset(inputs: str | Path | Sequence[str | Path], out: str | Path |
             "errors": errors,
             "sources": [{"path": i["path"], "bytes": i["bytes"], "sha256": i["sha256"]} for i in infos],
         }
-        from .checkpoint import atomic_write_json, fsync_dir
-
         atomic_write_json(tmp / META_FILE, meta)  # written last: its presence marks a complete folder
         fsync_dir(tmp)
-        if out.exists():  # an earlier dataset (checked above to hold only dataset files): swap it out
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-        fsync_dir(out.parent)
+        replace_dir(tmp, out)  # an earlier dataset (checked above to hold only dataset files) is swapped out
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .checkpoint import atomic_path, resolve_model_dir
+from .checkpoint import resolve_model_dir
+from .fileio import atomic_path
 from .tokenizer import SPEC_FILE, BPETokenizer, CharTokenizer, GPT2Tokenizer, load_tokenizer
 
 if TYPE_CHECKING:

@@ -22,14 +22,18 @@ OPENAI_NAMES = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-communit
                 "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}
 
 
-def config_to_hf(config: GPTconfig, eot_id: int | None = None) -> dict[str, Any]:
+def config_to_hf(config: GPTconfig, eot_id: int | None = None,
+                 dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """A ``config.json`` dict that ``transformers.GPT2Config`` reads, with our config kept under
-    ``"gpt2model"`` so a round trip loses nothing (e.g. ``bias=False``)."""
+    ``"gpt2model"`` so a round trip loses nothing (e.g. ``bias=False``). ``dtype``: that of the
+    saved tensors (HF's ``torch_dtype``). ``n_ctx`` repeats ``n_positions`` as OpenAI's GPT-2
+    configs do: llama.cpp's ``convert_hf_to_gguf.py`` reads it."""
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
         "vocab_size": config.vocab_size,
         "n_positions": config.context_length,
+        "n_ctx": config.context_length,
         "n_embd": config.d_model,
         "n_layer": config.n_layer,
         "n_head": config.n_head,
@@ -48,7 +52,7 @@ def config_to_hf(config: GPTconfig, eot_id: int | None = None) -> dict[str, Any]
         # HF insists these lie inside the vocabulary; a char model has no end-of-text token.
         "bos_token_id": eot_id,
         "eos_token_id": eot_id,
-        "torch_dtype": "float32",
+        "torch_dtype": str(dtype).removeprefix("torch."),
         "gpt2model": config.to_dict(),
     }
 

@@ -8,6 +8,12 @@ the only difference is that we use ``nn.Linear`` where HF uses its transposed ``
 The KV cache lives here too because attention reads and writes it. Generation (``generate.py``)
 drives it: ``setup_cache`` once, then a prefill forward over the prompt and one-token decode
 forwards, each told which cache slots (``input_pos``) it writes.
+
+Imports flow one way: ``model.py`` imports only ``config.py``; ``checkpoint.py`` and
+``generate.py`` import ``model.py``. The conveniences ``GPT.from_pretrained``/``save_pretrained``
+(``checkpoint.py``) and ``GPT.generate``/``stream`` (``generate.py``) forward to those modules,
+importing them when called, so the user-facing API lives on the model while the code lives where
+it belongs and no import cycle exists at module load.
 """
 
 from __future__ import annotations
@@ -335,16 +341,6 @@ class GPT(nn.Module):
             del self.causal_mask
         self._cache_len = 0
         self._cache_batch = 0
-
-    # --- shape surgery -------------------------------------------------------------------------
-    def crop_context(self, context_length: int) -> None:
-        """Shrink the context (e.g. 1024 -> 256) by keeping the first position embeddings."""
-        if not 0 < context_length <= self.config.context_length:
-            raise ValueError(f"can only crop context_length to a value in [1, {self.config.context_length}], "
-                             f"got {context_length}")
-        self.config.context_length = context_length
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:context_length].detach().clone())
-        self.transformer.wpe.num_embeddings = context_length
 
     # --- weights in and out (HF format; see checkpoint.py) --------------------------------------
     @classmethod

@@ -34,10 +34,13 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from .fileio import atomic_path, atomic_write_json
+
 SPEC_FILE = "tokenizer_spec.json"
 EOT_TEXT = "<|endoftext|>"
 # GPT-2's pre-tokenizer regex, as tiktoken writes it (tiktoken_ext/openai_public.py).
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+GPT2_VOCAB_SIZE = 50257  # OpenAI's GPT-2 BPE: 50,000 merges + 256 bytes + <|endoftext|>
 GPT2_VOCAB_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 GPT2_MERGES_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 
@@ -62,8 +65,6 @@ class Tokenizer(Protocol):
 
 
 def _write_spec(directory: str | Path, spec: dict[str, Any]) -> Path:
-    from .checkpoint import atomic_write_json  # lazy: checkpoint imports torch
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write_json(directory / SPEC_FILE, {"format_version": 1, **spec})
@@ -245,8 +246,6 @@ class GPT2Tokenizer:
     def save(self, directory: str | Path) -> None:
         """Write ``tokenizer_spec.json`` + ``vocab.json`` + ``merges.txt`` (HF's GPT-2 file names, so
         ``transformers.GPT2TokenizerFast.from_pretrained(directory)`` works on the folder too)."""
-        from .checkpoint import atomic_path
-
         directory = _write_spec(directory, self.spec())
         for src, name in zip(self._files, ("vocab.json", "merges.txt"), strict=True):
             dst = directory / name
@@ -325,8 +324,6 @@ class BPETokenizer:
         return {"type": "bpe", "vocab_size": self.vocab_size, "eot": self.eot, "files": [self.FILE]}
 
     def save(self, directory: str | Path) -> None:
-        from .checkpoint import atomic_path
-
         directory = _write_spec(directory, self.spec())
         with atomic_path(directory / self.FILE) as tmp:
             self._tok.save(str(tmp))

@@ -1,27 +1,24 @@
 """Training: ``train(cfg)`` runs the whole loop; everything one optimizer step does is visible in it.
 
-The pieces around the loop are small functions the benchmark and tests use too: ``setup_device``
-(device, autocast, TF32, grad scaler), ``measure_matmul_peak`` (the FLOP/s that MFU divides by),
-``lr_at`` (warmup + cosine), ``configure_optimizer`` (AdamW, decay on >=2-D weights only) and
-``evaluate`` (mean loss over a fixed set of windows).
+The pieces around the loop are small functions the benchmark and tests use too: ``lr_at`` (warmup +
+cosine), ``configure_optimizer`` (AdamW, decay on >=2-D weights only) and ``estimate_loss`` (mean
+loss over a fixed set of windows). Device and precision come from ``device.py``; the run folder
+(training state, metrics, best model, and why a kill at any instant leaves it consistent) is
+``runfolder.py``.
 
 Distributed: under ``torchrun --nproc_per_node N -m gpt2model train ...`` every process runs
 ``train``; DDP averages gradients (gloo on CPU, NCCL on GPU), each rank draws its own rows of one
 shared random batch (``BatchSampler(rank, world_size)``), and only rank 0 logs and writes files.
 Global batch = batch_size * grad_accum * world_size windows.
-
-Run folder layout and why a kill at any instant leaves it consistent: see ``checkpoint.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
 import os
 import random
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,125 +29,29 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoint import (
-    CONFIG_FILE,
-    TRAINING_STATE_FILE,
-    WEIGHTS_FILE,
-    atomic_path,
-    atomic_write_json,
+from .checkpoint import save_model
+from .config import MODEL_FIELDS, GPTconfig, TrainConfig
+from .data import BatchSampler, eval_batches, open_dataset
+from .device import DeviceSetup, measure_matmul_peak, setup_device
+from .model import GPT, next_token_loss
+from .runfolder import (
+    PLOT_FILE,
+    best_so_far,
+    clean_up_after_kill,
     load_training_state,
-    read_json,
-    recover_dir,
-    replace_dir,
+    open_metrics,
+    plot_losses,
+    prepare_out,
+    read_metrics,
     rng_state,
-    save_model,
+    save_best,
     save_training_checkpoint,
     set_rng_state,
 )
-from .config import MODEL_FIELDS, GPTconfig, TrainConfig
-from .data import BatchSampler, eval_batches, open_dataset
-from .model import GPT, next_token_loss
-
-METRICS_FILE = "metrics.jsonl"
-PLOT_FILE = "loss.png"
-BEST_DIR = "best"
-BEST_INFO_FILE = "best.json"
 
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the message names the step and the last checkpoint."""
-
-
-# --- device and precision -------------------------------------------------------------------------
-@dataclass
-class DeviceSetup:
-    """Where and in which precision to compute. ``dtype`` is the autocast dtype; float32 means plain
-    fp32 (no autocast). Weights and optimizer state always stay fp32."""
-
-    device: torch.device
-    dtype: torch.dtype
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """The context to run forward passes (and the loss) in."""
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
-
-    def grad_scaler(self) -> torch.amp.GradScaler:
-        """fp16's narrow exponent range needs loss scaling; for bf16/fp32 the scaler is a no-op."""
-        return torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-
-
-def setup_device(device: str = "auto", dtype: str = "auto") -> DeviceSetup:
-    """Pick the device (``auto``: cuda, then mps, then cpu; under torchrun each process takes GPU
-    ``LOCAL_RANK``), the compute dtype (``auto``: bf16 on GPUs that have it, fp16 on older GPUs,
-    fp32 elsewhere) and allow TF32 matmuls on CUDA."""
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} asked for, but no CUDA GPU is visible; use --device cpu")
-        if dev.index is None:
-            dev = torch.device("cuda", local_rank)
-        torch.cuda.set_device(dev)
-        # TF32 tensor cores for the fp32 matmuls that remain (10-bit mantissa; fine for training).
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("device 'mps' asked for, but MPS is not available; use --device cpu")
-    if dtype == "auto":
-        if dev.type == "cuda":
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        else:
-            dtype = "float32"
-    if dtype == "float16" and dev.type != "cuda":
-        raise ValueError("float16 training needs a CUDA GPU (it relies on a grad scaler); use --dtype bfloat16 "
-                         "or float32 on this device")
-    if dtype == "bfloat16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError("this GPU has no bfloat16 support; use --dtype float16")
-    return DeviceSetup(dev, getattr(torch, dtype))
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def measure_matmul_peak(dtype: torch.dtype, device: str | torch.device) -> float:
-    """Peak FLOP/s of this device, measured with a short square-matmul probe (bf16/fp16 for those
-    compute dtypes, fp32 otherwise) and cached per (dtype, device) for the life of the process.
-
-    A measured peak, not a datasheet number, is what MFU divides by here: it works on any CPU or
-    GPU, and on a shared CPU it reflects the cores this process actually gets."""
-    probe = dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
-    return _matmul_peak(probe, str(torch.device(device)))
-
-
-@functools.cache
-def _matmul_peak(dtype: torch.dtype, device: str) -> float:
-    dev = torch.device(device)
-    # Big enough to reach the BLAS kernel's steady state (1024^2 reads ~40% low on a CPU).
-    n = 2048 if dev.type == "cpu" else 4096
-    # Constant inputs: matmul speed doesn't depend on the values, and no RNG stream is consumed.
-    a = torch.full((n, n), 0.5, dtype=dtype, device=dev)
-    b = torch.full((n, n), 0.5, dtype=dtype, device=dev)
-    for _ in range(2):  # warm up kernels / thread pools
-        a @ b
-    _synchronize(dev)
-    # Best of several short timings: a peak is what the hardware can do, and on a shared machine
-    # the best sample is the one least disturbed by other processes.
-    best, deadline = 0.0, time.perf_counter() + 1.0
-    while time.perf_counter() < deadline:
-        start = time.perf_counter()
-        for _ in range(2):
-            a @ b
-        _synchronize(dev)
-        best = max(best, 2 * 2 * n**3 / (time.perf_counter() - start))
-    return best
 
 
 # --- optimizer and schedule -----------------------------------------------------------------------
@@ -181,7 +82,7 @@ def configure_optimizer(model: GPT, cfg: TrainConfig, device_type: str) -> torch
 
 # --- evaluation -----------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], setup: DeviceSetup,
+def estimate_loss(model: torch.nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], setup: DeviceSetup,
              distributed: bool = False) -> float:
     """Token-weighted mean loss over ``batches`` (on the device). ``distributed``: each rank holds
     its share of the rows and the sums are all-reduced, so every rank returns the same value."""
@@ -200,71 +101,7 @@ def evaluate(model: torch.nn.Module, batches: Sequence[tuple[torch.Tensor, torch
     return (total[0] / total[1]).item()
 
 
-# --- run folder -----------------------------------------------------------------------------------
-def read_metrics(out: str | Path, max_step: int | None = None) -> list[dict[str, Any]]:
-    """The records of ``OUT/metrics.jsonl`` (up to ``max_step``), skipping a torn last line."""
-    path = Path(out) / METRICS_FILE
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a kill
-        if max_step is None or record["step"] <= max_step:
-            records.append(record)
-    return records
-
-
-def plot_losses(records: Sequence[dict[str, Any]], path: str | Path) -> None:
-    """PNG of per-step train loss and the eval-time train/val losses against step."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(8, 4.5))
-    FigureCanvasAgg(fig)  # the object API: no pyplot global state, no display needed
-    ax = fig.add_subplot()
-    ax.plot([r["step"] for r in records], [r["train_loss"] for r in records], lw=0.6, alpha=0.5,
-            label="train (each step)")
-    evals = [r for r in records if "val_loss" in r]
-    if evals:
-        ax.plot([r["step"] for r in evals], [r["train_eval_loss"] for r in evals], "o-", label="train (eval)")
-        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-
-
-def _prepare_out(out: Path, cfg: TrainConfig, rank: int) -> None:
-    """Refuse to mix two runs in one folder unless told to resume or overwrite."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; pass a folder")
-    if cfg.resume:
-        return
-    found = [name for name in (TRAINING_STATE_FILE, METRICS_FILE, WEIGHTS_FILE) if (out / name).exists()]
-    if found and not cfg.overwrite:
-        raise ValueError(f"{out} already holds a run ({', '.join(found)}); pass --resume to continue it, "
-                         f"--overwrite to replace it, or choose another --out")
-    if found and rank == 0:
-        for name in (TRAINING_STATE_FILE, METRICS_FILE, WEIGHTS_FILE, CONFIG_FILE, PLOT_FILE):
-            (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / BEST_DIR, ignore_errors=True)
-
-
-def _remove_stale_temporaries(out: Path) -> None:
-    """Undo what a killed run left half-done: a half-swapped best/, temp files and folders."""
-    recover_dir(out / BEST_DIR)
-    for path in [*out.glob(".*.tmp"), *out.glob(f"{BEST_DIR}/.*.tmp")]:
-        path.unlink(missing_ok=True)
-    for path in out.glob(f".{BEST_DIR}-tmp-*"):
-        shutil.rmtree(path, ignore_errors=True)
-
-
+# --- setup ---------------------------------------------------------------------------------------
 def _build_model(cfg: TrainConfig, vocab_size: int, state: dict[str, Any] | None) -> GPT:
     """The model to train: the checkpoint's (resume), a loaded one (init_from) or a new one."""
     given = {k: getattr(cfg, k) for k in MODEL_FIELDS if getattr(cfg, k) is not None}
@@ -301,24 +138,6 @@ def _check_data(data: Any, context_length: int, data_dir: str) -> None:
                              f"more data")
 
 
-def _save_best(out: Path, model: GPT, tokenizer: Any, step: int, val_loss: float) -> None:
-    """Write the whole best/ folder aside, then swap it in (see checkpoint.replace_dir)."""
-    tmp = out / f".{BEST_DIR}-tmp-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tmp, tokenizer)
-    atomic_write_json(tmp / BEST_INFO_FILE, {"step": step, "val_loss": val_loss})
-    replace_dir(tmp, out / BEST_DIR)
-
-
-def _best_so_far(out: Path, state: dict[str, Any] | None) -> float:
-    """best/ may be newer than the training state (a kill between the two writes): trust the lower."""
-    best = float(state["best_val_loss"]) if state is not None else math.inf
-    info = out / BEST_DIR / BEST_INFO_FILE
-    if state is not None and info.is_file():
-        best = min(best, float(read_json(info)["val_loss"]))
-    return best
-
-
 # --- the loop -------------------------------------------------------------------------------------
 @dataclass
 class TrainResult:
@@ -335,7 +154,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     cfg.check_paths()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    setup = setup_device(cfg.device, cfg.dtype)
+    setup = setup_device(cfg.device, cfg.dtype, tf32=True)  # TF32 is fine for gradient steps
     if world_size > 1:
         dist.init_process_group(backend="nccl" if setup.device.type == "cuda" else "gloo")
     try:
@@ -352,9 +171,9 @@ def _train(cfg: TrainConfig, setup: DeviceSetup, rank: int, world_size: int) -> 
     device = setup.device
     out = Path(cfg.out)
     data = open_dataset(cfg.data)
-    _prepare_out(out, cfg, rank)
+    prepare_out(out, resume=cfg.resume, overwrite=cfg.overwrite, clear=master)
     if master:
-        _remove_stale_temporaries(out)
+        clean_up_after_kill(out)
     state = load_training_state(out) if cfg.resume else None
 
     # Model: same seed on every rank, so every rank starts from the same weights.
@@ -379,28 +198,15 @@ def _train(cfg: TrainConfig, setup: DeviceSetup, rank: int, world_size: int) -> 
                           for split in ("val", "train"))
 
     step, elapsed_before = 0, 0.0
-    best_val = _best_so_far(out, state)
+    best_val = best_so_far(out, state)
     if state is not None:
-        step, elapsed_before = int(state["step"]), float(state["elapsed_s"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        sampler.load_state_dict(state["sampler"])
-        rngs = state["rng"]
-        if len(rngs) == world_size:
-            set_rng_state(rngs[rank])
-        else:  # a different number of processes: fresh but reproducible dropout streams
-            torch.manual_seed(cfg.seed + 1000 * step + rank)
-        changed = {k: (v, cfg.to_dict()[k]) for k, v in state["train_config"].items()
-                   if k not in ("resume", "overwrite") and cfg.to_dict().get(k) != v}
-        if master and changed:
-            print("resuming with changed options: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in
-                                                                changed.items()))
+        step, elapsed_before = _restore(state, cfg, optimizer, scaler, sampler, rank, world_size)
     else:
         # Per-rank streams for dropout; python/numpy seeded too so anything using them is reproducible.
         torch.manual_seed(cfg.seed + rank)
         random.seed(cfg.seed + rank)
         np.random.seed(cfg.seed + rank)
-    last_ckpt = f"{out} (step {step})" if state is not None else "none (no checkpoint was written yet)"
+    last_ckpt = f"{out} (step {step})" if state is not None else None
 
     model: torch.nn.Module = torch.compile(raw_model) if cfg.compile else raw_model
     eval_model = model  # evaluation needs no gradient sync, so it bypasses the DDP wrapper
@@ -413,11 +219,7 @@ def _train(cfg: TrainConfig, setup: DeviceSetup, rank: int, world_size: int) -> 
     if master:
         out.mkdir(parents=True, exist_ok=True)
         tokenizer.save(out)  # once per start: `gpt2 sample --model OUT` needs it
-        kept = read_metrics(out, max_step=step) if state is not None else []
-        # Drop what a killed run logged after its last checkpoint: those steps are about to be redone.
-        with atomic_path(out / METRICS_FILE) as tmp:
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-        metrics_file = open(out / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115 - closed in finally
+        metrics_file = open_metrics(out, step if state is not None else None)
         if state is not None:
             save_model(raw_model, out)  # the export may be one checkpoint ahead of the state; realign it
 
@@ -430,81 +232,38 @@ def _train(cfg: TrainConfig, setup: DeviceSetup, rank: int, world_size: int) -> 
     t_last = run_start
     try:
         while step < cfg.max_steps:
-            # --- one optimizer step ---
             lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(cfg.grad_accum):
-                x, y = sampler.next_batch()
-                if device.type == "cuda":
-                    x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-                else:
-                    x, y = x.to(device), y.to(device)
-                # DDP all-reduces gradients during backward; do it only on the last micro-batch.
-                last = micro == cfg.grad_accum - 1
-                sync = model.no_sync() if world_size > 1 and not last else contextlib.nullcontext()
-                with sync:
-                    with setup.autocast():
-                        # Scale so the accumulated gradient is that of the mean over all micro-batches.
-                        loss = next_token_loss(model(x), y) / cfg.grad_accum
-                    scaler.scale(loss).backward()
-                loss_sum += loss.detach()
-            grad_norm = None
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-                grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
+            train_loss, grad_norm = _optimizer_step(model, raw_model, optimizer, scaler, sampler, setup, cfg, lr,
+                                                    world_size)
             step += 1
-
-            # --- logging: the loss (averaged over ranks) is the one host-device sync per step ---
-            if world_size > 1:
-                dist.all_reduce(loss_sum)
-                loss_sum /= world_size
-            values = torch.stack([loss_sum.float(), grad_norm.float()]) if grad_norm is not None else loss_sum[None]
-            values = values.tolist()
-            train_loss = values[0]
             now = time.perf_counter()
             dt, t_last = now - t_last, now
             if not math.isfinite(train_loss):
-                raise NonFiniteLossError(f"the training loss is {train_loss} at step {step}; stopping. Last good "
-                                         f"checkpoint: {last_ckpt}. Resume from it with --resume and a lower "
-                                         f"--lr (or more --warmup-steps / a --grad-clip)")
+                raise NonFiniteLossError(_non_finite_message(train_loss, step, last_ckpt))
             record: dict[str, Any] = {"step": step, "train_loss": train_loss, "lr": lr,
                                       "tokens_per_sec": tokens_per_step / dt, "mfu": flops_per_step / dt / peak,
                                       "elapsed_s": elapsed_before + now - run_start}
             if grad_norm is not None:
-                record["grad_norm"] = values[1]
+                record["grad_norm"] = grad_norm
 
             # --- evaluation, best model, checkpoint ---
             final = step == cfg.max_steps
             if step % cfg.eval_interval == 0 or final:
-                record["val_loss"] = evaluate(eval_model, val_set, setup, world_size > 1)
-                record["train_eval_loss"] = evaluate(eval_model, train_set, setup, world_size > 1)
+                record["val_loss"] = estimate_loss(eval_model, val_set, setup, world_size > 1)
+                record["train_eval_loss"] = estimate_loss(eval_model, train_set, setup, world_size > 1)
                 if master:
                     bar.write(f"step {step}: train {record['train_eval_loss']:.4f}, val {record['val_loss']:.4f}")
                 if record["val_loss"] < best_val:
                     best_val = record["val_loss"]
                     if master:
-                        _save_best(out, raw_model, tokenizer, step, best_val)
+                        save_best(out, raw_model, tokenizer, step, best_val)
             if master:
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
             records.append(record)
             if step % cfg.ckpt_interval == 0 or final:
-                rngs = [rng_state()]
-                if world_size > 1:
-                    rngs = [None] * world_size
-                    dist.all_gather_object(rngs, rng_state())
-                if master:
-                    save_training_checkpoint(out, raw_model, {
-                        "step": step, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                        "rng": rngs, "sampler": sampler.state_dict(), "best_val_loss": best_val,
-                        "elapsed_s": record["elapsed_s"], "train_config": cfg.to_dict(),
-                        "model_config": raw_model.config.to_dict(), "world_size": world_size,
-                    })
+                _save_checkpoint(out, raw_model, optimizer, scaler, sampler, cfg, step, best_val,
+                                 record["elapsed_s"], rank, world_size)
                 last_ckpt = f"{out} (step {step})"
             bar.set_postfix_str(f"loss {train_loss:.4f} | {record['tokens_per_sec']:,.0f} tok/s | "
                                 f"mfu {record['mfu']:.1%}", refresh=False)
@@ -519,3 +278,97 @@ def _train(cfg: TrainConfig, setup: DeviceSetup, rank: int, world_size: int) -> 
         if all_records:
             plot_losses(all_records, out / PLOT_FILE)
     return TrainResult(raw_model, step, best_val, records)
+
+
+def _optimizer_step(model: torch.nn.Module, raw_model: GPT, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler, sampler: BatchSampler, setup: DeviceSetup, cfg: TrainConfig,
+                    lr: float, world_size: int) -> tuple[float, float | None]:
+    """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss (averaged over
+    ranks) and the gradient norm before clipping (None without clipping). Reading them back is the
+    one host-device sync per step."""
+    device = setup.device
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(cfg.grad_accum):
+        x, y = sampler.next_batch()
+        if device.type == "cuda":
+            x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        else:
+            x, y = x.to(device), y.to(device)
+        # DDP all-reduces gradients during backward; do it only on the last micro-batch.
+        last = micro == cfg.grad_accum - 1
+        sync = model.no_sync() if world_size > 1 and not last else contextlib.nullcontext()
+        with sync:
+            with setup.autocast():
+                # Scale so the accumulated gradient is that of the mean over all micro-batches.
+                loss = next_token_loss(model(x), y) / cfg.grad_accum
+            scaler.scale(loss).backward()
+        loss_sum += loss.detach()
+    grad_norm = None
+    if cfg.grad_clip > 0:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    if world_size > 1:
+        dist.all_reduce(loss_sum)
+        loss_sum /= world_size
+    values = torch.stack([loss_sum.float(), grad_norm.float()]) if grad_norm is not None else loss_sum[None]
+    values = values.tolist()
+    return values[0], (values[1] if grad_norm is not None else None)
+
+
+def _non_finite_message(loss: float, step: int, last_ckpt: str | None) -> str:
+    if last_ckpt is None:
+        return (f"the training loss is {loss} at step {step}; stopping. No checkpoint was written yet, so there "
+                f"is nothing to resume: start again (--overwrite) with a lower --lr (or more --warmup-steps / a "
+                f"--grad-clip)")
+    return (f"the training loss is {loss} at step {step}; stopping. Last good checkpoint: {last_ckpt}. Resume "
+            f"from it with --resume and a lower --lr (or more --warmup-steps / a --grad-clip)")
+
+
+def _restore(state: dict[str, Any], cfg: TrainConfig, optimizer: torch.optim.Optimizer,
+             scaler: torch.amp.GradScaler, sampler: BatchSampler, rank: int, world_size: int) -> tuple[int, float]:
+    """Continue a run from its training state: optimizer, scaler, batch stream and random streams.
+    Returns the step and the training time so far."""
+    step = int(state["step"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    sampler.load_state_dict(state["sampler"])
+    rngs = state["rng"]
+    if len(rngs) == world_size:
+        set_rng_state(rngs[rank])
+    else:  # a different number of processes: fresh but reproducible dropout streams
+        torch.manual_seed(cfg.seed + 1000 * step + rank)
+    if rank == 0:
+        now = cfg.to_dict()
+        stored = state["train_config"]
+        gone = sorted(k for k in stored if k not in now)
+        if gone:
+            # Written by a version with options this one no longer has: nothing to apply them to.
+            print(f"note: ignoring options of the saved run that this version does not know: {', '.join(gone)}")
+        changed = {k: (v, now[k]) for k, v in stored.items()
+                   if k in now and k not in ("resume", "overwrite") and now[k] != v}
+        if changed:
+            print("resuming with changed options: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in
+                                                                changed.items()))
+    return step, float(state["elapsed_s"])
+
+
+def _save_checkpoint(out: Path, raw_model: GPT, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                     sampler: BatchSampler, cfg: TrainConfig, step: int, best_val: float, elapsed_s: float,
+                     rank: int, world_size: int) -> None:
+    """Gather every rank's random streams and let rank 0 write the training state."""
+    rngs = [rng_state()]
+    if world_size > 1:
+        rngs = [None] * world_size
+        dist.all_gather_object(rngs, rng_state())
+    if rank == 0:
+        save_training_checkpoint(out, raw_model, {
+            "step": step, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "rng": rngs, "sampler": sampler.state_dict(), "best_val_loss": best_val,
+            "elapsed_s": elapsed_s, "train_config": cfg.to_dict(),
+            "model_config": raw_model.config.to_dict(), "world_size": world_size,
+        })
