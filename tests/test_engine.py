@@ -158,9 +158,9 @@ def test_cancel_frees_the_slot_within_one_step(model: GPT) -> None:
 def test_queue_full_and_bad_requests(model: GPT) -> None:
     eng = Engine(model, max_batch=1, max_queue=2)  # not started: nothing leaves the queue
     p = SamplingParams(max_tokens=4, temperature=0)
-    queued = [eng.submit([1], p), eng.submit([2], p)]
+    queued = [eng.submit([1], p), eng.submit([2], p), eng.submit([3], p)]  # one for the free slot, two waiting
     with pytest.raises(QueueFullError, match="max_queue 2"):
-        eng.submit([3], p)
+        eng.submit([4], p)
     for prompt, params, fragment in [
         ([], p, "empty prompt"),
         ([1, 50], p, "token id 50 is out of range"),
@@ -178,7 +178,7 @@ def test_queue_full_and_bad_requests(model: GPT) -> None:
         with pytest.raises(ValueError, match=fragment):
             eng.submit(prompt, params)
     eng.start()
-    assert [collect(r)[1].reason for r in queued] == ["length", "length"]
+    assert [collect(r)[1].reason for r in queued] == ["length"] * 3
     eng.shutdown(timeout=1)
     with pytest.raises(RuntimeError, match="not accepting"):
         eng.submit([1], p)

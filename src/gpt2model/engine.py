@@ -196,6 +196,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._slots: list[_Slot | None] = [None] * max_batch
         self._running = 0
+        self._free_slots = max_batch  # slots neither running nor claimed (guarded by _wake)
         self._counts = dict(submitted=0, tokens_generated=0, steps=0, prefills=0)
         self._finished = dict.fromkeys(("stop", "length", "cancelled", "error"), 0)
         self._fatal: str | None = None
@@ -210,13 +211,16 @@ class Engine:
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams) -> Request:
         """Queue a request; ``ValueError`` names what is wrong with it, ``QueueFullError`` when
-        ``max_queue`` requests already wait, ``RuntimeError`` once shutting down."""
+        ``max_queue`` requests already wait beyond the free slots, ``RuntimeError`` once shutting
+        down (or when the engine failed to start)."""
         prompt = self._check(prompt_ids, params)
         request = Request(prompt, params, self._wake)
         with self._wake:
             if not self._accepting or self._fatal is not None:
                 raise RuntimeError(f"the engine is not accepting requests ({self._fatal or 'shutting down'})")
-            if len(self._queue) >= self.max_queue:
+            # Free slots the inference thread has not claimed yet count as room: a burst of requests
+            # onto an idle engine is not refused while slots wait for their next admission.
+            if len(self._queue) >= self.max_queue + self._free_slots:
                 raise QueueFullError(f"{len(self._queue)} requests are already waiting (max_queue {self.max_queue}); "
                                      f"retry later")
             self._queue.append(request)
@@ -337,6 +341,7 @@ class Engine:
             slot = free.pop(0)
             self._slots[slot] = _Slot(request, pos=0)  # reserved; filled by _admit
             self._running += 1
+            self._free_slots -= 1
             admit.append((slot, request))
         return admit
 
@@ -452,6 +457,7 @@ class Engine:
         self._mask[b, ..., 0] = 0.0
         with self._wake:
             self._running -= 1
+            self._free_slots += 1
             self._finish_locked(slot.request, event)
             self._wake.notify_all()
 
