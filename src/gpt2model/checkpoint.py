@@ -92,6 +92,11 @@ def save_model(model: torch.nn.Module, directory: str | Path, tokenizer: Any = N
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model = unwrap_model(model)
+    from .quantize import is_quantized
+
+    if is_quantized(model):
+        raise ValueError("this model is quantized (int8) and there is no quantized save format: save the float "
+                         "model and quantize after loading (model.quantize('int8') or --dtype int8)")
     eot = getattr(tokenizer, "eot", None) if tokenizer is not None else None
     state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
     save_tensors(directory / WEIGHTS_FILE, state_dict_to_hf(state, model.config))

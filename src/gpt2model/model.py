@@ -323,6 +323,9 @@ class GPT(nn.Module):
         if not 0 < max_len <= self.config.context_length:
             raise ValueError(f"cache length must be in [1, context_length={self.config.context_length}], got {max_len}")
         dtype = dtype or self.dtype
+        from .quantize import prepare_decode
+
+        prepare_decode(self)  # decode-friendly weight layouts, made once (a no-op when already so)
         for block in self.transformer.h:
             block.attn.kv_cache = KVCache(batch_size, self.config.n_head, max_len, self.config.head_dim,
                                           dtype, self.device)
@@ -341,6 +344,13 @@ class GPT(nn.Module):
             del self.causal_mask
         self._cache_len = 0
         self._cache_batch = 0
+
+    def quantize(self, mode: str = "int8") -> GPT:
+        """Quantize the weights in place for inference (``"int8"``: weight-only, per-output-channel)
+        and return the model; see ``gpt2model.quantize``. Quantized models cannot be saved."""
+        from .quantize import quantize
+
+        return quantize(self, mode)
 
     # --- weights in and out (HF format; see checkpoint.py) --------------------------------------
     @classmethod

@@ -1,0 +1,176 @@
+"""Decode weights: weight-only int8 linears and the weight layout each decode matmul is fastest in.
+
+Decoding reads every weight once per step for a handful of rows, so its speed is memory
+bandwidth and the matmul kernel's layout, not FLOPs. Two mechanisms live here, both applied to a
+:class:`~gpt2model.model.GPT` once, never per step:
+
+* :func:`quantize` (``model.quantize("int8")``): every ``nn.Linear`` of the blocks and the tied LM
+  head become :class:`Int8Linear`: per-output-channel symmetric int8 weights, ``w ≈ q · scale``
+  with ``q ∈ [-127, 127]`` and one fp32 scale per output row (a quarter of the fp32 bytes). The
+  token embedding stays in the model's dtype for the lookup; the head gets its own int8 copy of
+  it (so the tie is dropped). Inference only: quantized weights take no gradients and there is no
+  quantized save format (quantize at load time; ``save_pretrained`` refuses a quantized model).
+* :func:`prepare_decode` (called by ``GPT.setup_cache``): puts each float linear weight in the
+  memory layout its decode matmul is fastest in on its device. Measured on a 2-core AVX2 EPYC
+  (torch 2.13, see bench/bench_generate.py and README): an fp32 ``F.linear(x, W)`` with ``W``
+  stored row-major ``(out, in)`` reads the 50,257 × 384 head at ~7 GB/s, while the same product
+  with ``W`` stored column-major (``W.t()`` contiguous, i.e. HF's Conv1D layout) reaches ~20 GB/s
+  at one row and is as fast or faster for the body matrices and at 8 rows; bf16 is the other way
+  round (its column-major kernel is 10-50x slower on CPUs without native bf16). The layout is
+  changed in place (same ``Parameter``, same shape and values, only the strides differ), so it
+  costs no memory, training and optimizers keep working on the same tensors, and a saved folder is
+  byte-for-byte the same (``checkpoint.save_tensors`` writes contiguous copies).
+
+The int8 matmul: on CPU, ``torch._weight_int8pack_mm`` (PyTorch's int8-weight GEMV kernel, also
+what torchao uses there) with bf16 activations — its fp32-activation path is ~10x slower, so the
+activations are cast to bf16 around it (relative error ~2^-9, well under int8's own). It is a
+per-row kernel, so for many rows (a prefill) dequantize-then-GEMM wins and is used instead. On
+other devices (CUDA has no ``_weight_int8pack_mm``) the weight is dequantized into the matmul
+(gpt-fast's formulation, which ``torch.compile`` fuses into one kernel).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+if TYPE_CHECKING:
+    from .model import GPT
+
+QUANTIZATION_MODES = ("int8",)
+
+# ``_weight_int8pack_mm`` is a per-row kernel: up to this many rows it beats dequantize + GEMM
+# (measured: 1,536 x 384 at 16 rows ties fp32 GEMM, at 64 rows it is 2x slower), so decode steps
+# of up to 8 rows use it and prefills dequantize.
+INT8_KERNEL_MAX_ROWS = 8
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: ``(q, scales)`` with ``weight ≈ q * scales[:, None]``.
+
+    ``q`` is int8 ``(out, in)`` in ``[-127, 127]`` (-128 unused, so the grid is symmetric) and
+    ``scales`` fp32 ``(out,)`` is each row's absolute maximum over 127, so the rounding error of
+    every weight is at most half a step: ``|weight - q * scale| <= scale / 2``. An all-zero row
+    gets scale 1 (its q is 0) instead of a division by zero.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"quantize_int8 expects a 2-D (out_features, in_features) weight, got shape "
+                         f"{tuple(weight.shape)}")
+    w = weight.detach().float()
+    amax = w.abs().amax(dim=1)
+    scales = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q.contiguous(), scales
+
+
+class Int8Linear(nn.Module):
+    """``y = x @ (q * scales[:, None]).T + bias`` with int8 ``q``: a drop-in, inference-only
+    replacement of an ``nn.Linear`` (built with :meth:`from_linear` or :meth:`from_weight`).
+
+    Buffers: ``weight`` int8 ``(out, in)``, ``scales`` fp32 ``(out,)``, ``bias`` (or None) and the
+    CPU kernel's bf16 copy of the scales. The output has the input's dtype.
+    """
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if q.dtype != torch.int8 or q.dim() != 2 or scales.shape != (q.size(0),):
+            raise ValueError(f"Int8Linear needs an int8 (out, in) weight and (out,) scales, got {q.dtype} "
+                             f"{tuple(q.shape)} and {tuple(scales.shape)}")
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("weight", q.contiguous())
+        self.register_buffer("scales", scales.float())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        # The CPU kernel wants scales in the activations' dtype (bf16); made once here.
+        self.register_buffer("scales_bf16", self.scales.to(torch.bfloat16), persistent=False)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Linear:
+        """Quantize a float ``(out, in)`` weight (and keep ``bias`` as it is)."""
+        q, scales = quantize_int8(weight)
+        return cls(q, scales.to(weight.device), bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        return cls.from_weight(linear.weight, linear.bias)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight ``q * scales`` that this layer computes with, ``(out, in)``."""
+        return (self.weight.to(dtype) * self.scales.to(dtype)[:, None])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if (x.device.type == "cpu" and 0 < rows <= INT8_KERNEL_MAX_ROWS and self.in_features % 8 == 0
+                and x.dtype in (torch.float32, torch.bfloat16)):
+            # (The kernel crashes for in_features not a multiple of 8, hence that guard.)
+            x2 = x.reshape(rows, self.in_features).to(torch.bfloat16).contiguous()
+            y = torch._weight_int8pack_mm(x2, self.weight, self.scales_bf16)
+            y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        else:
+            # Dequantize into the matmul: F.linear on the int8 weight cast to x's dtype, then the
+            # per-column scale (scales factor out of the dot product of each output channel).
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, int8 per-output-channel")
+
+
+def quantize(model: GPT, mode: str = "int8") -> GPT:
+    """Quantize ``model`` in place (every linear of the blocks and the LM head) and return it.
+
+    ``mode``: ``"int8"`` (weight-only, per-output-channel symmetric; see :class:`Int8Linear`).
+    The model is put in eval mode and any KV cache is kept. Quantizing twice is an error.
+    """
+    if mode not in QUANTIZATION_MODES:
+        raise ValueError(f"unknown quantization {mode!r}; choose one of {', '.join(QUANTIZATION_MODES)}")
+    if is_quantized(model):
+        raise ValueError("the model is already quantized; load the float model again to quantize it differently")
+    model.eval()
+    for block in model.transformer.h:
+        for parent in (block.attn, block.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, Int8Linear.from_linear(child))
+    # The head is tied to the token embedding: quantize a copy for the head and leave the
+    # embedding (a lookup, one row per token) in full precision.
+    model.lm_head = Int8Linear.from_weight(model.lm_head.weight, model.lm_head.bias)
+    return model
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether any layer of ``model`` holds quantized weights."""
+    return any(isinstance(m, Int8Linear) for m in model.modules())
+
+
+def decode_layout_is_column_major(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a float ``nn.Linear`` weight decodes faster stored column-major (``W.t()``
+    contiguous) on ``device`` in ``dtype``: fp32 on CPU (see the module docstring). Elsewhere the
+    usual row-major layout (cuBLAS reads both at full speed; CPU bf16 kernels want row-major)."""
+    return device.type == "cpu" and dtype == torch.float32
+
+
+def prepare_decode(model: GPT) -> None:
+    """Store each float linear weight of ``model`` in its fastest decode layout, in place.
+
+    Cheap when nothing needs to change (a stride check per layer), so ``setup_cache`` calls it
+    every time: a model moved to another dtype or device since gets the right layout again.
+    Values, shapes, ``Parameter`` objects and ties are unchanged; only the strides move.
+    """
+    for module in model.modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        w = module.weight
+        want_colmajor = decode_layout_is_column_major(w.device, w.dtype)
+        colmajor = w.dim() == 2 and w.stride() == (1, w.size(0))
+        if w.size(0) == 1 or w.size(1) == 1 or colmajor == want_colmajor:
+            continue
+        with torch.no_grad():
+            # .data swaps the storage under the same Parameter (optimizer state, ties and
+            # references stay valid); the tied embedding sees the same strided storage.
+            w.data = w.data.t().contiguous().t() if want_colmajor else w.data.contiguous()
