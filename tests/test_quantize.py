@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 from gpt2model import GPT, GPTconfig
 from gpt2model.generate import generate
-from gpt2model.quantize import INT8_KERNEL_MAX_ROWS, Int8Linear, is_quantized, prepare_decode, quantize, quantize_int8
+from gpt2model.quantize import INT8_KERNEL_MAX_ROWS, Int8Linear, is_quantized, quantize, quantize_int8
 
 
 # --- single layers -----------------------------------------------------------------------------------
@@ -116,36 +116,58 @@ def test_int8_model_generates_batched_and_in_bf16() -> None:
 
 
 # --- the decode layout -------------------------------------------------------------------------------
-def test_decode_layout_is_column_major_for_cpu_fp32_and_changes_no_result(tmp_path) -> None:
+def test_decode_layout_is_column_major_while_the_cache_lives_and_changes_no_result() -> None:
     model = spiky(SMALL)
     ids = torch.randint(0, 80, (2, 20))
     ref = model(ids).detach()
-    model.save_pretrained(tmp_path / "before")
     params = dict(model.named_parameters())
-    out = generate(model, ids, 8, temperature=0)  # setup_cache -> prepare_decode
+    model.setup_cache(2)
     w = model.transformer.h[0].mlp.c_fc.weight
-    assert w.stride() == (1, w.size(0))
+    assert w.stride() == (1, w.size(0))  # fp32 on CPU: W.t() contiguous
     assert model.lm_head.weight is model.transformer.wte.weight  # still tied
     assert model.lm_head.weight.stride() == (1, 80)
     assert dict(model.named_parameters()) == params  # the same Parameter objects
-    torch.testing.assert_close(model(ids).detach(), ref, rtol=1e-5, atol=1e-5)
+    logits = model(ids, input_pos=torch.arange(20)).detach()
+    torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
+    model.setup_cache(1)  # again, without clearing: nothing to do
     model.clear_cache()
-    assert torch.equal(generate(model, ids, 8, temperature=0), out)
-    # A saved folder is byte for byte the same, and HF reads it as before.
-    model.save_pretrained(tmp_path / "after")
-    for name in ("model.safetensors", "config.json"):
-        assert (tmp_path / "after" / name).read_bytes() == (tmp_path / "before" / name).read_bytes()
-    # Training goes on with the same tensors.
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model.train()
-    loss = model.loss(ids[:, :-1], ids[:, 1:])
-    loss.backward()
-    opt.step()
-    assert math.isfinite(loss.item()) and not torch.equal(model(ids).detach(), ref)
-    # bf16 (and other devices) want row-major again: the next cache setup restores it.
-    model.to(torch.bfloat16)
-    prepare_decode(model)
+    assert all(p.is_contiguous() for p in model.parameters())
+    # bf16 keeps row-major (its CPU kernels want it).
+    model.to(torch.bfloat16).setup_cache(1)
     assert model.transformer.h[0].mlp.c_fc.weight.is_contiguous() and model.lm_head.weight.is_contiguous()
+
+
+def test_generating_between_training_steps_changes_nothing(tmp_path) -> None:
+    """Train, generate, train: the same losses and weights as training straight through, and the
+    same saved files as a model that never generated."""
+
+    def run(generate_between: bool) -> tuple[list[float], GPT]:
+        model = spiky(SMALL)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        g = torch.Generator().manual_seed(0)
+        losses = []
+        for step in range(3):
+            model.train()
+            ids = torch.randint(0, 80, (4, 17), generator=g)
+            loss = model.loss(ids[:, :-1], ids[:, 1:])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            if generate_between and step == 1:
+                generate(model.eval(), [[1, 2, 3]], 5, seed=0)
+        return losses, model
+
+    plain_losses, plain = run(False)
+    losses, model = run(True)
+    assert losses == plain_losses
+    for (name, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
+        assert p.is_contiguous() and torch.equal(p, q), name
+    plain.save_pretrained(tmp_path / "plain")
+    generate(model, [[1, 2, 3]], 5, temperature=0)
+    model.save_pretrained(tmp_path / "generated")
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "generated" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes()
 
 
 # --- quality gates -----------------------------------------------------------------------------------

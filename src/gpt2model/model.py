@@ -325,7 +325,7 @@ class GPT(nn.Module):
         dtype = dtype or self.dtype
         from .quantize import prepare_decode
 
-        prepare_decode(self)  # decode-friendly weight layouts, made once (a no-op when already so)
+        prepare_decode(self)  # decode-friendly weight layouts while the cache lives (see quantize.py)
         for block in self.transformer.h:
             block.attn.kv_cache = KVCache(batch_size, self.config.n_head, max_len, self.config.head_dim,
                                           dtype, self.device)
@@ -338,6 +338,9 @@ class GPT(nn.Module):
 
     def clear_cache(self) -> None:
         """Free the KV cache and return to plain (cache-less) forwards."""
+        from .quantize import restore_layout
+
+        restore_layout(self)  # the weights' usual layout again (see prepare_decode)
         for block in self.transformer.h:
             block.attn.kv_cache = None
         if hasattr(self, "causal_mask"):

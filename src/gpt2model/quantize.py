@@ -10,16 +10,17 @@ bandwidth and the matmul kernel's layout, not FLOPs. Two mechanisms live here, b
   token embedding stays in the model's dtype for the lookup; the head gets its own int8 copy of
   it (so the tie is dropped). Inference only: quantized weights take no gradients and there is no
   quantized save format (quantize at load time; ``save_pretrained`` refuses a quantized model).
-* :func:`prepare_decode` (called by ``GPT.setup_cache``): puts each float linear weight in the
-  memory layout its decode matmul is fastest in on its device. Measured on a 2-core AVX2 EPYC
-  (torch 2.13, see bench/bench_generate.py and README): an fp32 ``F.linear(x, W)`` with ``W``
-  stored row-major ``(out, in)`` reads the 50,257 × 384 head at ~7 GB/s, while the same product
-  with ``W`` stored column-major (``W.t()`` contiguous, i.e. HF's Conv1D layout) reaches ~20 GB/s
-  at one row and is as fast or faster for the body matrices and at 8 rows; bf16 is the other way
-  round (its column-major kernel is 10-50x slower on CPUs without native bf16). The layout is
-  changed in place (same ``Parameter``, same shape and values, only the strides differ), so it
-  costs no memory, training and optimizers keep working on the same tensors, and a saved folder is
-  byte-for-byte the same (``checkpoint.save_tensors`` writes contiguous copies).
+* :func:`prepare_decode` (called by ``GPT.setup_cache``, undone by ``GPT.clear_cache``): puts
+  each float linear weight in the memory layout its decode matmul is fastest in on its device.
+  Measured on a 2-core AVX2 EPYC (torch 2.13; README, Benchmarks): an fp32 ``F.linear(x, W)``
+  with ``W`` stored row-major ``(out, in)`` reads the 50,257 x 384 head 2-3x slower than the same
+  product with ``W`` stored column-major (``W.t()`` contiguous, HF's Conv1D layout), which is as
+  fast or faster for the body matrices and at 8 rows too; bf16 is the other way round (its
+  column-major kernel is 10-50x slower on CPUs without native bf16). The layout is changed in
+  place while a KV cache is set up (same ``Parameter``, shape and values; only the strides
+  differ) and restored by ``clear_cache``: no second copy of the weights in memory, a model that
+  trains after generating sees exactly the tensors it had, and a saved folder is byte-for-byte
+  the same either way (``checkpoint`` writes contiguous copies).
 
 The int8 matmul: on CPU, ``torch._weight_int8pack_mm`` (PyTorch's int8-weight GEMV kernel, also
 what torchao uses there) with bf16 activations — its fp32-activation path is ~10x slower, so the
@@ -156,21 +157,32 @@ def decode_layout_is_column_major(device: torch.device, dtype: torch.dtype) -> b
 
 
 def prepare_decode(model: GPT) -> None:
-    """Store each float linear weight of ``model`` in its fastest decode layout, in place.
+    """Store each float linear weight of ``model`` in its fastest decode layout, in place, until
+    :func:`restore_layout` (``GPT.setup_cache`` and ``GPT.clear_cache`` call the two).
 
-    Cheap when nothing needs to change (a stride check per layer), so ``setup_cache`` calls it
-    every time: a model moved to another dtype or device since gets the right layout again.
-    Values, shapes, ``Parameter`` objects and ties are unchanged; only the strides move.
+    Values, shapes, ``Parameter`` objects and ties are unchanged; only the strides move. A copy of
+    the weights per cache setup (tens of ms for the 124M model), nothing per step, and nothing
+    when the layout is already right (bf16, CUDA, or a cache set up again without clearing).
     """
+    relaid = getattr(model, "_decode_relaid", [])
     for module in model.modules():
         if not isinstance(module, nn.Linear):
             continue
         w = module.weight
         want_colmajor = decode_layout_is_column_major(w.device, w.dtype)
-        colmajor = w.dim() == 2 and w.stride() == (1, w.size(0))
-        if w.size(0) == 1 or w.size(1) == 1 or colmajor == want_colmajor:
-            continue
+        if want_colmajor and w.is_contiguous() and min(w.shape) > 1:
+            with torch.no_grad():
+                # .data swaps the storage under the same Parameter (optimizer state, ties and
+                # references stay valid); the tied embedding sees the same storage.
+                w.data = w.data.t().contiguous().t()
+            relaid.append(w)
+    model._decode_relaid = relaid
+
+
+def restore_layout(model: GPT) -> None:
+    """Undo :func:`prepare_decode`: the weights it re-laid are row-major (contiguous) again, so a
+    model that goes on training after generating sees exactly the tensors it had before."""
+    for w in getattr(model, "_decode_relaid", []):
         with torch.no_grad():
-            # .data swaps the storage under the same Parameter (optimizer state, ties and
-            # references stay valid); the tied embedding sees the same strided storage.
-            w.data = w.data.t().contiguous().t() if want_colmajor else w.data.contiguous()
+            w.data = w.data.contiguous()
+    model._decode_relaid = []
