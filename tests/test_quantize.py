@@ -129,7 +129,6 @@ def test_decode_layout_is_column_major_while_the_cache_lives_and_changes_no_resu
     assert dict(model.named_parameters()) == params  # the same Parameter objects
     logits = model(ids, input_pos=torch.arange(20)).detach()
     torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
-    model.setup_cache(1)  # again, without clearing: nothing to do
     model.clear_cache()
     assert all(p.is_contiguous() for p in model.parameters())
     # bf16 keeps row-major (its CPU kernels want it).
