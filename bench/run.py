@@ -6,7 +6,8 @@ Sections (``--only`` picks a subset, comma-separated):
   bf16 autocast and ``torch.compile``d, and HF ``GPT2LMHeadModel`` (sdpa) in fp32 and bf16, with
   the same weights and the same AdamW;
 - ``gpt2``: the same for the gpt2 (124M) shape at a batch that fits (4 x 256);
-- ``generate``: generation tokens/s from ``bench/bench_generate.py``;
+- ``generate``: generation tokens/s from ``bench/bench_generate.py`` (fp32 / bf16 / int8, HF, llama.cpp,
+  the memory floor);
 - ``curve``: the seed model's loss over 200 training steps in bf16 against fp32;
 - ``tasks``: zero-shot task items/s against lm-evaluation-harness, from ``bench/bench_tasks.py``.
 
@@ -42,7 +43,8 @@ TINY_SHAPE = dict(context_length=32, vocab_size=65, n_layer=2, n_head=2, d_model
 TRAIN_COLUMNS = [("case", "case"), ("tok_s", "tokens/s"), ("tok_s_min", "min"), ("tok_s_max", "max"),
                  ("mfu_pct", "MFU %"), ("rss_mib", "peak RSS MiB"), ("vs_hf", "vs HF"), ("note", "note")]
 GENERATE_COLUMNS = [("config", "config"), ("batch", "batch"), ("method", "method"), ("tok_s", "tokens/s"),
-                    ("vs_hf", "vs HF"), ("vs_recompute", "vs recompute"), ("peak_rss_mib", "peak RSS MiB"),
+                    ("of_floor", "of memory floor"), ("vs_fp32", "vs fp32"), ("vs_hf", "vs HF"),
+                    ("vs_recompute", "vs recompute"), ("vs_llama", "vs llama.cpp"), ("peak_rss_mib", "peak RSS MiB"),
                     ("error", "error")]
 
 
@@ -140,10 +142,10 @@ def generate_section(quick: bool, tiny: bool) -> list[dict[str, Any]] | None:
     except ImportError:
         return None
     if tiny:
-        return bench_generate.run(configs=("seed",), batches=(1,), new_tokens=8, attention=False)
+        return bench_generate.run(configs=("seed",), batches=(1,), new_tokens=8, rounds=1, attention=False)
     if quick:
-        return bench_generate.run(batches=(1,), new_tokens=100, gpt2_new_tokens=50, attention=False)
-    return bench_generate.run()
+        return bench_generate.run(batches=(1,), new_tokens=100, gpt2_new_tokens=50, rounds=1, attention=False)
+    return bench_generate.run(llama_bench=bench_generate.find_llama_bench())
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

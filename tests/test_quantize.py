@@ -253,3 +253,33 @@ def test_int8_gpt2_shape_keeps_perplexity_on_tiny_shakespeare(shakespeare_text: 
     qlogits, _ = val_logits(model, val, 8, 256)
     ppl, qppl = math.exp(F.cross_entropy(logits, y).item()), math.exp(F.cross_entropy(qlogits, y).item())
     assert abs(qppl / ppl - 1) < 0.01, (ppl, qppl)
+
+
+# --- the CLI -----------------------------------------------------------------------------------------
+def test_cli_dtype_int8_quantizes_at_load_for_sample_and_eval(tmp_path, capsys) -> None:
+    import json
+
+    from gpt2model.cli import main
+    from gpt2model.evaluate import evaluate
+    from gpt2model.tokenizer import CharTokenizer
+
+    text = "to be or not to be, that is the question\n" * 5
+    tok = CharTokenizer.from_text(text)
+    model = spiky(GPTconfig(context_length=32, vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=16))
+    model.save_pretrained(tmp_path / "m", tokenizer=tok)
+    saved = (tmp_path / "m" / "model.safetensors").read_bytes()
+    model.quantize("int8")
+    assert main(["sample", "--model", str(tmp_path / "m"), "--device", "cpu", "--dtype", "int8", "--prompt", "to be",
+                 "--max-new-tokens", "20", "--temperature", "0"]) == 0
+    ids = generate(model, [tok.encode("to be")], 20, temperature=0)[0]
+    assert capsys.readouterr().out == tok.decode(ids) + "\n"
+    (tmp_path / "t.txt").write_text(text)
+    assert main(["eval", "--model", str(tmp_path / "m"), "--text", str(tmp_path / "t.txt"), "--stride", "8",
+                 "--json", str(tmp_path / "r.json"), "--no-progress", "--device", "cpu", "--dtype", "int8"]) == 0
+    expected = evaluate(model, tok.encode(text), stride=8, tokenizer=tok)
+    assert math.isclose(json.loads((tmp_path / "r.json").read_text())["loss"], expected.loss, rel_tol=1e-6)
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == saved  # nothing written back
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["sample", "--model", str(tmp_path / "m"), "--dtype", "int4"])
+    assert "invalid choice: 'int4'" in capsys.readouterr().err

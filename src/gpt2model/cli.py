@@ -123,21 +123,26 @@ def _run_train(args: argparse.Namespace) -> int:
 
 # --- sample ---------------------------------------------------------------------------------------
 def _add_device_options(p: argparse.ArgumentParser) -> None:
-    """--device and --dtype of the commands that run a saved model (sample, eval)."""
-    from .device import DTYPE_NAMES
+    """--device and --dtype of the commands that run a saved model (sample, eval, serve)."""
+    from .quantize import WEIGHT_DTYPES
 
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="weights dtype (default: float32)")
+    p.add_argument("--dtype", choices=WEIGHT_DTYPES, default="float32",
+                   help="weights dtype (default: float32); int8: weight-only int8 linears quantized at load "
+                        "(float32 everywhere else), the fastest decode on CPU")
 
 
 def _load(args: argparse.Namespace):  # noqa: ANN202 - (GPT, tokenizer)
     """The model of --model on --device in --dtype, and its tokenizer."""
-    import torch
-
     from .checkpoint import load_model_and_tokenizer
     from .device import resolve_device
+    from .quantize import weights_dtype
 
-    return load_model_and_tokenizer(args.model, device=resolve_device(args.device), dtype=getattr(torch, args.dtype))
+    dtype, quantization = weights_dtype(args.dtype)
+    model, tokenizer = load_model_and_tokenizer(args.model, device=resolve_device(args.device), dtype=dtype)
+    if quantization:
+        model.quantize(quantization)
+    return model, tokenizer
 
 
 def _add_sample(sub: argparse._SubParsersAction) -> None:

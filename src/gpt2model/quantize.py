@@ -42,6 +42,9 @@ if TYPE_CHECKING:
     from .model import GPT
 
 QUANTIZATION_MODES = ("int8",)
+# What ``--dtype`` accepts where a saved model is run (sample, eval, serve): float dtypes, or a
+# quantization applied after loading in float32.
+WEIGHT_DTYPES = ("float32", "bfloat16", "float16", *QUANTIZATION_MODES)
 
 # ``_weight_int8pack_mm`` is a per-row kernel: up to this many rows it beats dequantize + GEMM
 # (measured: 1,536 x 384 at 16 rows ties fp32 GEMM, at 64 rows it is 2x slower), so decode steps
@@ -120,6 +123,16 @@ class Int8Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, int8 per-output-channel")
+
+
+def weights_dtype(name: str) -> tuple[torch.dtype, str | None]:
+    """``(dtype to load the weights in, quantization to apply after or None)`` for a ``--dtype``
+    name: ``"bfloat16"`` -> ``(torch.bfloat16, None)``, ``"int8"`` -> ``(torch.float32, "int8")``."""
+    if name not in WEIGHT_DTYPES:
+        raise ValueError(f"unknown weights dtype {name!r}; choose one of {', '.join(WEIGHT_DTYPES)}")
+    if name in QUANTIZATION_MODES:
+        return torch.float32, name
+    return getattr(torch, name), None
 
 
 def quantize(model: GPT, mode: str = "int8") -> GPT:
