@@ -361,17 +361,17 @@ def test_out_holding_another_run_needs_resume_or_overwrite(dataset: Path, tmp_pa
 def test_non_finite_loss_stops_with_step_and_checkpoint(dataset: Path, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch,
                                                        capsys: pytest.CaptureFixture) -> None:
-    import gpt2model.train as train_module
+    import gpt2model.model as model_module
 
-    real = train_module.next_token_loss
+    real = model_module.linear_cross_entropy
     calls = {"n": 0}
 
-    def poisoned(logits, targets):
+    def poisoned(x, weight, targets):
         calls["n"] += 1
-        loss = real(logits, targets)
+        loss = real(x, weight, targets)
         return loss * float("nan") if calls["n"] == 5 else loss  # the 5th training forward
 
-    monkeypatch.setattr(train_module, "next_token_loss", poisoned)
+    monkeypatch.setattr(model_module, "linear_cross_entropy", poisoned)
     out = tmp_path / "out"
     with pytest.raises(NonFiniteLossError, match=r"nan at step 5.*step 4"):
         train(tiny(dataset, out, max_steps=10, eval_interval=100, checkpoint_interval=2, eval_steps=1))

@@ -176,9 +176,116 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: i
 
     Computed in fp32 even when the logits are bf16: the log-sum-exp needs the range. (A no-op for
     fp32 logits. Under autocast cross_entropy would upcast by itself, so this is the one cast either
-    way; with bf16 weights and no autocast it is the needed one.)
+    way; with bf16 weights and no autocast it is the needed one.) Training does not go through the
+    logits: ``GPT.forward(ids, targets=...)`` uses ``linear_cross_entropy``, which gives the same loss.
     """
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index)
+
+
+# The LM head's share of training memory: at the GPT-2 shape (16 x 1024 tokens, 50,257 ids) one
+# fp32 copy of the logits is 3.3 GB, and the plain path keeps several (bf16 logits, their fp32
+# upcast, the log-softmax saved for backward). ``linear_cross_entropy`` instead runs the head in
+# chunks of rows whose fp32 logits stay under this many bytes, and computes the head's gradients
+# chunk by chunk during the forward pass (the same three matmuls as the plain path, no recompute).
+LOSS_CHUNK_BYTES = 512 * 2**20
+# Tensor cores want matmul dimensions in multiples of 64 (nanoGPT pads GPT-2's 50,257 ids to 50,304
+# in the model). Here only the head's transient training-time weight copy is padded, with zero
+# rows whose logits are left out of the softmax: the loss is exact, and the parameters, every
+# saved file and every logit a user sees keep the real vocabulary.
+VOCAB_PAD_MULTIPLE = 64
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                         chunk_bytes: int | None = None, pad_multiple: int | None = None) -> torch.Tensor:
+    """``next_token_loss(x @ weight.T, targets)`` without materialising the full logits.
+
+    ``x`` (..., d) are the final hidden states, ``weight`` (V, d) the LM head, ``targets`` (...) the
+    next ids (``ignore_index`` positions do not count). The softmax runs in fp32; the matmuls run
+    in the autocast dtype when autocast is on (as ``nn.Linear`` would), else in ``weight``'s dtype.
+    When gradients are needed, the chunks' gradients are summed in fp32 during this call and only
+    scaled by the incoming gradient in backward, so no chunk's logits outlive its loop iteration.
+    ``chunk_bytes`` and ``pad_multiple`` default to ``LOSS_CHUNK_BYTES`` and ``VOCAB_PAD_MULTIPLE``.
+    """
+    chunk_bytes = chunk_bytes or LOSS_CHUNK_BYTES
+    pad_multiple = pad_multiple or VOCAB_PAD_MULTIPLE
+    x2, t = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+    if t.size(0) != x2.size(0):
+        raise ValueError(f"targets {tuple(targets.shape)} do not match the hidden states {tuple(x.shape)}")
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = torch.promote_types(x.dtype, weight.dtype)
+    if torch.is_grad_enabled() and (x2.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(x2, weight, t, ignore_index, dtype, chunk_bytes, pad_multiple)
+    with torch.autocast(device_type, enabled=False):
+        return _chunked_loss(x2, weight, t, ignore_index, dtype, chunk_bytes, pad_multiple, grads=False)[0]
+
+
+def _chunked_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                  dtype: torch.dtype, chunk_bytes: int, pad_multiple: int,
+                  grads: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Mean loss and, if ``grads``, its fp32 gradients with respect to ``x`` (N, d) and ``weight`` (V, d)."""
+    N, d = x.shape
+    V = weight.size(0)
+    Vp = -(-V // pad_multiple) * pad_multiple if pad_multiple > 1 else V
+    w = weight.to(dtype)
+    if Vp != V:
+        w = torch.cat([w, w.new_zeros(Vp - V, d)])  # zero rows; their logits are sliced off below
+    xc = x.to(dtype)
+    valid = targets != ignore_index
+    safe_targets = torch.where(valid, targets, 0)
+    # Equal chunks of rows: the fp32 logits of one chunk take at most chunk_bytes.
+    n_chunks = max(1, -(-N * Vp * 4 // chunk_bytes))
+    rows = -(-N // n_chunks)
+    total = torch.zeros((), dtype=torch.float32, device=x.device)
+    grad_x = torch.empty(N, d, dtype=torch.float32, device=x.device) if grads else None
+    grad_w = torch.zeros(Vp, d, dtype=torch.float32, device=x.device) if grads else None
+    for start in range(0, N, rows):
+        end = min(start + rows, N)
+        logits = (xc[start:end] @ w.t()).float()  # (n, Vp)
+        real = logits[:, :V]
+        lse = torch.logsumexp(real, dim=-1)
+        tgt, ok = safe_targets[start:end], valid[start:end]
+        picked = real.gather(1, tgt[:, None]).squeeze(1)
+        total += torch.where(ok, lse - picked, 0.0).sum()
+        if grads:
+            # d(sum of losses)/d(logits) = softmax - one_hot, zero on ignored rows and padded columns.
+            # Left unnormalised (entries in [-1, 1]) so that fp16/bf16 matmuls keep their precision;
+            # the 1/count is applied in fp32 below.
+            g = logits.sub_(lse[:, None]).exp_()
+            g[:, V:] = 0.0
+            g.scatter_add_(1, tgt[:, None], -ok[:, None].to(g.dtype))
+            g.mul_(ok[:, None])
+            g = g.to(dtype)
+            grad_x[start:end] = (g @ w).float()
+            grad_w += (g.t() @ xc[start:end]).float()
+    count = valid.sum()
+    loss = total / count
+    if grads:
+        scale = 1.0 / count.float()
+        return loss, grad_x.mul_(scale), grad_w.mul_(scale)[:V]
+    return loss, None, None
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Autograd wrapper of ``_chunked_loss``: gradients computed in forward, scaled in backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                dtype: torch.dtype, chunk_bytes: int, pad_multiple: int) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            loss, grad_x, grad_w = _chunked_loss(x, weight, targets, ignore_index, dtype, chunk_bytes,
+                                                 pad_multiple, grads=True)
+        ctx.save_for_backward(grad_x, grad_w)
+        ctx.dtypes = (x.dtype, weight.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grad_x, grad_w = ctx.saved_tensors
+        x_dtype, w_dtype = ctx.dtypes
+        return ((grad_x * grad_loss).to(x_dtype), (grad_w * grad_loss).to(w_dtype), None, None, None, None, None)
 
 
 class GPT(nn.Module):
@@ -252,8 +359,9 @@ class GPT(nn.Module):
     # --- forward -------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                cache_row: int = 0) -> torch.Tensor:
-        """Logits ``(B, T, vocab_size)`` for token ids ``(B, T)``.
+                cache_row: int = 0, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``(B, T, vocab_size)`` for token ids ``(B, T)``; with ``targets`` (B, T) the mean
+        next-token loss instead (see ``loss``), computed without materialising the logits.
 
         Plain use needs only ``input_ids``. With a KV cache (``setup_cache``) every forward says
         which cache slots it writes: ``input_pos`` ``(T,)`` (the same slots for all rows) or
@@ -290,17 +398,21 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x, input_pos, mask, cache_row)
         x = self.transformer.ln_f(x)
+        if targets is not None:
+            # Training goes through forward (DDP and torch.compile wrap forward), so the loss is here.
+            if targets.shape != input_ids.shape:
+                raise ValueError(f"targets must have the shape of input_ids {tuple(input_ids.shape)}, "
+                                 f"got {tuple(targets.shape)}")
+            return linear_cross_entropy(x, self.lm_head.weight, targets)
         return self.lm_head(x)
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Mean next-token cross-entropy: ``targets[b, t]`` is the id that should follow
         ``input_ids[b, :t+1]`` (usually ``input_ids`` shifted left by one); positions whose
         target is ``ignore_index`` do not count."""
-        logits = self(input_ids)
-        if targets.shape != input_ids.shape:
-            raise ValueError(f"targets must have the shape of input_ids {tuple(input_ids.shape)}, "
-                             f"got {tuple(targets.shape)}")
-        return next_token_loss(logits, targets, ignore_index)
+        if ignore_index != -100:
+            targets = targets.masked_fill(targets == ignore_index, -100)
+        return self(input_ids, targets=targets)
 
     def _check_input_ids(self, input_ids: torch.Tensor) -> None:
         check_token_ids(input_ids, self.config.vocab_size, check_range=self.check_inputs)

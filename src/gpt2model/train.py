@@ -33,7 +33,7 @@ from .checkpoint import save_model
 from .config import MODEL_FIELDS, GPTconfig, TrainConfig
 from .data import BatchSampler, eval_batches, open_dataset
 from .device import DeviceSetup, measure_matmul_peak, setup_device
-from .model import GPT, next_token_loss
+from .model import GPT
 from .runfolder import (
     PLOT_FILE,
     best_so_far,
@@ -92,7 +92,7 @@ def estimate_loss(model: torch.nn.Module, batches: Sequence[tuple[torch.Tensor, 
     for x, y in batches:
         if y.numel():
             with setup.autocast():
-                loss = next_token_loss(model(x), y)
+                loss = model(x, targets=y)  # the model's own loss: no full logits
             total[0] += loss.double() * y.numel()
             total[1] += y.numel()
     if distributed:
@@ -303,7 +303,8 @@ def _optimizer_step(model: torch.nn.Module, raw_model: GPT, optimizer: torch.opt
         with sync:
             with setup.autocast():
                 # Scale so the accumulated gradient is that of the mean over all micro-batches.
-                loss = next_token_loss(model(x), y) / cfg.grad_accum
+                # The model returns the loss itself: its head never materialises the logits.
+                loss = model(x, targets=y) / cfg.grad_accum
             scaler.scale(loss).backward()
         loss_sum += loss.detach()
     grad_norm = None

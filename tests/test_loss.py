@@ -1,0 +1,126 @@
+"""The training loss path: ``linear_cross_entropy`` (chunked LM head + cross-entropy, padded vocab)
+must equal the plain ``next_token_loss(x @ W.T)`` in value and gradients, and use less memory."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+import torch
+
+import gpt2model.model as model_module
+from gpt2model import GPT, GPTconfig
+from gpt2model.model import linear_cross_entropy, next_token_loss
+
+
+def _plain(x: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return next_token_loss((x @ w.t())[None], t[None])
+
+
+def _grads(loss_fn: Any, x: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    x, w = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    loss = loss_fn(x, w, t)
+    (3.0 * loss).backward()  # a non-unit incoming gradient: backward must scale by it
+    return loss.detach(), x.grad, w.grad
+
+
+@pytest.mark.parametrize(("rows", "vocab", "chunk_bytes", "pad"), [
+    (37, 65, 1, 64),          # one row per chunk, 65 ids padded to 128
+    (100, 50, 30 * 64 * 4, 64),  # chunks of 30 rows: the last one is shorter
+    (64, 128, 2**30, 64),     # one chunk; a vocabulary already a multiple of 64 (no padding)
+    (53, 77, 10 * 77 * 4, 1),   # no padding at all
+])
+def test_chunked_loss_and_gradients_equal_the_plain_path(rows: int, vocab: int, chunk_bytes: int, pad: int) -> None:
+    torch.manual_seed(0)
+    x, w = torch.randn(rows, 24), torch.randn(vocab, 24)
+    t = torch.randint(0, vocab, (rows,))
+    t[::4] = -100  # ignored positions count neither in the mean nor in the gradients
+    loss, gx, gw = _grads(_plain, x, w, t)
+    loss_c, gx_c, gw_c = _grads(lambda a, b, c: linear_cross_entropy(a, b, c, chunk_bytes=chunk_bytes,
+                                                                        pad_multiple=pad), x, w, t)
+    torch.testing.assert_close(loss_c, loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gx_c, gx, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(gw_c, gw, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():  # evaluation takes the gradient-free loop
+        torch.testing.assert_close(linear_cross_entropy(x, w, t, chunk_bytes=chunk_bytes, pad_multiple=pad),
+                                   loss, rtol=1e-6, atol=1e-6)
+
+
+def test_chunked_loss_under_bf16_autocast_matches_plain_autocast() -> None:
+    torch.manual_seed(0)
+    x, w, t = torch.randn(96, 32), torch.randn(70, 32) * 0.2, torch.randint(0, 70, (96,))
+
+    def autocast(fn: Any) -> Any:
+        def run(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return fn(a, b, c)
+        return run
+
+    loss, gx, gw = _grads(autocast(_plain), x, w, t)
+    loss_c, gx_c, gw_c = _grads(autocast(lambda a, b, c: linear_cross_entropy(a, b, c, chunk_bytes=40 * 128 * 4)),
+                                x, w, t)
+    assert loss_c.dtype == torch.float32 and gx_c.dtype == gw_c.dtype == torch.float32
+    torch.testing.assert_close(loss_c, loss, rtol=1e-3, atol=1e-3)
+    # bf16 matmuls: both paths round the same products, the chunked one sums the weight gradient in fp32.
+    torch.testing.assert_close(gx_c, gx, rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(gw_c, gw, rtol=2e-2, atol=2e-3)
+
+
+def test_model_training_loss_equals_loss_of_its_logits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``model(ids, targets=...)`` (the trainer's call) = cross-entropy of ``model(ids)``, with every
+    parameter's gradient equal, the tied embedding/head included; several chunks, padded vocab."""
+    monkeypatch.setattr(model_module, "LOSS_CHUNK_BYTES", 7 * 64 * 4)  # 7-row chunks of 64 padded ids
+    torch.manual_seed(0)
+    config = GPTconfig(context_length=16, vocab_size=50, n_layer=2, n_head=2, d_model=32)
+    model = GPT(config)
+    x = torch.randint(0, 50, (3, 16))
+    y = torch.randint(0, 50, (3, 16))
+    y[0, :5] = -100
+    plain = next_token_loss(model(x), y)
+    plain.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    loss = model(x, targets=y)
+    loss.backward()
+    torch.testing.assert_close(loss, plain, rtol=1e-6, atol=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert model(x).shape == (3, 16, 50)  # the logits a user sees keep the real vocabulary
+    assert model.transformer.wte.weight.shape == (50, 32)  # and so do the parameters (saved files)
+    # GPT.loss is the same function; a custom ignore_index is honoured.
+    y2 = y.masked_fill(y == -100, 7)
+    y2[1, 3] = 7
+    torch.testing.assert_close(model.loss(x, y2, ignore_index=7),
+                               next_token_loss(model(x), y2.masked_fill(y2 == 7, -100)), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="targets must have the shape"):
+        model(x, targets=y[:, :3])
+
+
+def _peak_growth_mib(fn: Any) -> float:
+    """How far this process's peak RSS rises above its current RSS while ``fn`` runs (Linux: writing
+    5 to /proc/self/clear_refs resets the peak, VmHWM)."""
+    def status(key: str) -> float:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key)) / 1024
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status("VmRSS:")
+    fn()
+    return status("VmHWM:") - before
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc/self/clear_refs")
+def test_chunked_loss_never_holds_the_full_logits() -> None:
+    """Peak memory of forward + backward over 2048 x 8192 logits (64 MiB in fp32): the plain path
+    holds several full copies (logits, log-softmax, their gradient), the chunked one 4 MiB chunks.
+    (Tensors this large are mmap-ed by the allocator, so a full copy always shows in the RSS.)"""
+    torch.manual_seed(0)
+    x = torch.randn(2048, 32, requires_grad=True)
+    w = torch.randn(8192, 32, requires_grad=True)
+    t = torch.randint(0, 8192, (2048,))
+    plain = _peak_growth_mib(lambda: _plain(x, w, t).backward())
+    chunked = _peak_growth_mib(lambda: linear_cross_entropy(x, w, t, chunk_bytes=4 * 2**20).backward())
+    assert plain > 2.5 * 64, (plain, chunked)  # several full fp32 copies of the logits
+    assert chunked < 48, (plain, chunked)  # less than one
