@@ -69,8 +69,8 @@ def test_chunked_loss_under_bf16_autocast_matches_plain_autocast() -> None:
 
 def test_model_training_loss_equals_loss_of_its_logits(monkeypatch: pytest.MonkeyPatch) -> None:
     """``model(ids, targets=...)`` (the trainer's call) = cross-entropy of ``model(ids)``, with every
-    parameter's gradient equal, the tied embedding/head included; several chunks, padded vocab."""
-    monkeypatch.setattr(model_module, "LOSS_CHUNK_BYTES", 7 * 64 * 4)  # 7-row chunks of 64 padded ids
+    parameter's gradient equal, the tied embedding/head included, over several chunks."""
+    monkeypatch.setattr(model_module, "LOSS_CHUNK_BYTES", 7 * 50 * 4)  # chunks of 7 rows of 50 fp32 logits
     torch.manual_seed(0)
     config = GPTconfig(context_length=16, vocab_size=50, n_layer=2, n_head=2, d_model=32)
     model = GPT(config)
@@ -124,3 +124,22 @@ def test_chunked_loss_never_holds_the_full_logits() -> None:
     chunked = _peak_growth_mib(lambda: linear_cross_entropy(x, w, t, chunk_bytes=4 * 2**20).backward())
     assert plain > 2.5 * 64, (plain, chunked)  # several full fp32 copies of the logits
     assert chunked < 48, (plain, chunked)  # less than one
+
+
+def test_a_swapped_in_head_computes_its_own_logits() -> None:
+    """A head that is not a plain nn.Linear (a quantized one, say) is called as a module, not
+    bypassed through its ``.weight``."""
+
+    class HalvedHead(torch.nn.Module):
+        def __init__(self, linear: torch.nn.Linear) -> None:
+            super().__init__()
+            self.linear = linear
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(x) * 0.5
+
+    torch.manual_seed(0)
+    model = GPT(GPTconfig(context_length=8, vocab_size=40, n_layer=1, n_head=2, d_model=16)).eval()
+    model.lm_head = HalvedHead(model.lm_head)
+    x, y = torch.randint(0, 40, (2, 8)), torch.randint(0, 40, (2, 8))
+    torch.testing.assert_close(model(x, targets=y), next_token_loss(model(x), y))

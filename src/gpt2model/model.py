@@ -189,7 +189,7 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: i
 # chunk by chunk during the forward pass (the same three matmuls as the plain path, no recompute).
 LOSS_CHUNK_BYTES = 512 * 2**20
 # Tensor cores want matmul dimensions in multiples of 64 (nanoGPT pads GPT-2's 50,257 ids to 50,304
-# in the model). Here only the head's transient training-time weight copy is padded, with zero
+# in the model), so on CUDA the head is padded. Here only the head's transient training-time weight copy is padded, with zero
 # rows whose logits are left out of the softmax: the loss is exact, and the parameters, every
 # saved file and every logit a user sees keep the real vocabulary.
 VOCAB_PAD_MULTIPLE = 64
@@ -204,10 +204,12 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     in the autocast dtype when autocast is on (as ``nn.Linear`` would), else in ``weight``'s dtype.
     When gradients are needed, the chunks' gradients are summed in fp32 during this call and only
     scaled by the incoming gradient in backward, so no chunk's logits outlive its loop iteration.
-    ``chunk_bytes`` and ``pad_multiple`` default to ``LOSS_CHUNK_BYTES`` and ``VOCAB_PAD_MULTIPLE``.
+    ``chunk_bytes`` defaults to ``LOSS_CHUNK_BYTES``; ``pad_multiple`` to ``VOCAB_PAD_MULTIPLE`` on CUDA
+    and 1 elsewhere (CPU BLAS gains nothing from it and would pay for the extra rows).
     """
     chunk_bytes = chunk_bytes or LOSS_CHUNK_BYTES
-    pad_multiple = pad_multiple or VOCAB_PAD_MULTIPLE
+    if pad_multiple is None:
+        pad_multiple = VOCAB_PAD_MULTIPLE if x.device.type == "cuda" else 1
     x2, t = x.reshape(-1, x.size(-1)), targets.reshape(-1)
     if t.size(0) != x2.size(0):
         raise ValueError(f"targets {tuple(targets.shape)} do not match the hidden states {tuple(x.shape)}")
@@ -403,7 +405,9 @@ class GPT(nn.Module):
             if targets.shape != input_ids.shape:
                 raise ValueError(f"targets must have the shape of input_ids {tuple(input_ids.shape)}, "
                                  f"got {tuple(targets.shape)}")
-            return linear_cross_entropy(x, self.lm_head.weight, targets)
+            if type(self.lm_head) is nn.Linear:
+                return linear_cross_entropy(x, self.lm_head.weight, targets)
+            return next_token_loss(self.lm_head(x), targets)  # a swapped-in head (e.g. quantized): its own matmul
         return self.lm_head(x)
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

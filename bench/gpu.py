@@ -1,0 +1,448 @@
+"""GPU training benchmark in one command (issue 11): the GPT-2 124M training step and the
+shakespeare_char recipe, ours beside HF transformers and, when its files are given, nanoGPT.
+
+    python bench/gpu.py                                    # one CUDA GPU; about 6 minutes (estimate)
+    python bench/gpu.py --nanogpt ~/nanoGPT/model.py       # adds nanoGPT's model (and its train.py)
+    python bench/gpu.py --device cpu --tiny                # the harness end to end on tiny shapes (a test)
+
+Section ``step``: training steps of the 124M shape (batch 16 x 1024, bf16 autocast where the GPU has
+it, fused AdamW, gradient clipping at 1.0) on one fixed random batch, every case from the same
+weights and each in a fresh process (so peak memory is per case): ours eager and ``torch.compile``d,
+HF ``GPT2LMHeadModel`` (sdpa) eager, and nanoGPT's ``GPT`` compiled and eager (its vocabulary padded
+to 50,304 as nanoGPT does, the extra rows zero). ``--levers`` adds ours compiled with the plain
+full-logits loss and ours compiled without the padded head, to see what each lever pays.
+Per case: tokens/s (median of timed windows; min and max in the JSON), MFU (6N + 12·L·T·d FLOPs
+per token, the same count for every case, over this device's measured matmul peak in the compute
+dtype: ``measure_matmul_peak``), peak memory (``torch.cuda.max_memory_allocated``; on a CPU the
+process's peak RSS), the first loss (same weights and batch: ours and HF agree; nanoGPT's softmax also
+covers its padded ids, about log(50304/50257) = 0.001 higher at init) and the largest logit difference
+from ours before training (fp32: the weights arrived intact).
+
+Section ``recipe``: ``recipes/shakespeare_char_gpu.toml`` with our trainer and, when ``--nanogpt``'s
+folder holds ``train.py``, nanoGPT's own ``train.py config/train_shakespeare_char.py`` on the same
+data files (our prepared ``train.bin``/``val.bin`` are nanoGPT's format; a ``meta.pkl`` with the
+vocabulary size is written beside them): wall time and best val loss of each.
+
+Results print as tables and go to ``bench/results/gpu-<time>.json`` (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import pickle
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ modules
+
+from common import RESULTS_DIR, format_table, machine_info  # noqa: E402
+
+GPT2_SHAPE = dict(context_length=1024, vocab_size=50257, n_layer=12, n_head=12, d_model=768)
+TINY_SHAPE = dict(context_length=32, vocab_size=65, n_layer=2, n_head=2, d_model=32)
+RECIPE = ROOT / "recipes" / "shakespeare_char_gpu.toml"
+# What a tiny recipe run changes (the harness, not the numbers, is what --tiny checks).
+TINY_RECIPE = dict(max_steps=20, n_layer=1, n_head=2, d_model=32, context_length=32, batch_size=4,
+                   eval_interval=10, eval_steps=2, compile=False, dropout=0.0)
+# nanoGPT's published-in-issue-11 figure for its recipe, shown when its train.py is not given.
+NANOGPT_RECIPE_REFERENCE = "nanoGPT on one H200 (issue 11): best val 1.4673 in 99 s (ours there: 1.4693 in 79 s)"
+
+STEP_COLUMNS = [("case", "case"), ("tok_s", "tokens/s"), ("mfu_pct", "MFU %"), ("peak_mem_gib", "peak mem GiB"),
+                ("vs_nanogpt", "vs nanoGPT compiled"), ("first_loss", "first loss"),
+                ("max_logit_diff_vs_ours", "max |Δlogit| vs ours"), ("note", "note")]
+RECIPE_COLUMNS = [("impl", "trainer"), ("best_val", "best val loss"), ("train_s", "training s"),
+                  ("wall_s", "wall s (process)"), ("note", "note")]
+
+
+# --- one training-step case (runs in its own process) ---------------------------------------------
+def load_nanogpt(path: str | Path) -> Any:
+    """nanoGPT's ``model.py`` as a module (it is not a dependency: the user gives its path)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / "model.py"
+    if not path.is_file():
+        raise SystemExit(f"--nanogpt {path}: no such file; pass the path of nanoGPT's model.py "
+                         f"(git clone https://github.com/karpathy/nanoGPT)")
+    spec = importlib.util.spec_from_file_location("nanogpt_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not (hasattr(module, "GPT") and hasattr(module, "GPTConfig")):
+        raise SystemExit(f"--nanogpt {path}: no GPT / GPTConfig in it; is it nanoGPT's model.py?")
+    return module
+
+
+def nanogpt_from(model: Any, module: Any) -> Any:
+    """nanoGPT's ``GPT`` holding ``model``'s weights: same parameter names and ``nn.Linear`` layout;
+    the vocabulary padded to a multiple of 64 with zero rows, as nanoGPT pads GPT-2's."""
+    import torch
+
+    cfg = model.config
+    padded = -(-cfg.vocab_size // 64) * 64
+    conf = module.GPTConfig(block_size=cfg.context_length, vocab_size=padded, n_layer=cfg.n_layer,
+                            n_head=cfg.n_head, n_embd=cfg.d_model, dropout=0.0, bias=cfg.bias)
+    nano = module.GPT(conf)
+    state = dict(model.state_dict())
+    for key in ("transformer.wte.weight", "lm_head.weight"):
+        w = state[key]
+        state[key] = torch.cat([w, w.new_zeros(padded - w.size(0), w.size(1))])
+    missing, unexpected = nano.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith(".attn.bias")]  # its mask buffer without flash attention
+    if missing or unexpected:
+        raise RuntimeError(f"nanoGPT weight mapping failed: missing={missing} unexpected={unexpected}")
+    return nano
+
+
+def run_step_case(spec: dict[str, Any]) -> dict[str, Any]:
+    """Build one case, train ``warmup`` + ``windows`` x ``iters`` steps, return its figures."""
+    import contextlib
+
+    import torch
+    from torch.nn import functional as F
+
+    import gpt2model.model as model_module
+    from gpt2model import GPT, GPTconfig
+    from gpt2model.model import next_token_loss
+
+    device = torch.device(spec["device"])
+    dtype = getattr(torch, spec["dtype"])
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(0)
+    ours = GPT(GPTconfig(**spec["shape"]))
+    ours.check_inputs = False  # the trainer's setting: the range check is a host sync
+    flops_per_token = ours.flops_per_token(spec["seq_len"])
+    impl, lever = spec["impl"], spec.get("lever")
+    if impl == "ours":
+        model = ours
+        if lever == "no-pad":
+            model_module.VOCAB_PAD_MULTIPLE = 1
+    elif impl == "hf":
+        from bench_train import hf_model_from
+
+        model = hf_model_from(ours)
+    elif impl == "nanogpt":
+        model = nanogpt_from(ours, load_nanogpt(spec["nanogpt"]))
+    else:
+        raise ValueError(f"unknown implementation {impl!r}")
+    if impl != "ours":
+        # The weights must have arrived intact: compare the logits over the real vocabulary in fp32.
+        probe = torch.randint(0, ours.config.vocab_size, (2, min(16, spec["seq_len"])))
+        with torch.no_grad():
+            theirs = model(input_ids=probe).logits if impl == "hf" else model(probe, probe)[0]
+            parity = (theirs[..., : ours.config.vocab_size] - ours(probe)).abs().max().item()
+    del ours
+    model.to(device).train()
+    # One optimizer for every case (nanoGPT's and our trainer's: AdamW, decay on >= 2-D weights, fused),
+    # so the comparison is about the models.
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=6e-4, betas=(0.9, 0.95), fused=True)
+    net = torch.compile(model) if spec["compile"] else model
+
+    if impl == "ours" and lever != "plain-loss":
+        loss_fn = lambda x, y: net(x, targets=y)  # our trainer's call: the chunked head + loss
+    elif impl == "ours":
+        loss_fn = lambda x, y: next_token_loss(net(x), y)  # the full fp32 logits, as before issue 11
+    elif impl == "hf":
+        def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            # HF's loss (upcast logits, cross-entropy) minus its internal label shift: same T targets.
+            logits = net(input_ids=x).logits
+            return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+    else:
+        loss_fn = lambda x, y: net(x, y)[1]
+
+    g = torch.Generator().manual_seed(1)
+    vocab = spec["shape"]["vocab_size"]
+    x = torch.randint(0, vocab, (spec["batch_size"], spec["seq_len"]), generator=g).to(device)
+    y = torch.randint(0, vocab, (spec["batch_size"], spec["seq_len"]), generator=g).to(device)
+    autocast = (contextlib.nullcontext() if dtype == torch.float32
+                else torch.autocast(device_type=device.type, dtype=dtype))
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def step() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss = loss_fn(x, y)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        return loss.detach()  # no host sync inside the timed steps
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    first_loss = step()
+    sync()
+    first_step_s = time.perf_counter() - t0  # includes compilation when compiled
+    for _ in range(spec["warmup"]):
+        step()
+    sync()
+    tokens_per_step = spec["batch_size"] * spec["seq_len"]
+    rates = []
+    for _ in range(spec["windows"]):
+        t0 = time.perf_counter()
+        for _ in range(spec["iters"]):
+            last_loss = step()
+        sync()
+        rates.append(spec["iters"] * tokens_per_step / (time.perf_counter() - t0))
+    if device.type == "cuda":
+        peak_mem = torch.cuda.max_memory_allocated(device) / 2**30
+    else:
+        peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    return {"tok_s": median(rates), "tok_s_min": min(rates), "tok_s_max": max(rates),
+            "flops_per_token": flops_per_token, "peak_mem_gib": peak_mem, "first_loss": float(first_loss),
+            "last_loss": float(last_loss), "first_step_s": first_step_s,
+            "max_logit_diff_vs_ours": parity if impl != "ours" else 0.0}
+
+
+def spawn_case(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """``run_step_case(spec)`` in a fresh Python process (clean GPU memory, compile caches, peak RSS)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result_file = Path(tmp) / "result.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--run-case", json.dumps(spec),
+               "--case-out", str(result_file)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out after {timeout:.0f} s"}
+        if proc.returncode != 0 or not result_file.is_file():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-6:]
+            return {"error": " | ".join(tail) or f"exit code {proc.returncode}"}
+        return json.loads(result_file.read_text())
+
+
+# --- the recipe, ours and nanoGPT's ------------------------------------------------------------------
+def _run_timed(cmd: list[str], cwd: Path, timeout: float, env: dict[str, str]) -> tuple[float, str, str | None]:
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
+    except subprocess.TimeoutExpired:
+        return time.perf_counter() - t0, "", f"timed out after {timeout:.0f} s"
+    wall = time.perf_counter() - t0
+    error = None
+    if proc.returncode != 0:
+        error = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-6:])
+    return wall, proc.stdout + proc.stderr, error
+
+
+def prepare_data(data: str | None, work: Path, env: dict[str, str]) -> Path:
+    """The shakespeare_char dataset: ``--data`` as given, else prepared here (needs Tiny Shakespeare
+    under GPT2MODEL_DATA or a network)."""
+    if data:
+        path = Path(data).expanduser()
+        if not (path / "train.bin").is_file():
+            raise SystemExit(f"--data {path}: no train.bin; prepare it with 'gpt2 prepare shakespeare_char --out DIR'")
+        return path
+    path = work / "shakespeare_char"
+    cmd = [sys.executable, "-m", "gpt2model", "prepare", "shakespeare_char", "--out", str(path), "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError("could not prepare shakespeare_char: " + (proc.stderr or proc.stdout).strip()[-400:])
+    return path
+
+
+def run_recipe_ours(data: Path, work: Path, device: str, tiny: bool, env: dict[str, str],
+                    timeout: float) -> dict[str, Any]:
+    out = work / "ours"
+    cmd = [sys.executable, "-m", "gpt2model", "train", "--data", str(data), "--out", str(out), "--config",
+           str(RECIPE), "--overwrite", "--device", device]
+    if tiny:
+        for key, value in TINY_RECIPE.items():
+            flag = "--" + key.replace("_", "-")
+            cmd += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
+        cmd += ["--dtype", "float32"]
+    wall, _, error = _run_timed(cmd, ROOT, timeout, env)
+    row: dict[str, Any] = {"impl": "ours", "wall_s": wall}
+    if error:
+        return {**row, "note": f"failed: {error}"}
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    vals = [r["val_loss"] for r in records if "val_loss" in r]
+    return {**row, "best_val": min(vals), "train_s": records[-1]["elapsed_s"], "steps": records[-1]["step"],
+            "note": "training s: the trainer's elapsed_s (evaluations included)"}
+
+
+def run_recipe_nanogpt(nanogpt: Path, data: Path, work: Path, device: str, tiny: bool,
+                       env: dict[str, str], timeout: float) -> dict[str, Any]:
+    """nanoGPT's train.py with its shakespeare_char config, run in a folder laid out as it expects
+    (``data/shakespeare_char/{train,val}.bin, meta.pkl``, ``configurator.py`` in the working folder)."""
+    root = nanogpt.parent if nanogpt.suffix == ".py" else nanogpt
+    config = root / "config" / "train_shakespeare_char.py"
+    if not (root / "train.py").is_file() or not config.is_file():
+        return {"impl": "nanoGPT", "note": f"not run: no train.py / config/train_shakespeare_char.py in {root}"}
+    run = work / "nanogpt"
+    dataset = run / "data" / "shakespeare_char"
+    dataset.mkdir(parents=True, exist_ok=True)
+    for name in ("train.bin", "val.bin"):
+        (dataset / name).symlink_to(data / name)
+    vocab_size = json.loads((data / "meta.json").read_text())["vocab_size"]
+    with open(dataset / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": vocab_size}, f)  # the one key train.py reads
+    (run / "configurator.py").symlink_to(root / "configurator.py")
+    cmd = [sys.executable, str(root / "train.py"), str(config), f"--out_dir={run / 'out'}", f"--device={device}"]
+    if tiny:
+        cmd += ["--compile=False", "--dtype=float32", "--max_iters=20", "--lr_decay_iters=20", "--eval_interval=10",
+                "--eval_iters=2", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
+                "--dropout=0.0", "--log_interval=10"]
+    wall, output, error = _run_timed(cmd, run, timeout, env)
+    row: dict[str, Any] = {"impl": "nanoGPT", "wall_s": wall}
+    if error:
+        return {**row, "note": f"failed: {error}"}
+    vals = [float(v) for v in re.findall(r"step \d+: train loss [\d.]+, val loss ([\d.]+)", output)]
+    if not vals:
+        return {**row, "note": "failed: no 'val loss' lines in nanoGPT's output"}
+    return {**row, "best_val": min(vals), "note": "its own train.py; wall s includes startup and compile"}
+
+
+# --- driver --------------------------------------------------------------------------------------
+def step_cases(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
+    compiled = [] if args.no_compile else [True]
+    cases = [("ours compiled", {"impl": "ours", "compile": True})] if compiled else []
+    cases.append(("ours eager", {"impl": "ours", "compile": False}))
+    if args.levers and compiled:
+        cases += [("ours compiled, plain loss (full logits)", {"impl": "ours", "compile": True, "lever": "plain-loss"}),
+                  ("ours compiled, unpadded head", {"impl": "ours", "compile": True, "lever": "no-pad"})]
+    cases.append(("HF GPT2LMHeadModel eager", {"impl": "hf", "compile": False}))
+    if args.nanogpt:
+        if compiled:
+            cases.append(("nanoGPT compiled", {"impl": "nanogpt", "compile": True}))
+        cases.append(("nanoGPT eager", {"impl": "nanogpt", "compile": False}))
+    return cases
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu (with --tiny: the harness test)")
+    p.add_argument("--dtype", default=None, help="autocast dtype: bfloat16 (default on GPUs that have it), "
+                   "float16, float32 (default on CPU)")
+    p.add_argument("--nanogpt", default=None, metavar="PATH/model.py",
+                   help="nanoGPT's model.py (its train.py beside it runs the recipe too)")
+    p.add_argument("--only", default="step,recipe", help="sections: step, recipe (comma-separated)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--iters", type=int, default=10, help="steps per timed window (default 10)")
+    p.add_argument("--windows", type=int, default=3, help="timed windows per case (default 3)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps after the first (default 3)")
+    p.add_argument("--levers", action="store_true", help="also ours compiled with the plain loss / unpadded head")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile cases")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes and a 20-step recipe: checks the harness")
+    p.add_argument("--data", default=None, help="a prepared shakespeare_char folder (default: prepare one)")
+    p.add_argument("--out", default=None, help="JSON path (default: bench/results/gpu-<time>.json)")
+    p.add_argument("--run-case", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--case-out", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    unknown = sorted(set(args.only.split(",")) - {"step", "recipe"})
+    if unknown:
+        p.error(f"unknown section(s) {unknown}; choose from step, recipe")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.run_case is not None:  # a child: one case
+        Path(args.case_out).write_text(json.dumps(run_step_case(json.loads(args.run_case))))
+        return 0
+
+    import torch
+
+    from gpt2model.train import measure_matmul_peak
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA GPU visible: run this on a GPU machine, or check the harness with "
+                         "--device cpu --tiny")
+    dtype_name = args.dtype or ("float32" if device.type == "cpu" else
+                                "bfloat16" if torch.cuda.is_bf16_supported() else "float16")
+    dtype = getattr(torch, dtype_name)
+    shape = TINY_SHAPE if args.tiny else GPT2_SHAPE
+    batch_size, seq_len = (4, 32) if args.tiny else (args.batch_size, args.seq_len)
+    info = machine_info()
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    peak = measure_matmul_peak(dtype, device)
+    results: dict[str, Any] = {"machine": info, "device": str(device), "dtype": dtype_name, "shape": shape,
+                               "batch_size": batch_size, "seq_len": seq_len, "matmul_peak_tflops": peak / 1e12}
+    print(f"{info.get('gpu', info['cpu'])}, torch {torch.__version__}; measured {dtype_name} matmul peak "
+          f"{peak / 1e12:.3g} TFLOP/s")
+    timeout = 120 if args.tiny else 300
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+    os.environ["PYTHONPATH"] = env["PYTHONPATH"]  # the case children import this checkout's gpt2model
+
+    if "step" in args.only:
+        rows = []
+        for name, case in step_cases(args):
+            spec = {**case, "device": str(device), "dtype": dtype_name, "shape": shape, "batch_size": batch_size,
+                    "seq_len": seq_len, "iters": 2 if args.tiny else args.iters,
+                    "windows": 2 if args.tiny else args.windows, "warmup": 1 if args.tiny else args.warmup,
+                    "nanogpt": str(Path(args.nanogpt).expanduser().resolve()) if args.nanogpt else None}
+            result = spawn_case(spec, timeout)
+            row = {"case": name, **result}
+            if "error" in result:
+                row["note"] = f"failed: {result['error'][:200]}"
+            else:
+                row["mfu_pct"] = 100 * result["tok_s"] * result["flops_per_token"] / peak
+                row["note"] = f"first step {result['first_step_s']:.1f} s"
+            rows.append(row)
+            print(f"  {name}: " + (row["note"] if "error" in result else f"{row['tok_s']:,.0f} tokens/s"), flush=True)
+        reference = next((r for r in rows if r["case"] == "nanoGPT compiled" and "tok_s" in r), None)
+        for row in rows:
+            if reference and "tok_s" in row:
+                row["vs_nanogpt"] = row["tok_s"] / reference["tok_s"]
+        results["step"] = rows
+        print(f"\nTraining step, {'tiny shape' if args.tiny else 'GPT-2 124M'}, batch {batch_size} x {seq_len}, "
+              f"{dtype_name if dtype_name == 'float32' else dtype_name + ' autocast'}, fused AdamW:")
+        print(format_table(rows, STEP_COLUMNS))
+
+    if "recipe" in args.only:
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            recipe_rows = []
+            try:
+                data = prepare_data(args.data, work, env)
+            except RuntimeError as e:
+                recipe_rows.append({"impl": "ours", "note": f"not run: {e}"})
+            else:
+                recipe_timeout = 240 if args.tiny else 900
+                recipe_rows.append(run_recipe_ours(data, work, str(device), args.tiny, env, recipe_timeout))
+                if args.nanogpt:
+                    recipe_rows.append(run_recipe_nanogpt(Path(args.nanogpt).expanduser(), data, work, str(device),
+                                                          args.tiny, env, recipe_timeout))
+                else:
+                    recipe_rows.append({"impl": "nanoGPT", "note": NANOGPT_RECIPE_REFERENCE})
+        results["recipe"] = recipe_rows
+        print(f"\nRecipe {RECIPE.relative_to(ROOT)}{' (tiny: 20 steps of a 1-layer model)' if args.tiny else ''}:")
+        print(format_table(recipe_rows, RECIPE_COLUMNS))
+
+    path = Path(args.out) if args.out else RESULTS_DIR / f"gpu-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(f"\nwrote {path}")
+    failed = [r["case"] for r in results.get("step", []) if "error" in r]
+    failed += [r["impl"] for r in results.get("recipe", []) if str(r.get("note", "")).startswith("failed")]
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
