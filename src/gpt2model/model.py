@@ -189,8 +189,8 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: i
 # chunk by chunk during the forward pass (the same three matmuls as the plain path, no recompute).
 LOSS_CHUNK_BYTES = 512 * 2**20
 # Tensor cores want matmul dimensions in multiples of 64 (nanoGPT pads GPT-2's 50,257 ids to 50,304
-# in the model), so on CUDA the head is padded. Here only the head's transient training-time weight copy is padded, with zero
-# rows whose logits are left out of the softmax: the loss is exact, and the parameters, every
+# in the model). Here, on CUDA, only the head's transient training-time weight copy is padded, with
+# zero rows whose logits are left out of the softmax: the loss is exact, and the parameters, every
 # saved file and every logit a user sees keep the real vocabulary.
 VOCAB_PAD_MULTIPLE = 64
 
