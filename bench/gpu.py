@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from gpt2model.train import measure_matmul_peak
+    from gpt2model.device import measure_matmul_peak
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
