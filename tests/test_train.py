@@ -305,12 +305,19 @@ def test_help_lists_every_option_with_its_default(capsys: pytest.CaptureFixture)
 def test_recipes_are_valid_configs() -> None:
     recipes = Path(__file__).resolve().parents[1] / "recipes"
     names = sorted(p.name for p in recipes.glob("*.toml"))
-    assert {"shakespeare_char_cpu.toml", "shakespeare_char_cpu_quick.toml", "nanogpt_cpu.toml"} <= set(names)
+    assert {"shakespeare_char_cpu.toml", "shakespeare_char_cpu_quick.toml", "nanogpt_cpu.toml",
+            "shakespeare_char_gpu.toml"} <= set(names)
     for path in recipes.glob("*.toml"):
         TrainConfig.load(path, data="d", out="o")
     nano = TrainConfig.load(recipes / "nanogpt_cpu.toml", data="d", out="o")
     assert (nano.context_length, nano.batch_size, nano.n_layer, nano.n_head, nano.d_model, nano.max_steps,
             nano.dropout, nano.lr) == (64, 12, 4, 4, 128, 2000, 0.0, 1e-3)
+    # nanoGPT's config/train_shakespeare_char.py, value for value.
+    gpu = TrainConfig.load(recipes / "shakespeare_char_gpu.toml", data="d", out="o")
+    assert (gpu.n_layer, gpu.n_head, gpu.d_model, gpu.context_length, gpu.batch_size, gpu.dropout, gpu.lr,
+            gpu.min_lr, gpu.max_steps, gpu.decay_steps, gpu.warmup_steps, gpu.beta2, gpu.eval_interval,
+            gpu.eval_steps, gpu.log_interval) == (6, 6, 384, 256, 64, 0.2, 1e-3, 1e-4, 5000, 5000, 100, 0.99, 250,
+                                                  200, 10)
 
 
 # --- failures -------------------------------------------------------------------------------------
@@ -356,6 +363,21 @@ def test_out_holding_another_run_needs_resume_or_overwrite(dataset: Path, tmp_pa
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3] and result.step == 3
     with pytest.raises(ValueError, match="n_layer=3 differs"):
         train(tiny(dataset, out, max_steps=4, eval_interval=4, resume=True, n_layer=3))
+
+
+def test_log_interval_reads_the_loss_back_only_every_n_steps(dataset: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between logging steps the loop never waits for the device; what it logs is unchanged."""
+    import gpt2model.train as train_module
+
+    every = train(tiny(dataset, tmp_path / "every", max_steps=10, eval_interval=10))
+    real, calls = train_module._read_back, []
+    monkeypatch.setattr(train_module, "_read_back", lambda *a: calls.append(1) or real(*a))
+    sparse = train(tiny(dataset, tmp_path / "sparse", max_steps=10, eval_interval=10, log_interval=3))
+    assert [r["step"] for r in sparse.metrics] == [3, 6, 9, 10] and len(calls) == 4  # 10: eval + checkpoint
+    by_step = {r["step"]: r["train_loss"] for r in every.metrics}
+    assert all(r["train_loss"] == by_step[r["step"]] and r["tokens_per_sec"] > 0 for r in sparse.metrics)
+    assert sparse.metrics[-1]["val_loss"] == every.metrics[-1]["val_loss"]
 
 
 def test_non_finite_loss_stops_with_step_and_checkpoint(dataset: Path, tmp_path: Path,

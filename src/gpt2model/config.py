@@ -160,6 +160,9 @@ class TrainConfig:
     eval_interval: int = _opt(250, "evaluate (and checkpoint) every this many steps")
     eval_steps: int = _opt(20, "batches in each evaluation (fixed windows, the same every time)")
     checkpoint_interval: int | None = _opt(None, "write a checkpoint every this many steps (default: eval_interval)")
+    log_interval: int = _opt(1, "read the training loss back from the device (a host-device sync), check that it "
+                             "is finite and write a metrics line every this many steps; evaluation and "
+                             "checkpoint steps always log")
     # runtime
     seed: int = _opt(1337, "random seed (model init, dropout, batch sampling)")
     device: str = _opt("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
@@ -183,7 +186,8 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{f.name} must be {kind.__name__}, got {value!r} "
                                  f"({type(value).__name__})")
         positive = ["batch_size", "grad_accum", "max_steps", "eval_interval", "eval_steps",
-                    "n_layer", "n_head", "d_model", "context_length", "lr_decay_steps", "checkpoint_interval"]
+                    "n_layer", "n_head", "d_model", "context_length", "lr_decay_steps", "checkpoint_interval",
+                    "log_interval"]
         for name in positive:
             value = getattr(self, name)
             if value is not None and value <= 0:

@@ -229,15 +229,24 @@ def _train(cfg: TrainConfig, setup: DeviceSetup, rank: int, world_size: int) -> 
     records: list[dict[str, Any]] = []
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not master, unit="step", dynamic_ncols=True)
     run_start = time.perf_counter()
-    t_last = run_start
+    t_last, step_last = run_start, step
     try:
         while step < cfg.max_steps:
             lr = lr_at(step, cfg)
-            train_loss, grad_norm = _optimizer_step(model, raw_model, optimizer, scaler, sampler, setup, cfg, lr,
-                                                    world_size)
+            loss_t, grad_norm_t = _optimizer_step(model, raw_model, optimizer, scaler, sampler, setup, cfg, lr,
+                                                  world_size)
             step += 1
+            final = step == cfg.max_steps
+            evaluate_now = step % cfg.eval_interval == 0 or final
+            checkpoint_now = step % cfg.ckpt_interval == 0 or final
+            if not (evaluate_now or checkpoint_now or step % cfg.log_interval == 0):
+                bar.update(1)
+                continue  # nothing read back: the host queues the next step while the device works
+
+            # --- logging: reading the loss back is the one host-device sync, every log_interval steps ---
+            train_loss, grad_norm = _read_back(loss_t, grad_norm_t, world_size)
             now = time.perf_counter()
-            dt, t_last = now - t_last, now
+            dt = (now - t_last) / (step - step_last)  # seconds per step since the last log
             if not math.isfinite(train_loss):
                 raise NonFiniteLossError(_non_finite_message(train_loss, step, last_ckpt))
             record: dict[str, Any] = {"step": step, "train_loss": train_loss, "lr": lr,
@@ -247,8 +256,7 @@ def _train(cfg: TrainConfig, setup: DeviceSetup, rank: int, world_size: int) -> 
                 record["grad_norm"] = grad_norm
 
             # --- evaluation, best model, checkpoint ---
-            final = step == cfg.max_steps
-            if step % cfg.eval_interval == 0 or final:
+            if evaluate_now:
                 record["val_loss"] = estimate_loss(eval_model, val_set, setup, world_size > 1)
                 record["train_eval_loss"] = estimate_loss(eval_model, train_set, setup, world_size > 1)
                 if master:
@@ -261,14 +269,15 @@ def _train(cfg: TrainConfig, setup: DeviceSetup, rank: int, world_size: int) -> 
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
             records.append(record)
-            if step % cfg.ckpt_interval == 0 or final:
+            if checkpoint_now:
                 _save_checkpoint(out, raw_model, optimizer, scaler, sampler, cfg, step, best_val,
                                  record["elapsed_s"], rank, world_size)
                 last_ckpt = f"{out} (step {step})"
             bar.set_postfix_str(f"loss {train_loss:.4f} | {record['tokens_per_sec']:,.0f} tok/s | "
                                 f"mfu {record['mfu']:.1%}", refresh=False)
             bar.update(1)
-            t_last = time.perf_counter()  # evaluation and checkpoint time don't count against tokens/s
+            # Evaluation and checkpoint time don't count against tokens/s.
+            t_last, step_last = time.perf_counter(), step
     finally:
         bar.close()
         if metrics_file is not None:
@@ -282,10 +291,10 @@ def _train(cfg: TrainConfig, setup: DeviceSetup, rank: int, world_size: int) -> 
 
 def _optimizer_step(model: torch.nn.Module, raw_model: GPT, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, sampler: BatchSampler, setup: DeviceSetup, cfg: TrainConfig,
-                    lr: float, world_size: int) -> tuple[float, float | None]:
-    """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss (averaged over
-    ranks) and the gradient norm before clipping (None without clipping). Reading them back is the
-    one host-device sync per step."""
+                    lr: float, world_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One optimizer step over ``grad_accum`` micro-batches; returns this rank's mean loss and the
+    gradient norm before clipping (None without clipping) as device tensors: nothing here waits
+    for the device (``_read_back`` does, at logging steps)."""
     device = setup.device
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -313,7 +322,14 @@ def _optimizer_step(model: torch.nn.Module, raw_model: GPT, optimizer: torch.opt
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
     scaler.step(optimizer)
     scaler.update()
+    return loss_sum, grad_norm
+
+
+def _read_back(loss_sum: torch.Tensor, grad_norm: torch.Tensor | None, world_size: int) -> tuple[float, float | None]:
+    """The step's loss (averaged over ranks) and gradient norm as numbers: the host-device sync.
+    Every rank calls it at the same steps (the all-reduce is collective)."""
     if world_size > 1:
+        loss_sum = loss_sum.clone()
         dist.all_reduce(loss_sum)
         loss_sum /= world_size
     values = torch.stack([loss_sum.float(), grad_norm.float()]) if grad_norm is not None else loss_sum[None]
