@@ -9,7 +9,7 @@ export GPT2MODEL_DATA ?= $(abspath ../shared/data)
 endif
 export OMP_NUM_THREADS ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: setup quickstart test test-slow test-all lint bench clean
+.PHONY: setup quickstart test test-slow test-soak test-all lint bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ test: setup
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
+# The serving soak test: 64 concurrent clients for 60 s with disconnects and malformed requests.
+test-soak: setup
+	$(PY) -m pytest -q -m slow tests/test_server_soak.py
+
 test-all: setup
 	$(PY) -m pytest -q
 
@@ -48,6 +52,7 @@ lint: setup
 
 bench: setup
 	$(PY) bench/run.py
+	$(PY) bench/bench_serve.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -280,6 +280,74 @@ def _run_eval_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- serve ----------------------------------------------------------------------------------------
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from .device import DTYPE_NAMES
+
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (needs gpt2model[serve])",
+                       description="An OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, "
+                       "/health, /metrics, /tokenize, /detokenize) with continuous batching, streaming and "
+                       "cancellation. Talk to it with openai.OpenAI(base_url='http://127.0.0.1:8000/v1', "
+                       "api_key=...). SIGTERM finishes running requests (up to --request-timeout), then exits 0.")
+    p.add_argument("--model", required=True, help="a model folder (ours or HF GPT-2) or a hub name (gpt2, ...)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
+                   "only; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", choices=(*DTYPE_NAMES, "int8"), default="float32",
+                   help="weights dtype (default: float32); int8 = weight-only int8 (GPT.quantize)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV-cache slots; default 8)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests that may wait for a slot; more get HTTP 429 (default 64)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every endpoint but "
+                   "/health (default: $GPT2MODEL_API_KEY; none if unset)")
+    p.add_argument("--model-name", default=None, help="the model id clients send and /v1/models lists "
+                   "(default: the folder's name)")
+    p.add_argument("--request-timeout", type=float, default=30.0,
+                   help="on SIGTERM, how long running requests may take to finish before they are cancelled "
+                   "(seconds, default 30)")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="a Jinja2 chat template (gets messages, add_generation_prompt) instead of the built-in "
+                   "'User: ... / Assistant:' transcript")
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    import torch
+
+    from .checkpoint import load_model_and_tokenizer
+    from .device import resolve_device
+
+    try:
+        from .server import serve
+    except ImportError as e:
+        raise ValueError(f"gpt2 serve needs the web stack: pip install 'gpt2model[serve]' ({e})") from None
+    for name in ("max_batch", "max_queue"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.request_timeout < 0:
+        raise ValueError(f"--request-timeout must be >= 0 seconds, got {args.request_timeout}")
+    if args.chat_template is not None and not Path(args.chat_template).is_file():
+        raise FileNotFoundError(f"--chat-template {args.chat_template}: no such file")
+    dtype = torch.float32 if args.dtype == "int8" else getattr(torch, args.dtype)
+    model, tokenizer = load_model_and_tokenizer(args.model, device=resolve_device(args.device), dtype=dtype)
+    if args.dtype == "int8":
+        if not hasattr(model, "quantize"):
+            raise ValueError("--dtype int8 needs weight-only int8 (GPT.quantize), which this version lacks")
+        model = model.quantize("int8")
+    name = args.model_name or Path(args.model).expanduser().name or str(args.model)
+    api_key = args.api_key if args.api_key is not None else os.environ.get("GPT2MODEL_API_KEY") or None
+    return serve(model, tokenizer, host=args.host, port=args.port, model_name=name, api_key=api_key,
+                 chat_template=args.chat_template, max_batch=args.max_batch, max_queue=args.max_queue,
+                 compile=args.compile, request_timeout=args.request_timeout,
+                 ready=lambda url: print(f"gpt2 serve: {name!r} on {url} (OpenAI API at {url}/v1; "
+                                         f"SIGTERM or Ctrl-C stops it)", flush=True))
+
+
 # --- export ---------------------------------------------------------------------------------------
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write a model as one GGUF file (llama.cpp, ollama, LM Studio)",
@@ -312,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_sample(sub)
     _add_eval(sub)
+    _add_serve(sub)
     _add_export(sub)
     return parser
 

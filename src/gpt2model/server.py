@@ -1,0 +1,885 @@
+"""The OpenAI-compatible HTTP server (``gpt2 serve``): request models, validation, errors and SSE.
+
+It only translates between HTTP and the engine (``engine.py``: continuous batching over KV-cache
+slots, sampling, cancellation); text comes out of generate.py's ``TextStream`` (the one place that
+knows stop strings and UTF-8 hold-back). The anchors are vLLM's OpenAI server (request and
+response shapes, ``/tokenize``) and llama.cpp's server (``/health``, ``/metrics``).
+
+Endpoints (see the README's "Serving" section for every field):
+
+* ``POST /v1/completions``, ``POST /v1/chat/completions`` (streaming with server-sent events),
+  ``GET /v1/models``;
+* ``GET /health``: 503 until the engine has warmed up (and again while shutting down), then 200;
+* ``GET /metrics``: Prometheus text (requests running and queued, tokens, TTFT and inter-token
+  latency histograms);
+* ``POST /tokenize``, ``POST /detokenize``.
+
+Every error has OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``. A field we do not
+support is a 400 naming it (never silently ignored); OpenAI fields whose value changes nothing
+(``presence_penalty: 0``, ``best_of: 1`` ...) are accepted, since many clients always send them.
+
+The web stack (FastAPI, uvicorn, prometheus_client) is the optional extra ``gpt2model[serve]``;
+nothing else in the package imports this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import math
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+import prometheus_client
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .engine import Engine, FinishEvent, QueueFullError, SamplingParams, TokenEvent
+from .generate import TextStream
+
+if TYPE_CHECKING:
+    from .engine import Request as EngineRequest
+
+# A plain transcript: GPT-2 has no chat format of its own. Jinja2, as HF chat templates are
+# (``--chat-template FILE`` replaces it); it gets ``messages`` and ``add_generation_prompt``.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m.role == 'system' %}{{ m.content }}\n\n"
+    "{% elif m.role == 'user' %}User: {{ m.content }}\n"
+    "{% else %}Assistant: {{ m.content }}\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+# With the default template a reply ends where the model starts the user's next turn.
+DEFAULT_CHAT_STOP = ("\nUser:",)
+MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any prompt that fits a GPT-2 context
+MAX_N = 16
+MAX_STOP = 4  # as OpenAI
+MAX_LOGPROBS = 5  # completions: as OpenAI
+MAX_TOP_LOGPROBS = 20  # chat: as OpenAI
+
+
+# --- errors --------------------------------------------------------------------------------------
+class APIError(Exception):
+    """An error answered in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = headers
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def _validation_error(e: ValidationError, body: dict[str, Any]) -> APIError:
+    """The first pydantic error as one 400 naming the field (``messages.0.role``)."""
+    errors = e.errors()
+    err = errors[0]
+
+    def where(loc: tuple) -> str:
+        # pydantic puts the branch of a union into locations ("list[int]"): not part of the field's path.
+        return ".".join(str(p) for p in loc if isinstance(p, int) or p in _FIELD_NAMES)
+
+    loc = where(err["loc"])
+    if err["type"] == "extra_forbidden":
+        loc = ".".join(filter(None, [where(err["loc"][:-1]), str(err["loc"][-1])]))
+        return APIError(400, f"unsupported field {loc!r}: this server does not implement it (remove it from "
+                             f"the request)", param=loc, code="unsupported_field")
+    if err["type"] == "missing":
+        return APIError(400, f"missing required field {loc!r}", param=loc, code="missing_field")
+    value: Any = body
+    for p in loc.split("."):
+        try:
+            value = value[int(p)] if isinstance(value, list) else value[p]
+        except (KeyError, IndexError, ValueError, TypeError):
+            break
+    shown = json.dumps(value)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    # A union (prompt: string | strings | ids ...) fails once per branch: say what each wanted.
+    msgs = list(dict.fromkeys(x["msg"] for x in errors if where(x["loc"]).split(".")[0] == loc.split(".")[0]))
+    return APIError(400, f"invalid value for {loc!r} (got {shown}): {'; or '.join(msgs[:4])}", param=loc,
+                    code="invalid_value")
+
+
+# --- request models -----------------------------------------------------------------------------
+class _Strict(BaseModel):
+    # strict: "0.5" is not a number and true is not 1 (OpenAI rejects them too); forbid: an unknown
+    # field is an error that names it, never silently ignored.
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+PositiveInt = Annotated[int, Field(ge=1)]
+Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
+Penalty = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class _Sampling(_Strict):
+    """Fields both endpoints share, with OpenAI's meanings."""
+
+    model: str | None = None
+    temperature: Temperature = 1.0  # 0 = greedy (argmax), exactly
+    top_p: TopP = 1.0
+    top_k: PositiveInt | None = None  # extension (vLLM, llama.cpp)
+    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # accepted and ignored, as OpenAI's docs allow
+    # OpenAI fields accepted only at their no-op values (checked in _check_noops).
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    logit_bias: dict[str, float] | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: Annotated[int, Field(ge=1)] | None = 16  # OpenAI's default for completions
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    echo: bool = False
+    best_of: PositiveInt | None = None
+    suffix: str | None = None
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None
+    name: str | None = None
+
+
+class ChatRequest(_Sampling):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: Annotated[int, Field(ge=1)] | None = None  # None: up to the end of the context
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+
+
+class TokenizeRequest(_Strict):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int]
+
+
+_FIELD_NAMES = {name for m in (CompletionRequest, ChatRequest, ChatMessage, TextPart, StreamOptions, TokenizeRequest,
+                                DetokenizeRequest) for name in m.model_fields}
+
+
+def _check_noops(req: _Sampling) -> None:
+    """OpenAI fields we accept only where they change nothing: anything else is a 400 naming it."""
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(req, name) != 0:
+            raise APIError(400, f"{name} is not supported by this server (only 0)", param=name,
+                           code="unsupported_value")
+    if req.logit_bias:
+        raise APIError(400, "logit_bias is not supported by this server (only {} or null)", param="logit_bias",
+                       code="unsupported_value")
+    if isinstance(req, CompletionRequest):
+        if req.best_of not in (None, req.n):
+            raise APIError(400, "best_of is not supported by this server (only best_of == n)", param="best_of",
+                           code="unsupported_value")
+        if req.suffix:
+            raise APIError(400, "suffix (insertion) is not supported by GPT-2", param="suffix",
+                           code="unsupported_value")
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options is only allowed with stream=true", param="stream_options")
+
+
+# --- the server's state -------------------------------------------------------------------------
+@dataclass
+class ServerConfig:
+    """What ``create_app`` needs besides the engine and tokenizer."""
+
+    model_name: str
+    api_key: str | None = None
+    chat_template: str = DEFAULT_CHAT_TEMPLATE
+    chat_stop: Sequence[str] = DEFAULT_CHAT_STOP
+    max_body_bytes: int = MAX_BODY_BYTES
+    request_timeout: float = 30.0
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+class _Metrics:
+    """Prometheus metrics: the engine's counters read at scrape time, latencies observed here."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_EngineCollector(engine))
+        buckets = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96)
+        self.ttft = Histogram("gpt2model_time_to_first_token_seconds", "Time from request arrival to the first "
+                              "generated token", registry=self.registry, buckets=buckets)
+        self.itl = Histogram("gpt2model_inter_token_latency_seconds", "Time between consecutive tokens of one "
+                             "choice", registry=self.registry, buckets=buckets)
+        self.e2e = Histogram("gpt2model_request_duration_seconds", "Time from arrival to the last token",
+                             registry=self.registry, buckets=buckets)
+        self.responses = Counter("gpt2model_http_responses", "HTTP responses by endpoint and status",
+                                 ["endpoint", "status"], registry=self.registry)
+        self.prompt_tokens = Counter("gpt2model_prompt_tokens", "Prompt tokens of accepted requests",
+                                     registry=self.registry)
+
+
+class _EngineCollector:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self):  # noqa: ANN201 - prometheus collector protocol
+        s = self.engine.stats()
+        yield GaugeMetricFamily("gpt2model_requests_running", "Requests in a KV-cache slot", value=s["running"])
+        yield GaugeMetricFamily("gpt2model_requests_queued", "Requests waiting for a slot", value=s["queued"])
+        yield CounterMetricFamily("gpt2model_generation_tokens", "Tokens generated", value=s["tokens_generated"])
+        for key, value in s.items():
+            if key not in ("running", "queued", "tokens_generated") and isinstance(value, (int, float)) \
+                    and not isinstance(value, bool):
+                yield GaugeMetricFamily(f"gpt2model_engine_{key}", f"engine.stats()['{key}']", value=value)
+
+
+@dataclass
+class _Choice:
+    """One generated sequence: an engine request and the text it has produced so far."""
+
+    index: int
+    prompt_index: int
+    request: EngineRequest
+    stream: TextStream
+    stop_ids: tuple[int, ...]
+    text: str = ""
+    tokens: int = 0
+    finish_reason: str | None = None
+    logprobs: list[TokenEvent] = field(default_factory=list)
+    last_token_at: float | None = None
+
+
+class _Server:
+    """Request handling: validation -> engine requests -> OpenAI responses."""
+
+    def __init__(self, engine: Engine, tokenizer: Any, config: ServerConfig) -> None:
+        import jinja2
+        import jinja2.sandbox
+
+        self.engine, self.tokenizer, self.config = engine, tokenizer, config
+        self.context_length: int = engine.model.config.context_length
+        self.vocab_size: int = engine.model.config.vocab_size
+        self.metrics = _Metrics(engine)
+        self.shutting_down = False
+        self.start_error: str | None = None
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+        try:
+            self.template = env.from_string(config.chat_template)
+        except jinja2.TemplateError as e:
+            raise ValueError(f"the chat template is not valid Jinja2: {e}") from None
+
+    # --- input ----------------------------------------------------------------------------------
+    async def read_json(self, request: Request) -> dict[str, Any]:
+        """The body as a JSON object: size-limited, strict UTF-8, no NaN/Infinity."""
+        limit = self.config.max_body_bytes
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise APIError(413, f"request body of {int(length)} bytes is larger than the limit of {limit} bytes",
+                           code="request_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise APIError(413, f"request body is larger than the limit of {limit} bytes",
+                               code="request_too_large")
+            chunks.append(chunk)
+        raw = b"".join(chunks)
+        if not raw.strip():
+            raise APIError(400, "the request body is empty: send a JSON object", code="invalid_json")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise APIError(400, f"the request body is not valid UTF-8 (byte {e.start}): send JSON encoded as "
+                                f"UTF-8", code="invalid_json") from None
+
+        def no_constants(name: str) -> Any:
+            raise ValueError(f"{name} is not a valid JSON number")
+
+        try:
+            body = json.loads(text, parse_constant=no_constants)
+        except (json.JSONDecodeError, ValueError, RecursionError) as e:
+            raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise APIError(400, f"the request body must be a JSON object, got a JSON {type(body).__name__}",
+                           code="invalid_json")
+        return body
+
+    def parse(self, model_type: type[BaseModel], body: dict[str, Any]) -> Any:
+        try:
+            req = model_type.model_validate(body)
+        except ValidationError as e:
+            raise _validation_error(e, body) from None
+        if getattr(req, "model", None) not in (None, self.config.model_name):
+            raise APIError(404, f"the model {req.model!r} does not exist: this server serves "
+                                f"{self.config.model_name!r} (see GET /v1/models)", param="model",
+                           code="model_not_found")
+        return req
+
+    def encode_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+        if isinstance(prompt, str):
+            prompts: list[str | list[int]] = [prompt]
+        elif prompt and all(isinstance(p, int) for p in prompt):
+            prompts = [prompt]  # type: ignore[list-item]
+        else:
+            prompts = list(prompt)  # type: ignore[arg-type]
+        if not prompts:
+            raise APIError(400, "prompt is an empty list: give a string, strings, or token ids", param="prompt")
+        out = []
+        for p in prompts:
+            ids = self.tokenizer.encode(p) if isinstance(p, str) else list(p)
+            if not ids and not isinstance(p, str):
+                raise APIError(400, "a prompt of token ids is empty: give at least one id", param="prompt")
+            if not ids:
+                if self.tokenizer.eot is None:
+                    raise APIError(400, "the prompt is empty and this model's tokenizer has no end-of-text token to "
+                                        "start from: give some text", param="prompt")
+                ids = [self.tokenizer.eot]  # as OpenAI: an empty prompt starts a new document
+            bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+            if bad is not None:
+                raise APIError(400, f"token id {bad} is out of range: ids must be in [0, {self.vocab_size})",
+                               param="prompt")
+            out.append(ids)
+        return out
+
+    def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
+        import jinja2
+
+        msgs = []
+        for m in messages:
+            content = m.content if isinstance(m.content, str) or m.content is None \
+                else "".join(p.text for p in m.content)
+            role = "system" if m.role == "developer" else m.role
+            msgs.append({"role": role, "content": content or "", "name": m.name})
+        try:
+            return self.template.render(messages=msgs, add_generation_prompt=add_generation_prompt)
+        except jinja2.TemplateError as e:
+            raise APIError(400, f"the chat template failed on these messages: {e}", param="messages") from None
+
+    def max_tokens_for(self, prompt_len: int, asked: int | None, param: str, prompt_param: str) -> int:
+        room = self.context_length - prompt_len
+        if room < 1:
+            raise APIError(400, f"this model's maximum context length is {self.context_length} tokens, and the "
+                                f"prompt has {prompt_len}: shorten the prompt (no room for a single new token)",
+                           param=prompt_param, code="context_length_exceeded")
+        if asked is None:
+            return room
+        if prompt_len + asked > self.context_length:
+            raise APIError(400, f"this model's maximum context length is {self.context_length} tokens, but "
+                                f"{prompt_len + asked} were requested ({prompt_len} in the prompt, {asked} for the "
+                                f"completion): lower {param} to at most {room} or shorten the prompt",
+                           param=param, code="context_length_exceeded")
+        return asked
+
+    # --- engine -------------------------------------------------------------------------------------
+    def submit(self, prompts: list[list[int]], req: _Sampling, max_tokens: list[int], stop: list[str],
+               logprobs: int | None) -> list[_Choice]:
+        """One engine request per (prompt, n); all or none (a full queue cancels what got in)."""
+        if self.shutting_down:
+            raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+        stop_ids = (self.tokenizer.eot,) if self.tokenizer.eot is not None else ()
+        choices: list[_Choice] = []
+        try:
+            for i, ids in enumerate(prompts):
+                for j in range(req.n):
+                    # n > 1 with a seed: choice j uses seed + j, so the choices differ yet repeat.
+                    params = SamplingParams(
+                        max_tokens=max_tokens[i], temperature=float(req.temperature), top_k=req.top_k,
+                        top_p=None if req.top_p >= 1.0 else float(req.top_p),
+                        seed=None if req.seed is None else req.seed + j, logprobs=logprobs,
+                        stop_token_ids=stop_ids)
+                    r = self.engine.submit(ids, params)
+                    choices.append(_Choice(len(choices), i, r, TextStream(self.tokenizer, stop), stop_ids))
+        except QueueFullError as e:
+            for c in choices:
+                c.request.cancel()
+            raise APIError(429, f"the server is busy ({e}): retry shortly", type="rate_limit_error",
+                           code="queue_full", headers={"Retry-After": "1"}) from None
+        except ValueError as e:
+            for c in choices:
+                c.request.cancel()
+            raise APIError(400, str(e), param="prompt") from None
+        return choices
+
+    async def events(self, choices: list[_Choice], arrived: float) -> AsyncIterator[tuple[_Choice, str, bool]]:
+        """Merge the choices' engine events into ``(choice, new text, finished)``, in arrival order.
+
+        Updates each choice (text, tokens, finish_reason, logprobs) and the latency metrics. A stop
+        string or an end-of-text ends the choice with ``stop``; reaching ``max_tokens``, ``length``.
+        """
+        queue: asyncio.Queue[tuple[_Choice, TokenEvent | FinishEvent]] = asyncio.Queue()
+
+        async def pump(c: _Choice) -> None:
+            async for ev in c.request.aevents():
+                queue.put_nowait((c, ev))
+
+        tasks = [asyncio.create_task(pump(c)) for c in choices]
+        try:
+            pending = len(choices)
+            while pending:
+                c, ev = await queue.get()
+                if isinstance(ev, FinishEvent):
+                    pending -= 1
+                    tail = c.stream.flush()  # "" once a stop string ended it
+                    if c.finish_reason is None:
+                        if ev.reason == "error":
+                            raise APIError(500, f"generation failed: {ev.error}", type="server_error",
+                                           code="engine_error")
+                        if ev.reason == "cancelled":
+                            raise APIError(503, "the request was cancelled (the server is shutting down)",
+                                           type="server_error", code="cancelled")
+                        c.finish_reason = ev.reason
+                    now = time.perf_counter()
+                    self.metrics.e2e.observe(now - arrived)
+                    c.text += tail
+                    yield c, tail, True
+                    continue
+                if c.finish_reason is not None:
+                    continue  # a stop string ended it; the engine's cancel is on its way
+                now = time.perf_counter()
+                if c.last_token_at is None:
+                    self.metrics.ttft.observe(now - arrived)
+                else:
+                    self.metrics.itl.observe(now - c.last_token_at)
+                c.last_token_at = now
+                c.tokens += 1
+                if ev.logprob is not None:
+                    c.logprobs.append(ev)
+                if ev.token in c.stop_ids:
+                    c.finish_reason = "stop"  # the engine ends the request itself
+                    continue
+                piece = c.stream.push(ev.token)
+                if c.stream.stopped:
+                    c.finish_reason = "stop"
+                    c.request.cancel()
+                c.text += piece
+                if piece:
+                    yield c, piece, False
+        finally:
+            for c in choices:
+                c.request.cancel()  # a no-op for finished requests; frees the slot of any other
+            for t in tasks:
+                t.cancel()
+
+    # --- responses ------------------------------------------------------------------------------
+    def token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+    def completion_logprobs(self, c: _Choice, offset: int) -> dict[str, Any] | None:
+        if not c.logprobs:
+            return None
+        out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for ev in c.logprobs:
+            text = self.token_text(ev.token)
+            out["tokens"].append(text)
+            out["token_logprobs"].append(ev.logprob)
+            out["top_logprobs"].append({self.token_text(t): lp for t, lp in (ev.top_logprobs or [])})
+            out["text_offset"].append(offset)
+            offset += len(text)
+        return out
+
+    def chat_logprobs(self, evs: list[TokenEvent]) -> dict[str, Any]:
+        def entry(token: int, lp: float) -> dict[str, Any]:
+            text = self.token_text(token)
+            return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+        return {"content": [{**entry(ev.token, ev.logprob), "top_logprobs": [entry(t, lp) for t, lp in
+                                                                             (ev.top_logprobs or [])]}
+                            for ev in evs if ev.logprob is not None]}
+
+    def usage(self, prompts: list[list[int]], choices: list[_Choice]) -> dict[str, int]:
+        p = sum(len(ids) for ids in prompts)
+        c = sum(ch.tokens for ch in choices)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def _sse(obj: Any) -> bytes:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+
+async def _wait_disconnect(request: Request) -> None:
+    """Return when the client has gone away (the body is read already, so the next message is that)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _collect(server: _Server, request: Request, choices: list[_Choice], arrived: float) -> None:
+    """Run the choices to the end, cancelling them all if the client disconnects first."""
+
+    async def drain() -> None:
+        async for _ in server.events(choices, arrived):
+            pass
+
+    work = asyncio.create_task(drain())
+    gone = asyncio.create_task(_wait_disconnect(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():
+            work.cancel()  # the client left: events()'s finally cancels the engine requests
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+    work.result()
+
+
+def _stream(server: _Server, request: Request, choices: list[_Choice], arrived: float,
+            make_chunk: Callable[[_Choice, str, str | None], dict[str, Any]],
+            first_chunks: list[dict[str, Any]], usage: Callable[[], dict[str, int]] | None,
+            usage_chunk: Callable[[dict[str, int]], dict[str, Any]]) -> StreamingResponse:
+    """An SSE response: ``first_chunks``, one chunk per piece of text, a final chunk per choice
+    with its finish_reason, the usage chunk (``stream_options.include_usage``), ``[DONE]``."""
+
+    async def body() -> AsyncIterator[bytes]:
+        gone = asyncio.create_task(_wait_disconnect(request))
+        gen = server.events(choices, arrived)
+        nxt: asyncio.Future | None = None
+        try:
+            for chunk in first_chunks:
+                yield _sse(chunk)
+            while True:
+                nxt = asyncio.ensure_future(gen.__anext__())
+                await asyncio.wait({nxt, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not nxt.done():  # the client left: stop generating at once
+                    nxt.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                        await nxt
+                    return
+                try:
+                    c, piece, finished = nxt.result()
+                except StopAsyncIteration:
+                    break
+                except APIError as e:
+                    yield _sse(e.body())
+                    break
+                if piece:
+                    yield _sse(make_chunk(c, piece, None))
+                if finished:
+                    yield _sse(make_chunk(c, "", c.finish_reason))
+            if usage is not None:
+                yield _sse(usage_chunk(usage()))
+            yield b"data: [DONE]\n\n"
+        finally:
+            gone.cancel()
+            for c in choices:  # first, without awaiting: anyio re-cancels every await in a cancelled scope
+                c.request.cancel()
+            if nxt is not None and not nxt.done():  # cancelled from outside (Starlette saw the disconnect)
+                nxt.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await nxt
+            await gen.aclose()  # cancels every engine request still running
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+# --- the app ------------------------------------------------------------------------------------
+def create_app(engine: Engine, tokenizer: Any, config: ServerConfig) -> FastAPI:
+    """The FastAPI app over a started (or starting) ``engine``; ``tokenizer`` turns text into ids."""
+    server = _Server(engine, tokenizer, config)
+    prometheus_client.disable_created_metrics()  # no *_created series: they only clutter a scrape
+    app = FastAPI(title="gpt2model", version="1", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError) -> JSONResponse:
+        return e.response()
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception) -> JSONResponse:
+        return APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error",
+                        code="internal_error").response()
+
+    app.add_middleware(_AuthAndCount, server=server)
+
+    @app.exception_handler(404)
+    async def _not_found(request: Request, e: Exception) -> JSONResponse:
+        return APIError(404, f"no such endpoint: {request.method} {request.url.path}", code="not_found").response()
+
+    @app.exception_handler(405)
+    async def _bad_method(request: Request, e: Exception) -> JSONResponse:
+        return APIError(405, f"{request.method} is not allowed on {request.url.path}",
+                        code="method_not_allowed").response()
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if server.shutting_down:
+            return JSONResponse({"status": "shutting down"}, status_code=503)
+        if server.start_error is not None:
+            return JSONResponse({"status": "error", "error": server.start_error}, status_code=503)
+        if not engine.ready.is_set():
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": config.created,
+                                             "owned_by": "gpt2model", "max_model_len": server.context_length}]}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        req: TokenizeRequest = server.parse(TokenizeRequest, await server.read_json(request))
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give exactly one of 'prompt' or 'messages'", param="prompt")
+        text = req.prompt if req.prompt is not None else server.render_chat(req.messages, req.add_generation_prompt)
+        ids = tokenizer.encode(text)
+        return {"tokens": ids, "count": len(ids), "max_model_len": server.context_length}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        req: DetokenizeRequest = server.parse(DetokenizeRequest, await server.read_json(request))
+        bad = next((t for t in req.tokens if not 0 <= t < server.vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} is out of range: ids must be in [0, {server.vocab_size})",
+                           param="tokens")
+        return {"prompt": tokenizer.decode(req.tokens)}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        arrived = time.perf_counter()
+        req: CompletionRequest = server.parse(CompletionRequest, await server.read_json(request))
+        _check_noops(req)
+        if req.echo and req.logprobs is not None:
+            raise APIError(400, "echo with logprobs (prompt logprobs) is not supported: drop one of them",
+                           param="echo", code="unsupported_value")
+        prompts = server.encode_prompts(req.prompt)
+        max_tokens = [server.max_tokens_for(len(ids), req.max_tokens, "max_tokens", "prompt") for ids in prompts]
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        choices = server.submit(prompts, req, max_tokens, stop, req.logprobs)
+        server.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        echo = [tokenizer.decode(ids) if req.echo else "" for ids in prompts]
+        base = {"id": rid, "object": "text_completion", "created": created, "model": config.model_name}
+
+        if req.stream:
+            offsets = {c.index: len(echo[c.prompt_index]) for c in choices}
+
+            def chunk(c: _Choice, piece: str, finish: str | None) -> dict[str, Any]:
+                lp = None
+                if req.logprobs is not None and finish is None:
+                    lp = server.completion_logprobs(c, offsets[c.index])
+                    c.logprobs = []
+                offsets[c.index] += len(piece)
+                out = {**base, "choices": [{"index": c.index, "text": piece, "logprobs": lp, "finish_reason": finish}]}
+                if include_usage:
+                    out["usage"] = None
+                return out
+
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            first = [{**base, "choices": [{"index": c.index, "text": echo[c.prompt_index], "logprobs": None,
+                                           "finish_reason": None}]} for c in choices if req.echo]
+            return _stream(server, request, choices, arrived, chunk, first,
+                           (lambda: server.usage(prompts, choices)) if include_usage else None,
+                           lambda u: {**base, "choices": [], "usage": u})
+
+        await _collect(server, request, choices, arrived)
+        return JSONResponse({**base, "choices": [
+            {"index": c.index, "text": echo[c.prompt_index] + c.text,
+             "logprobs": server.completion_logprobs(c, 0) if req.logprobs is not None else None,
+             "finish_reason": c.finish_reason} for c in choices], "usage": server.usage(prompts, choices)})
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        arrived = time.perf_counter()
+        req: ChatRequest = server.parse(ChatRequest, await server.read_json(request))
+        _check_noops(req)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        if req.max_tokens is not None and req.max_completion_tokens is not None \
+                and req.max_tokens != req.max_completion_tokens:
+            raise APIError(400, "max_tokens and max_completion_tokens disagree: give one", param="max_tokens")
+        asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        prompts = [tokenizer.encode(server.render_chat(req.messages))]
+        if not prompts[0]:
+            raise APIError(400, "the messages render to an empty prompt", param="messages")
+        max_tokens = [server.max_tokens_for(len(prompts[0]), asked, param, "messages")]
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if config.chat_template == DEFAULT_CHAT_TEMPLATE:
+            stop += [s for s in config.chat_stop if s not in stop]
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        choices = server.submit(prompts, req, max_tokens, stop, logprobs)
+        server.metrics.prompt_tokens.inc(len(prompts[0]))
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        base = {"id": rid, "object": "chat.completion.chunk" if req.stream else "chat.completion",
+                "created": created, "model": config.model_name}
+
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+            def chunk(c: _Choice, piece: str, finish: str | None) -> dict[str, Any]:
+                lp = None
+                if req.logprobs and finish is None:
+                    lp = server.chat_logprobs(c.logprobs)
+                    c.logprobs = []
+                delta = {"content": piece} if finish is None else {}
+                out = {**base, "choices": [{"index": c.index, "delta": delta, "logprobs": lp,
+                                            "finish_reason": finish}]}
+                if include_usage:
+                    out["usage"] = None
+                return out
+
+            first = [{**base, "choices": [{"index": c.index, "delta": {"role": "assistant", "content": ""},
+                                           "logprobs": None, "finish_reason": None}],
+                      **({"usage": None} if include_usage else {})} for c in choices]
+            return _stream(server, request, choices, arrived, chunk, first,
+                           (lambda: server.usage(prompts, choices)) if include_usage else None,
+                           lambda u: {**base, "choices": [], "usage": u})
+
+        await _collect(server, request, choices, arrived)
+        return JSONResponse({**base, "choices": [
+            {"index": c.index, "message": {"role": "assistant", "content": c.text},
+             "logprobs": server.chat_logprobs(c.logprobs) if req.logprobs else None,
+             "finish_reason": c.finish_reason} for c in choices], "usage": server.usage(prompts, choices)})
+
+    return app
+
+
+class _AuthAndCount:
+    """ASGI middleware: the API key check (every path but /health) and response counts by status.
+
+    Plain ASGI rather than ``@app.middleware``: Starlette's BaseHTTPMiddleware wraps ``receive``,
+    which hides client disconnects from streaming responses."""
+
+    def __init__(self, app: Any, server: _Server) -> None:
+        self.app, self.server = app, server
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        label = path if path in _ROUTES else "other"
+        key = self.server.config.api_key
+        if key is not None and path != "/health":
+            auth = dict(scope["headers"]).get(b"authorization", b"")
+            scheme, _, given = auth.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), key.encode()):
+                self.server.metrics.responses.labels(label, "401").inc()
+                response = APIError(401, "missing or incorrect API key: send the header 'Authorization: Bearer "
+                                         "KEY'", code="invalid_api_key").response()
+                return await response(scope, receive, send)
+
+        async def counting_send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                self.server.metrics.responses.labels(label, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+_ROUTES = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/tokenize",
+           "/detokenize"}
+
+
+# --- running it ----------------------------------------------------------------------------------
+def serve(model: Any, tokenizer: Any, *, host: str = "127.0.0.1", port: int = 8000, model_name: str = "gpt2",
+          api_key: str | None = None, chat_template: str | Path | None = None, max_batch: int = 8,
+          max_queue: int = 64, compile: bool = False, request_timeout: float = 30.0,
+          ready: Callable[[str], None] | None = None) -> int:
+    """Run the server until SIGTERM/SIGINT; returns 0 after a graceful shutdown.
+
+    Shutdown: stop accepting connections, let running requests finish for up to
+    ``request_timeout`` seconds, then cancel the rest; exit 0."""
+    template = DEFAULT_CHAT_TEMPLATE
+    if chat_template is not None:
+        template = Path(chat_template).read_text(encoding="utf-8")
+    engine = Engine(model, max_batch=max_batch, max_queue=max_queue, compile=compile)
+    config = ServerConfig(model_name=model_name, api_key=api_key, chat_template=template,
+                          request_timeout=request_timeout)
+    app = create_app(engine, tokenizer, config)
+    state: _Server = app.state.server
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # Warm up off the event loop, so /health answers 503 meanwhile.
+        def start() -> None:
+            try:
+                engine.start()
+            except Exception as e:  # shown by /health; the server cannot generate
+                state.start_error = f"{type(e).__name__}: {e}"
+                print(f"gpt2 serve: the engine failed to start: {state.start_error}", file=sys.stderr)
+
+        threading.Thread(target=start, name="gpt2-engine-start", daemon=True).start()
+        yield
+        state.shutting_down = True
+        await asyncio.to_thread(engine.shutdown, 1.0)
+
+    app.router.lifespan_context = lifespan
+    uv_config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                               timeout_graceful_shutdown=max(1, math.ceil(request_timeout)), lifespan="on")
+    server = _GracefulServer(uv_config, state)
+    if ready is not None:
+        server.on_started = lambda: ready(f"http://{host}:{port}")
+    server.run()
+    return 0
+
+
+class _GracefulServer(uvicorn.Server):
+    """uvicorn, but a SIGTERM ends in a normal exit (status 0) instead of re-raising the signal."""
+
+    def __init__(self, config: uvicorn.Config, state: _Server) -> None:
+        super().__init__(config)
+        self.state = state
+        self.on_started: Callable[[], None] | None = None
+
+    @contextlib.contextmanager
+    def capture_signals(self):  # noqa: ANN202 - a context manager
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def _on_signal(self, sig: int, frame: Any) -> None:
+        self.state.shutting_down = True  # /health -> 503 and no new requests
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True  # a second Ctrl-C: stop waiting
+        self.should_exit = True
+
+    async def startup(self, sockets: Any = None) -> None:
+        await super().startup(sockets)
+        if self.on_started is not None and self.started:
+            self.on_started()
