@@ -250,6 +250,8 @@ def test_client_disconnect_mid_stream_frees_the_slot(served):
     (b'{"prompt": "x", "best_of": 3}', 400, "best_of", "unsupported_value"),
     (b'{"prompt": "x", "mirostat": 2}', 400, "mirostat", "unsupported_field"),
     (b'{"prompt": "x", "stream_options": {"include_usage": true}}', 400, "stream_options", None),
+    (b'{"prompt": "x", "stop": ["ok", ""]}', 400, "stop", "invalid_value"),
+    (b'{"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}', 400, "stop", "invalid_value"),
     (b'{"prompt": "x", "model": "gpt-4"}', 404, "model", "model_not_found"),
     (b'{"prompt": "' + b"a" * (1 << 20) + b'"}', 413, None, "request_too_large"),
 ])
@@ -365,6 +367,21 @@ def test_custom_chat_template(model_dir, tmp_path):
                                                                                     chat_template=template)))
     r = client.post("/tokenize", json={"messages": [{"role": "user", "content": "Hi"}]})
     assert r.json()["tokens"] == load_tokenizer(model_dir).encode("<user>Hi<assistant>")
+
+
+def test_char_model_rejects_characters_outside_its_vocabulary(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from gpt2model.tokenizer import CharTokenizer
+
+    tok = CharTokenizer("\n abcdefghijklmnopqrstuvwxyz:")
+    engine = Engine(GPT(GPTconfig(vocab_size=tok.vocab_size, context_length=32, n_layer=1, n_head=2, d_model=32)),
+                    max_batch=1, max_queue=1)
+    client = TestClient(create_app(engine, tok, ServerConfig(model_name="m")))
+    r = client.post("/v1/completions", json={"prompt": "héllo"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and "'é'" in r.json()["error"]["message"]
+    r = client.post("/v1/completions", json={"prompt": ""})
+    assert r.status_code == 400 and "end-of-text" in r.json()["error"]["message"]
 
 
 def test_sigterm_finishes_running_requests_and_exits_0(model_dir):

@@ -134,6 +134,7 @@ PositiveInt = Annotated[int, Field(ge=1)]
 Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
 Penalty = Annotated[float, Field(allow_inf_nan=False)]
+StopString = Annotated[str, Field(min_length=1)]
 
 
 class _Sampling(_Strict):
@@ -144,7 +145,7 @@ class _Sampling(_Strict):
     top_p: TopP = 1.0
     top_k: PositiveInt | None = None  # extension (vLLM, llama.cpp)
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
-    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -360,7 +361,7 @@ class _Server:
             raise APIError(400, "prompt is an empty list: give a string, strings, or token ids", param="prompt")
         out = []
         for p in prompts:
-            ids = self.tokenizer.encode(p) if isinstance(p, str) else list(p)
+            ids = self.encode(p, "prompt") if isinstance(p, str) else list(p)
             if not ids and not isinstance(p, str):
                 raise APIError(400, "a prompt of token ids is empty: give at least one id", param="prompt")
             if not ids:
@@ -374,6 +375,13 @@ class _Server:
                                param="prompt")
             out.append(ids)
         return out
+
+    def encode(self, text: str, param: str) -> list[int]:
+        """Text -> ids; text the tokenizer cannot encode (a character outside a char vocabulary) is a 400."""
+        try:
+            return self.tokenizer.encode(text)
+        except ValueError as e:
+            raise APIError(400, f"{param} cannot be tokenized for this model: {e}", param=param) from None
 
     def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
         import jinja2
@@ -661,7 +669,7 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig) -> FastAPI:
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of 'prompt' or 'messages'", param="prompt")
         text = req.prompt if req.prompt is not None else server.render_chat(req.messages, req.add_generation_prompt)
-        ids = tokenizer.encode(text)
+        ids = server.encode(text, "prompt" if req.prompt is not None else "messages")
         return {"tokens": ids, "count": len(ids), "max_model_len": server.context_length}
 
     @app.post("/detokenize")
@@ -729,7 +737,7 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig) -> FastAPI:
             raise APIError(400, "max_tokens and max_completion_tokens disagree: give one", param="max_tokens")
         asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        prompts = [tokenizer.encode(server.render_chat(req.messages))]
+        prompts = [server.encode(server.render_chat(req.messages), "messages")]
         if not prompts[0]:
             raise APIError(400, "the messages render to an empty prompt", param="messages")
         max_tokens = [server.max_tokens_for(len(prompts[0]), asked, param, "messages")]
