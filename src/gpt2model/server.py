@@ -440,6 +440,11 @@ class _Server:
             for c in choices:
                 c.request.cancel()
             raise APIError(400, str(e), param="prompt") from None
+        except RuntimeError as e:  # the engine is shutting down (or failed)
+            for c in choices:
+                c.request.cancel()
+            raise APIError(503, f"the server cannot take requests now: {e}", type="server_error",
+                           code="unavailable") from None
         return choices
 
     async def events(self, choices: list[_Choice], arrived: float) -> AsyncIterator[tuple[_Choice, str, bool]]:
