@@ -117,6 +117,7 @@ async def _soak(url: str, server: psutil.Process) -> dict:
                         async with client.stream("POST", url + "/v1/completions", json=body) as r:
                             if r.status_code == 429:
                                 counts["rejected"] += 1
+                                await asyncio.sleep(0.2)  # a polite client backs off
                                 continue
                             if r.status_code != 200:
                                 counts["unexpected"].append(("stream", r.status_code))
@@ -137,6 +138,7 @@ async def _soak(url: str, server: psutil.Process) -> dict:
                         r = await client.post(url + "/v1/completions", json=body)
                         if r.status_code == 429:
                             counts["rejected"] += 1
+                            await asyncio.sleep(0.2)
                         elif r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length"):
                             counts["completed"] += 1
                         else:
