@@ -310,6 +310,30 @@ def test_length_normalisation_prefers_the_longer_answer(tmp_path, gpt2_tokenizer
         assert lls == pytest.approx([-n * math.log(tok.vocab_size) for n in ntok], rel=1e-6)
 
 
+def test_a_tokenizer_without_end_of_text(fixtures_data, tmp_path) -> None:
+    """A character-level model (no end-of-text token) on text8: the first character conditions
+    the rest and is not scored; multiple choice still works (its contexts are never empty)."""
+    from gpt2model.tokenizer import CharTokenizer
+
+    raw = (fixtures_data / "text8" / "text8").read_bytes()
+    test = raw[len(raw) - len(raw) // 20:].decode()
+    tok = CharTokenizer.from_text(test + "".join(json.loads(x)["context"] + "".join(json.loads(x)["choices"])
+                                                 for x in MC_FILE.read_text().splitlines()))
+    assert tok.eot is None
+    torch.manual_seed(0)
+    model = GPT(GPTconfig(context_length=256, vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=16)).eval()
+    r = run_task(model, tok, "text8")
+    assert r.num_items == math.ceil((len(test) - 1) / 256)
+    ids = tok.encode(test)
+    lm_utils = pytest.importorskip("lm_eval.utils")
+    windows = [lm_utils.make_disjoint_window(w) for w in lm_utils.get_rolling_token_windows(ids[1:], ids[0], 256, 1)]
+    ref = [direct(model, list(c), list(p))[0] for c, p in windows]
+    assert [ll for (ll,) in r.loglikelihoods] == pytest.approx(ref, abs=1e-4)
+    assert r.metrics["bits_per_char"] == pytest.approx(-sum(ll for (ll,) in r.loglikelihoods)
+                                                       / (len(test) - 1) / math.log(2), rel=1e-9)
+    assert run_task(model, tok, "multiple_choice", mc_file=MC_FILE).num_items == 30
+
+
 # --- data files and input errors -------------------------------------------------------------------
 def test_missing_data_file_says_what_to_put_where(tmp_path, monkeypatch, tiny_gpt2, gpt2_tokenizer) -> None:
     monkeypatch.setenv("GPT2MODEL_DATA", str(tmp_path))
