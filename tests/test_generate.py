@@ -630,3 +630,19 @@ def test_one_token_id_check_everywhere() -> None:
                  lambda: evaluate(model, torch.tensor([1.0, 2.0]))):
         with pytest.raises(ValueError, match="integer token ids"):
             call()
+
+
+@pytest.mark.slow
+def test_cuda_graph_mode_step_is_one_graph_and_matches_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The CUDA path's compile settings (reduce-overhead, fullgraph, sampling inside the step), run
+    # where torch allows it without a GPU: a graph break or a failure would fall back with a warning.
+    real = gen_mod.compiled_decode_step
+    monkeypatch.setattr(gen_mod, "compiled_decode_step", lambda device: real(device, mode="reduce-overhead"))
+    model = tiny()
+    prompt = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="torch.compile of the decode step failed")
+        greedy = generate(model, prompt, 30, temperature=0, compile=True)
+        sampled = generate(model, prompt, 30, seed=3, top_k=10, top_p=0.9, compile=True)
+    assert torch.equal(greedy, generate(model, prompt, 30, temperature=0))
+    assert torch.equal(sampled, generate(model, prompt, 30, seed=3, top_k=10, top_p=0.9))

@@ -41,6 +41,7 @@ from .generate import (
     decode_step,
     new_seed,
     prefill,
+    run_compiled_step,
     sample_logits,
     seed_tensor,
 )
@@ -419,8 +420,9 @@ class Engine:
                                      device=pos.device)
             seeds = seed_tensor([s.seed if s else 0 for s in rows], pos.device)
             steps = torch.tensor([s.generated if s else 0 for s in rows], dtype=torch.long, device=pos.device)
-        nxt, logits = self._step_fn(self.model, self._tokens[:hi], pos, self._mask[:hi, :, :, :L], pos,
-                                    temperature, top_k, top_p, seeds, steps)
+        run = run_compiled_step if self.compile else (lambda fn, *args: fn(*args))
+        nxt, logits = run(self._step_fn, self.model, self._tokens[:hi], pos, self._mask[:hi, :, :, :L], pos,
+                          temperature, top_k, top_p, seeds, steps)
         self._tokens[:hi, 0] = nxt
         return nxt.tolist(), logits
 

@@ -295,12 +295,21 @@ def decode_step(model: GPT, token: torch.Tensor, input_pos: torch.Tensor, mask: 
     return sample_logits(logits, temperature, top_k, top_p, seed=seeds, step=steps), logits
 
 
-def compiled_decode_step(device: torch.device) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """:func:`decode_step` under ``torch.compile``: on CUDA as CUDA graphs (``reduce-overhead``,
-    the whole step one graph: static cache, static shapes); elsewhere the default mode. Graphs
-    are kept on the function's code object, so wrapping it again reuses them (no module state)."""
-    mode = "reduce-overhead" if device.type == "cuda" else None
+def compiled_decode_step(device: torch.device, mode: str | None = "auto") -> Callable[..., tuple[torch.Tensor, ...]]:
+    """:func:`decode_step` under ``torch.compile``, the whole step one graph (``fullgraph``:
+    static cache, static shapes, sampling inside). ``mode="auto"``: ``reduce-overhead`` (CUDA
+    graphs) on CUDA, the default mode elsewhere. Call it through :func:`run_compiled_step`.
+    Graphs are kept on the function's code object, so wrapping it again reuses them."""
+    if mode == "auto":
+        mode = "reduce-overhead" if device.type == "cuda" else None
     return torch.compile(decode_step, mode=mode, fullgraph=True, dynamic=False)
+
+
+def run_compiled_step(step_fn: Callable[..., tuple[torch.Tensor, ...]], *args: Any) -> tuple[torch.Tensor, ...]:
+    """Call a compiled step. Under CUDA graphs the outputs live in the graph's memory, which the
+    next replay overwrites: mark the new step and copy the outputs out (two tiny copies)."""
+    torch.compiler.cudagraph_mark_step_begin()
+    return tuple(t.clone() for t in step_fn(*args))
 
 
 # --- input handling ----------------------------------------------------------------------------------
@@ -450,8 +459,11 @@ class _Window:
         self.mask[..., s] = 0.0
         # Eager: attend to the filled slots only (O(filled) per token). Compiled: the full,
         # static-shape mask, so one graph serves every step.
-        mask = self.mask if full_mask else self.mask[..., : s + 1]
-        nxt, _ = step_fn(self.model, token[:, None], self.slot, mask, self.next_pos, *sampling)
+        if not full_mask:
+            nxt, _ = step_fn(self.model, token[:, None], self.slot, self.mask[..., : s + 1], self.next_pos, *sampling)
+        else:
+            nxt, _ = run_compiled_step(step_fn, self.model, token[:, None], self.slot, self.mask, self.next_pos,
+                                   *sampling)
         self.next_pos += 1
         return nxt
 

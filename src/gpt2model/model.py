@@ -71,6 +71,7 @@ class KVCache(nn.Module):
         shape = (batch_size, n_head, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("rows", torch.arange(batch_size, device=device), persistent=False)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                cache_row: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,10 +86,10 @@ class KVCache(nn.Module):
         if input_pos.dim() == 1:
             kc.index_copy_(2, input_pos, k)
             vc.index_copy_(2, input_pos, v)
-        else:
-            index = input_pos[:, None, :, None].expand(k.shape)
-            kc.scatter_(2, index, k)
-            vc.scatter_(2, index, v)
+        else:  # row b writes slots input_pos[b]: index (row, slot) of the (B, L, H, hd) view
+            rows = self.rows[:B, None]
+            kc.transpose(1, 2).index_put_((rows, input_pos), k.transpose(1, 2))
+            vc.transpose(1, 2).index_put_((rows, input_pos), v.transpose(1, 2))
         return kc, vc
 
 
