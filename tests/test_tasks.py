@@ -359,6 +359,16 @@ def test_bad_multiple_choice_file(tmp_path, tiny_gpt2, gpt2_tokenizer, line: str
         run_task(tiny_gpt2, gpt2_tokenizer, "multiple_choice", mc_file=path)
 
 
+def test_hellaswag_without_labels(tmp_path, monkeypatch, tiny_gpt2, gpt2_tokenizer) -> None:
+    doc = json.loads((FIXTURES / "hellaswag" / "hellaswag_val.jsonl").read_text().splitlines()[0])
+    del doc["label"]  # as in HellaSwag's test split
+    (tmp_path / "hellaswag").mkdir()
+    (tmp_path / "hellaswag" / "hellaswag_val.jsonl").write_text(json.dumps(doc) + "\n")
+    monkeypatch.setenv("GPT2MODEL_DATA", str(tmp_path))
+    with pytest.raises(ValueError, match="test split has no labels"):
+        run_task(tiny_gpt2, gpt2_tokenizer, "hellaswag")
+
+
 def test_unknown_task_and_missing_mc_file(tiny_gpt2, gpt2_tokenizer) -> None:
     with pytest.raises(ValueError, match="unknown task"):
         run_tasks(tiny_gpt2, gpt2_tokenizer, ["hellaswag", "lambda"])

@@ -316,6 +316,9 @@ def run_task(model: GPT, tokenizer: Any, task: str, *, limit: int | None = None,
         items, gold = [], []
         for n, d in enumerate(docs, 1):
             _need(d, {"activity_label": str, "ctx_a": str, "ctx_b": str, "endings": list}, f"{path}, item {n}")
+            if str(d.get("label", "")) not in [str(i) for i in range(len(d["endings"]))]:
+                raise ValueError(f"{path}, item {n}: 'label' must index its endings, got {d.get('label')!r} "
+                                 "(HellaSwag's test split has no labels: use hellaswag_val.jsonl)")
             ctx = d["ctx_a"] + " " + d["ctx_b"].capitalize()
             items.append((hellaswag_preprocess(d["activity_label"] + ": " + ctx),
                           [hellaswag_preprocess(e) for e in d["endings"]]))
