@@ -4,6 +4,7 @@ encoding, nanoGPT's split sizes, and hand-built expectations."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -63,12 +64,11 @@ def test_chunked_encoding_is_exact_on_tricky_text(kind, chunk_bytes, tmp_path):
     src = tmp_path / "tricky.txt"
     src.write_bytes(TRICKY.encode())
     out = prepare_dataset([src], tmp_path / "out", tokenizer=kind, vocab_size=400 if kind == "bpe" else None,
-                          val_fraction=0.0, chunk_bytes=chunk_bytes, progress=False)
+                          val_fraction=0.1, chunk_bytes=chunk_bytes, progress=False)
     ds = open_dataset(out)
     tok = ds.tokenizer()
     assert _tokens(ds).tolist() == tok.encode(TRICKY)
     assert tok.decode(_tokens(ds)) == TRICKY
-    assert ds.meta["tokens"]["val"] == 0 and len(ds.split("val")) == 0
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "bpe"])
@@ -81,7 +81,7 @@ def test_chunked_encoding_is_exact_on_random_unicode_whitespace(kind, tmp_path):
     src = tmp_path / "random.txt"
     src.write_bytes(text.encode())
     out = prepare_dataset([src], tmp_path / "out", tokenizer=kind, vocab_size=300 if kind == "bpe" else None,
-                          val_fraction=0.0, chunk_bytes=33, progress=False)
+                          val_fraction=0.1, chunk_bytes=33, progress=False)
     ds = open_dataset(out)
     assert _tokens(ds).tolist() == ds.tokenizer().encode(text)
 
@@ -104,7 +104,7 @@ def test_folder_documents_separated_by_eot(tmp_path):
     for name, text in docs.items():
         (corpus / name).write_text(text, encoding="utf-8")
     (corpus / "notes.md").write_text("not matched by *.txt")
-    ds = open_dataset(prepare_dataset([corpus], tmp_path / "out", tokenizer="gpt2", val_fraction=0.0,
+    ds = open_dataset(prepare_dataset([corpus], tmp_path / "out", tokenizer="gpt2", val_fraction=0.1,
                                       progress=False))
     tok = ds.tokenizer()
     ordered = [docs["a.txt"], docs["b.txt"], docs["sub/c.txt"]]  # sorted paths
@@ -121,7 +121,8 @@ def test_folder_documents_separated_by_eot(tmp_path):
     assert "🎉" in ds.tokenizer().chars
     # --out inside the input folder with a catch-all glob: a re-run doesn't read its own output
     for _ in range(2):
-        ds = open_dataset(prepare_dataset([corpus], corpus / "data", tokenizer="char", glob="*", progress=False))
+        ds = open_dataset(prepare_dataset([corpus], corpus / "data", tokenizer="char", glob="*", progress=False,
+                                          overwrite=True))
         assert len(ds.meta["sources"]) == 4
 
 
@@ -152,7 +153,7 @@ def test_reused_tokenizer_and_uint32_vocab(tmp_path):
     with pytest.raises(ValueError, match="not in the 70000-character vocabulary.*'x'"):
         prepare_dataset([other], tmp_path / "o", tokenizer=str(tmp_path / "wide"), progress=False)
     ds = open_dataset(prepare_dataset([other], tmp_path / "o", tokenizer=str(tmp_path / "wide"),
-                                      unknown_char=chars[0], val_fraction=0.0, progress=False))
+                                      unknown_char=chars[0], val_fraction=0.1, progress=False))
     assert ds.tokenizer().decode(_tokens(ds)) == chars[:10] + chars[0]
 
 
@@ -168,7 +169,7 @@ def test_non_utf8_error_names_file_and_offset(tmp_path):
         prepare_dataset([src], tmp_path / "out", tokenizer="char", chunk_bytes=16, progress=False)
     assert not (tmp_path / "out").exists()
     ds = open_dataset(prepare_dataset([src], tmp_path / "out", tokenizer="char", errors="replace", chunk_bytes=16,
-                                      val_fraction=0.0, progress=False))
+                                      val_fraction=0.1, progress=False))
     assert ds.tokenizer().decode(_tokens(ds)) == data + "\ufffdt\ufffd\n"
 
 
@@ -213,7 +214,8 @@ def test_interrupted_prepare_leaves_no_complete_looking_folder(tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         prepare_dataset([src], out, progress=False)
     assert not out.exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]  # temp folder cleaned up
+    # The temp folder is cleaned up; the (unlocked) lock file stays, as deleting it would race.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ds.lock", "a.txt"]
     monkeypatch.undo()
     # A process killed outright (no cleanup) leaves only a hidden temp folder, which is not the dataset;
     # the next prepare removes it since its process is gone.
@@ -226,9 +228,70 @@ def test_interrupted_prepare_leaves_no_complete_looking_folder(tmp_path, monkeyp
         open_dataset(out)
     prepare_dataset([src], out, progress=False)
     assert not stale.exists()
-    # Preparing again into an existing dataset folder replaces it.
-    ds = open_dataset(prepare_dataset([src], out, tokenizer="char", progress=False))
+    # An existing dataset is replaced only when asked to (it may have taken hours to build).
+    with pytest.raises(ValueError, match="already holds a dataset; pass --overwrite"):
+        prepare_dataset([src], out, tokenizer="char", progress=False)
+    assert open_dataset(out).meta["tokenizer"]["type"] == "gpt2"
+    ds = open_dataset(prepare_dataset([src], out, tokenizer="char", progress=False, overwrite=True))
     assert ds.meta["tokenizer"]["type"] == "char"
+
+
+def test_prepare_takes_a_lock_naming_the_holder(tmp_path):
+    from gpt2model.fileio import FolderBusyError, FolderLock
+
+    src = tmp_path / "a.txt"
+    src.write_text("To be, or not to be: that is the question.\n" * 20)
+    with FolderLock(tmp_path / ".ds.lock", "dataset folder"), \
+            pytest.raises(FolderBusyError, match=f"in use by PID {os.getpid()}"):
+        prepare_dataset([src], tmp_path / "ds", tokenizer="char", progress=False)
+    assert not (tmp_path / "ds").exists()
+    prepare_dataset([src], tmp_path / "ds", tokenizer="char", progress=False)  # released: works
+
+
+@pytest.mark.parametrize("text, kwargs, message", [
+    ("To be, or not to be.\n" * 20, {"val_fraction": 0.0}, r"must be in \(0, 1\)"),
+    ("a", {}, "encode to only 1 tokens"),
+    ("abcdefgh", {}, "larger --val-fraction"),
+    (" \n\t \n", {}, "only whitespace"),
+])
+def test_prepare_refuses_corpora_that_cannot_be_trained_on(tmp_path, text, kwargs, message):
+    (tmp_path / "a.txt").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        prepare_dataset([tmp_path / "a.txt"], tmp_path / "ds", tokenizer="char", progress=False, **kwargs)
+    assert not (tmp_path / "ds").exists()
+
+
+def test_ids_outside_the_vocabulary_are_caught_when_the_dataset_is_opened(tmp_path):
+    src = tmp_path / "a.txt"
+    src.write_text("All the world's a stage.\n" * 20)
+    out = prepare_dataset([src], tmp_path / "ds", tokenizer="char", progress=False)
+    vocab = open_dataset(out).vocab_size
+    train = np.fromfile(out / "train.bin", dtype=np.uint16)
+    train[7] = vocab + 3
+    train.tofile(out / "train.bin")
+    with pytest.raises(ValueError, match=f"train.bin holds token id {vocab + 3} .*position 7"):
+        open_dataset(out)
+
+
+def test_prepare_reads_standard_input(tmp_path):
+    text = "To be, or not to be: that is the question.\n" * 20
+    run = subprocess.run([sys.executable, "-m", "gpt2model", "prepare", "-", "--tokenizer", "char", "--out",
+                          str(tmp_path / "ds"), "--quiet"], input=text.encode(), capture_output=True, timeout=120)
+    assert run.returncode == 0, run.stderr.decode()[-2000:]
+    ds = open_dataset(tmp_path / "ds")
+    assert ds.tokenizer().decode(_tokens(ds)) == text
+
+
+def test_unknown_char_hint_only_where_the_option_exists(tmp_path):
+    from gpt2model.tokenizer import CharTokenizer
+
+    with pytest.raises(ValueError, match="not in the") as e:
+        CharTokenizer.from_text("abc").encode("abz")
+    assert "--unknown-char" not in str(e.value)  # `gpt2 sample` shows this one: it has no such option
+    CharTokenizer.from_text("abc " * 10).save(tmp_path / "tok")
+    (tmp_path / "b.txt").write_text("abz " * 10)
+    with pytest.raises(ValueError, match="pass --unknown-char"):
+        prepare_dataset([tmp_path / "b.txt"], tmp_path / "ds", tokenizer=str(tmp_path / "tok"), progress=False)
 
 
 def test_open_dataset_detects_partial_or_mismatched_folder(tmp_path):
@@ -350,9 +413,13 @@ def test_cli_prepare(tmp_path, capsys, data_dir):
     assert main(["prepare", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "x")]) == 2
     assert "gpt2 prepare: error: input" in capsys.readouterr().err
     bad = tmp_path / "bad.txt"
-    bad.write_bytes(b"ok \xff")
+    bad.write_bytes(b"ok \xff" + b" ok" * 10)
     assert main(["prepare", str(bad), "--tokenizer", "char", "--out", str(tmp_path / "y"), "--quiet"]) == 2
     assert "byte offset 3" in capsys.readouterr().err
+    for option in ("nan", "inf"):
+        with pytest.raises(SystemExit):
+            main(["prepare", str(bad), "--val-fraction", option, "--out", str(tmp_path / "z")])
+        assert "is not a finite number" in capsys.readouterr().err
     assert main(["prepare", str(bad), "--tokenizer", "char", "--errors", "replace", "--out", str(tmp_path / "y"),
                  "--quiet"]) == 0
 
@@ -370,3 +437,26 @@ def test_cli_prepare_input_flag_folder_gpt2(tmp_path, capsys, data_dir):
     assert ds.vocab_size == 50257 and ds.meta["tokens"]["train"] + ds.meta["tokens"]["val"] > 100
     assert main(["prepare", "--out", str(tmp_path / "none")]) == 2
     assert "no input" in capsys.readouterr().err
+
+
+def test_disk_full_during_prepare_keeps_the_previous_dataset(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import gpt2model.data as data
+
+    src = tmp_path / "a.txt"
+    src.write_text("To be, or not to be: that is the question.\n" * 20)
+    out = prepare_dataset([src], tmp_path / "ds", tokenizer="char", progress=False)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(data, "_encode_to_file", full_disk)
+    assert main(["prepare", str(src), "--tokenizer", "gpt2", "--out", str(out), "--overwrite", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    from gpt2model.fileio import mount_point
+
+    assert f"no space left on {mount_point(out)} while writing {out / 'train.bin'}; what was there before is intact" \
+        in err
+    assert open_dataset(out).meta["tokenizer"]["type"] == "char"
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []

@@ -9,8 +9,30 @@ function that calls into the package.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
+
+from .fileio import DiskFullError, FolderBusyError
+
+
+def _non_empty(text: str) -> str:
+    """argparse type for text options where an empty string has no meaning (e.g. --stop '')."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def _finite_float(text: str) -> float:
+    """argparse type for every float option: NaN and infinities are refused (NaN fails every
+    comparison, so it would slip through range checks)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 # --- prepare --------------------------------------------------------------------------------------
@@ -21,7 +43,8 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
                        "documents, separated by <|endoftext|> where the tokenizer has one; the first "
                        "(1 - val_fraction) of the tokens are train, the rest val.")
     p.add_argument("inputs", nargs="*", metavar="INPUT",
-                   help="text files, folders (searched recursively for --glob), or shakespeare_char / shakespeare")
+                   help="text files, folders (searched recursively for --glob), shakespeare_char / shakespeare, "
+                   "or - for standard input")
     p.add_argument("--input", action="append", default=[], metavar="PATH",
                    help="the same as a positional INPUT (repeatable)")
     p.add_argument("--tokenizer", default=None,
@@ -29,7 +52,9 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
                    "tokenizer (e.g. a model's, for fine-tuning). Default: the named dataset's, else gpt2")
     p.add_argument("--vocab-size", type=int, default=None, help="vocabulary size for --tokenizer bpe")
     p.add_argument("--out", default=None, help="output folder (default: data/<name>)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of tokens for val (default: 0.1)")
+    p.add_argument("--val-fraction", type=_finite_float, default=0.1,
+                   help="fraction of tokens for val, in (0, 1) (default: 0.1)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
     p.add_argument("--glob", default="*.txt", help="file pattern for folder inputs (default: *.txt)")
     p.add_argument("--errors", choices=("strict", "replace"), default="strict",
                    help="non-UTF-8 bytes: strict = error naming file and offset (default); replace = U+FFFD")
@@ -47,7 +72,7 @@ def _run_prepare(args: argparse.Namespace) -> int:
         raise ValueError("no input: name text files, folders or a dataset (shakespeare_char, shakespeare), "
                          "e.g. 'gpt2 prepare shakespeare_char' or 'gpt2 prepare --input my_texts/'")
     out = prepare_dataset(inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                          val_fraction=args.val_fraction, glob=args.glob, errors=args.errors,
+                          val_fraction=args.val_fraction, glob=args.glob, errors=args.errors, overwrite=args.overwrite,
                           unknown_char=args.unknown_char, progress=not args.quiet)
     ds = open_dataset(out)
     t = ds.meta["tokens"]
@@ -102,7 +127,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         else:
             kind = TrainConfig.field_type(f.name)
-            p.add_argument(flag, type=kind, metavar=metavars.get(f.name, metavars.get(kind)), **kwargs)
+            p.add_argument(flag, type=_finite_float if kind is float else kind,
+                           metavar=metavars.get(f.name, metavars.get(kind)), **kwargs)
     p.set_defaults(func=_run_train)
 
 
@@ -116,6 +142,16 @@ def _run_train(args: argparse.Namespace) -> int:
         result = train(cfg)
     except NonFiniteLossError as e:
         print(f"gpt2 train: {e}", file=sys.stderr)
+        return 1
+    except DiskFullError as e:
+        from pathlib import Path
+
+        from .runfolder import TRAINING_STATE_FILE, load_training_state
+
+        state = Path(cfg.out) / TRAINING_STATE_FILE
+        kept = (f"the previous checkpoint at {cfg.out} (step {load_training_state(cfg.out)['step']}) is intact; free "
+                f"space and rerun with --resume" if state.is_file() else "no checkpoint had been written yet")
+        print(f"gpt2 train: error: {e.strerror}; {kept}", file=sys.stderr)
         return 1
     print(f"trained to step {result.step}; best val loss {result.best_val_loss:.4f}; model in {cfg.out}")
     return 0
@@ -156,12 +192,13 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--prompt-file", default=None, help="read the prompt from this UTF-8 file")
     p.add_argument("--num-samples", type=int, default=1, help="number of samples (default: 1)")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate per sample (default: 200)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; higher = more random (default: 0.8)")
+    p.add_argument("--temperature", type=_finite_float, default=0.8,
+                   help="0 = greedy; higher = more random (default: 0.8)")
     p.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with this total "
+    p.add_argument("--top-p", type=_finite_float, default=None, help="nucleus sampling: smallest set with this total "
                    "probability, in (0, 1]")
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
-    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", type=_non_empty,
                    help="stop a sample when its text contains TEXT (not printed); repeatable")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     _add_device_options(p)
@@ -170,15 +207,15 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_sample(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
+    from .fileio import read_text_file
     from .generate import check_sampling_args, prompt_ids_for, sample_texts, stream_text
 
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
     check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     model, tokenizer = _load(args)
-    text = Path(args.prompt_file).read_text(encoding="utf-8") if args.prompt_file is not None else args.prompt
+    text = read_text_file(args.prompt_file, "--prompt-file") if args.prompt_file is not None else args.prompt
     prompt, prompt_ids = prompt_ids_for(tokenizer, text)
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eot_id=tokenizer.eot,
                    compile=args.compile, stop_strings=args.stop)
@@ -235,13 +272,15 @@ def _run_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .evaluate import evaluate
-    from .fileio import atomic_write_json
+    from .fileio import atomic_write_json, read_text_file
 
+    if args.json is not None and Path(args.json).is_dir():  # fail now, not after a long evaluation
+        raise ValueError(f"--json {args.json} is a folder; give a file name, e.g. {Path(args.json) / 'eval.json'}")
     if args.task:
         return _run_eval_tasks(args)
     model, tokenizer = _load(args)
     if args.text is not None:
-        ids = tokenizer.encode(Path(args.text).read_text(encoding="utf-8"))
+        ids = tokenizer.encode(read_text_file(args.text, "--text"))
         source = args.text
     else:
         from .data import open_dataset
@@ -390,6 +429,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except (FolderBusyError, DiskFullError) as e:
+        # Not the input's fault: the folder is in use, or the disk is full (what was there is intact).
+        why = f"{e.strerror}; what was there before is intact" if isinstance(e, DiskFullError) else e
+        print(f"gpt2 {args.command}: error: {why}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError) as e:
         # Errors of the user's input: one clear line, no traceback.
         print(f"gpt2 {args.command}: error: {e}", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import sys
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -185,6 +186,8 @@ class TrainConfig:
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
                 raise ValueError(f"TrainConfig.{f.name} must be {kind.__name__}, got {value!r} "
                                  f"({type(value).__name__})")
+            if kind is float and not math.isfinite(value):  # NaN passes every range check below
+                raise ValueError(f"TrainConfig.{f.name} must be a finite number, got {value!r}")
         positive = ["batch_size", "grad_accum", "max_steps", "eval_interval", "eval_steps",
                     "n_layer", "n_head", "d_model", "context_length", "lr_decay_steps", "checkpoint_interval",
                     "log_interval"]

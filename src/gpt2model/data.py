@@ -36,9 +36,12 @@ Decisions (and why):
 from __future__ import annotations
 
 import codecs
+import contextlib
 import hashlib
 import os
 import shutil
+import sys
+import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -47,12 +50,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from .fileio import atomic_write_json, fsync_dir, recover_dir, remove_stale_temporaries, replace_dir, temp_sibling
-from .tokenizer import BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer, load_tokenizer
+from .fileio import (
+    FolderLock,
+    atomic_write_json,
+    disk_full_names,
+    fsync_dir,
+    recover_dir,
+    remove_stale_temporaries,
+    replace_dir,
+    temp_sibling,
+)
+from .tokenizer import BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer, UnknownCharError, load_tokenizer
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
 SPLITS = ("train", "val")
+MIN_SPLIT_TOKENS = 2  # one (x, y) pair: the least a split can be trained or evaluated on
 # Named datasets: name -> (asset, default tokenizer).
 NAMED_DATASETS: dict[str, tuple[str, str]] = {
     "shakespeare_char": ("tinyshakespeare/input.txt", "char"),
@@ -185,7 +198,7 @@ def _build_tokenizer(kind: str, sources: Sequence[Path], vocab_size: int | None,
 def prepare_dataset(inputs: str | Path | Sequence[str | Path], out: str | Path | None = None, *,
                     tokenizer: str | None = None, vocab_size: int | None = None, val_fraction: float = 0.1,
                     glob: str = "*.txt", errors: str = "strict", unknown_char: str | None = None,
-                    chunk_bytes: int = 1 << 20, progress: bool = True) -> Path:
+                    chunk_bytes: int = 1 << 20, progress: bool = True, overwrite: bool = False) -> Path:
     """Tokenize text into a dataset folder (see the module docstring) and return its path.
 
     ``inputs``: text files, folders (searched recursively for ``glob``), or a named dataset
@@ -193,13 +206,40 @@ def prepare_dataset(inputs: str | Path | Sequence[str | Path], out: str | Path |
     ``vocab_size``) or a folder with a saved tokenizer; default: the named dataset's, else ``gpt2``.
     ``out``: default ``data/<name>``. ``errors``: ``strict`` (non-UTF-8 bytes are an error naming the
     file and byte offset) or ``replace``. ``unknown_char``: char tokenizer only, replacement for
-    characters outside the vocabulary (only relevant with a reused tokenizer).
+    characters outside the vocabulary (only relevant with a reused tokenizer). An existing dataset
+    at ``out`` is replaced only with ``overwrite``; a lock (``.<out>.lock`` next to it) keeps two
+    prepares from writing one folder. ``-`` (or a pipe such as ``/dev/stdin``) reads standard input.
     """
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
     inputs = list(inputs)
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction={val_fraction} must be in (0, 1): training needs a val split to "
+                         f"evaluate on (e.g. 0.1)")
+    with contextlib.ExitStack() as stack:
+        inputs = [_spool_stream(i, stack) for i in inputs]
+        return _prepare(inputs, out, tokenizer, vocab_size, val_fraction, glob, errors, unknown_char, chunk_bytes,
+                        progress, overwrite)
+
+
+def _spool_stream(item: str | Path, stack: contextlib.ExitStack) -> str | Path:
+    """``-`` or a pipe/terminal (``/dev/stdin``) -> a temp file holding its bytes: the char and BPE
+    tokenizers read the corpus twice, and a stream can be read only once."""
+    path = Path(item)
+    is_stream = str(item) == "-" or (path.exists() and not path.is_file() and not path.is_dir())
+    if not is_stream:
+        return item
+    folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gpt2-prepare-")))
+    spooled = folder / ("stdin.txt" if str(item) in ("-", "/dev/stdin") else f"{path.name}.txt")
+    with open(sys.stdin.buffer.fileno() if str(item) == "-" else path, "rb", closefd=False) as src, \
+            open(spooled, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+    return spooled
+
+
+def _prepare(inputs: list[str | Path], out: str | Path | None, tokenizer: str | None, vocab_size: int | None,
+             val_fraction: float, glob: str, errors: str, unknown_char: str | None, chunk_bytes: int,
+             progress: bool, overwrite: bool) -> Path:
     if errors not in ("strict", "replace"):
         raise ValueError(f"errors={errors!r} must be 'strict' or 'replace'")
     if chunk_bytes < 1:
@@ -221,35 +261,56 @@ def prepare_dataset(inputs: str | Path | Sequence[str | Path], out: str | Path |
     out = Path(out if out is not None else Path("data") / name).expanduser()
     # A re-run with --out inside an input folder must not read its own output (or temp folders).
     sources = [p for p in sources if out.resolve() not in p.resolve().parents
-               and not p.resolve().parent.name.startswith(f".{out.name}.")]
+               and not p.resolve().parent.name.startswith(f".{out.name}.")
+                   and p.name != f".{out.name}.lock"]
     total_bytes = sum(p.stat().st_size for p in sources)
     if total_bytes == 0:
         raise ValueError(f"empty corpus: {', '.join(map(str, sources[:5])) or 'the inputs'} hold no text")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; pass a folder")
-    if out.is_dir():
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in _DATASET_FILES)
-        if foreign:
-            raise ValueError(f"--out {out} exists and holds files that are not part of a dataset "
-                             f"({', '.join(foreign[:5])}); pick another folder")
-
-    tok = _build_tokenizer(tokenizer or default_tokenizer, sources, vocab_size, errors, unknown_char, chunk_bytes)
-    dtype = np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32)
-
     out.parent.mkdir(parents=True, exist_ok=True)
-    recover_dir(out)  # a prepare killed mid-swap
+    with FolderLock(out.with_name(f".{out.name}.lock"), f"dataset folder {out}"):
+        recover_dir(out)  # a prepare killed mid-swap
+        if out.is_dir():
+            foreign = sorted(p.name for p in out.iterdir() if p.name not in _DATASET_FILES)
+            if foreign:
+                raise ValueError(f"--out {out} exists and holds files that are not part of a dataset "
+                                 f"({', '.join(foreign[:5])}); pick another folder")
+            if any(out.iterdir()) and not overwrite:
+                raise ValueError(f"--out {out} already holds a dataset; pass --overwrite to replace it (or "
+                                 f"choose another --out)")
+        _write_dataset(out, name, sources, tokenizer or default_tokenizer, vocab_size, val_fraction, errors,
+                       unknown_char, chunk_bytes, total_bytes, progress)
+    return out
+
+
+def _write_dataset(out: Path, name: str, sources: list[Path], tokenizer: str, vocab_size: int | None,
+                   val_fraction: float, errors: str, unknown_char: str | None, chunk_bytes: int, total_bytes: int,
+                   progress: bool) -> None:
+    tok = _build_tokenizer(tokenizer, sources, vocab_size, errors, unknown_char, chunk_bytes)
+    dtype = np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32)
     remove_stale_temporaries(out.parent, name=out.name)  # temp folders of killed prepares of `out`
     tmp = temp_sibling(out)
     tmp.mkdir()
     try:
         infos: list[dict[str, Any]] = []
-        n = _encode_to_file(tok, sources, tmp / "train.bin", dtype, errors, chunk_bytes, total_bytes, progress,
-                            infos)
-        if n == 0:
-            raise ValueError(f"empty corpus: {', '.join(map(str, sources[:5]))} encode to no tokens")
+        try:
+            with disk_full_names(out / "train.bin"):
+                n, has_text = _encode_to_file(tok, sources, tmp / "train.bin", dtype, errors, chunk_bytes,
+                                              total_bytes, progress, infos)
+        except UnknownCharError as e:  # the one place where --unknown-char exists
+            raise UnknownCharError(f"{e} (gpt2 prepare: pass --unknown-char C to replace them by C)") from None
+        shown = ", ".join(map(str, sources[:5]))
+        if not has_text:
+            raise ValueError(f"empty corpus: {shown} hold only whitespace; give files with text")
         # Split the concatenated stream: move the tail into val.bin, truncate the rest in place.
         n_train = int(n * (1.0 - val_fraction))
-        with open(tmp / "train.bin", "rb+") as f, open(tmp / "val.bin", "wb") as v:
+        if min(n_train, n - n_train) < MIN_SPLIT_TOKENS:
+            raise ValueError(f"{shown} encode to only {n:,} tokens: with val_fraction {val_fraction} that is "
+                             f"{n_train:,} train and {n - n_train:,} val tokens, and each split needs at least "
+                             f"{MIN_SPLIT_TOKENS} (a useful dataset has far more). Give more text"
+                             + (" or a larger --val-fraction" if n - n_train < MIN_SPLIT_TOKENS <= n_train else ""))
+        with disk_full_names(out / "val.bin"), open(tmp / "train.bin", "rb+") as f, open(tmp / "val.bin", "wb") as v:
             f.seek(n_train * dtype.itemsize)
             shutil.copyfileobj(f, v, 1 << 24)
             f.truncate(n_train * dtype.itemsize)
@@ -277,18 +338,20 @@ def prepare_dataset(inputs: str | Path | Sequence[str | Path], out: str | Path |
         replace_dir(tmp, out)  # an earlier dataset (checked above to hold only dataset files) is swapped out
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 def _encode_to_file(tok: Tokenizer, sources: Sequence[Path], path: Path, dtype: np.dtype, errors: str,
-                    chunk_bytes: int, total_bytes: int, progress: bool, infos: list[dict[str, Any]]) -> int:
+                    chunk_bytes: int, total_bytes: int, progress: bool,
+                    infos: list[dict[str, Any]]) -> tuple[int, bool]:
     """Stream-encode all sources into ``path``; batches of chunks go to ``tok.encode_batch`` (all
-    cores). Memory: one batch of text + its tokens, independent of corpus size."""
+    cores). Memory: one batch of text + its tokens, independent of corpus size. Returns the number
+    of tokens and whether the corpus holds anything but whitespace."""
     from tqdm import tqdm
 
     batch_chars = max(chunk_bytes, 1) * 2 * (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                              else (os.cpu_count() or 1))
     n_tokens = 0
+    has_text = False
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="encoding",
                disable=not progress, dynamic_ncols=True)
     eot = np.array([tok.eot if tok.eot is not None else 0], dtype=dtype)
@@ -311,6 +374,7 @@ def _encode_to_file(tok: Tokenizer, sources: Sequence[Path], path: Path, dtype: 
             if text is None and tok.eot is None:
                 continue
             items.append(text)
+            has_text = has_text or (bool(text) and not text.isspace())
             chars += len(text or "")
             nbytes += raw
             if chars >= batch_chars:
@@ -319,7 +383,7 @@ def _encode_to_file(tok: Tokenizer, sources: Sequence[Path], path: Path, dtype: 
         flush(items, nbytes)
         f.flush()
         os.fsync(f.fileno())
-    return n_tokens
+    return n_tokens, has_text
 
 
 # --- reading a dataset -----------------------------------------------------------------------------
@@ -408,7 +472,23 @@ def open_dataset(directory: str | Path) -> TokenDataset:
             raise ValueError(f"{path} has {size:,} bytes but {META_FILE} says {counts[s]:,} {dtype.name} tokens "
                              f"({expected:,} bytes): the file is truncated or from another prepare. "
                              f"Re-run 'gpt2 prepare'")
+        if counts[s] and vocab_size <= np.iinfo(dtype).max:
+            _check_id_range(np.memmap(path, dtype=dtype, mode="r"), vocab_size, path)
     return TokenDataset(directory, meta)
+
+
+def _check_id_range(tokens: np.ndarray, vocab_size: int, path: Path) -> None:
+    """Every id < vocab_size: checked once here, since the trainer skips the per-forward check.
+    Chunked, so a large split is scanned at memory speed without loading it whole."""
+    step = 1 << 26
+    for start in range(0, len(tokens), step):
+        chunk = tokens[start:start + step]
+        top = int(chunk.max())
+        if top >= vocab_size:
+            where = start + int(np.argmax(chunk >= vocab_size))
+            raise ValueError(f"{path} holds token id {top} (first bad one at position {where:,}) but the "
+                             f"vocabulary has {vocab_size} ids: the file is damaged or from another tokenizer. "
+                             f"Re-run 'gpt2 prepare'")
 
 
 # --- batches ---------------------------------------------------------------------------------------

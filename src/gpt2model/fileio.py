@@ -3,8 +3,13 @@ half-written file behind.
 
 - :func:`atomic_path` / :func:`atomic_write_bytes` / :func:`atomic_write_json`: write a temp file
   next to the target, fsync it, rename it over the target (POSIX rename is atomic), fsync the folder.
-- :func:`replace_dir` / :func:`recover_dir`: replace a whole folder with a finished one; a kill
-  between its two renames is undone by :func:`recover_dir`.
+- :func:`replace_dir` / :func:`recover_dir`: replace a whole folder with a finished one. On Linux
+  one ``renameat2(RENAME_EXCHANGE)`` swaps the two folders, so a reader never finds the folder
+  missing; elsewhere two renames, and a kill between them is undone by :func:`recover_dir`.
+- :class:`FolderLock`: an exclusive ``fcntl.flock`` on a lock file, held for a whole ``train`` or
+  ``prepare``. The OS drops it when the process dies, so a SIGKILLed run never leaves a stale lock.
+- :class:`DiskFullError`: ``ENOSPC`` while writing, naming the file and the filesystem; atomic
+  writes leave the previous version of the file untouched.
 - Temp names carry the writer's PID (``.<name>.tmp-<pid>-<random>``), so two processes never
   collide on one, and :func:`remove_stale_temporaries` can tell a dead writer's leftovers from a
   live writer's work in progress.
@@ -16,6 +21,8 @@ at the top.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import os
 import re
@@ -24,6 +31,11 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; FolderLock then only records the PID
+    fcntl = None  # type: ignore[assignment]
 
 # ".<name>.tmp-<pid>" or ".<name>.tmp-<pid>-<random>"
 _TEMP_RE = re.compile(r"^\..+\.tmp-(\d+)(?:-[0-9a-z]+)?$")
@@ -35,17 +47,50 @@ def temp_sibling(path: str | Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
 
 
+class DiskFullError(OSError):
+    """No space left on the filesystem while writing ``filename``."""
+
+    def __init__(self, filename: str | Path) -> None:
+        path = Path(filename)
+        super().__init__(errno.ENOSPC, f"no space left on {mount_point(path)} while writing {path}", str(path))
+
+
+def mount_point(path: str | Path) -> Path:
+    """The mount point of the filesystem holding ``path`` (the device a user has to free)."""
+    p = Path(path).absolute()
+    while not p.exists():
+        p = p.parent
+    while not os.path.ismount(p) and p != p.parent:
+        p = p.parent
+    return p
+
+
+@contextlib.contextmanager
+def disk_full_names(path: str | Path) -> Iterator[None]:
+    """Turn ``ENOSPC`` raised inside the block into a :class:`DiskFullError` naming ``path``."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise DiskFullError(path) from e
+        raise
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success fsync it and rename it over ``path``.
-    On an exception the temp file is removed and ``path`` is untouched."""
+    On an exception (a full disk included: :class:`DiskFullError`) the temp file is removed and
+    ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(path)
     try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        with disk_full_names(path):
+            yield tmp
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
     finally:
@@ -86,13 +131,34 @@ def remove_tree(path: str | Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # old kernel or a filesystem without it
+        return False
+    raise OSError(err, f"cannot swap {a} and {b}: {os.strerror(err)}")
+
+
 def replace_dir(src: str | Path, dst: str | Path) -> None:
     """Move the finished folder ``src`` to ``dst``, replacing ``dst`` as a whole.
 
-    Two renames: ``dst`` -> ``.<name>.old``, then ``src`` -> ``dst``. A kill between them leaves no
-    ``dst`` but its old copy, which :func:`recover_dir` puts back, so after recovery there is always
-    a complete old or complete new folder."""
+    Where the OS can (Linux), one atomic exchange of the two folders: a reader of ``dst`` finds the
+    complete old or the complete new folder at every instant, then the old one is deleted.
+    Elsewhere two renames, ``dst`` -> ``.<name>.old`` and ``src`` -> ``dst``; a kill between them
+    leaves no ``dst`` but its old copy, which :func:`recover_dir` puts back."""
     src, dst = Path(src), Path(dst)
+    if dst.is_dir() and not dst.is_symlink() and _exchange(src, dst):
+        fsync_dir(dst.parent)
+        remove_tree(src)  # now the old folder
+        return
     old = dst.with_name(f".{dst.name}.old")
     remove_tree(old)
     if dst.exists() or dst.is_symlink():
@@ -140,3 +206,63 @@ def remove_stale_temporaries(directory: str | Path, *, name: str | None = None,
             remove_tree(path)
             removed.append(path)
     return removed
+
+
+class FolderBusyError(RuntimeError):
+    """Another process holds the lock of a run folder or dataset."""
+
+
+class FolderLock:
+    """An exclusive lock on ``lock_file`` (``fcntl.flock``), held from :meth:`acquire` (or ``with``)
+    until :meth:`release` or the process's death. The holder's PID is written into the file so a
+    second process can name it; ``what`` says what is locked in that message."""
+
+    def __init__(self, lock_file: str | Path, what: str) -> None:
+        self.path = Path(lock_file)
+        self.what = what
+        self._fd: int | None = None
+
+    def acquire(self) -> FolderLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors="replace").strip()
+                os.close(fd)
+                pid = f"PID {holder}" if holder.isdigit() else "another process"
+                raise FolderBusyError(f"{self.what} is in use by {pid} (lock file {self.path}); wait for it to "
+                                      f"finish or stop it, or use another folder") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock; the file stays (unlinking it would race)
+            self._fd = None
+
+    def __enter__(self) -> FolderLock:
+        return self if self._fd is not None else self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def read_text_file(path: str | Path, what: str = "file") -> str:
+    """A UTF-8 text file's contents; a missing file or non-UTF-8 bytes are errors naming the file
+    (and the byte offset)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder; give a text file")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} does not exist") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {path} is not UTF-8 text: byte offset {e.start} ({e.reason}); is it a binary "
+                         f"file? Convert it to UTF-8") from None

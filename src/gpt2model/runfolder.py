@@ -7,14 +7,17 @@ reads, the metrics log, the loss plot and the best model.
     OUT/metrics.jsonl       one JSON record per step (train loss, lr, tokens/s, MFU; val loss at evals)
     OUT/loss.png            the loss curves, redrawn at the end of a run
     OUT/best/               model folder of the best val loss so far (+ best.json: step, val loss)
+    OUT/.train.lock         held (fcntl.flock) by the process training into OUT; holds its PID
 
 Consistency under a kill at any instant: every file is replaced atomically (``fileio``: write a
 temp file, fsync, rename), and the training state carries its own copy of the weights, so the state
 that resume reads is always internally consistent (weights, optimizer and step from the same
 moment). The model export is written *before* the state; a kill between the two leaves the export
 one checkpoint ahead of the state, and resume re-exports the state's weights before going on.
-``best/`` is written aside and swapped in whole (:func:`fileio.replace_dir`); a kill mid-swap is
-undone at the next start.
+``best/`` is written aside and swapped in whole (:func:`fileio.replace_dir`: one atomic exchange
+on Linux, so a reader loading ``OUT/best`` during training always finds a complete folder); a kill
+mid-swap is undone at the next start. One process at a time: :func:`lock_run_folder` fails a
+second ``train`` (or a ``--resume`` of a live run) at once, naming the PID that holds the folder.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch
 
 from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, read_json, save_model, unwrap_model
 from .fileio import (
+    FolderLock,
     atomic_path,
     atomic_write_json,
     recover_dir,
@@ -47,6 +51,14 @@ METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 BEST_DIR = "best"
 BEST_INFO_FILE = "best.json"
+LOCK_FILE = ".train.lock"
+
+
+def lock_run_folder(out: Path) -> FolderLock:
+    """Take the run folder's exclusive lock (released when the process ends, however it ends)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; pass a folder")
+    return FolderLock(out / LOCK_FILE, f"run folder {out}").acquire()
 
 
 # --- training state -------------------------------------------------------------------------------
@@ -57,8 +69,33 @@ def save_training_checkpoint(directory: str | Path, model: GPT, state: dict[str,
     model = unwrap_model(model)
     save_model(model, directory)
     weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-    with atomic_path(directory / TRAINING_STATE_FILE) as tmp:
-        torch.save({**state, "version": TRAINING_STATE_VERSION, "model": weights}, tmp)
+    with atomic_path(directory / TRAINING_STATE_FILE) as tmp, open(tmp, "wb") as f:
+        writer = _RecordingWriter(f)
+        try:
+            torch.save({**state, "version": TRAINING_STATE_VERSION, "model": weights}, writer)
+        except RuntimeError:
+            if writer.error is not None:  # torch reports a failed write as "unexpected pos ..."; say why
+                raise writer.error from None
+            raise
+
+
+class _RecordingWriter:
+    """A file wrapper that remembers the OSError (e.g. ENOSPC) that torch.save turns into a bare
+    RuntimeError."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def load_training_state(directory: str | Path) -> dict[str, Any]:
@@ -153,21 +190,34 @@ def plot_losses(records: Sequence[dict[str, Any]], path: str | Path) -> None:
 
 
 # --- the folder as a whole ------------------------------------------------------------------------
-def prepare_out(out: Path, *, resume: bool, overwrite: bool, clear: bool = True) -> None:
-    """Refuse to mix two runs in one folder unless told to resume or overwrite; with ``overwrite``
-    (and ``clear``, rank 0 only) remove the previous run's files."""
+def check_out(out: Path, *, resume: bool, overwrite: bool) -> bool:
+    """Refuse to mix two runs in one folder unless told to resume or overwrite. Returns whether
+    there is a run to resume: ``resume`` on a run killed before its first checkpoint (metrics but
+    no training state) starts it again from step 0, with a note."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; pass a folder")
+    has_state = (out / TRAINING_STATE_FILE).is_file()
     if resume:
-        return
+        if not has_state and (out / METRICS_FILE).is_file():
+            print(f"note: {out} holds no checkpoint yet (the run stopped before its first checkpoint); starting "
+                  f"it again from step 0")
+            return False
+        return True  # load_training_state says clearly when there is nothing to resume
     found = [name for name in (TRAINING_STATE_FILE, METRICS_FILE, WEIGHTS_FILE) if (out / name).exists()]
     if found and not overwrite:
-        raise ValueError(f"{out} already holds a run ({', '.join(found)}); pass --resume to continue it, "
-                         f"--overwrite to replace it, or choose another --out")
-    if found and clear:
-        for name in (TRAINING_STATE_FILE, METRICS_FILE, WEIGHTS_FILE, CONFIG_FILE, PLOT_FILE):
-            (out / name).unlink(missing_ok=True)
-        remove_tree(out / BEST_DIR)
+        how = ("--resume to continue it, " if has_state else
+               "--resume to start it again (it stopped before its first checkpoint), " if METRICS_FILE in found
+               else "")
+        raise ValueError(f"{out} already holds a run ({', '.join(found)}); pass {how}--overwrite to replace it, "
+                         f"or choose another --out")
+    return False
+
+
+def clear_out(out: Path) -> None:
+    """Remove a previous run's files from ``out`` (for --overwrite, or a fresh start)."""
+    for name in (TRAINING_STATE_FILE, METRICS_FILE, WEIGHTS_FILE, CONFIG_FILE, PLOT_FILE):
+        (out / name).unlink(missing_ok=True)
+    remove_tree(out / BEST_DIR)
 
 
 def clean_up_after_kill(out: Path) -> None:

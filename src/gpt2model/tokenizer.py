@@ -71,6 +71,10 @@ def _write_spec(directory: str | Path, spec: dict[str, Any]) -> Path:
     return directory
 
 
+class UnknownCharError(ValueError):
+    """Text holds characters outside a char tokenizer's vocabulary."""
+
+
 # --- characters ---------------------------------------------------------------------------------
 class CharTokenizer:
     """One id per character: id ``i`` is the ``i``-th character of ``chars`` (sorted, unique).
@@ -118,10 +122,10 @@ class CharTokenizer:
                 where = np.flatnonzero(bad)
                 unknown = sorted({chr(c) for c in codes[where[:100_000]]})
                 shown = ", ".join(repr(c) for c in unknown[:20]) + (" ..." if len(unknown) > 20 else "")
-                raise ValueError(f"{int(bad.sum())} character(s) not in the {self.vocab_size}-character "
-                                 f"vocabulary (first at position {int(where[0])}): {shown}. Build the "
-                                 f"vocabulary from text that contains them, or pass unknown=<a character> "
-                                 f"(CLI: --unknown-char) to replace them")
+                raise UnknownCharError(f"{int(bad.sum())} character(s) not in the {self.vocab_size}-character "
+                                       f"vocabulary (first at position {int(where[0])}): {shown}. Leave them "
+                                       f"out, build the vocabulary from text that contains them, or create the "
+                                       f"tokenizer with unknown=<a character> to replace them")
             ids[bad] = self._stoi[self.unknown]
         return ids
 

@@ -37,11 +37,13 @@ from .model import GPT
 from .runfolder import (
     PLOT_FILE,
     best_so_far,
+    check_out,
     clean_up_after_kill,
+    clear_out,
     load_training_state,
+    lock_run_folder,
     open_metrics,
     plot_losses,
-    prepare_out,
     read_metrics,
     rng_state,
     save_best,
@@ -155,13 +157,19 @@ def train(cfg: TrainConfig) -> TrainResult:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     setup = setup_device(cfg.device, cfg.dtype, tf32=True)  # TF32 is fine for gradient steps
-    if world_size > 1:
-        dist.init_process_group(backend="nccl" if setup.device.type == "cuda" else "gloo")
+    # One process (group) per run folder; only rank 0 writes, so only it holds the lock.
+    lock = lock_run_folder(Path(cfg.out)) if rank == 0 else None
     try:
-        return _train(cfg, setup, rank, world_size)
-    finally:
         if world_size > 1:
-            dist.destroy_process_group()
+            dist.init_process_group(backend="nccl" if setup.device.type == "cuda" else "gloo")
+        try:
+            return _train(cfg, setup, rank, world_size)
+        finally:
+            if world_size > 1:
+                dist.destroy_process_group()
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _train(cfg: TrainConfig, setup: DeviceSetup, rank: int, world_size: int) -> TrainResult:
@@ -171,14 +179,19 @@ def _train(cfg: TrainConfig, setup: DeviceSetup, rank: int, world_size: int) -> 
     device = setup.device
     out = Path(cfg.out)
     data = open_dataset(cfg.data)
-    prepare_out(out, resume=cfg.resume, overwrite=cfg.overwrite, clear=master)
+    resume = check_out(out, resume=cfg.resume, overwrite=cfg.overwrite)
     if master:
         clean_up_after_kill(out)
-    state = load_training_state(out) if cfg.resume else None
+    state = load_training_state(out) if resume else None
 
-    # Model: same seed on every rank, so every rank starts from the same weights.
+    # Model: same seed on every rank, so every rank starts from the same weights. Built (and a
+    # --init-from source read) before a previous run is cleared: the source may live in --out.
     torch.manual_seed(cfg.seed)
     raw_model = _build_model(cfg, data.vocab_size, state)
+    if world_size > 1:
+        dist.barrier()  # every rank has read --init-from before rank 0 clears the folder
+    if master and state is None:
+        clear_out(out)
     T = raw_model.config.context_length
     _check_data(data, T, cfg.data)
     raw_model.to(device)
@@ -226,6 +239,8 @@ def _train(cfg: TrainConfig, setup: DeviceSetup, rank: int, world_size: int) -> 
     tokens_per_step = cfg.batch_size * T * cfg.grad_accum * world_size
     flops_per_step = raw_model.flops_per_token(T) * tokens_per_step
     peak = measure_matmul_peak(setup.dtype, device) * world_size
+    if master:
+        _warn_if_slow(flops_per_step / peak, T)
     records: list[dict[str, Any]] = []
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not master, unit="step", dynamic_ncols=True)
     run_start = time.perf_counter()
@@ -246,6 +261,9 @@ def _train(cfg: TrainConfig, setup: DeviceSetup, rank: int, world_size: int) -> 
             # --- logging: reading the loss back is the one host-device sync, every log_interval steps ---
             train_loss, grad_norm = _read_back(loss_t, grad_norm_t, world_size)
             now = time.perf_counter()
+            if master and t_last == run_start and now - run_start > 10:  # the first log of this process
+                bar.write(f"the first {step - step_last} step(s) took {now - run_start:.0f} s (with warm-up; later "
+                          f"steps are usually faster)")
             dt = (now - t_last) / (step - step_last)  # seconds per step since the last log
             if not math.isfinite(train_loss):
                 raise NonFiniteLossError(_non_finite_message(train_loss, step, last_ckpt))
@@ -335,6 +353,14 @@ def _read_back(loss_sum: torch.Tensor, grad_norm: torch.Tensor | None, world_siz
     values = torch.stack([loss_sum.float(), grad_norm.float()]) if grad_norm is not None else loss_sum[None]
     values = values.tolist()
     return values[0], (values[1] if grad_norm is not None else None)
+
+
+def _warn_if_slow(seconds_at_peak: float, context_length: int) -> None:
+    """Say so before the first step when one step will take long (no progress shows for that long)."""
+    if seconds_at_peak > 30:
+        print(f"warning: one optimizer step needs at least {seconds_at_peak:,.0f} s on this device (its FLOPs at "
+              f"the measured matmul peak; context_length {context_length:,}, and attention grows with its "
+              f"square). Use a smaller --context-length / --batch-size, or a faster device", flush=True)
 
 
 def _non_finite_message(loss: float, step: int, last_ckpt: str | None) -> str:

@@ -1,0 +1,97 @@
+"""Damaged weights and bad command-line input (issue 14): each gives one clear error naming the
+problem (and the file), never a traceback or a silently wrong result."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from gpt2model import GPT, GPTconfig
+from gpt2model.checkpoint import CheckpointError
+from gpt2model.cli import main
+from gpt2model.tokenizer import CharTokenizer
+
+TEXT = "To be, or not to be, that is the question.\n" * 4
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    tok = CharTokenizer.from_text(TEXT)
+    torch.manual_seed(0)
+    GPT(GPTconfig(n_layer=1, n_head=2, d_model=16, context_length=32, vocab_size=tok.vocab_size)).save_pretrained(
+        tmp_path / "m", tokenizer=tok)
+    return tmp_path / "m"
+
+
+def _data_region(path: Path) -> tuple[int, dict]:
+    """Offset of the tensor data in a safetensors file, and its header."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    return 8 + n, json.loads(raw[8:8 + n])
+
+
+def test_nan_weights_are_refused_naming_file_and_tensor(model_dir: Path, capsys) -> None:
+    weights = model_dir / "model.safetensors"
+    start, header = _data_region(weights)
+    begin, _ = header["transformer.h.0.mlp.c_fc.weight"]["data_offsets"]
+    raw = bytearray(weights.read_bytes())
+    raw[start + begin:start + begin + 4] = b"\x00\x00\xc0\x7f"  # one float32 NaN
+    weights.write_bytes(bytes(raw))
+    with safe_open(str(weights), "pt") as f:  # the hash would catch this too; test the finite check alone
+        metadata = {k: v for k, v in (f.metadata() or {}).items() if "xxh3" not in k}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(weights), metadata=metadata)
+    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor transformer.h.0.mlp.c_fc.weight holds 1 "):
+        GPT.from_pretrained(model_dir)
+    assert main(["sample", "--model", str(model_dir), "--device", "cpu", "--max-new-tokens", "3"]) == 2
+    assert main(["eval", "--model", str(model_dir), "--text", str(model_dir / "vocab.json"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("holds 1 NaN/inf value") == 2 and "Traceback" not in err
+
+
+def test_a_zero_filled_torn_copy_fails_the_content_hash(model_dir: Path) -> None:
+    weights = model_dir / "model.safetensors"
+    start, _ = _data_region(weights)
+    raw = bytearray(weights.read_bytes())
+    raw[start + len(raw[start:]) // 2:] = bytes(len(raw) - start - len(raw[start:]) // 2)  # the second half zeroed
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="do not match the content hash"):
+        GPT.from_pretrained(model_dir)
+
+
+def test_eval_json_folder_fails_before_evaluating(model_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    import gpt2model.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: pytest.fail("evaluated before checking --json"))
+    (tmp_path / "t.txt").write_text(TEXT)
+    assert main(["eval", "--model", str(model_dir), "--text", str(tmp_path / "t.txt"), "--json", str(tmp_path),
+                 "--device", "cpu"]) == 2
+    assert "is a folder; give a file name" in capsys.readouterr().err
+
+
+def test_binary_prompt_file_error_names_the_file(model_dir: Path, tmp_path: Path, capsys) -> None:
+    (tmp_path / "p.bin").write_bytes(b"ROMEO\xff\xfe\x00")
+    assert main(["sample", "--model", str(model_dir), "--prompt-file", str(tmp_path / "p.bin"),
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"--prompt-file {tmp_path / 'p.bin'} is not UTF-8 text: byte offset 5" in err
+
+
+@pytest.mark.parametrize("stream", [[], ["--stream"]])
+def test_empty_stop_string_is_refused_with_and_without_stream(model_dir: Path, stream: list[str], capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["sample", "--model", str(model_dir), "--device", "cpu", "--stop", "", *stream])
+    assert "argument --stop: must not be empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["--temperature", "--top-p"])
+def test_sampling_options_refuse_nan(model_dir: Path, option: str, capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["sample", "--model", str(model_dir), option, "nan"])
+    assert "is not a finite number" in capsys.readouterr().err
