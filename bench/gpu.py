@@ -77,6 +77,7 @@ def load_nanogpt(path: str | Path) -> Any:
                          f"(git clone https://github.com/karpathy/nanoGPT)")
     spec = importlib.util.spec_from_file_location("nanogpt_model", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses (GPTConfig) look their module up there
     spec.loader.exec_module(module)
     if not (hasattr(module, "GPT") and hasattr(module, "GPTConfig")):
         raise SystemExit(f"--nanogpt {path}: no GPT / GPTConfig in it; is it nanoGPT's model.py?")
