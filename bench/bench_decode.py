@@ -1,0 +1,107 @@
+"""Decode cost per token at batch 1, against the two floors it cannot beat.
+
+For each shape: our eager decode step and the compiled one (``torch.compile``, with its compile
+time), the *memory floor* (the bytes of the weights read once per token / the read bandwidth
+measured here) and the *overhead floor* (the same number of layers and heads at a tiny width, so
+the step is nothing but per-op cost). Per-token time is ``(t(n + 1) - t(1)) / n`` of greedy
+``generate`` with a 16-token prompt, the best of ``--repeats``. On a shared machine, measure
+with ``--threads 1``: the process's CPU time is then robust to other jobs, wall time is not.
+
+    python bench/bench_decode.py [--threads 1] [--tokens 100] [--no-compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+SHAPES = {
+    "seed": dict(context_length=256, vocab_size=65, n_layer=6, n_head=6, d_model=384),
+    "bpe-6x384": dict(context_length=256, vocab_size=50257, n_layer=6, n_head=6, d_model=384),
+}
+
+
+def per_token_ms(model: Any, tokens: int, repeats: int, compile: bool, clock: Any) -> tuple[float, float]:
+    """(best ms per decoded token, wall seconds of the first call: warm-up and compile)."""
+    import torch
+
+    from gpt2model.generate import generate
+
+    prompt = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    t = time.perf_counter()
+    generate(model, prompt, tokens + 1, temperature=0, compile=compile)
+    warm = time.perf_counter() - t
+    best = float("inf")
+    for _ in range(repeats):
+        t = clock()
+        generate(model, prompt, 1, temperature=0, compile=compile)
+        one = clock() - t
+        t = clock()
+        generate(model, prompt, tokens + 1, temperature=0, compile=compile)
+        best = min(best, (clock() - t - one) / tokens)
+    return best * 1e3, warm
+
+
+def read_bandwidth_gbs(clock: Any) -> float:
+    """Bytes per second of a sum over 256 MiB of fp32 (read once, nothing written)."""
+    import torch
+
+    x = torch.ones(64 * 2**20)
+    x.sum()
+    best = float("inf")
+    for _ in range(5):
+        t = clock()
+        x.sum()
+        best = min(best, clock() - t)
+    return x.numel() * 4 / best / 1e9
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--tokens", type=int, default=100)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--out", default=None, help="JSON file (default: bench/results/decode.json)")
+    args = p.parse_args()
+
+    import torch
+
+    from gpt2model import GPT, GPTconfig
+
+    torch.set_num_threads(args.threads)
+    clock = time.process_time if args.threads == 1 else time.perf_counter
+    bandwidth = read_bandwidth_gbs(clock)
+    rows = []
+    for name, shape in SHAPES.items():
+        torch.manual_seed(0)
+        model = GPT(GPTconfig(**shape)).eval()
+        weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "wpe" not in n)
+        tiny = GPT(GPTconfig(**{**shape, "vocab_size": 65, "d_model": 8 * shape["n_head"]})).eval()
+        row = dict(shape=name, params=model.num_params(), threads=args.threads,
+                   memory_floor_ms=weight_bytes / (bandwidth * 1e9) * 1e3,
+                   overhead_floor_ms=per_token_ms(tiny, args.tokens, args.repeats, False, clock)[0])
+        row["eager_ms"], _ = per_token_ms(model, args.tokens, args.repeats, False, clock)
+        if not args.no_compile:
+            row["compiled_ms"], row["compile_s"] = per_token_ms(model, args.tokens, args.repeats, True, clock)
+            saved = row["eager_ms"] - row["compiled_ms"]
+            row["compile_pays_after_tokens"] = round(row["compile_s"] * 1e3 / saved) if saved > 0 else None
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(f"\nread bandwidth {bandwidth:.1f} GB/s ({args.threads} thread(s)); torch {torch.__version__}")
+    print(f"{'shape':>10} {'eager ms':>9} {'compiled':>9} {'compile s':>9} {'mem floor':>9} {'ovh floor':>9}")
+    for r in rows:
+        print(f"{r['shape']:>10} {r['eager_ms']:9.2f} {r.get('compiled_ms', float('nan')):9.2f} "
+              f"{r.get('compile_s', float('nan')):9.1f} {r['memory_floor_ms']:9.2f} {r['overhead_floor_ms']:9.2f}")
+    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / "decode.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(bandwidth_gbs=bandwidth, rows=rows), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
