@@ -130,7 +130,15 @@ def test_decode_layout_is_column_major_while_the_cache_lives_and_changes_no_resu
     logits = model(ids, input_pos=torch.arange(20)).detach()
     torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
     model.clear_cache()
+    model.setup_cache(1)  # eval mode: the layout stays between generations (one copy per model)
+    assert w.stride() == (1, w.size(0))
+    model.clear_cache()
+    model.train()  # training gets the usual layout back
     assert all(p.is_contiguous() for p in model.parameters())
+    model.setup_cache(1)  # a training-mode model is never re-laid
+    assert all(p.is_contiguous() for p in model.parameters())
+    model.clear_cache()
+    model.eval()
     # bf16 keeps row-major (its CPU kernels want it).
     model.to(torch.bfloat16).setup_cache(1)
     assert model.transformer.h[0].mlp.c_fc.weight.is_contiguous() and model.lm_head.weight.is_contiguous()

@@ -440,9 +440,10 @@ class GPT(nn.Module):
         if not 0 < max_len <= self.config.context_length:
             raise ValueError(f"cache length must be in [1, context_length={self.config.context_length}], got {max_len}")
         dtype = dtype or self.dtype
-        from .quantize import prepare_decode
+        if not self.training:  # an eval-mode model: decode-friendly weight layouts until .train() (quantize.py)
+            from .quantize import prepare_decode
 
-        prepare_decode(self)  # decode-friendly weight layouts while the cache lives (see quantize.py)
+            prepare_decode(self)
         for block in self.transformer.h:
             block.attn.kv_cache = KVCache(batch_size, self.config.n_head, max_len, self.config.head_dim,
                                           dtype, self.device)
@@ -455,15 +456,21 @@ class GPT(nn.Module):
 
     def clear_cache(self) -> None:
         """Free the KV cache and return to plain (cache-less) forwards."""
-        from .quantize import restore_layout
-
-        restore_layout(self)  # the weights' usual layout again (see prepare_decode)
         for block in self.transformer.h:
             block.attn.kv_cache = None
         if hasattr(self, "causal_mask"):
             del self.causal_mask
         self._cache_len = 0
         self._cache_batch = 0
+
+    def train(self, mode: bool = True) -> GPT:
+        """``nn.Module.train``; training also gets the weights' usual row-major layout back (see
+        ``gpt2model.quantize.prepare_decode``), so it never sees the decode layout."""
+        if mode:
+            from .quantize import restore_layout
+
+            restore_layout(self)
+        return super().train(mode)
 
     def quantize(self, mode: str = "int8") -> GPT:
         """Quantize the weights in place for inference (``"int8"``: weight-only, per-output-channel)

@@ -10,17 +10,18 @@ bandwidth and the matmul kernel's layout, not FLOPs. Two mechanisms live here, b
   token embedding stays in the model's dtype for the lookup; the head gets its own int8 copy of
   it (so the tie is dropped). Inference only: quantized weights take no gradients and there is no
   quantized save format (quantize at load time; ``save_pretrained`` refuses a quantized model).
-* :func:`prepare_decode` (called by ``GPT.setup_cache``, undone by ``GPT.clear_cache``): puts
+* :func:`prepare_decode` (called by ``GPT.setup_cache`` in eval mode, undone by ``GPT.train()``): puts
   each float linear weight in the memory layout its decode matmul is fastest in on its device.
   Measured on a 2-core AVX2 EPYC (torch 2.13; README, Benchmarks): an fp32 ``F.linear(x, W)``
   with ``W`` stored row-major ``(out, in)`` reads the 50,257 x 384 head 2-3x slower than the same
   product with ``W`` stored column-major (``W.t()`` contiguous, HF's Conv1D layout), which is as
   fast or faster for the body matrices and at 8 rows too; bf16 is the other way round (its
   column-major kernel is 10-50x slower on CPUs without native bf16). The layout is changed in
-  place while a KV cache is set up (same ``Parameter``, shape and values; only the strides
-  differ) and restored by ``clear_cache``: no second copy of the weights in memory, a model that
-  trains after generating sees exactly the tensors it had, and a saved folder is byte-for-byte
-  the same either way (``checkpoint`` writes contiguous copies).
+  place at the first cache setup of an eval-mode model (same ``Parameter``, shape and values;
+  only the strides differ) and kept until ``model.train()``: no second copy of the weights in
+  memory, one copy per model rather than per generate call (re-laying the 124M model takes ~1 s
+  on a loaded 2-core CPU), a model that trains after generating sees exactly the tensors it had,
+  and a saved folder is byte-for-byte the same either way (``checkpoint`` writes contiguous copies).
 
 The int8 matmul: on CPU, ``torch._weight_int8pack_mm`` (PyTorch's int8-weight GEMV kernel, also
 what torchao uses there) with bf16 activations — its fp32-activation path is ~10x slower, so the
@@ -171,11 +172,11 @@ def decode_layout_is_column_major(device: torch.device, dtype: torch.dtype) -> b
 
 def prepare_decode(model: GPT) -> None:
     """Store each float linear weight of ``model`` in its fastest decode layout, in place, until
-    :func:`restore_layout` (``GPT.setup_cache`` and ``GPT.clear_cache`` call the two).
+    :func:`restore_layout` (``GPT.setup_cache`` of an eval-mode model and ``GPT.train()`` call the two).
 
-    Values, shapes, ``Parameter`` objects and ties are unchanged; only the strides move. A copy of
-    the weights per cache setup (tens of ms for the 124M model), nothing per step, and nothing
-    when the layout is already right (bf16, CUDA, or a cache set up again without clearing).
+    Values, shapes, ``Parameter`` objects and ties are unchanged; only the strides move. One copy
+    of the weights the first time, nothing per step, and nothing when the layout is already right
+    (bf16, CUDA, or a model already prepared).
     """
     relaid = getattr(model, "_decode_relaid", [])
     for module in model.modules():
