@@ -13,7 +13,6 @@ table and writes JSON to ``bench/results/``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -45,35 +44,6 @@ def _save_model(shape: str, directory: Path) -> None:
     GPT(GPTconfig(**SHAPES[shape])).save_pretrained(directory, tokenizer=load_tokenizer("gpt2"))
 
 
-def _lm_eval_configs(d: Path) -> dict[str, str]:
-    """lm-eval's own task configs with the datasets pointed at the fixtures; our task -> theirs."""
-    from gpt2model.tasks import wikitext_pages
-
-    pages = wikitext_pages((FIXTURES / "wikitext2" / "wiki.test.raw").read_text(encoding="utf-8"))
-    (d / "pages.jsonl").write_text("".join(json.dumps({"page": p}) + "\n" for p in pages), encoding="utf-8")
-    (d / "hs_utils.py").write_text("from lm_eval.tasks.hellaswag.utils import process_docs  # noqa: F401\n")
-    (d / "wt_utils.py").write_text("from lm_eval.tasks.wikitext.preprocess_wikitext import (  # noqa: F401\n"
-                                   "    process_results, wikitext_detokenizer)\n")
-    common = "dataset_path: json\ndataset_kwargs:\n  data_files:\n"
-    (d / "hellaswag_fx.yaml").write_text(
-        f"task: hellaswag_fx\n{common}    validation: {FIXTURES}/hellaswag/hellaswag_val.jsonl\n"
-        "output_type: multiple_choice\nvalidation_split: validation\nprocess_docs: !function hs_utils.process_docs\n"
-        'doc_to_text: "{{query}}"\ndoc_to_target: "{{label}}"\ndoc_to_choice: "choices"\n'
-        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
-    (d / "lambada_fx.yaml").write_text(
-        f"task: lambada_fx\n{common}    test: {FIXTURES}/lambada/lambada_test.jsonl\n"
-        "output_type: loglikelihood\ntest_split: test\n"
-        "doc_to_text: \"{{text.split(' ')[:-1]|join(' ')}}\"\ndoc_to_target: \"{{' '+text.split(' ')[-1]}}\"\n"
-        "metric_list:\n  - metric: perplexity\n    aggregation: perplexity\n    higher_is_better: false\n"
-        "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
-    (d / "wikitext_fx.yaml").write_text(
-        f"task: wikitext_fx\n{common}    test: {d}/pages.jsonl\n"
-        "output_type: loglikelihood_rolling\ntest_split: test\ndoc_to_text: \"\"\n"
-        "doc_to_target: !function wt_utils.wikitext_detokenizer\nprocess_results: !function wt_utils.process_results\n"
-        "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n")
-    return {"hellaswag": "hellaswag_fx", "lambada": "lambada_fx", "wikitext2": "wikitext_fx"}
-
-
 def _ours(model_dir: str, tasks: tuple[str, ...], batch_size: int, threads: int | None) -> dict[str, Any]:
     """Child process: load the model once, then time each task from documents to metrics."""
     import torch
@@ -102,12 +72,16 @@ def _peer(model_dir: str, tasks: tuple[str, ...], batch_size: int, threads: int 
     from lm_eval.evaluator import evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval_tasks import write_lm_eval_configs
+
+    from gpt2model.tasks import wikitext_pages
 
     if threads:
         torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as d:
         os.environ["HF_DATASETS_CACHE"] = str(Path(d) / "cache")
-        names = _lm_eval_configs(Path(d))
+        pages = wikitext_pages((FIXTURES / "wikitext2" / "wiki.test.raw").read_text(encoding="utf-8"))
+        names = write_lm_eval_configs(Path(d), pages)
         lm = HFLM(pretrained=model_dir, dtype="float32", device="cpu", batch_size=batch_size)
         manager = TaskManager(include_path=d)
         out = {}

@@ -394,36 +394,6 @@ json.dump({"results": res["results"],
 '''
 
 
-def _lm_eval_task_configs(d: Path, pages: list[str]) -> None:
-    """lm-eval's hellaswag / lambada_openai / wikitext task configs with the dataset pointed at the
-    local fixtures (the same text processing: lm-eval's own functions)."""
-    (d / "pages.jsonl").write_text("".join(json.dumps({"page": p}) + "\n" for p in pages), encoding="utf-8")
-    (d / "hs_utils.py").write_text("from lm_eval.tasks.hellaswag.utils import process_docs  # noqa: F401\n")
-    (d / "wt_utils.py").write_text("from lm_eval.tasks.wikitext.preprocess_wikitext import (  # noqa: F401\n"
-                                   "    process_results, wikitext_detokenizer)\n")
-    common = "dataset_path: json\ndataset_kwargs:\n  data_files:\n"
-    (d / "hellaswag_fx.yaml").write_text(
-        f"task: hellaswag_fx\n{common}    validation: {FIXTURES}/hellaswag/hellaswag_val.jsonl\n"
-        "output_type: multiple_choice\nvalidation_split: validation\nprocess_docs: !function hs_utils.process_docs\n"
-        'doc_to_text: "{{query}}"\ndoc_to_target: "{{label}}"\ndoc_to_choice: "choices"\n'
-        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
-    (d / "lambada_fx.yaml").write_text(
-        f"task: lambada_fx\n{common}    test: {FIXTURES}/lambada/lambada_test.jsonl\n"
-        "output_type: loglikelihood\ntest_split: test\n"
-        "doc_to_text: \"{{text.split(' ')[:-1]|join(' ')}}\"\ndoc_to_target: \"{{' '+text.split(' ')[-1]}}\"\n"
-        "metric_list:\n  - metric: perplexity\n    aggregation: perplexity\n    higher_is_better: false\n"
-        "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
-    (d / "wikitext_fx.yaml").write_text(
-        f"task: wikitext_fx\n{common}    test: {d}/pages.jsonl\n"
-        "output_type: loglikelihood_rolling\ntest_split: test\ndoc_to_text: \"\"\n"
-        "doc_to_target: !function wt_utils.wikitext_detokenizer\nprocess_results: !function wt_utils.process_results\n"
-        "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n")
-    (d / "mc_fx.yaml").write_text(
-        f"task: mc_fx\n{common}    test: {MC_FILE}\noutput_type: multiple_choice\ntest_split: test\n"
-        'doc_to_text: "{{context}}"\ndoc_to_target: "{{label}}"\ndoc_to_choice: "{{choices}}"\n'
-        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
-
-
 @pytest.mark.slow
 def test_same_scores_as_lm_evaluation_harness(fixtures_data, tmp_path, tiny_gpt2, gpt2_tokenizer) -> None:
     """Our scores and lm-eval's (its ``hf`` model on the saved folder, offline, the fixtures as local
@@ -434,7 +404,10 @@ def test_same_scores_as_lm_evaluation_harness(fixtures_data, tmp_path, tiny_gpt2
     task_dir.mkdir()
     tiny_gpt2.save_pretrained(model_dir, tokenizer=gpt2_tokenizer)
     pages = wikitext_pages((fixtures_data / "wikitext2" / "wiki.test.raw").read_text(encoding="utf-8"))
-    _lm_eval_task_configs(task_dir, pages)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from lm_eval_tasks import write_lm_eval_configs  # shared with bench/bench_tasks.py
+
+    write_lm_eval_configs(task_dir, pages)
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "HF_DATASETS_CACHE": str(tmp_path / "hf_cache"), "TOKENIZERS_PARALLELISM": "false"}
     out = tmp_path / "lm_eval.json"
