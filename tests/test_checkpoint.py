@@ -145,3 +145,14 @@ def test_recover_dir_after_a_kill_between_the_two_renames(tmp_path: Path) -> Non
     (old / "a.txt").write_text("stale")
     recover_dir(dst)
     assert (dst / "a.txt").read_text() == "previous" and not old.exists()
+
+
+def test_saving_the_same_weights_writes_the_same_bytes(tmp_path: Path) -> None:
+    """safetensors keeps header metadata in a hash map; save_tensors sorts it, so a save is
+    byte-for-byte reproducible (checksums, rsync, dedup and 'did the model change?' work)."""
+    model = GPT(GPTconfig(vocab_size=50, context_length=16, n_layer=1, n_head=2, d_model=16))
+    blobs = set()
+    for i in range(6):
+        model.save_pretrained(tmp_path / str(i))
+        blobs.add((tmp_path / str(i) / "model.safetensors").read_bytes())
+    assert len(blobs) == 1

@@ -69,6 +69,24 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", DIGEST_KEY: tensors_digest(tensors)})
+        _sort_header_metadata(tmp)
+
+
+def _sort_header_metadata(path: Path) -> None:
+    """Rewrite the header's ``__metadata__`` with sorted keys, in place: safetensors keeps it in a hash
+    map, so its key order (and so the file's bytes) would change from one save to the next. The
+    header keeps its length (same keys and values, reordered), so no offset moves."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)
+        text = raw.decode("utf-8")
+        header = json.loads(text)
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        new = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(new) > n:  # cannot happen for a reordering; leave the file as safetensors wrote it
+            return
+        f.seek(8)
+        f.write(new + b" " * (n - len(new)))  # safetensors pads its header with spaces too
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
