@@ -321,8 +321,6 @@ def _run_eval_tasks(args: argparse.Namespace) -> int:
 
 # --- serve ----------------------------------------------------------------------------------------
 def _add_serve(sub: argparse._SubParsersAction) -> None:
-    from .device import DTYPE_NAMES
-
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (needs gpt2model[serve])",
                        description="An OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, "
                        "/health, /metrics, /tokenize, /detokenize) with continuous batching, streaming and "
@@ -332,9 +330,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
                    "only; 0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", choices=(*DTYPE_NAMES, "int8"), default="float32",
-                   help="weights dtype (default: float32); int8 = weight-only int8 (GPT.quantize)")
+    _add_device_options(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start)")
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV-cache slots; default 8)")
     p.add_argument("--max-queue", type=int, default=64,
@@ -356,11 +352,6 @@ def _run_serve(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    import torch
-
-    from .checkpoint import load_model_and_tokenizer
-    from .device import resolve_device
-
     try:
         from .server import serve
     except ImportError as e:
@@ -372,12 +363,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--request-timeout must be >= 0 seconds, got {args.request_timeout}")
     if args.chat_template is not None and not Path(args.chat_template).is_file():
         raise FileNotFoundError(f"--chat-template {args.chat_template}: no such file")
-    dtype = torch.float32 if args.dtype == "int8" else getattr(torch, args.dtype)
-    model, tokenizer = load_model_and_tokenizer(args.model, device=resolve_device(args.device), dtype=dtype)
-    if args.dtype == "int8":
-        if not hasattr(model, "quantize"):
-            raise ValueError("--dtype int8 needs weight-only int8 (GPT.quantize), which this version lacks")
-        model = model.quantize("int8")
+    model, tokenizer = _load(args)
     name = args.model_name or Path(args.model).expanduser().name or str(args.model)
     api_key = args.api_key if args.api_key is not None else os.environ.get("GPT2MODEL_API_KEY") or None
     return serve(model, tokenizer, host=args.host, port=args.port, model_name=name, api_key=api_key,
