@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -29,3 +32,28 @@ def data_dir() -> Path:
 @pytest.fixture
 def shakespeare_text(data_dir: Path) -> str:
     return (data_dir / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
+
+
+def _run_in_own_group(args: list[str], *, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(args, capture_output=True, text=True)`` in a new process group, killing the
+    whole group on a timeout: the benchmark scripts start children of their own, which a plain
+    ``subprocess.run`` timeout would leave running (orphaned) after the test failed."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # any child the script left behind
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+@pytest.fixture
+def run_script():
+    """Run a script as in ``subprocess.run(..., capture_output=True, text=True, timeout=...)``; on a
+    timeout its whole process group is killed."""
+    return _run_in_own_group

@@ -11,7 +11,6 @@ import importlib.util
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,13 +19,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_bench_harness_runs_on_tiny_shapes(tmp_path: Path, data_dir: Path) -> None:
+def test_bench_harness_runs_on_tiny_shapes(tmp_path: Path, data_dir: Path, run_script) -> None:
     out = tmp_path / "bench.json"
     env = {**os.environ, "GPT2MODEL_DATA": str(data_dir), "OMP_NUM_THREADS": "1"}  # tiny ops: see test_speed_paths
-    proc = subprocess.run(
+    proc = run_script(
         [sys.executable, str(ROOT / "bench" / "run.py"), "--tiny", "--no-compile", "--only", "train,curve",
          "--out", str(out)],
-        capture_output=True, text=True, env=env, timeout=300, cwd=ROOT,
+        env=env, timeout=300, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "tokens/s" in proc.stdout and "vs HF" in proc.stdout  # the table was printed

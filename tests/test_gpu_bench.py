@@ -11,20 +11,19 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_gpu_bench_runs_on_cpu_with_tiny_shapes(tmp_path: Path, data_dir: Path) -> None:
+def test_gpu_bench_runs_on_cpu_with_tiny_shapes(tmp_path: Path, data_dir: Path, run_script) -> None:
     out = tmp_path / "gpu.json"
     env = {**os.environ, "GPT2MODEL_DATA": str(data_dir), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
+    proc = run_script(
         [sys.executable, str(ROOT / "bench" / "gpu.py"), "--device", "cpu", "--tiny", "--no-compile",
          "--nanogpt", str(ROOT / "tests" / "fixtures" / "nanogpt_like" / "model.py"), "--out", str(out)],
-        capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path,
+        env=env, timeout=600, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "tokens/s" in proc.stdout and "best val loss" in proc.stdout  # both tables printed
