@@ -21,6 +21,15 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture
+def one_thread():
+    """Run the test with one torch thread (tiny models: thread hand-offs cost more than they save)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def data_dir() -> Path:
     """The folder with tinyshakespeare/ and gpt2/ (skips if unavailable)."""
     d = Path(os.environ.get("GPT2MODEL_DATA", ""))

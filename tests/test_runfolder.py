@@ -36,12 +36,7 @@ CLI_TINY = ["--n-layer", "1", "--n-head", "2", "--d-model", "16", "--context-len
             "--eval-steps", "1", "--device", "cpu", "--dtype", "float32"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
 
 
 @pytest.fixture(scope="module")
