@@ -25,7 +25,16 @@ folder holds ``train.py``, nanoGPT's own ``train.py config/train_shakespeare_cha
 data files (our prepared ``train.bin``/``val.bin`` are nanoGPT's format; a ``meta.pkl`` with the
 vocabulary size is written beside them): wall time and best val loss of each.
 
-Results print as tables and go to ``bench/results/gpu-<time>.json`` (or ``--out``).
+Section ``decode`` (issue 10): batch-1 and batch-8 greedy decode of the 124M shape in the compute
+dtype (prompt 16, ``--new-tokens`` 200): ours eager, ours ``compile=True`` (the decode step, sampling
+included, captured as a CUDA graph), ours int8 compiled, and HF ``generate``. Per case: tokens/s
+(new tokens of all rows over the wall time of the whole ``generate`` call, prefill included; median
+of ``--repeats``), the first call's time (compilation and graph capture), the ratio to our eager
+path and to HF, and whether the greedy tokens equal our eager ones (and a seeded sampled run, for
+the compiled step). Each case runs in a fresh process.
+
+Results print as tables and go to ``bench/results/gpu-<time>.json`` (or ``--out``), rewritten after
+each section so an interrupted run keeps what it measured.
 """
 
 from __future__ import annotations
@@ -62,6 +71,9 @@ NANOGPT_RECIPE_REFERENCE = "nanoGPT on one H200 (issue 11): best val 1.4673 in 9
 STEP_COLUMNS = [("case", "case"), ("tok_s", "tokens/s"), ("mfu_pct", "MFU %"), ("peak_mem_gib", "peak mem GiB"),
                 ("vs_nanogpt", "vs nanoGPT compiled"), ("first_loss", "first loss"),
                 ("max_logit_diff_vs_ours", "max |Δlogit| vs ours"), ("note", "note")]
+DECODE_COLUMNS = [("case", "case"), ("batch", "batch"), ("tok_s", "tokens/s"), ("vs_eager", "vs ours eager"),
+                  ("vs_hf", "vs HF"), ("first_call_s", "first call s"), ("same_greedy", "greedy = eager"),
+                  ("note", "note")]
 RECIPE_COLUMNS = [("impl", "trainer"), ("best_val", "best val loss"), ("train_s", "training s"),
                   ("wall_s", "wall s (process)"), ("note", "note")]
 
@@ -119,7 +131,8 @@ def run_step_case(spec: dict[str, Any]) -> dict[str, Any]:
     device = torch.device(spec["device"])
     dtype = getattr(torch, spec["dtype"])
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        if device.index is not None:
+            torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(0)
@@ -218,7 +231,8 @@ def run_step_case(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def spawn_case(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """``run_step_case(spec)`` in a fresh Python process (clean GPU memory, compile caches, peak RSS)."""
+    """``run_step_case(spec)`` (or ``run_decode_case`` when ``spec["section"] == "decode"``) in a fresh
+    Python process (clean GPU memory, compile caches, peak RSS)."""
     with tempfile.TemporaryDirectory() as tmp:
         result_file = Path(tmp) / "result.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--run-case", json.dumps(spec),
@@ -231,6 +245,113 @@ def spawn_case(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-6:]
             return {"error": " | ".join(tail) or f"exit code {proc.returncode}"}
         return json.loads(result_file.read_text())
+
+
+# --- one decode case (runs in its own process) ----------------------------------------------------
+def run_decode_case(spec: dict[str, Any]) -> dict[str, Any]:
+    """Greedy ``generate`` at each batch size of one implementation; returns tokens/s, the first
+    call's time and the tokens (compared across cases by the driver)."""
+    import torch
+
+    from gpt2model import GPT, GPTconfig
+    from gpt2model.generate import generate
+
+    device = torch.device(spec["device"])
+    dtype = getattr(torch, spec["dtype"])
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    torch.manual_seed(0)
+    ours = GPT(GPTconfig(**spec["shape"]))
+    impl = spec["impl"]
+    if impl == "hf":
+        from bench_train import hf_model_from
+
+        model = hf_model_from(ours).to(device=device, dtype=dtype).eval()
+    else:
+        model = ours.to(device=device, dtype=dtype).eval()
+        if spec.get("int8"):
+            model.quantize("int8")
+    P, N, V = spec["prompt_len"], spec["new_tokens"], spec["shape"]["vocab_size"]
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def run(prompt: torch.Tensor, **sampling: Any) -> torch.Tensor:
+        if impl == "hf":
+            with torch.no_grad():
+                out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=N,
+                                     min_new_tokens=N, do_sample=False, pad_token_id=0)
+        else:
+            out = generate(model, prompt, N, compile=spec["compile"], **({"temperature": 0} | sampling))
+        return out[:, P:]
+
+    result: dict[str, Any] = {}
+    for rows in spec["batch_sizes"]:
+        prompt = torch.randint(0, V, (rows, P), generator=torch.Generator().manual_seed(rows)).to(device)
+        t0 = time.perf_counter()
+        run(prompt)
+        sync()
+        first = time.perf_counter() - t0
+        times = []
+        for _ in range(spec["repeats"]):
+            sync()
+            t0 = time.perf_counter()
+            tokens = run(prompt)
+            sync()
+            times.append(time.perf_counter() - t0)
+        result[str(rows)] = {"tok_s": rows * N / median(times), "first_call_s": first, "tokens": tokens.tolist()}
+        if spec.get("sampled") and rows == spec["batch_sizes"][0]:
+            result["sampled_tokens"] = run(prompt, temperature=0.8, top_k=200, seed=1234).tolist()
+    if device.type == "cuda":
+        result["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return result
+
+
+def decode_cases(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
+    batches = [1, 2] if args.tiny else [1, 8]
+    cases = [("ours eager", {"impl": "ours", "compile": False, "sampled": True, "batch_sizes": batches})]
+    if not args.no_compile:
+        cases += [("ours compiled", {"impl": "ours", "compile": True, "sampled": True, "batch_sizes": batches}),
+                  ("ours int8 compiled", {"impl": "ours", "compile": True, "int8": True, "batch_sizes": batches[:1]})]
+    cases.append(("HF generate", {"impl": "hf", "compile": False, "batch_sizes": batches}))
+    return cases
+
+
+def same_prefix(a: list[list[int]], b: list[list[int]]) -> str:
+    """``"yes"`` when equal, else how many leading tokens agree in the worst row."""
+    if a == b:
+        return "yes"
+    agree = min(next((i for i, (x, y) in enumerate(zip(ra, rb, strict=True)) if x != y), len(ra))
+                for ra, rb in zip(a, b, strict=True))
+    return f"first {agree} of {len(a[0])}"
+
+
+def decode_rows(results: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One table row per (case, batch), with ratios and token agreement against our eager path."""
+    by_case = dict(results)
+    eager, hf = by_case.get("ours eager", {}), by_case.get("HF generate", {})
+    rows = []
+    for name, result in results:
+        if "error" in result:
+            rows.append({"case": name, "note": f"failed: {result['error'][:200]}"})
+            continue
+        for batch, r in result.items():
+            if not batch.isdigit():
+                continue
+            row = {"case": name, "batch": int(batch), "tok_s": r["tok_s"], "first_call_s": r["first_call_s"]}
+            if batch in eager:
+                row["vs_eager"] = r["tok_s"] / eager[batch]["tok_s"]
+                if name != "ours eager":
+                    row["same_greedy"] = same_prefix(r["tokens"], eager[batch]["tokens"])
+            if batch in hf:
+                row["vs_hf"] = r["tok_s"] / hf[batch]["tok_s"]
+            first_batch = next(b for b in result if b.isdigit())
+            compare = name != "ours eager" and "sampled_tokens" in result and "sampled_tokens" in eager
+            if batch == first_batch and compare:
+                row["note"] = "seeded sample = eager: " + same_prefix(result["sampled_tokens"], eager["sampled_tokens"])
+            rows.append(row)
+    return rows
 
 
 # --- the recipe, ours and nanoGPT's ------------------------------------------------------------------
@@ -340,12 +461,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "float16, float32 (default on CPU)")
     p.add_argument("--nanogpt", default=None, metavar="PATH/model.py",
                    help="nanoGPT's model.py (its train.py beside it runs the recipe too)")
-    p.add_argument("--only", default="step,recipe", help="sections: step, recipe (comma-separated)")
+    p.add_argument("--only", default="step,decode,recipe", help="sections: step, decode, recipe (comma-separated)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--iters", type=int, default=10, help="steps per timed window (default 10)")
     p.add_argument("--windows", type=int, default=3, help="timed windows per case (default 3)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps after the first (default 3)")
+    p.add_argument("--new-tokens", type=int, default=200, help="decode section: new tokens per call (default 200)")
+    p.add_argument("--repeats", type=int, default=3, help="decode section: timed calls per case (default 3)")
     p.add_argument("--levers", action="store_true", help="also ours compiled with the plain loss / unpadded head")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile cases")
     p.add_argument("--tiny", action="store_true", help="tiny shapes and a 20-step recipe: checks the harness")
@@ -354,16 +477,82 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run-case", default=None, help=argparse.SUPPRESS)
     p.add_argument("--case-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    unknown = sorted(set(args.only.split(",")) - {"step", "recipe"})
+    unknown = sorted(set(args.only.split(",")) - {"step", "decode", "recipe"})
     if unknown:
-        p.error(f"unknown section(s) {unknown}; choose from step, recipe")
+        p.error(f"unknown section(s) {unknown}; choose from step, decode, recipe")
     return args
+
+
+def step_section(args: argparse.Namespace, common: dict[str, Any], batch_size: int, seq_len: int, peak: float,
+                 timeout: float) -> list[dict[str, Any]]:
+    rows = []
+    for name, case in step_cases(args):
+        spec = {**case, **common, "batch_size": batch_size,
+                "seq_len": seq_len, "iters": 2 if args.tiny else args.iters,
+                "windows": 2 if args.tiny else args.windows, "warmup": 1 if args.tiny else args.warmup,
+                "nanogpt": str(Path(args.nanogpt).expanduser().resolve()) if args.nanogpt else None}
+        result = spawn_case(spec, timeout)
+        row = {"case": name, **result}
+        if "error" in result:
+            row["note"] = f"failed: {result['error'][:200]}"
+        else:
+            row["mfu_pct"] = 100 * result["tok_s"] * result["flops_per_token"] / peak
+            row["note"] = f"first step {result['first_step_s']:.1f} s"
+        rows.append(row)
+        print(f"  {name}: " + (row["note"] if "error" in result else f"{row['tok_s']:,.0f} tokens/s"), flush=True)
+    reference = next((r for r in rows if r["case"] == "nanoGPT compiled" and "tok_s" in r), None)
+    for row in rows:
+        if reference and "tok_s" in row:
+            row["vs_nanogpt"] = row["tok_s"] / reference["tok_s"]
+    print(f"\nTraining step, {'tiny shape' if args.tiny else 'GPT-2 124M'}, batch {batch_size} x {seq_len}, "
+          f"{common['dtype'] if common['dtype'] == 'float32' else common['dtype'] + ' autocast'}, fused AdamW:")
+    print(format_table(rows, STEP_COLUMNS))
+    return rows
+
+
+def decode_section(args: argparse.Namespace, common: dict[str, Any], timeout: float) -> list[dict[str, Any]]:
+    results = []
+    for name, case in decode_cases(args):
+        spec = {**case, **common, "section": "decode", "prompt_len": 4 if args.tiny else 16,
+                "new_tokens": 8 if args.tiny else args.new_tokens, "repeats": 1 if args.tiny else args.repeats}
+        result = spawn_case(spec, timeout)
+        results.append((name, result))
+        print(f"  {name}: " + (f"failed: {result['error'][:200]}" if "error" in result else ", ".join(
+            f"batch {b} {r['tok_s']:,.0f} tokens/s" for b, r in result.items() if b.isdigit())), flush=True)
+    rows = decode_rows(results)
+    print(f"\nDecode, {'tiny shape' if args.tiny else 'GPT-2 124M'}, {common['dtype']} weights, prompt "
+          f"{4 if args.tiny else 16}, {8 if args.tiny else args.new_tokens} new tokens, greedy:")
+    print(format_table(rows, DECODE_COLUMNS))
+    return rows
+
+
+def recipe_section(args: argparse.Namespace, device: Any, env: dict[str, str]) -> list[dict[str, Any]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        recipe_rows = []
+        try:
+            data = prepare_data(args.data, work, env)
+        except RuntimeError as e:
+            recipe_rows.append({"impl": "ours", "note": f"not run: {e}"})
+        else:
+            recipe_timeout = 240 if args.tiny else 900
+            recipe_rows.append(run_recipe_ours(data, work, str(device), args.tiny, env, recipe_timeout))
+            if args.nanogpt:
+                recipe_rows.append(run_recipe_nanogpt(Path(args.nanogpt).expanduser(), data, work, str(device),
+                                                      args.tiny, env, recipe_timeout))
+            else:
+                recipe_rows.append({"impl": "nanoGPT", "note": NANOGPT_RECIPE_REFERENCE})
+    print(f"\nRecipe {RECIPE.relative_to(ROOT)}{' (tiny: 20 steps of a 1-layer model)' if args.tiny else ''}:")
+    print(format_table(recipe_rows, RECIPE_COLUMNS))
+    return recipe_rows
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.run_case is not None:  # a child: one case
-        Path(args.case_out).write_text(json.dumps(run_step_case(json.loads(args.run_case))))
+        spec = json.loads(args.run_case)
+        run = run_decode_case if spec.get("section") == "decode" else run_step_case
+        Path(args.case_out).write_text(json.dumps(run(spec)))
         return 0
 
     import torch
@@ -371,6 +560,8 @@ def main(argv: list[str] | None = None) -> int:
     from gpt2model.device import measure_matmul_peak
 
     device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", 0)  # the cases call torch.cuda.set_device, which needs an index
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU visible: run this on a GPU machine, or check the harness with "
                          "--device cpu --tiny")
@@ -391,56 +582,20 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
     os.environ["PYTHONPATH"] = env["PYTHONPATH"]  # the case children import this checkout's gpt2model
 
-    if "step" in args.only:
-        rows = []
-        for name, case in step_cases(args):
-            spec = {**case, "device": str(device), "dtype": dtype_name, "shape": shape, "batch_size": batch_size,
-                    "seq_len": seq_len, "iters": 2 if args.tiny else args.iters,
-                    "windows": 2 if args.tiny else args.windows, "warmup": 1 if args.tiny else args.warmup,
-                    "nanogpt": str(Path(args.nanogpt).expanduser().resolve()) if args.nanogpt else None}
-            result = spawn_case(spec, timeout)
-            row = {"case": name, **result}
-            if "error" in result:
-                row["note"] = f"failed: {result['error'][:200]}"
-            else:
-                row["mfu_pct"] = 100 * result["tok_s"] * result["flops_per_token"] / peak
-                row["note"] = f"first step {result['first_step_s']:.1f} s"
-            rows.append(row)
-            print(f"  {name}: " + (row["note"] if "error" in result else f"{row['tok_s']:,.0f} tokens/s"), flush=True)
-        reference = next((r for r in rows if r["case"] == "nanoGPT compiled" and "tok_s" in r), None)
-        for row in rows:
-            if reference and "tok_s" in row:
-                row["vs_nanogpt"] = row["tok_s"] / reference["tok_s"]
-        results["step"] = rows
-        print(f"\nTraining step, {'tiny shape' if args.tiny else 'GPT-2 124M'}, batch {batch_size} x {seq_len}, "
-              f"{dtype_name if dtype_name == 'float32' else dtype_name + ' autocast'}, fused AdamW:")
-        print(format_table(rows, STEP_COLUMNS))
-
-    if "recipe" in args.only:
-        with tempfile.TemporaryDirectory() as tmp:
-            work = Path(tmp)
-            recipe_rows = []
-            try:
-                data = prepare_data(args.data, work, env)
-            except RuntimeError as e:
-                recipe_rows.append({"impl": "ours", "note": f"not run: {e}"})
-            else:
-                recipe_timeout = 240 if args.tiny else 900
-                recipe_rows.append(run_recipe_ours(data, work, str(device), args.tiny, env, recipe_timeout))
-                if args.nanogpt:
-                    recipe_rows.append(run_recipe_nanogpt(Path(args.nanogpt).expanduser(), data, work, str(device),
-                                                          args.tiny, env, recipe_timeout))
-                else:
-                    recipe_rows.append({"impl": "nanoGPT", "note": NANOGPT_RECIPE_REFERENCE})
-        results["recipe"] = recipe_rows
-        print(f"\nRecipe {RECIPE.relative_to(ROOT)}{' (tiny: 20 steps of a 1-layer model)' if args.tiny else ''}:")
-        print(format_table(recipe_rows, RECIPE_COLUMNS))
-
     path = Path(args.out) if args.out else RESULTS_DIR / f"gpu-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    common = {"device": str(device), "dtype": dtype_name, "shape": shape}
+    for section in args.only.split(","):  # in the order given; the JSON is rewritten after each
+        if section == "step":
+            results["step"] = step_section(args, common, batch_size, seq_len, peak, timeout)
+        elif section == "decode":
+            results["decode"] = decode_section(args, common, timeout)
+        elif section == "recipe":
+            results["recipe"] = recipe_section(args, device, env)
+        path.write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(f"\nwrote {path}")
     failed = [r["case"] for r in results.get("step", []) if "error" in r]
+    failed += [r["case"] for r in results.get("decode", []) if str(r.get("note", "")).startswith("failed")]
     failed += [r["impl"] for r in results.get("recipe", []) if str(r.get("note", "")).startswith("failed")]
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)

@@ -249,3 +249,26 @@ def test_compiled_engine_matches_generate(model: GPT) -> None:
             assert [e.token for e in collect(r)[0]] == alone(model, prompt, p)
     finally:
         eng.shutdown(timeout=5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the CUDA-graph decode step)")
+def test_cuda_graph_engine_matches_eager_generate(model: GPT) -> None:
+    """On CUDA, ``compile=True`` captures the decode step (sampling inside) as a CUDA graph: every
+    request still gets exactly the tokens eager ``generate`` gives it alone on the same device."""
+    gpu = copy.deepcopy(_REFERENCE[id(model)]).cuda()
+    reference = copy.deepcopy(gpu)
+    eng = Engine(gpu, max_batch=3, compile=True)
+    eng.start()
+    assert eng.ready.wait(600)
+    try:
+        cases = [([1, 2, 3], SamplingParams(max_tokens=30, temperature=0)),
+                 ([4], SamplingParams(max_tokens=30, seed=9, top_p=0.9)),
+                 ([5, 6], SamplingParams(max_tokens=12, seed=2, top_k=5, temperature=0.8)),
+                 ([7, 8, 9, 10], SamplingParams(max_tokens=25, temperature=0))]  # waits for a free slot
+        reqs = [eng.submit(p, s) for p, s in cases]
+        for r, (prompt, p) in zip(reqs, cases, strict=True):
+            want = generate(reference, [prompt], p.max_tokens, temperature=p.temperature, top_k=p.top_k,
+                            top_p=p.top_p, seed=p.seed)[0][len(prompt):]
+            assert [e.token for e in collect(r)[0]] == want
+    finally:
+        eng.shutdown(timeout=5)
