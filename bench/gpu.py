@@ -50,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from statistics import median
 from typing import Any
@@ -76,6 +77,18 @@ DECODE_COLUMNS = [("case", "case"), ("batch", "batch"), ("tok_s", "tokens/s"), (
                   ("note", "note")]
 RECIPE_COLUMNS = [("impl", "trainer"), ("best_val", "best val loss"), ("train_s", "training s"),
                   ("wall_s", "wall s (process)"), ("note", "note")]
+
+
+def profile_table(run: Any, device: Any, rows: int = 15) -> str:
+    """Run ``run()`` under ``torch.profiler``; the top ``rows`` ops by self device time (CUDA) or
+    self CPU time (CPU), as torch prints them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        run()
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
 # --- one training-step case (runs in its own process) ---------------------------------------------
@@ -224,6 +237,13 @@ def run_step_case(spec: dict[str, Any]) -> dict[str, Any]:
         peak_mem = torch.cuda.max_memory_allocated(device) / 2**30
     else:
         peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    if spec.get("profile"):
+        def steps() -> None:
+            for _ in range(spec["profile"]):
+                step()
+            sync()
+        print(f"--- profile: {spec['impl']} {'compiled' if spec['compile'] else 'eager'}, {spec['profile']} steps\n"
+              + profile_table(steps, device), flush=True)
     return {"tok_s": median(rates), "tok_s_min": min(rates), "tok_s_max": max(rates),
             "flops_per_token": flops_per_token, "peak_mem_gib": peak_mem, "first_loss": float(first_loss),
             "last_loss": float(last_loss), "first_step_s": first_step_s,
@@ -237,12 +257,12 @@ def spawn_case(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
         result_file = Path(tmp) / "result.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--run-case", json.dumps(spec),
                "--case-out", str(result_file)]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        try:  # a profiled case prints its tables (and TORCH_LOGS output) straight through
+            proc = subprocess.run(cmd, capture_output=not spec.get("profile"), text=True, timeout=timeout, cwd=ROOT)
         except subprocess.TimeoutExpired:
             return {"error": f"timed out after {timeout:.0f} s"}
         if proc.returncode != 0 or not result_file.is_file():
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-6:]
+            tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-6:]
             return {"error": " | ".join(tail) or f"exit code {proc.returncode}"}
         return json.loads(result_file.read_text())
 
@@ -287,22 +307,31 @@ def run_decode_case(spec: dict[str, Any]) -> dict[str, Any]:
         return out[:, P:]
 
     result: dict[str, Any] = {}
-    for rows in spec["batch_sizes"]:
-        prompt = torch.randint(0, V, (rows, P), generator=torch.Generator().manual_seed(rows)).to(device)
-        t0 = time.perf_counter()
-        run(prompt)
-        sync()
-        first = time.perf_counter() - t0
-        times = []
-        for _ in range(spec["repeats"]):
-            sync()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for rows in spec["batch_sizes"]:
+            prompt = torch.randint(0, V, (rows, P), generator=torch.Generator().manual_seed(rows)).to(device)
             t0 = time.perf_counter()
-            tokens = run(prompt)
+            run(prompt)
             sync()
-            times.append(time.perf_counter() - t0)
-        result[str(rows)] = {"tok_s": rows * N / median(times), "first_call_s": first, "tokens": tokens.tolist()}
-        if spec.get("sampled") and rows == spec["batch_sizes"][0]:
-            result["sampled_tokens"] = run(prompt, temperature=0.8, top_k=200, seed=1234).tolist()
+            first = time.perf_counter() - t0
+            times = []
+            for _ in range(spec["repeats"]):
+                sync()
+                t0 = time.perf_counter()
+                tokens = run(prompt)
+                sync()
+                times.append(time.perf_counter() - t0)
+            result[str(rows)] = {"tok_s": rows * N / median(times), "first_call_s": first, "tokens": tokens.tolist()}
+            if spec.get("sampled") and rows == spec["batch_sizes"][0]:
+                result["sampled_tokens"] = run(prompt, temperature=0.8, top_k=200, seed=1234).tolist()
+            if spec.get("profile"):
+                print(f"--- profile: decode {spec['impl']}{' int8' if spec.get('int8') else ''}"
+                      f"{' compiled' if spec['compile'] else ''}, batch {rows}, {N} tokens\n"
+                      + profile_table(lambda p=prompt: (run(p), sync()), device), flush=True)
+    fallbacks = sorted({str(w.message)[:300] for w in caught if "decode step failed" in str(w.message)})
+    if fallbacks:
+        result["fallback"] = fallbacks  # the compiled step failed and generate decoded eagerly
     if device.type == "cuda":
         result["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return result
@@ -314,6 +343,7 @@ def decode_cases(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
     if not args.no_compile:
         cases += [("ours compiled", {"impl": "ours", "compile": True, "sampled": True, "batch_sizes": batches}),
                   ("ours int8 compiled", {"impl": "ours", "compile": True, "int8": True, "batch_sizes": batches[:1]})]
+    cases.append(("ours int8 eager", {"impl": "ours", "compile": False, "int8": True, "batch_sizes": batches[:1]}))
     cases.append(("HF generate", {"impl": "hf", "compile": False, "batch_sizes": batches}))
     return cases
 
@@ -340,6 +370,8 @@ def decode_rows(results: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any
             if not batch.isdigit():
                 continue
             row = {"case": name, "batch": int(batch), "tok_s": r["tok_s"], "first_call_s": r["first_call_s"]}
+            if result.get("fallback"):
+                row["note"] = "compile FAILED, ran eagerly: " + result["fallback"][0][:150]
             if batch in eager:
                 row["vs_eager"] = r["tok_s"] / eager[batch]["tok_s"]
                 if name != "ours eager":
@@ -469,6 +501,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps after the first (default 3)")
     p.add_argument("--new-tokens", type=int, default=200, help="decode section: new tokens per call (default 200)")
     p.add_argument("--repeats", type=int, default=3, help="decode section: timed calls per case (default 3)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="print each case's top kernels (torch.profiler) over N training steps / one decode call")
+    p.add_argument("--cases", default=None, help="only the cases whose names are listed (comma-separated)")
     p.add_argument("--levers", action="store_true", help="also ours compiled with the plain loss / unpadded head")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile cases")
     p.add_argument("--tiny", action="store_true", help="tiny shapes and a 20-step recipe: checks the harness")
@@ -483,11 +518,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def selected(cases: list[tuple[str, dict[str, Any]]], args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
+    """The cases ``--cases`` names (all without it)."""
+    if not args.cases:
+        return cases
+    names = {n.strip() for n in args.cases.split(",")}
+    return [(name, case) for name, case in cases if name in names]
+
+
 def step_section(args: argparse.Namespace, common: dict[str, Any], batch_size: int, seq_len: int, peak: float,
                  timeout: float) -> list[dict[str, Any]]:
     rows = []
-    for name, case in step_cases(args):
-        spec = {**case, **common, "batch_size": batch_size,
+    for name, case in selected(step_cases(args), args):
+        spec = {**case, **common, "profile": args.profile, "batch_size": batch_size,
                 "seq_len": seq_len, "iters": 2 if args.tiny else args.iters,
                 "windows": 2 if args.tiny else args.windows, "warmup": 1 if args.tiny else args.warmup,
                 "nanogpt": str(Path(args.nanogpt).expanduser().resolve()) if args.nanogpt else None}
@@ -512,8 +555,8 @@ def step_section(args: argparse.Namespace, common: dict[str, Any], batch_size: i
 
 def decode_section(args: argparse.Namespace, common: dict[str, Any], timeout: float) -> list[dict[str, Any]]:
     results = []
-    for name, case in decode_cases(args):
-        spec = {**case, **common, "section": "decode", "prompt_len": 4 if args.tiny else 16,
+    for name, case in selected(decode_cases(args), args):
+        spec = {**case, **common, "section": "decode", "profile": args.profile, "prompt_len": 4 if args.tiny else 16,
                 "new_tokens": 8 if args.tiny else args.new_tokens, "repeats": 1 if args.tiny else args.repeats}
         result = spawn_case(spec, timeout)
         results.append((name, result))

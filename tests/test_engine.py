@@ -12,6 +12,7 @@ import torch
 
 from gpt2model import GPT, GPTconfig
 from gpt2model import engine as engine_mod
+from gpt2model import generate as gen_mod
 from gpt2model.engine import Engine, FinishEvent, QueueFullError, Request, SamplingParams, TokenEvent
 from gpt2model.generate import generate
 
@@ -235,6 +236,28 @@ def test_async_events_and_shutdown(model: GPT) -> None:
     collect(endless, 1)
     eng2.shutdown(timeout=0)
     assert collect(endless)[1] == FinishEvent("cancelled")
+
+
+def test_a_compile_failure_in_the_engine_falls_back_to_eager(model: GPT, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def broken(device: torch.device, mode: str | None = "auto"):
+        def step(*args: object) -> None:
+            calls.append("compiled")
+            raise RuntimeError("no compiler here")
+        return step
+
+    monkeypatch.setattr(gen_mod, "compiled_decode_step", broken)
+    eng = Engine(model, max_batch=2, compile=True)
+    eng.start()
+    try:
+        assert eng.ready.wait(60)  # the warm-up's failure does not stop the engine from starting
+        p = SamplingParams(max_tokens=8, seed=4, top_k=5)
+        assert [e.token for e in collect(eng.submit([1, 2], p))[0]] == alone(model, [1, 2], p)
+        assert calls == ["compiled"] and "no compiler here" in model._decode_compile_error
+    finally:
+        eng.shutdown(timeout=5)
+        model.__dict__.pop("_decode_compile_error", None)  # the module's model is shared by later tests
 
 
 @pytest.mark.slow

@@ -649,6 +649,32 @@ def test_one_token_id_check_everywhere() -> None:
             call()
 
 
+def broken_compile(calls: list[str]):
+    """A stand-in for ``compiled_decode_step`` whose step fails like a compiler error."""
+    def make(device: torch.device, mode: str | None = "auto"):
+        def step(*args: object) -> None:
+            calls.append("compiled")
+            raise RuntimeError("no compiler here")
+        return step
+    return make
+
+
+def test_a_failed_compile_decodes_eagerly_and_is_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(gen_mod, "compiled_decode_step", broken_compile(calls))
+    model = tiny()
+    prompt = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    with pytest.warns(UserWarning, match="decode step failed .RuntimeError: no compiler here.; decoding eagerly"):
+        first = generate(model, prompt, 10, temperature=0, compile=True)
+    assert calls == ["compiled"]
+    # Each failing compilation costs seconds: a later call on the same model goes straight to eager.
+    with pytest.warns(UserWarning, match="compile=True ignored: the decode step failed to compile on this model"):
+        second = generate(model, prompt, 10, seed=1, compile=True)
+    assert calls == ["compiled"]
+    assert torch.equal(first, generate(model, prompt, 10, temperature=0))
+    assert torch.equal(second, generate(model, prompt, 10, seed=1))
+
+
 @pytest.mark.slow
 def test_cuda_graph_mode_step_is_one_graph_and_matches_eager(monkeypatch: pytest.MonkeyPatch) -> None:
     # The CUDA path's compile settings (reduce-overhead, fullgraph, sampling inside the step), run

@@ -37,13 +37,14 @@ import torch
 
 from .generate import (
     check_sampling_args,
-    compiled_decode_step,
     decode_step,
     new_seed,
+    note_compile_failure,
     prefill,
     run_compiled_step,
     sample_logits,
     seed_tensor,
+    step_for,
 )
 from .model import check_token_ids
 
@@ -320,7 +321,8 @@ class Engine:
         self._pos = torch.zeros(B, 1, dtype=torch.long, device=device)
         self._mask = torch.full((B, 1, 1, C), float("-inf"), dtype=m.dtype, device=device)
         self._mask[..., 0] = 0.0  # free rows attend to slot 0: never a fully masked (NaN) row
-        self._step_fn = compiled_decode_step(device) if self.compile else decode_step
+        self._step_fn = step_for(m, self.compile)
+        self.compile = self._step_fn is not decode_step
         # Warm up (and compile) with a one-token request in slot 0, then forget it.
         with torch.no_grad():
             prefill(m, self._tokens[:1], self._pos[0, :1].clone(), None, cache_row=0)
@@ -421,8 +423,17 @@ class Engine:
             seeds = seed_tensor([s.seed if s else 0 for s in rows], pos.device)
             steps = torch.tensor([s.generated if s else 0 for s in rows], dtype=torch.long, device=pos.device)
         run = run_compiled_step if self.compile else (lambda fn, *args: fn(*args))
-        nxt, logits = run(self._step_fn, self.model, self._tokens[:hi], pos, self._mask[:hi, :, :, :L], pos,
-                          temperature, top_k, top_p, seeds, steps)
+        try:
+            nxt, logits = run(self._step_fn, self.model, self._tokens[:hi], pos, self._mask[:hi, :, :, :L], pos,
+                              temperature, top_k, top_p, seeds, steps)
+        except Exception as e:
+            if not self.compile:
+                raise
+            # A compiler failure (at warm-up, or a later graph for new sampling settings): decode
+            # eagerly from now on; nothing advanced, and rewriting the cache slot is harmless.
+            note_compile_failure(self.model, e)
+            self.compile, self._step_fn = False, decode_step
+            return self._decode(hi, greedy_only)
         self._tokens[:hi, 0] = nxt
         return nxt.tolist(), logits
 

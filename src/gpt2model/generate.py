@@ -305,6 +305,28 @@ def compiled_decode_step(device: torch.device, mode: str | None = "auto") -> Cal
     return torch.compile(decode_step, mode=mode, fullgraph=True, dynamic=False)
 
 
+def step_for(model: GPT, compile: bool) -> Callable[..., tuple[torch.Tensor, ...]]:
+    """The decode step to run on ``model``: :func:`compiled_decode_step` when ``compile`` is asked
+    for and it has not failed on this model before (see :func:`note_compile_failure`), else the
+    eager :func:`decode_step`."""
+    if not compile:
+        return decode_step
+    error = getattr(model, "_decode_compile_error", None)
+    if error is not None:
+        warnings.warn(f"compile=True ignored: the decode step failed to compile on this model before ({error}); "
+                      f"decoding eagerly", stacklevel=3)
+        return decode_step
+    return compiled_decode_step(model.device)
+
+
+def note_compile_failure(model: GPT, error: Exception) -> None:
+    """Warn that the compiled decode step failed (the caller decodes eagerly: same tokens) and
+    remember it on ``model``, so later calls do not pay for another failing compilation."""
+    message = f"{type(error).__name__}: {str(error)[:200]}"
+    model._decode_compile_error = message
+    warnings.warn(f"torch.compile of the decode step failed ({message}); decoding eagerly instead", stacklevel=3)
+
+
 def run_compiled_step(step_fn: Callable[..., tuple[torch.Tensor, ...]], *args: Any) -> tuple[torch.Tensor, ...]:
     """Call a compiled step. Under CUDA graphs the outputs live in the graph's memory, which the
     next replay overwrites: mark the new step and copy the outputs out (two tiny copies)."""
@@ -479,7 +501,7 @@ def _steps(model: GPT, prompt: torch.Tensor, prompt_valid: torch.Tensor, max_new
     done = torch.zeros(prompt.size(0), dtype=torch.bool, device=prompt.device)
     check_done = eot_id is not None or texts is not None
     window = _Window(model, prompt, prompt_valid, max_new_tokens)
-    step_fn = compiled_decode_step(model.device) if compile else decode_step
+    step_fn = step_for(model, compile)
     check_inputs = model.check_inputs
     model.setup_cache(prompt.size(0), window.max_len)
     try:
@@ -515,8 +537,7 @@ def _decode_or_fall_back(window: _Window, step_fn: Callable[..., Any], token: to
     try:
         return window.decode(step_fn, token, sampling, full_mask=True), step_fn
     except Exception as e:  # noqa: BLE001 - any compiler failure
-        warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: {str(e)[:200]}); "
-                      f"decoding eagerly instead", stacklevel=3)
+        note_compile_failure(window.model, e)
         # decode() failed before advancing anything; rewriting the same cache slot is harmless.
         return window.decode(decode_step, token, sampling, full_mask=False), decode_step
 
