@@ -92,6 +92,34 @@ def test_cached_logits_equal_full_recompute_at_every_step(monkeypatch: pytest.Mo
     assert not hasattr(model, "causal_mask") and model.check_inputs  # the model is left as it was
 
 
+def test_prefill_runs_the_head_on_the_last_position_only() -> None:
+    """A prefill of T tokens feeds the LM head one row per sequence, not T (the head over every
+    prompt position is as costly as the body at 50,257 ids), and its logits are the full
+    forward's last row; ``logits_to_keep`` on the plain forward is the full output's tail."""
+    model = tiny(GPTconfig(context_length=32, vocab_size=50, n_layer=2, n_head=2, d_model=32))
+    head_rows: list[int] = []
+    hook = model.lm_head.register_forward_hook(lambda m, args, out: head_rows.append(args[0].size(1)))
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5], [2, 7, 1, 8]]  # left-padded: the last position is real
+    try:
+        model.setup_cache(2, 16)
+        ids, valid = gen_mod._as_padded_batch(prompts, 50, model.device)
+        window = gen_mod._Window(model, ids, valid, 5)
+        last = window.fill(0)
+    finally:
+        model.clear_cache()
+        hook.remove()
+    assert head_rows == [1]
+    for row, prompt in enumerate(prompts):
+        torch.testing.assert_close(last[row], model(torch.tensor([prompt]))[0, -1], rtol=1e-5, atol=1e-5)
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    full = model(ids)
+    assert torch.equal(model(ids, logits_to_keep=0), full)
+    torch.testing.assert_close(model(ids, logits_to_keep=3), full[:, -3:], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(model(ids, logits_to_keep=20), full, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(ids, logits_to_keep=-1)
+
+
 def test_ragged_batch_logits_equal_each_row_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     model = tiny()
     prompts = [[7], [1, 2, 3, 4, 5, 6], [9, 8, 7]]

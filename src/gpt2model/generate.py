@@ -272,8 +272,10 @@ def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | No
 # --- the forwards: prefill and the one decode step ------------------------------------------------
 def prefill(model: GPT, input_ids: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor | None,
             position_ids: torch.Tensor | None = None, cache_row: int = 0) -> torch.Tensor:
-    """Run a whole window ``(B, T)`` into cache slots ``input_pos`` and return the last logits ``(B, V)``."""
-    return model(input_ids, input_pos=input_pos, mask=mask, position_ids=position_ids, cache_row=cache_row)[:, -1]
+    """Run a whole window ``(B, T)`` into cache slots ``input_pos`` and return the last logits ``(B, V)``
+    (the LM head runs on the last position only: ``logits_to_keep=1``)."""
+    return model(input_ids, input_pos=input_pos, mask=mask, position_ids=position_ids, cache_row=cache_row,
+                 logits_to_keep=1)[:, -1]
 
 
 def decode_one_token(model: GPT, token: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor,

@@ -362,9 +362,14 @@ class GPT(nn.Module):
     # --- forward -------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                cache_row: int = 0, targets: torch.Tensor | None = None) -> torch.Tensor:
+                cache_row: int = 0, targets: torch.Tensor | None = None, logits_to_keep: int = 0) -> torch.Tensor:
         """Logits ``(B, T, vocab_size)`` for token ids ``(B, T)``; with ``targets`` (B, T) the mean
         next-token loss instead (see ``loss``), computed without materialising the logits.
+
+        ``logits_to_keep=n > 0`` (HF's argument of that name) applies the LM head to the last ``n``
+        positions only and returns ``(B, n, vocab_size)``, the same values as the last ``n`` of the
+        full output: a prefill needs only its last row, and at 50,257 ids the head over every prompt
+        position costs as much as the whole body (``0``, the default, keeps all).
 
         Plain use needs only ``input_ids``. With a KV cache (``setup_cache``) every forward says
         which cache slots it writes: ``input_pos`` ``(T,)`` (the same slots for all rows) or
@@ -379,6 +384,8 @@ class GPT(nn.Module):
         """
         self._check_input_ids(input_ids)
         B, T = input_ids.shape
+        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be an integer >= 0 (0 = every position), got {logits_to_keep!r}")
         if self._cache_len:
             if input_pos is None:
                 raise ValueError("the KV cache is set up: pass input_pos (the cache slots to write), "
@@ -409,6 +416,8 @@ class GPT(nn.Module):
             if type(self.lm_head) is nn.Linear:
                 return linear_cross_entropy(x, self.lm_head.weight, targets)
             return next_token_loss(self.lm_head(x), targets)  # a swapped-in head (e.g. quantized): its own matmul
+        if 0 < logits_to_keep < T:
+            x = x[:, -logits_to_keep:]
         return self.lm_head(x)
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
