@@ -260,6 +260,80 @@ def test_a_compile_failure_in_the_engine_falls_back_to_eager(model: GPT, monkeyp
         model.__dict__.pop("_decode_compile_error", None)  # the module's model is shared by later tests
 
 
+def test_steps_pass_per_slot_settings_and_greedy_batches_draw_nothing(model: GPT,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sampling settings live in per-slot tensors written at admission; a step over greedy
+    rows only passes ``temperature=0`` (argmax: no random bits over the vocabulary), a setting all
+    sampled rows share goes as one number, differing ones as the per-slot tensor."""
+    seen: list[tuple[object, object, object]] = []
+
+    def step(*args: object):  # noqa: ANN202
+        seen.append(args[5:8])  # temperature, top_k, top_p
+        return gen_mod.decode_step(*args)
+
+    monkeypatch.setattr(engine_mod, "decode_step", step)  # the eager step, as the engine sees it
+    monkeypatch.setattr(engine_mod, "step_for", lambda m, compile: step)
+    eng = Engine(model, max_batch=3)
+    eng.start()
+    assert eng.ready.wait(60)
+
+    def batch(cases: list[tuple[list[int], SamplingParams]]) -> list[tuple[object, object, object]]:
+        seen.clear()
+        reqs = [eng.submit(prompt, p) for prompt, p in cases]
+        for r, (prompt, p) in zip(reqs, cases, strict=True):
+            assert [e.token for e in collect(r)[0]] == alone(model, prompt, p), p
+        _wait_idle(eng)
+        return list(seen)
+
+    try:
+        greedy = SamplingParams(max_tokens=12, temperature=0)
+        assert {args for args in batch([([1, 2], greedy), ([3], greedy)])} == {(0.0, None, None)}
+        shared = batch([([1, 2], greedy), ([3], SamplingParams(max_tokens=12, seed=4, top_k=5, temperature=0.8)),
+                        ([4, 5, 6], SamplingParams(max_tokens=12, seed=7, top_k=5))])
+        assert any(isinstance(t, torch.Tensor) and k == 5 and q is None for t, k, q in shared)
+        mixed = batch([([3], SamplingParams(max_tokens=12, seed=4, top_k=5, top_p=0.9)),
+                       ([4, 5, 6], SamplingParams(max_tokens=12, seed=7, top_k=9))])
+        assert any(isinstance(k, torch.Tensor) and isinstance(q, torch.Tensor) for _, k, q in mixed)
+        # A seeded request after others used its slot still draws what it draws alone.
+        batch([([4, 5, 6], SamplingParams(max_tokens=12, seed=7, top_k=9)), ([1], greedy)])
+    finally:
+        eng.shutdown(timeout=5)
+
+
+def test_asyncio_readers_are_woken_once_per_loop_per_step(model: GPT) -> None:
+    """Several streams read on one event loop: one ``call_soon_threadsafe`` per engine step wakes
+    them all (not one per token and request)."""
+    eng = Engine(model, max_batch=3)
+    eng.start()
+    assert eng.ready.wait(60)
+    wakeups = []
+
+    async def run() -> list[list[int]]:
+        loop = asyncio.get_running_loop()
+        real = loop.call_soon_threadsafe
+
+        def counting(*args: object, **kwargs: object):  # noqa: ANN202
+            wakeups.append(args[0])
+            return real(*args, **kwargs)
+
+        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+        reqs = [eng.submit([i + 1], SamplingParams(max_tokens=20, temperature=0)) for i in range(3)]
+
+        async def read(r: Request) -> list[int]:
+            return [e.token async for e in r.aevents() if isinstance(e, TokenEvent)]
+
+        return await asyncio.gather(*(read(r) for r in reqs))
+
+    try:
+        steps = eng.stats()["steps"]
+        outs = asyncio.run(run())
+        assert [len(o) for o in outs] == [20, 20, 20]
+        # 60 tokens and 3 finishes; at most one wake-up per step, plus one per admission.
+        assert 0 < len(wakeups) <= eng.stats()["steps"] - steps + 3 + 1
+    finally:
+        eng.shutdown(timeout=5)
+
+
 @pytest.mark.slow
 def test_compiled_engine_matches_generate(model: GPT) -> None:
     eng = Engine(model, max_batch=2, compile=True)

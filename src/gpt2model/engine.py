@@ -120,18 +120,17 @@ class Request:
         with self._engine_wake:
             self._engine_wake.notify_all()
 
-    def _emit(self, event: TokenEvent | FinishEvent) -> None:
+    def _emit(self, event: TokenEvent | FinishEvent) -> list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]:
+        """Queue ``event`` and wake blocking readers; returns the asyncio readers to wake (the
+        engine wakes each event loop once per step, not once per token and request)."""
         with self._cond:
             if self.finish_reason is not None:
-                return  # exactly one FinishEvent, nothing after it
+                return []  # exactly one FinishEvent, nothing after it
             if isinstance(event, FinishEvent):
                 self.finish_reason = event.reason
             self._events.append(event)
             self._cond.notify_all()
-            waiters = list(self._waiters)
-        for loop, ready in waiters:
-            with contextlib.suppress(RuntimeError):  # the reader's loop is closed: nobody listens any more
-                loop.call_soon_threadsafe(ready.set)
+            return list(self._waiters)
 
     def events(self) -> Iterator[TokenEvent | FinishEvent]:
         """Blocking iterator over the events, ending after the FinishEvent."""
@@ -168,14 +167,24 @@ class Request:
                 self._waiters.remove(waiter)
 
 
+def _set_all(events: list[asyncio.Event]) -> None:
+    for event in events:
+        event.set()
+
+
 @dataclass
 class _Slot:
-    """A request's cache row: ``pos`` is the next cache position to write (= tokens in the row)."""
+    """A request's cache row: ``pos`` is the next cache position to write (= tokens in the row).
+    ``sampled`` / ``top_k`` / ``top_p``: the row's settings are in the engine's per-slot tensors
+    (counted in its host-side tallies until the row is freed)."""
 
     request: Request
     pos: int
     seed: int = 0  # the request's seed, or one the engine drew for it
     generated: int = 0
+    sampled: bool = False
+    top_k: int | None = None
+    top_p: float | None = None
 
 
 class Engine:
@@ -202,6 +211,9 @@ class Engine:
         self._counts = dict(submitted=0, tokens_generated=0, steps=0, prefills=0)
         self._finished = dict.fromkeys(("stop", "length", "cancelled", "error"), 0)
         self._fatal: str | None = None
+        # asyncio readers to wake, by event loop: woken once per loop after each admission round
+        # and step (a self-pipe write per token and request cost ~5% of the engine thread).
+        self._to_wake: dict[asyncio.AbstractEventLoop, list[asyncio.Event]] = {}
 
     # --- the public side (any thread) -------------------------------------------------------------
     def start(self) -> None:
@@ -301,11 +313,14 @@ class Engine:
                     if self._stopping:
                         break
                     admit = self._take_admissible()
+                self._wake_readers()
                 for slot, request in admit:
                     self._admit(slot, request)
+                    self._wake_readers()  # each first token goes out before the next prefill
                 self._drop_cancelled()
                 if self._running:
                     self._step()
+                self._wake_readers()
         finally:
             self._cancel_all()
             self.model.clear_cache()
@@ -321,6 +336,14 @@ class Engine:
         self._pos = torch.zeros(B, 1, dtype=torch.long, device=device)
         self._mask = torch.full((B, 1, 1, C), float("-inf"), dtype=m.dtype, device=device)
         self._mask[..., 0] = 0.0  # free rows attend to slot 0: never a fully masked (NaN) row
+        # Each slot's sampling settings live on the device, written when a request is admitted
+        # (free rows: greedy, no filters), so a step builds no tensors from Python lists; ``steps``
+        # (the index of the token each row draws next) advances in place after every step.
+        self._temperature = torch.zeros(B, device=device)
+        self._top_k = torch.zeros(B, dtype=torch.long, device=device)  # <= 0: no top-k filter
+        self._top_p = torch.ones(B, device=device)  # >= 1: no nucleus filter
+        self._seeds = torch.zeros(B, dtype=torch.long, device=device)
+        self._steps = torch.zeros(B, dtype=torch.long, device=device)
         self._step_fn = step_for(m, self.compile)
         self.compile = self._step_fn is not decode_step
         # Warm up (and compile) with a one-token request in slot 0, then forget it.
@@ -366,9 +389,38 @@ class Engine:
             slot.seed = new_seed() if p.seed is None else p.seed
             token = sample_logits(logits, p.temperature, p.top_k, p.top_p, seed=slot.seed, step=0)
             self._tokens[b] = token
+            self._install(b, slot)
             self._deliver(b, int(token), logits[0] if p.logprobs is not None else None)
         except Exception as e:  # noqa: BLE001 - one bad request must not take the engine down
             self._free(b, FinishEvent("error", f"{type(e).__name__}: {e}"))
+
+    def _install(self, b: int, slot: _Slot) -> None:
+        """Write row ``b``'s sampling settings into the per-slot tensors (at admission)."""
+        p = slot.request.params
+        slot.sampled = p.temperature > 0
+        slot.top_k = p.top_k if slot.sampled else None
+        slot.top_p = p.top_p if slot.sampled and p.top_p is not None and p.top_p < 1.0 else None
+        self._temperature[b] = float(p.temperature)
+        self._top_k[b] = slot.top_k or 0
+        self._top_p[b] = 1.0 if slot.top_p is None else float(slot.top_p)
+        self._seeds[b:b + 1] = seed_tensor([slot.seed], self._seeds.device)
+        self._steps[b] = 1  # the first token (step 0) came from the prefill
+
+    def _sampling_args(self, hi: int, greedy_only: bool) -> tuple[Any, Any, Any]:
+        """``(temperature, top_k, top_p)`` for a step over rows ``0 .. hi-1``. Eagerly, a batch of
+        greedy rows passes ``temperature=0`` (argmax only: no random bits over the vocabulary),
+        and a setting all sampled rows share is passed as one number (the cheaper whole-batch
+        path of :func:`sample_logits`; greedy rows ignore filters). Compiled, the per-slot tensors
+        always (one graph whatever the settings; a filter no row uses is left out)."""
+        rows = [s for s in self._slots[:hi] if s is not None and s.sampled] if not greedy_only else []
+        if self.compile:
+            return (self._temperature[:hi], self._top_k[:hi] if any(s.top_k for s in rows) else None,
+                    self._top_p[:hi] if any(s.top_p for s in rows) else None)
+        if not rows:
+            return 0.0, None, None
+        top_k, top_p = {s.top_k for s in rows}, {s.top_p for s in rows}
+        return (self._temperature[:hi], top_k.pop() if len(top_k) == 1 else self._top_k[:hi],
+                top_p.pop() if len(top_p) == 1 else self._top_p[:hi])
 
     def _drop_cancelled(self) -> None:
         for b, slot in enumerate(self._slots):
@@ -407,25 +459,11 @@ class Engine:
         pos = self._pos[:hi]
         self._mask[:hi].scatter_(3, pos.view(hi, 1, 1, 1), 0.0)  # the slot written now becomes visible
         L = self._mask.size(-1) if self.compile else max(pos_host) + 1
-        params = [s.request.params if s is not None else None for s in rows]
-        if greedy_only:
-            temperature: Any = torch.zeros(hi, device=pos.device)
-            top_k = top_p = None
-            seeds = steps = torch.zeros(hi, dtype=torch.long, device=pos.device)
-        else:
-            temperature = torch.tensor([p.temperature if p else 0.0 for p in params], device=pos.device)
-            top_k = top_p = None
-            if any(p is not None and p.top_k is not None for p in params):
-                top_k = torch.tensor([(p.top_k or 0) if p else 0 for p in params], device=pos.device)
-            if any(p is not None and p.top_p is not None for p in params):
-                top_p = torch.tensor([p.top_p if p and p.top_p is not None else 1.0 for p in params],
-                                     device=pos.device)
-            seeds = seed_tensor([s.seed if s else 0 for s in rows], pos.device)
-            steps = torch.tensor([s.generated if s else 0 for s in rows], dtype=torch.long, device=pos.device)
+        temperature, top_k, top_p = self._sampling_args(hi, greedy_only)
         run = run_compiled_step if self.compile else (lambda fn, *args: fn(*args))
         try:
             nxt, logits = run(self._step_fn, self.model, self._tokens[:hi], pos, self._mask[:hi, :, :, :L], pos,
-                              temperature, top_k, top_p, seeds, steps)
+                              temperature, top_k, top_p, self._seeds[:hi], self._steps[:hi])
         except Exception as e:
             if not self.compile:
                 raise
@@ -435,6 +473,7 @@ class Engine:
             self.compile, self._step_fn = False, decode_step
             return self._decode(hi, greedy_only)
         self._tokens[:hi, 0] = nxt
+        self._steps[:hi] += 1  # free rows too: harmless, _install resets a row
         return nxt.tolist(), logits
 
     def _deliver(self, b: int, token: int, logits: torch.Tensor | None) -> None:
@@ -457,7 +496,7 @@ class Engine:
                 event.top_logprobs = []
         with self._wake:
             self._counts["tokens_generated"] += 1
-        slot.request._emit(event)
+        self._post(slot.request, event)
         if slot.generated >= p.max_tokens:
             self._free(b, FinishEvent("length"))
 
@@ -468,6 +507,9 @@ class Engine:
         self._slots[b] = None
         self._mask[b].fill_(float("-inf"))
         self._mask[b, ..., 0] = 0.0
+        if hasattr(self, "_temperature"):
+            self._temperature[b] = 0.0  # a free row is greedy, unfiltered
+            self._top_k[b], self._top_p[b] = 0, 1.0
         with self._wake:
             self._running -= 1
             self._free_slots += 1
@@ -477,7 +519,19 @@ class Engine:
     def _finish_locked(self, request: Request, event: FinishEvent) -> None:
         if request.finish_reason is None:
             self._finished[event.reason] += 1
-        request._emit(event)
+        self._post(request, event)
+
+    def _post(self, request: Request, event: TokenEvent | FinishEvent) -> None:
+        for loop, ready in request._emit(event):
+            self._to_wake.setdefault(loop, []).append(ready)
+
+    def _wake_readers(self) -> None:
+        """Wake the asyncio readers of the events posted since the last call: one
+        ``call_soon_threadsafe`` per event loop."""
+        to_wake, self._to_wake = self._to_wake, {}
+        for loop, events in to_wake.items():
+            with contextlib.suppress(RuntimeError):  # the reader's loop is closed: nobody listens any more
+                loop.call_soon_threadsafe(_set_all, events)
 
     def _cancel_all(self, reason: str = "cancelled", error: str | None = None) -> None:
         """Finish every running and queued request (at shutdown, or when the engine cannot start)."""
@@ -488,6 +542,7 @@ class Engine:
             while self._queue:
                 self._finish_locked(self._queue.popleft(), FinishEvent(reason, error))
             self._wake.notify_all()
+            self._wake_readers()
         if hasattr(self, "_check_inputs"):
             self.model.check_inputs = self._check_inputs
 
