@@ -85,7 +85,7 @@ def test_quantize_swaps_every_linear_unties_the_head_and_keeps_the_embedding() -
     model = spiky(SMALL)
     wte = model.transformer.wte.weight.detach().clone()
     assert not is_quantized(model)
-    assert model.quantize("int8") is model
+    assert model.quantize("int8", head=True) is model
     assert is_quantized(model) and not model.training
     assert not any(isinstance(m, nn.Linear) for m in model.modules())
     assert isinstance(model.lm_head, Int8Linear)
@@ -95,6 +95,18 @@ def test_quantize_swaps_every_linear_unties_the_head_and_keeps_the_embedding() -
         model.quantize("int8")
     with pytest.raises(ValueError, match="unknown quantization 'int4'; choose one of int8"):
         quantize(spiky(SMALL), "int4")
+
+
+def test_the_head_is_quantized_where_it_is_a_sizeable_part_of_the_weights() -> None:
+    # A character vocabulary's head is a sliver of the weights: int8 there saves nothing and flips
+    # near-tied greedy tokens, so by default it stays float (and tied); a BPE-sized head is quantized.
+    char = GPT(GPTconfig(context_length=32, vocab_size=65, n_layer=2, n_head=2, d_model=64)).quantize("int8")
+    assert isinstance(char.lm_head, nn.Linear) and char.lm_head.weight is char.transformer.wte.weight
+    assert isinstance(char.transformer.h[0].mlp.c_fc, Int8Linear)
+    bpe = GPT(GPTconfig(context_length=32, vocab_size=5000, n_layer=2, n_head=2, d_model=64)).quantize("int8")
+    assert isinstance(bpe.lm_head, Int8Linear)
+    forced = GPT(GPTconfig(context_length=32, vocab_size=5000, n_layer=2, n_head=2, d_model=64))
+    assert isinstance(forced.quantize("int8", head=False).lm_head, nn.Linear)
 
 
 def test_a_quantized_model_refuses_to_be_saved(tmp_path) -> None:

@@ -481,12 +481,13 @@ class GPT(nn.Module):
             restore_layout(self)
         return super().train(mode)
 
-    def quantize(self, mode: str = "int8") -> GPT:
+    def quantize(self, mode: str = "int8", head: bool | None = None) -> GPT:
         """Quantize the weights in place for inference (``"int8"``: weight-only, per-output-channel)
-        and return the model; see ``gpt2model.quantize``. Quantized models cannot be saved."""
+        and return the model; ``head``: the LM head too (default: where it is a sizeable part of
+        the weights); see ``gpt2model.quantize.quantize``. Quantized models cannot be saved."""
         from .quantize import quantize
 
-        return quantize(self, mode)
+        return quantize(self, mode, head)
 
     # --- weights in and out (HF format; see checkpoint.py) --------------------------------------
     @classmethod
