@@ -385,7 +385,11 @@ def test_compiled_decode_matches_eager() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a platform without a compiler falls back to eager
         compiled = generate(model, prompt, 30, temperature=0, compile=True)
+        # Sampled: the compiled step hashes the whole vocabulary in int32 lanes inside the graph,
+        # eager hashes only the top-k candidates; both must draw the same tokens.
+        sampled = generate(model, prompt, 30, temperature=0.8, top_k=5, seed=3, compile=True)
     assert torch.equal(compiled, generate(model, prompt, 30, temperature=0))
+    assert torch.equal(sampled, generate(model, prompt, 30, temperature=0.8, top_k=5, seed=3))
 
 
 def test_perplexity_sanity_of_sampling_distribution() -> None:
@@ -556,6 +560,36 @@ def test_random_bits_equal_a_pure_python_reimplementation() -> None:
     bits = random_bits(seed_tensor(seeds), torch.tensor(steps), 300)
     for row, (seed, step) in enumerate(zip(seeds, steps, strict=True)):
         assert bits[row].tolist() == [_py_bits(seed, step, v) for v in range(300)]
+
+
+def test_top_k_hashes_only_the_candidates_and_draws_what_the_full_vocabulary_draws(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(5)
+    V, k = 1000, 8
+    # bf16-rounded logits tie often; row 1 also has 5 extra tokens tied with its k-th value.
+    logits = (torch.randn(3, V, generator=g) * 3).bfloat16().float()
+    row = logits[1]
+    top = row.topk(k).values
+    ties = (row < top[-1]).nonzero()[:5, 0]
+    row[ties] = top[-1]
+    kept = logits >= logits.topk(k).values[:, -1:]  # the documented rule: ties with the k-th stay
+    values, ids = gen_mod._top_k_candidates(logits, k)
+    assert ids.size(1) == int(kept.sum(1).max()) >= k + 5
+    for b in range(3):  # each row: exactly its kept tokens, the rest of the n entries -inf
+        assert sorted(ids[b][values[b] > float("-inf")].tolist()) == kept[b].nonzero()[:, 0].tolist()
+    hashed: list[int] = []
+    real = gen_mod._hash32
+    monkeypatch.setattr(gen_mod, "_hash32", lambda x: hashed.append(x.numel()) or real(x))
+    per_row_k = torch.full((3,), k)  # the per-row path filters and hashes the whole vocabulary
+    drawn_tokens = set()
+    for step in range(200):
+        hashed.clear()
+        fast = sample_logits(logits, temperature=0.9, top_k=k, seed=11, step=step)
+        assert max(hashed) == 3 * ids.size(1)  # the candidates only, never (B, V)
+        full = sample_logits(logits, temperature=0.9, top_k=per_row_k, seed=11, step=step)
+        assert torch.equal(fast, full), step
+        drawn_tokens.add(int(fast[1]))
+    assert len(drawn_tokens & set(ties.tolist())) >= 2  # tied tokens are drawn too
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to compare with the CPU")

@@ -127,35 +127,68 @@ class TextStream:
 
 
 # --- sampling ----------------------------------------------------------------------------------------
-# Random numbers come from a counter-based hash of (seed, step, token id) computed with int64 tensor
+# Random numbers come from a counter-based hash of (seed, step, token id) computed with integer tensor
 # ops: the same bits on every device and dtype, no generator state, no host sync, and each row's
 # draw depends only on its own seed and step (so a row gives the same tokens alone or batched).
 _M32 = 0xFFFFFFFF
 _SEED_MOD = 2**63
-
-
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """``(x * c) mod 2**32`` for ``x`` in ``[0, 2**32)``, in 16-bit halves so int64 never overflows."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+_ID_HASHES: dict[tuple[int, torch.device], torch.Tensor] = {}  # _hash32(arange(V)) per (V, device)
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """lowbias32 (C. Wellons' integer hash), a bijection of ``[0, 2**32)``; shifts are logical
-    because every value stays non-negative."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+    """lowbias32 (C. Wellons' integer hash), a bijection of 32-bit words, on int32 tensors.
+
+    The words are held two's-complement in int32 and the multiplications wrap modulo 2**32, as
+    every torch backend computes them (a vectorised ``mullo`` on CPU, ``mul.lo`` on CUDA, the same
+    in compiled code); the shifts are made logical by masking off the sign bits an arithmetic
+    shift drags in. int32 lanes instead of int64 with 16-bit half products: a third of the
+    operations on half the bytes (the pure-Python check in the tests pins the values)."""
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * 0x7FEB352D
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * (0x846CA68B - 2**32)
+    return x ^ ((x >> 16) & 0xFFFF)
+
+
+def _as_int32(x: torch.Tensor) -> torch.Tensor:
+    """int64 words in ``[0, 2**32)`` as the int32 with the same 32 bits."""
+    return torch.where(x >= 2**31, x - 2**32, x).to(torch.int32)
+
+
+def _row_keys(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """The ``(B,)`` int32 key of each row's draw: a hash of (seed, step)."""
+    lo, hi = _as_int32(seeds & _M32), _as_int32(seeds >> 32)
+    return _hash32(_hash32(_hash32(hi ^ 0x9E3779B9) ^ lo) ^ _as_int32(steps & _M32))
+
+
+def _id_hashes(vocab_size: int, device: torch.device) -> torch.Tensor:
+    """``_hash32`` of every token id ``(V,)``: the half of the hash that does not depend on the
+    seed, made once per vocabulary and device (inside a compiled graph it is recomputed, fused)."""
+    if torch.compiler.is_compiling():
+        return _hash32(torch.arange(vocab_size, device=device, dtype=torch.int32))
+    key = (vocab_size, torch.device(device))
+    if key not in _ID_HASHES:
+        _ID_HASHES[key] = _hash32(torch.arange(vocab_size, device=device, dtype=torch.int32))
+    return _ID_HASHES[key]
 
 
 def random_bits(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """32 random bits ``(B, vocab_size)`` int64 for token id ``v`` of row ``b``: a hash of
     ``(seeds[b], steps[b], v)``. ``seeds`` are in ``[0, 2**63)``, ``steps`` >= 0."""
-    lo, hi = seeds & _M32, seeds >> 32
-    key = _hash32(_hash32(_hash32(hi ^ 0x9E3779B9) ^ lo) ^ (steps & _M32))  # (B,)
-    ids = torch.arange(vocab_size, device=seeds.device, dtype=torch.long)
-    return _hash32(_hash32(ids)[None, :] ^ key[:, None])
+    bits = _hash32(_id_hashes(vocab_size, seeds.device)[None, :] ^ _row_keys(seeds, steps)[:, None])
+    return bits.long() & _M32
+
+
+def _gumbel(keys: torch.Tensor, id_hashes: torch.Tensor) -> torch.Tensor:
+    """Gumbel noise ``(B, n)`` fp32 of the tokens whose ``_hash32(id)`` are ``id_hashes``
+    (``(V,)`` for the whole vocabulary or ``(B, n)`` for some ids per row): ``-log(-log(u))`` with
+    ``u`` the top 23 bits of :func:`random_bits`, in ``[2**-24, 1 - 2**-24]`` (23 bits keep the
+    top value exactly below 1 in fp32)."""
+    if id_hashes.dim() == 1:
+        id_hashes = id_hashes[None, :]
+    bits = _hash32(id_hashes ^ keys[:, None])
+    u = (((bits >> 9) & 0x7FFFFF).float() + 0.5) * 2.0**-23
+    return u.log_().neg_().log_().neg_()
 
 
 def seed_tensor(seeds: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
@@ -197,18 +230,27 @@ def sample_logits(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0,
     ``(seed, step, token id)`` (:func:`random_bits`): the same seed gives the same tokens on every
     device for the same logits. ``seed`` is an int (row i uses ``seed + i``) or a ``(B,)`` tensor;
     ``step`` (int or ``(B,)``) is the index of the token being drawn, so successive draws differ.
-    Without ``seed`` one is drawn from ``generator`` (or torch's global generator).
+    Without ``seed`` one is drawn from ``generator`` (or torch's global generator). With an int
+    ``top_k`` (and no ``top_p``), eager code hashes only the kept candidates: the same draw as
+    hashing the whole vocabulary, since a token's noise depends only on its id.
     """
     logits = logits.float()  # bf16 has too few mantissa bits for a faithful softmax/cumsum
     B, V = logits.shape
     if not isinstance(temperature, torch.Tensor) and temperature == 0:
         return logits.argmax(dim=-1)
     device = logits.device
-    t = _per_row(temperature, B, device).float()
-    greedy = t == 0
-    scaled = logits / torch.where(greedy, torch.ones_like(t), t)[:, None]
+    per_row_t = isinstance(temperature, torch.Tensor)
+    if per_row_t:  # rows at temperature 0 are greedy
+        t = temperature.to(device).float()
+        greedy = t == 0
+        scaled = logits / torch.where(greedy, torch.ones_like(t), t)[:, None]
+    else:  # (x / 1 == x exactly; the same fp32 division as the per-row case otherwise)
+        scaled = logits if temperature == 1 else logits / _per_row(temperature, B, device).float()[:, None]
+    candidates = None
     if isinstance(top_k, torch.Tensor) or isinstance(top_p, torch.Tensor):
         scaled = _filter_per_row(scaled, top_k, top_p)
+    elif top_k is not None and top_k < V and (top_p is None or top_p >= 1.0) and not torch.compiler.is_compiling():
+        candidates = _top_k_candidates(scaled, top_k)
     else:
         if top_k is not None and top_k < V:
             kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]
@@ -219,12 +261,29 @@ def sample_logits(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0,
     if seed is None:
         seed = new_seed(generator)
     seeds = row_seeds(seed, B, device) if not isinstance(seed, torch.Tensor) else seed.to(device)
-    steps = _per_row(step, B, device).long()
-    # Uniform in [2**-24, 1 - 2**-24]: 23 bits keep the top value exactly below 1 in fp32.
-    u = ((random_bits(seeds, steps, V) >> 9).float() + 0.5) * 2.0**-23
-    gumbel = -torch.log(-torch.log(u))
-    drawn = (scaled + gumbel).argmax(dim=-1)
-    return torch.where(greedy, logits.argmax(dim=-1), drawn)
+    keys = _row_keys(seeds, _per_row(step, B, device).long())
+    if candidates is not None:
+        # Only the top-k tokens can win: hash just those ids (the noise depends only on the id, so
+        # the draw is the full-vocabulary draw), in id order so that ties resolve as argmax does.
+        ids, order = candidates[1].sort(dim=-1)
+        kept = candidates[0].gather(1, order)
+        drawn = ids.gather(1, (kept + _gumbel(keys, _hash32(ids.int()))).argmax(dim=-1, keepdim=True))[:, 0]
+    else:
+        drawn = (scaled + _gumbel(keys, _id_hashes(V, device))).argmax(dim=-1)
+    return torch.where(greedy, logits.argmax(dim=-1), drawn) if per_row_t else drawn
+
+
+def _top_k_candidates(scaled: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values, ids)`` ``(B, n)`` of every token the top-k filter keeps, for eager code (one host
+    read): the k largest of each row plus the tokens tied with its k-th (n = the most kept in a
+    row; a row's extra entries, below its k-th, are -inf)."""
+    values, ids = torch.topk(scaled, top_k, dim=-1)
+    kth = values[:, -1:]
+    n = int((scaled >= kth).sum(dim=-1).max())
+    if n > top_k:  # ties with the k-th stay (bf16 logits tie often)
+        values, ids = torch.topk(scaled, n, dim=-1)
+        values = values.masked_fill(values < kth, float("-inf"))
+    return values, ids
 
 
 def _filter_top_p(scaled: torch.Tensor, sorted_probs_order: tuple[torch.Tensor, torch.Tensor],
