@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -47,7 +48,7 @@ SERVERS = ("ours", "ours-b1", "hf", "hf-cb", "llama-f32", "llama-f16")
 COLUMNS = [("server", "server"), ("clients", "clients"), ("tok_s", "output tok/s"), ("req_s", "req/s"),
            ("ttft_p50_ms", "TTFT p50 ms"), ("ttft_p99_ms", "TTFT p99 ms"), ("itl_p50_ms", "ITL p50 ms"),
            ("itl_p99_ms", "ITL p99 ms"), ("tokens_per_req", "tokens/req"), ("errors", "errors"),
-           ("rejected", "429s"), ("ok", "ok")]
+           ("rejected", "429s"), ("mean_batch", "mean batch"), ("load", "load"), ("ok", "ok")]
 
 
 def _free_port() -> int:
@@ -177,10 +178,28 @@ async def _one(client: Any, url: str, model: str, prompt: str, max_tokens: int) 
     return {"status": 200, "start": t0, "stamps": stamps, "tokens": tokens, "finish": finish}
 
 
+def _engine_stats(url: str) -> dict[str, float]:
+    """Our server's engine counters from /metrics (empty for the peers)."""
+    import httpx
+
+    try:
+        text = httpx.get(url + "/metrics", timeout=5).text
+    except httpx.HTTPError:
+        return {}
+    stats = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name.startswith("gpt2model_engine_"):
+            with contextlib.suppress(ValueError):
+                stats[name.removeprefix("gpt2model_engine_")] = float(value)
+    return stats
+
+
 async def _level(url: str, model: str, prompts: list[str], clients: int, seconds: float,
                  max_tokens: int) -> dict[str, Any]:
     import httpx
 
+    before = await asyncio.to_thread(_engine_stats, url)
     results: list[dict[str, Any]] = []
     errors: list[str] = []
     deadline = time.perf_counter() + seconds
@@ -205,12 +224,17 @@ async def _level(url: str, model: str, prompts: list[str], clients: int, seconds
     itl = [(b - a) * 1e3 for r in ok for a, b in zip(r["stamps"], r["stamps"][1:], strict=False)]
     short = [r for r in ok if r["tokens"] < max_tokens and r["finish"] != "stop"]
     tokens = sum(r["tokens"] for r in ok)
+    after = await asyncio.to_thread(_engine_stats, url)
+    steps = after.get("steps", 0) - before.get("steps", 0)
+    # Rows per decode step (ours only): how full continuous batching kept the batch.
+    mean_batch = (after["step_rows"] - before["step_rows"]) / steps if steps and "step_rows" in after else None
     return {"clients": clients, "requests": len(ok), "tok_s": tokens / wall, "req_s": len(ok) / wall,
             "ttft_p50_ms": _pct(ttft, 0.5), "ttft_p99_ms": _pct(ttft, 0.99), "itl_p50_ms": _pct(itl, 0.5),
             "itl_p99_ms": _pct(itl, 0.99),
             "tokens_per_req": median(r["tokens"] for r in ok) if ok else None,
             "min_tokens": min((r["tokens"] for r in ok), default=None),
-            "errors": len(errors) + len(bad_status), "rejected": rejected,
+            "errors": len(errors) + len(bad_status), "rejected": rejected, "mean_batch": mean_batch,
+            "load": os.getloadavg()[0],
             "ok": "yes" if ok and not short and not errors and not bad_status else "FAILED",
             "error_samples": (errors + [f"HTTP {s}" for s in bad_status])[:3]}
 

@@ -86,6 +86,9 @@ def test_requests_get_what_they_get_alone_while_others_join_and_leave(engine: En
     s = engine.stats()
     assert s["running"] == 0 and s["queued"] == 0 and s["finished"]["length"] == 5
     assert s["tokens_generated"] == 40 + 6 + 20 + 15 + 12
+    # 5 first tokens come from prefills, the other 88 from steps of 1..3 rows (3 slots).
+    assert s["step_rows"] == 40 + 6 + 20 + 15 + 12 - 5 and s["steps"] <= s["step_rows"] <= 3 * s["steps"]
+    assert s["prefills"] == 5 and s["step_seconds"] > 0 and s["prefill_seconds"] > 0
 
 
 def _wait_idle(engine: Engine) -> None:

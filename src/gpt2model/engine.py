@@ -208,7 +208,8 @@ class Engine:
         self._slots: list[_Slot | None] = [None] * max_batch
         self._running = 0
         self._free_slots = max_batch  # slots neither running nor claimed (guarded by _wake)
-        self._counts = dict(submitted=0, tokens_generated=0, steps=0, prefills=0)
+        self._counts = dict(submitted=0, tokens_generated=0, steps=0, prefills=0, step_rows=0)
+        self._seconds = dict(step_seconds=0.0, prefill_seconds=0.0)  # inference thread time in each
         self._finished = dict.fromkeys(("stop", "length", "cancelled", "error"), 0)
         self._fatal: str | None = None
         # asyncio readers to wake, by event loop: woken once per loop after each admission round
@@ -263,11 +264,13 @@ class Engine:
 
     def stats(self) -> dict[str, Any]:
         """Counters for monitoring: requests ``running`` and ``queued`` now, ``tokens_generated``,
-        ``steps`` (decode steps), ``prefills``, ``submitted`` and ``finished`` by reason."""
+        ``steps`` (decode steps), ``step_rows`` (active rows summed over steps: / ``steps`` = the
+        mean batch), ``prefills``, ``step_seconds`` / ``prefill_seconds`` (time the inference
+        thread spent in each), ``submitted`` and ``finished`` by reason."""
         with self._wake:
             return dict(running=self._running, queued=len(self._queue), max_batch=self.max_batch,
                         max_queue=self.max_queue, ready=self.ready.is_set(), error=self._fatal,
-                        **self._counts, finished=dict(self._finished))
+                        **self._counts, **self._seconds, finished=dict(self._finished))
 
     def _check(self, prompt_ids: Sequence[int], params: SamplingParams) -> list[int]:
         cfg = self.model.config
@@ -374,6 +377,7 @@ class Engine:
     @torch.no_grad()
     def _admit(self, b: int, request: Request) -> None:
         """Prefill the prompt into cache row ``b`` and emit the first token."""
+        t0 = time.perf_counter()
         try:
             p = request.params
             ids = torch.tensor([request.prompt_ids], dtype=torch.long, device=self.model.device)
@@ -393,6 +397,7 @@ class Engine:
             self._deliver(b, int(token), logits[0] if p.logprobs is not None else None)
         except Exception as e:  # noqa: BLE001 - one bad request must not take the engine down
             self._free(b, FinishEvent("error", f"{type(e).__name__}: {e}"))
+        self._seconds["prefill_seconds"] += time.perf_counter() - t0
 
     def _install(self, b: int, slot: _Slot) -> None:
         """Write row ``b``'s sampling settings into the per-slot tensors (at admission)."""
@@ -431,10 +436,12 @@ class Engine:
     def _step(self) -> None:
         """One decode step over every active row; a failure fails those rows, not the engine."""
         active = [b for b, s in enumerate(self._slots) if s is not None]
+        t0 = time.perf_counter()
         try:
             hi = self.max_batch if self.compile else active[-1] + 1
             tokens, logits = self._decode(hi)
             self._counts["steps"] += 1
+            self._counts["step_rows"] += len(active)
         except Exception as e:  # noqa: BLE001
             for b in active:
                 self._free(b, FinishEvent("error", f"decode step failed: {type(e).__name__}: {e}"))
@@ -449,6 +456,7 @@ class Engine:
                 self._deliver(b, tokens[b], logits[b] if want else None)
             except Exception as e:  # noqa: BLE001
                 self._free(b, FinishEvent("error", f"{type(e).__name__}: {e}"))
+        self._seconds["step_seconds"] += time.perf_counter() - t0
 
     def _decode(self, hi: int, greedy_only: bool = False) -> tuple[list[int], torch.Tensor]:
         """Run :func:`decode_step` over cache rows ``0 .. hi-1``; returns the new tokens (host)
