@@ -13,7 +13,15 @@ import torch
 from gpt2model import GPT, GPTconfig
 from gpt2model import engine as engine_mod
 from gpt2model import generate as gen_mod
-from gpt2model.engine import Engine, FinishEvent, QueueFullError, Request, SamplingParams, TokenEvent
+from gpt2model.engine import (
+    Engine,
+    FinishEvent,
+    PromptEvent,
+    QueueFullError,
+    Request,
+    SamplingParams,
+    TokenEvent,
+)
 from gpt2model.generate import generate
 
 CFG = GPTconfig(context_length=64, vocab_size=50, n_layer=2, n_head=2, d_model=32)
@@ -128,6 +136,22 @@ def test_stop_tokens_and_logprobs(engine: Engine, model: GPT) -> None:
             ids.append(e.token)
     tokens, _ = collect(engine.submit(prompt, SamplingParams(max_tokens=2, temperature=0, logprobs=0)))
     assert all(e.logprob is not None and e.top_logprobs == [] for e in tokens)
+
+
+def test_prompt_logprobs_come_first_from_the_same_prefill(engine: Engine, model: GPT) -> None:
+    prompt, params = [4, 4, 2, 9, 1], SamplingParams(max_tokens=6, temperature=0, prompt_logprobs=2)
+    events = list(engine.submit(prompt, params).events())
+    assert isinstance(events[0], PromptEvent) and isinstance(events[-1], FinishEvent)
+    with torch.no_grad():
+        logp = _REFERENCE[id(model)](torch.tensor([prompt]))[0].log_softmax(-1)  # (P, V)
+    assert [e.token for e in events[0].tokens] == prompt[1:]
+    for i, e in enumerate(events[0].tokens):
+        assert e.logprob == pytest.approx(float(logp[i, prompt[i + 1]]), abs=1e-4)
+        assert [t for t, _ in e.top_logprobs] == logp[i].topk(2).indices.tolist()
+    assert [e.token for e in events[1:-1]] == alone(model, prompt, params)  # generation is unchanged
+    assert all(isinstance(e, TokenEvent) and e.logprob is None for e in events[1:-1])
+    with pytest.raises(ValueError, match="prompt_logprobs must be"):
+        engine.submit(prompt, SamplingParams(max_tokens=2, prompt_logprobs=-1))
 
 
 def test_cancel_frees_the_slot_within_one_step(model: GPT) -> None:

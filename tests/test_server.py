@@ -344,6 +344,33 @@ def test_n_echo_logprobs_and_tokenize(served, client):
     assert chat_tok["tokens"] == served.tok.encode("User: Hi\nAssistant:")
 
 
+def test_echo_with_logprobs_gives_the_prompt_logprobs_too(served, client):
+    """OpenAI's legacy shape: the echoed prompt's tokens come first, the first with null logprob and
+    top_logprobs; each logprob is the model's, and text_offset runs over echo + completion."""
+    prompt = "Hello world, this is"
+    ids = served.tok.encode(prompt)
+    with torch.no_grad():
+        logp = served.ref(torch.tensor([ids]))[0].log_softmax(-1)
+    new = served.greedy(ids, 3)
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=3, temperature=0, echo=True, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == prompt + served.text(new)
+    assert lp.tokens == [served.tok.decode([t]) for t in ids + new]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:len(ids)] == pytest.approx([float(logp[i, ids[i + 1]]) for i in range(len(ids) - 1)],
+                                                          abs=1e-4)
+    assert all(len(top) == 2 for top in lp.top_logprobs[1:])
+    assert lp.text_offset == [len(served.tok.decode((ids + new)[:i])) for i in range(len(ids + new))]
+    # Streamed: the first chunk carries the echo and the prompt's logprobs; the rest match too.
+    chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=3, temperature=0, echo=True,
+                                            logprobs=2, stream=True))
+    assert chunks[0].choices[0].text == prompt and chunks[0].choices[0].logprobs.tokens == lp.tokens[:len(ids)]
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text
+    assert sum((x.token_logprobs for x in streamed), []) == lp.token_logprobs
+    assert sum((x.text_offset for x in streamed), []) == lp.text_offset
+
+
 def test_metrics_report_requests_tokens_and_latency_histograms(served):
     text = httpx.get(served.url + "/metrics", headers=AUTH).text
     for name in ("gpt2model_requests_running", "gpt2model_requests_queued", "gpt2model_generation_tokens_total",

@@ -51,6 +51,7 @@ from .model import check_token_ids
 if TYPE_CHECKING:
     from .model import GPT
 
+_Waiter = tuple[asyncio.AbstractEventLoop, asyncio.Event]  # an asyncio reader: its loop and its wake-up
 MAX_LOGPROBS = 20  # top-k logprobs per token at most (vLLM's default limit)
 
 
@@ -60,8 +61,11 @@ class SamplingParams:
     engine draws one; the same seed gives the same tokens alone or batched (and the tokens
     ``model.generate(prompt, seed=seed)`` gives). ``logprobs=k``: each token comes with its
     log-probability under the model (log-softmax of the raw logits, before temperature and
-    filters) and the ``k`` most likely tokens with theirs. Generating one of ``stop_token_ids``
-    (e.g. end-of-text) ends the request with reason ``"stop"``; that token is not emitted."""
+    filters) and the ``k`` most likely tokens with theirs. ``prompt_logprobs=k``: the same for
+    every prompt token after the first, in one :class:`PromptEvent` before the first token (the
+    prefill then applies the LM head at every prompt position). Generating one of
+    ``stop_token_ids`` (e.g. end-of-text) ends the request with reason ``"stop"``; that token is
+    not emitted."""
 
     max_tokens: int
     temperature: float = 1.0
@@ -70,6 +74,7 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None
     stop_token_ids: tuple[int, ...] = ()
+    prompt_logprobs: int | None = None
 
 
 class QueueFullError(RuntimeError):
@@ -83,6 +88,14 @@ class TokenEvent:
     token: int
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
+
+
+@dataclass
+class PromptEvent:
+    """The prompt's logprobs (``SamplingParams.prompt_logprobs``): ``tokens[i]`` is prompt token
+    ``i + 1`` with its logprob given the tokens before it (the first prompt token has none)."""
+
+    tokens: list[TokenEvent]
 
 
 @dataclass
@@ -107,8 +120,8 @@ class Request:
         self._engine_wake = wake
         self._cancelled = threading.Event()
         self._cond = threading.Condition()
-        self._events: deque[TokenEvent | FinishEvent] = deque()
-        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._events: deque[TokenEvent | PromptEvent | FinishEvent] = deque()
+        self._waiters: list[_Waiter] = []
 
     @property
     def cancelled(self) -> bool:
@@ -120,7 +133,7 @@ class Request:
         with self._engine_wake:
             self._engine_wake.notify_all()
 
-    def _emit(self, event: TokenEvent | FinishEvent) -> list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]:
+    def _emit(self, event: TokenEvent | PromptEvent | FinishEvent) -> list[_Waiter]:
         """Queue ``event`` and wake blocking readers; returns the asyncio readers to wake (the
         engine wakes each event loop once per step, not once per token and request)."""
         with self._cond:
@@ -132,7 +145,7 @@ class Request:
             self._cond.notify_all()
             return list(self._waiters)
 
-    def events(self) -> Iterator[TokenEvent | FinishEvent]:
+    def events(self) -> Iterator[TokenEvent | PromptEvent | FinishEvent]:
         """Blocking iterator over the events, ending after the FinishEvent."""
         while True:
             with self._cond:
@@ -143,7 +156,7 @@ class Request:
             if isinstance(event, FinishEvent):
                 return
 
-    async def aevents(self) -> AsyncIterator[TokenEvent | FinishEvent]:
+    async def aevents(self) -> AsyncIterator[TokenEvent | PromptEvent | FinishEvent]:
         """The events for asyncio, woken from the engine thread with ``call_soon_threadsafe``."""
         ready = asyncio.Event()
         waiter = (asyncio.get_running_loop(), ready)
@@ -165,6 +178,17 @@ class Request:
         finally:
             with self._cond:
                 self._waiters.remove(waiter)
+
+
+def _logprob_events(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list[TokenEvent]:
+    """``tokens[i]`` with its logprob under ``logits[i]`` (log-softmax of the raw logits) and the
+    ``k`` most likely tokens with theirs."""
+    logp = logits.float().log_softmax(dim=-1)
+    chosen = logp.gather(1, tokens.to(logp.device).view(-1, 1))[:, 0].tolist()
+    top = logp.topk(k, dim=-1) if k else None
+    values, ids = (top.values.tolist(), top.indices.tolist()) if top is not None else ([[]] * len(chosen),) * 2
+    return [TokenEvent(int(t), lp, list(zip(i, v, strict=True)))
+            for t, lp, v, i in zip(tokens.tolist(), chosen, values, ids, strict=True)]
 
 
 def _set_all(events: list[asyncio.Event]) -> None:
@@ -289,9 +313,10 @@ class Engine:
                              f"model's context length {cfg.context_length}: shorten the prompt or lower max_tokens")
         if params.seed is not None and (isinstance(params.seed, bool) or not isinstance(params.seed, int)):
             raise ValueError(f"seed must be an integer, got {params.seed!r}")
-        if params.logprobs is not None and (isinstance(params.logprobs, bool) or not isinstance(params.logprobs, int)
-                                            or not 0 <= params.logprobs <= MAX_LOGPROBS):
-            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {params.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {k!r}")
         if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < cfg.vocab_size
                for t in params.stop_token_ids):
             raise ValueError(f"stop_token_ids must be token ids in [0, {cfg.vocab_size}), "
@@ -383,7 +408,13 @@ class Engine:
             ids = torch.tensor([request.prompt_ids], dtype=torch.long, device=self.model.device)
             P = ids.size(1)
             positions = torch.arange(P, device=ids.device)
-            logits = prefill(self.model, ids, positions, self.model.causal_mask[:P, :P][None, None], cache_row=b)
+            mask = self.model.causal_mask[:P, :P][None, None]
+            if p.prompt_logprobs is None:
+                logits = prefill(self.model, ids, positions, mask, cache_row=b)
+            else:  # the same forward with the LM head at every position (prefill keeps the last only)
+                every = self.model(ids, input_pos=positions, mask=mask, cache_row=b)[0]  # (P, V)
+                logits = every[-1:]
+                self._post(request, PromptEvent(_logprob_events(every[:-1], ids[0, 1:], p.prompt_logprobs)))
             self._counts["prefills"] += 1
             self._mask[b].fill_(float("-inf"))
             self._mask[b, ..., :P] = 0.0
@@ -495,13 +526,7 @@ class Engine:
             return
         event = TokenEvent(token)
         if logits is not None:
-            logp = logits.float().log_softmax(dim=-1)
-            event.logprob = float(logp[token])
-            if p.logprobs:
-                top = logp.topk(p.logprobs)
-                event.top_logprobs = [(int(i), float(v)) for v, i in zip(top.values, top.indices, strict=True)]
-            else:
-                event.top_logprobs = []
+            event = _logprob_events(logits[None], torch.tensor([token]), p.logprobs or 0)[0]
         with self._wake:
             self._counts["tokens_generated"] += 1
         self._post(slot.request, event)
@@ -529,7 +554,7 @@ class Engine:
             self._finished[event.reason] += 1
         self._post(request, event)
 
-    def _post(self, request: Request, event: TokenEvent | FinishEvent) -> None:
+    def _post(self, request: Request, event: TokenEvent | PromptEvent | FinishEvent) -> None:
         for loop, ready in request._emit(event):
             self._to_wake.setdefault(loop, []).append(ready)
 

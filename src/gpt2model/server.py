@@ -47,7 +47,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .engine import Engine, FinishEvent, QueueFullError, SamplingParams, TokenEvent
+from .engine import Engine, FinishEvent, PromptEvent, QueueFullError, SamplingParams, TokenEvent
 from .generate import TextStream
 
 if TYPE_CHECKING:
@@ -282,6 +282,7 @@ class _Choice:
     finish_reason: str | None = None
     logprobs: list[TokenEvent] = field(default_factory=list)
     last_token_at: float | None = None
+    prompt_logprobs: list[TokenEvent] | None = None  # echo + logprobs: the prompt's, from the engine
 
 
 class _Server:
@@ -414,7 +415,7 @@ class _Server:
 
     # --- engine -------------------------------------------------------------------------------------
     def submit(self, prompts: list[list[int]], req: _Sampling, max_tokens: list[int], stop: list[str],
-               logprobs: int | None) -> list[_Choice]:
+               logprobs: int | None, prompt_logprobs: int | None = None) -> list[_Choice]:
         """One engine request per (prompt, n); all or none (a full queue cancels what got in)."""
         if self.shutting_down:
             raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
@@ -428,7 +429,7 @@ class _Server:
                         max_tokens=max_tokens[i], temperature=float(req.temperature), top_k=req.top_k,
                         top_p=None if req.top_p >= 1.0 else float(req.top_p),
                         seed=None if req.seed is None else req.seed + j, logprobs=logprobs,
-                        stop_token_ids=stop_ids)
+                        stop_token_ids=stop_ids, prompt_logprobs=prompt_logprobs)
                     r = self.engine.submit(ids, params)
                     choices.append(_Choice(len(choices), i, r, TextStream(self.tokenizer, stop), stop_ids))
         except QueueFullError as e:
@@ -448,12 +449,13 @@ class _Server:
         return choices
 
     async def events(self, choices: list[_Choice], arrived: float) -> AsyncIterator[tuple[_Choice, str, bool]]:
-        """Merge the choices' engine events into ``(choice, new text, finished)``, in arrival order.
+        """Merge the choices' engine events into ``(choice, new text, finished)``, in arrival order
+        (``(choice, "", False)`` when the prompt's logprobs arrive: ``choice.prompt_logprobs``).
 
         Updates each choice (text, tokens, finish_reason, logprobs) and the latency metrics. A stop
         string or an end-of-text ends the choice with ``stop``; reaching ``max_tokens``, ``length``.
         """
-        queue: asyncio.Queue[tuple[_Choice, TokenEvent | FinishEvent]] = asyncio.Queue()
+        queue: asyncio.Queue[tuple[_Choice, TokenEvent | PromptEvent | FinishEvent]] = asyncio.Queue()
 
         async def pump(c: _Choice) -> None:
             async for ev in c.request.aevents():
@@ -479,6 +481,10 @@ class _Server:
                     self.metrics.e2e.observe(now - arrived)
                     c.text += tail
                     yield c, tail, True
+                    continue
+                if isinstance(ev, PromptEvent):
+                    c.prompt_logprobs = ev.tokens
+                    yield c, "", False
                     continue
                 if c.finish_reason is not None:
                     continue  # a stop string ended it; the engine's cancel is on its way
@@ -511,18 +517,28 @@ class _Server:
     def token_text(self, token: int) -> str:
         return self.tokenizer.decode([token])
 
-    def completion_logprobs(self, c: _Choice, offset: int) -> dict[str, Any] | None:
-        if not c.logprobs:
-            return None
+    def completion_logprobs(self, c: _Choice, offset: int, prompt: list[int] | None = None) -> dict[str, Any] | None:
+        """The legacy ``logprobs`` object of the choice's tokens so far, their text starting at
+        ``offset``; with ``prompt`` (echo), the prompt's tokens first, the first one with null
+        logprob and top_logprobs (nothing comes before it), as OpenAI's API gives them."""
         out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for ev in c.logprobs:
-            text = self.token_text(ev.token)
+
+        def add(token: int, logprob: float | None, top: dict[str, float] | None) -> None:
+            nonlocal offset
+            text = self.token_text(token)
             out["tokens"].append(text)
-            out["token_logprobs"].append(ev.logprob)
-            out["top_logprobs"].append({self.token_text(t): lp for t, lp in (ev.top_logprobs or [])})
+            out["token_logprobs"].append(logprob)
+            out["top_logprobs"].append(top)
             out["text_offset"].append(offset)
             offset += len(text)
-        return out
+
+        if prompt is not None:
+            add(prompt[0], None, None)
+            for ev in c.prompt_logprobs or []:
+                add(ev.token, ev.logprob, {self.token_text(t): lp for t, lp in (ev.top_logprobs or [])})
+        for ev in c.logprobs:
+            add(ev.token, ev.logprob, {self.token_text(t): lp for t, lp in (ev.top_logprobs or [])})
+        return out if out["tokens"] else None
 
     def chat_logprobs(self, evs: list[TokenEvent]) -> dict[str, Any]:
         def entry(token: int, lp: float) -> dict[str, Any]:
@@ -600,7 +616,7 @@ def _stream(server: _Server, request: Request, choices: list[_Choice], arrived: 
                 except APIError as e:
                     yield _sse(e.body())
                     break
-                if piece:
+                if piece or not finished:  # text, or the prompt's logprobs (echo)
                     yield _sse(make_chunk(c, piece, None))
                 if finished:
                     yield _sse(make_chunk(c, "", c.finish_reason))
@@ -691,13 +707,13 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig) -> FastAPI:
         arrived = time.perf_counter()
         req: CompletionRequest = server.parse(CompletionRequest, await server.read_json(request))
         _check_noops(req)
-        if req.echo and req.logprobs is not None:
-            raise APIError(400, "echo with logprobs (prompt logprobs) is not supported: drop one of them",
-                           param="echo", code="unsupported_value")
         prompts = server.encode_prompts(req.prompt)
         max_tokens = [server.max_tokens_for(len(ids), req.max_tokens, "max_tokens", "prompt") for ids in prompts]
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        choices = server.submit(prompts, req, max_tokens, stop, req.logprobs)
+        # echo + logprobs: the prompt's logprobs too, from the same prefill (the head at every position).
+        echo_logprobs = req.echo and req.logprobs is not None
+        choices = server.submit(prompts, req, max_tokens, stop, req.logprobs,
+                                req.logprobs if echo_logprobs else None)
         server.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         echo = [tokenizer.decode(ids) if req.echo else "" for ids in prompts]
@@ -708,10 +724,12 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig) -> FastAPI:
 
             def chunk(c: _Choice, piece: str, finish: str | None) -> dict[str, Any]:
                 lp = None
-                if req.logprobs is not None and finish is None:
+                if not piece and finish is None:  # the prompt's logprobs arrived: the echo chunk carries them
+                    piece, lp = echo[c.prompt_index], server.completion_logprobs(c, 0, prompts[c.prompt_index])
+                elif req.logprobs is not None and finish is None:
                     lp = server.completion_logprobs(c, offsets[c.index])
                     c.logprobs = []
-                offsets[c.index] += len(piece)
+                    offsets[c.index] += len(piece)
                 out = {**base, "choices": [{"index": c.index, "text": piece, "logprobs": lp, "finish_reason": finish}]}
                 if include_usage:
                     out["usage"] = None
@@ -719,7 +737,8 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig) -> FastAPI:
 
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             first = [{**base, "choices": [{"index": c.index, "text": echo[c.prompt_index], "logprobs": None,
-                                           "finish_reason": None}]} for c in choices if req.echo]
+                                           "finish_reason": None}]} for c in choices
+                     if req.echo and not echo_logprobs]  # with logprobs, it waits for the prompt's
             return _stream(server, request, choices, arrived, chunk, first,
                            (lambda: server.usage(prompts, choices)) if include_usage else None,
                            lambda u: {**base, "choices": [], "usage": u})
@@ -727,7 +746,8 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig) -> FastAPI:
         await _collect(server, request, choices, arrived)
         return JSONResponse({**base, "choices": [
             {"index": c.index, "text": echo[c.prompt_index] + c.text,
-             "logprobs": server.completion_logprobs(c, 0) if req.logprobs is not None else None,
+             "logprobs": server.completion_logprobs(c, 0, prompts[c.prompt_index] if req.echo else None)
+             if req.logprobs is not None else None,
              "finish_reason": c.finish_reason} for c in choices], "usage": server.usage(prompts, choices)})
 
     @app.post("/v1/chat/completions")
