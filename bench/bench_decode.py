@@ -1,13 +1,15 @@
 """Decode cost per token at batch 1, against the two floors it cannot beat.
 
-For each shape: our eager decode step and the compiled one (``torch.compile``, with its compile
-time), the *memory floor* (the bytes of the weights read once per token / the read bandwidth
-measured here) and the *overhead floor* (the same number of layers and heads at a tiny width, so
-the step is nothing but per-op cost). Per-token time is ``(t(n + 1) - t(1)) / n`` of greedy
+For each shape and weights dtype (fp32, bf16, int8 weight-only): our eager decode step and the
+compiled one (``torch.compile``, with its compile time), the *memory floor* (the bytes of the
+weights one token reads: every linear and the LM head, in that dtype, / the read bandwidth
+measured here) and the *overhead floor* (the same number of layers and heads at a tiny width, in
+the same dtype, so the step is nothing but per-op cost). Per-token time is ``(t(n + 1) - t(1)) / n`` of greedy
 ``generate`` with a 16-token prompt, the best of ``--repeats``. On a shared machine, measure
 with ``--threads 1``: the process's CPU time is then robust to other jobs, wall time is not.
 
-    python bench/bench_decode.py [--threads 1] [--tokens 100] [--no-compile]
+    python bench/bench_decode.py [--threads 1] [--tokens 100] [--no-compile] [--dtypes fp32,bf16,int8]
+                                 [--shapes seed,bpe-6x384,gpt2-124M]
 """
 
 from __future__ import annotations
@@ -22,7 +24,40 @@ from typing import Any
 SHAPES = {
     "seed": dict(context_length=256, vocab_size=65, n_layer=6, n_head=6, d_model=384),
     "bpe-6x384": dict(context_length=256, vocab_size=50257, n_layer=6, n_head=6, d_model=384),
+    "gpt2-124M": dict(context_length=1024, vocab_size=50257, n_layer=12, n_head=12, d_model=768),
 }
+DTYPES = ("fp32", "bf16", "int8")
+
+
+def build(shape: dict[str, int], dtype: str) -> Any:
+    """A random-init eval model of ``shape`` with ``dtype`` weights (int8: quantized from fp32)."""
+    import torch
+
+    from gpt2model import GPT, GPTconfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTconfig(**shape)).eval()
+    if dtype == "bf16":
+        model = model.to(torch.bfloat16)
+    elif dtype == "int8":
+        model.quantize("int8")
+    return model
+
+
+def weight_bytes(model: Any) -> int:
+    """Bytes of weights one decode step reads: every parameter and weight buffer but the two
+    embeddings (one row each is looked up), plus the LM head (the tied embedding, or int8's own
+    copy); int8 layers count their int8 weight and the bf16 scales their CPU kernel reads."""
+    import torch.nn as nn
+
+    total = 0
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if name.startswith(("transformer.wte", "transformer.wpe")) or name.endswith(".scales"):
+            continue
+        total += t.numel() * t.element_size()
+    if isinstance(model.lm_head, nn.Linear):
+        total += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    return total
 
 
 def per_token_ms(model: Any, tokens: int, repeats: int, compile: bool, clock: Any) -> tuple[float, float]:
@@ -66,36 +101,44 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=100)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--shapes", default="seed,bpe-6x384", help=f"comma-separated, of {', '.join(SHAPES)}")
+    p.add_argument("--dtypes", default="fp32", help=f"comma-separated, of {', '.join(DTYPES)}")
     p.add_argument("--out", default=None, help="JSON file (default: bench/results/decode.json)")
     args = p.parse_args()
 
     import torch
 
-    from gpt2model import GPT, GPTconfig
-
+    for name in args.shapes.split(","):
+        if name not in SHAPES:
+            p.error(f"unknown shape {name!r}; choose from {', '.join(SHAPES)}")
+    for name in args.dtypes.split(","):
+        if name not in DTYPES:
+            p.error(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}")
     torch.set_num_threads(args.threads)
     clock = time.process_time if args.threads == 1 else time.perf_counter
     bandwidth = read_bandwidth_gbs(clock)
     rows = []
-    for name, shape in SHAPES.items():
-        torch.manual_seed(0)
-        model = GPT(GPTconfig(**shape)).eval()
-        weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "wpe" not in n)
-        tiny = GPT(GPTconfig(**{**shape, "vocab_size": 65, "d_model": 8 * shape["n_head"]})).eval()
-        row = dict(shape=name, params=model.num_params(), threads=args.threads,
-                   memory_floor_ms=weight_bytes / (bandwidth * 1e9) * 1e3,
-                   overhead_floor_ms=per_token_ms(tiny, args.tokens, args.repeats, False, clock)[0])
-        row["eager_ms"], _ = per_token_ms(model, args.tokens, args.repeats, False, clock)
-        if not args.no_compile:
-            row["compiled_ms"], row["compile_s"] = per_token_ms(model, args.tokens, args.repeats, True, clock)
-            saved = row["eager_ms"] - row["compiled_ms"]
-            row["compile_pays_after_tokens"] = round(row["compile_s"] * 1e3 / saved) if saved > 0 else None
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    for name in args.shapes.split(","):
+        shape = SHAPES[name]
+        for dtype in args.dtypes.split(","):
+            model = build(shape, dtype)
+            tiny = build({**shape, "vocab_size": 65, "d_model": 8 * shape["n_head"]}, dtype)
+            row = dict(shape=name, dtype=dtype, params=model.num_params(), threads=args.threads,
+                       memory_floor_ms=weight_bytes(model) / (bandwidth * 1e9) * 1e3,
+                       overhead_floor_ms=per_token_ms(tiny, args.tokens, args.repeats, False, clock)[0])
+            row["eager_ms"], _ = per_token_ms(model, args.tokens, args.repeats, False, clock)
+            if not args.no_compile:
+                row["compiled_ms"], row["compile_s"] = per_token_ms(model, args.tokens, args.repeats, True, clock)
+                saved = row["eager_ms"] - row["compiled_ms"]
+                row["compile_pays_after_tokens"] = round(row["compile_s"] * 1e3 / saved) if saved > 0 else None
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del model, tiny
     print(f"\nread bandwidth {bandwidth:.1f} GB/s ({args.threads} thread(s)); torch {torch.__version__}")
-    print(f"{'shape':>10} {'eager ms':>9} {'compiled':>9} {'compile s':>9} {'mem floor':>9} {'ovh floor':>9}")
+    print(f"{'shape':>10} {'dtype':>5} {'eager ms':>9} {'compiled':>9} {'compile s':>9} {'mem floor':>9} "
+          f"{'ovh floor':>9}")
     for r in rows:
-        print(f"{r['shape']:>10} {r['eager_ms']:9.2f} {r.get('compiled_ms', float('nan')):9.2f} "
+        print(f"{r['shape']:>10} {r['dtype']:>5} {r['eager_ms']:9.2f} {r.get('compiled_ms', float('nan')):9.2f} "
               f"{r.get('compile_s', float('nan')):9.1f} {r['memory_floor_ms']:9.2f} {r['overhead_floor_ms']:9.2f}")
     out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / "decode.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -67,6 +67,31 @@ def test_int8_cpu_kernel_is_the_path_for_decode_rows(monkeypatch: pytest.MonkeyP
     assert len(calls) == 1
 
 
+def test_int8_decode_linear_adds_its_bias_without_a_separate_cast() -> None:
+    """Decode pays per op: the fp32 bias add takes the kernel's bf16 product directly (type
+    promotion, exactly the cast-then-add result) instead of a cast and then an add."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(2)
+    qlin = Int8Linear.from_linear(nn.Linear(64, 48))
+    x = torch.randn(1, 1, 64)
+    with Ops() as ops:
+        y = qlin(x)
+    casts = [n for n in ops.names if n.startswith("_to_copy")]
+    assert len(casts) == 1  # the activations to bf16; none back
+    product = torch._weight_int8pack_mm(x.view(1, 64).bfloat16(), qlin.weight, qlin.scales_bf16)
+    assert y.dtype == torch.float32 and torch.equal(y.view(1, 48), product.float() + qlin.bias)
+
+
 # --- the model ---------------------------------------------------------------------------------------
 def spiky(config: GPTconfig, seed: int = 0) -> GPT:
     torch.manual_seed(seed)

@@ -117,7 +117,12 @@ class Int8Linear(nn.Module):
             # (The kernel crashes for in_features not a multiple of 8, hence that guard.)
             x2 = x.reshape(rows, self.in_features).to(torch.bfloat16).contiguous()
             y = torch._weight_int8pack_mm(x2, self.weight, self.scales_bf16)
-            y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+            y = y.view(*x.shape[:-1], self.out_features)
+            if self.bias is not None and self.bias.dtype == x.dtype:
+                # One op instead of two: the add promotes the bf16 product to the bias's (= the
+                # input's) dtype exactly, as a separate cast would. Decode pays per op, not per byte.
+                return y + self.bias
+            y = y.to(x.dtype)
         else:
             # Dequantize, then the matmul. Not ``F.linear(x, q.to(dtype)) * scales`` (gpt-fast's
             # form): torch.compile pattern-matches that as weight-only int8 and, with bf16
