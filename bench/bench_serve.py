@@ -195,6 +195,9 @@ def _engine_stats(url: str) -> dict[str, float]:
     return stats
 
 
+REQUEST_DEADLINE = 120.0  # seconds one request may take in all before it counts as hung
+
+
 async def _level(url: str, model: str, prompts: list[str], clients: int, seconds: float,
                  max_tokens: int) -> dict[str, Any]:
     import httpx
@@ -202,14 +205,23 @@ async def _level(url: str, model: str, prompts: list[str], clients: int, seconds
     before = await asyncio.to_thread(_engine_stats, url)
     results: list[dict[str, Any]] = []
     errors: list[str] = []
+    hung = 0
     deadline = time.perf_counter() + seconds
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(300.0), limits=limits) as client:
         async def worker(w: int) -> None:
+            nonlocal hung
             i = w
             while time.perf_counter() < deadline:
                 try:
-                    results.append(await _one(client, url, model, prompts[i % len(prompts)], max_tokens))
+                    # A total deadline per request: httpx's timeout is per read, and a wedged server
+                    # (llama-server did this here once) would otherwise hold the run forever.
+                    results.append(await asyncio.wait_for(
+                        _one(client, url, model, prompts[i % len(prompts)], max_tokens), REQUEST_DEADLINE))
+                except TimeoutError:
+                    hung += 1
+                    errors.append(f"no complete answer within {REQUEST_DEADLINE:.0f} s")
+                    return
                 except Exception as e:  # a broken stream is an error of the server under test
                     errors.append(f"{type(e).__name__}: {e}")
                 i += clients
@@ -233,7 +245,7 @@ async def _level(url: str, model: str, prompts: list[str], clients: int, seconds
             "itl_p99_ms": _pct(itl, 0.99),
             "tokens_per_req": median(r["tokens"] for r in ok) if ok else None,
             "min_tokens": min((r["tokens"] for r in ok), default=None),
-            "errors": len(errors) + len(bad_status), "rejected": rejected, "mean_batch": mean_batch,
+            "errors": len(errors) + len(bad_status), "rejected": rejected, "hung": hung, "mean_batch": mean_batch,
             "load": os.getloadavg()[0],
             "ok": "yes" if ok and not short and not errors and not bad_status else "FAILED",
             "error_samples": (errors + [f"HTTP {s}" for s in bad_status])[:3]}
@@ -266,6 +278,10 @@ def run(model_dir: Path, servers: list[str], levels: list[int], seconds: float, 
                     row = {"server": kind, **asyncio.run(_level(url, model, prompts, clients, seconds, max_tokens))}
                     rows.append(row)
                     print(format_table([row], COLUMNS), flush=True)
+                    if row["hung"]:
+                        row["ok"] = f"FAILED: {row['hung']} requests hung (server wedged); later levels skipped"
+                        print(f"{kind}: {row['ok']}", flush=True)
+                        break
             except Exception as e:
                 rows.append({"server": kind, "ok": f"FAILED: {type(e).__name__}: {str(e)[:300]}"})
                 print(f"{kind}: {rows[-1]['ok']}", flush=True)
