@@ -99,7 +99,7 @@ def prompts_from_shakespeare(n: int = 256, chars: int = 160, seed: int = 0) -> l
 
 # --- servers ---------------------------------------------------------------------------------------
 def _launch(kind: str, model_dir: Path, gguf: dict[str, Path], llama_dir: Path | None, port: int,
-            threads: int) -> tuple[subprocess.Popen, str]:
+            threads: int, log: Path) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": str(threads)}
     py = sys.executable
     if kind in ("ours", "ours-b1"):
@@ -120,18 +120,21 @@ def _launch(kind: str, model_dir: Path, gguf: dict[str, Path], llama_dir: Path |
         cmd = [str(llama_dir / "build" / "bin" / "llama-server"), "-m", str(gguf[kind.split("-")[1]]),
                "--port", str(port), "-np", "8", "-cb", "-c", str(8 * ctx), "-t", str(threads), "--no-webui"]
         model = "m"
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    # The server's log goes to a file: a pipe nobody reads fills up (64 KiB) and blocks a server
+    # that logs every request -- llama-server then hangs mid-run.
+    with log.open("w") as sink:
+        proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
     return proc, model
 
 
-def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
     import httpx
 
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < timeout:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
+            raise RuntimeError(f"server exited with {proc.returncode}: {log.read_text(errors='replace')[-2000:]}")
         for path in ("/health", "/v1/models"):
             try:
                 if httpx.get(url + path, timeout=2).status_code == 200:
@@ -267,12 +270,12 @@ def run(model_dir: Path, servers: list[str], levels: list[int], seconds: float, 
             port = _free_port()
             url = f"http://127.0.0.1:{port}"
             try:
-                proc, model = _launch(kind, model_dir, gguf, llama_dir, port, threads)
+                proc, model = _launch(kind, model_dir, gguf, llama_dir, port, threads, tmp / f"{kind}.log")
             except FileNotFoundError as e:
                 rows.append({"server": kind, "ok": f"skipped: {e}"})
                 continue
             try:
-                _wait_ready(url, proc)
+                _wait_ready(url, proc, tmp / f"{kind}.log")
                 asyncio.run(_level(url, model, prompts, 1, min(seconds, 5), 8))  # warm-up
                 for clients in levels:
                     row = {"server": kind, **asyncio.run(_level(url, model, prompts, clients, seconds, max_tokens))}
