@@ -210,7 +210,10 @@ async def _level(url: str, model: str, prompts: list[str], clients: int, seconds
     errors: list[str] = []
     hung = 0
     deadline = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    # A fresh connection per request, for every server alike: with keep-alive, llama-server's
+    # HTTP library closes idle pooled connections just as the client reuses them ("Server
+    # disconnected without sending a response", the request never seen), a client artefact.
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=httpx.Timeout(300.0), limits=limits) as client:
         async def worker(w: int) -> None:
             nonlocal hung
