@@ -153,8 +153,17 @@ def _llama_dir() -> Path | None:
 
 
 @pytest.mark.slow
-def test_llama_server_generates_our_greedy_tokens_from_the_export(bpe_model_dir, tmp_path):
+def test_an_ascii_char_vocabulary_still_writes_merges(char_model_dir, tmp_path):
+    """llama.cpp refuses a gpt2 vocabulary without tokenizer.ggml.merges ("cannot find tokenizer
+    merges"): an all-ASCII character vocabulary gets one merge that can never apply."""
+    f = _fields(gguf.GGUFReader(export_gguf(char_model_dir, tmp_path / "m.gguf")))
+    assert f["tokenizer.ggml.merges"] == ["À À"]  # bytes 0xC0 0xC0: never in UTF-8 text
+
+
+@pytest.mark.parametrize("kind", ["bpe", "char"])
+def test_llama_server_generates_our_greedy_tokens_from_the_export(kind, request, tmp_path):
     """llama.cpp loads the f32 export and its greedy continuation equals ours, token for token."""
+    bpe_model_dir = request.getfixturevalue(f"{kind}_model_dir")
     import socket
     import time
     import urllib.request
@@ -165,7 +174,7 @@ def test_llama_server_generates_our_greedy_tokens_from_the_export(bpe_model_dir,
     out = export_gguf(bpe_model_dir, tmp_path / "m.gguf", "f32")
     model = GPT.from_pretrained(bpe_model_dir)
     tok = load_tokenizer(bpe_model_dir)
-    prompt = "ROMEO: What light through yonder window breaks?"
+    prompt = "ROMEO: What light through yonder window breaks?"[:None if kind == "bpe" else 12]  # char: ctx 32
     ids = tok.encode(prompt)
     ours = model.generate(torch.tensor([ids]), 20, temperature=0)[0, len(ids):].tolist()
     with socket.socket() as s:

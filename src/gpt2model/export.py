@@ -109,6 +109,11 @@ def _char_vocab(tok: CharTokenizer) -> tuple[list[str], list[str]]:
                 seen.add(merge)
                 merges.append(merge)
             acc += p
+    if not merges:
+        # An all-ASCII vocabulary has no merges, but llama.cpp refuses a gpt2 vocabulary without the
+        # merges key, and gguf-py cannot write an empty array: one merge that never applies (0xC0
+        # never occurs in UTF-8 text).
+        merges.append(f"{b2u[0xC0]} {b2u[0xC0]}")
     return tokens, merges
 
 
