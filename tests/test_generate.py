@@ -573,21 +573,34 @@ def test_top_k_hashes_only_the_candidates_and_draws_what_the_full_vocabulary_dra
     ties = (row < top[-1]).nonzero()[:5, 0]
     row[ties] = top[-1]
     kept = logits >= logits.topk(k).values[:, -1:]  # the documented rule: ties with the k-th stay
-    values, ids = gen_mod._top_k_candidates(logits, k)
+    values, ids = gen_mod._top_k_candidates(logits, k, None)
     assert ids.size(1) == int(kept.sum(1).max()) >= k + 5
     for b in range(3):  # each row: exactly its kept tokens, the rest of the n entries -inf
         assert sorted(ids[b][values[b] > float("-inf")].tolist()) == kept[b].nonzero()[:, 0].tolist()
+
+    def full_vocabulary_draw(temperature: torch.Tensor, ks: torch.Tensor, step: int) -> torch.Tensor:
+        """The reference: mask each row below its k-th, Gumbel noise over the whole vocabulary."""
+        scaled = logits / torch.where(temperature == 0, 1.0, temperature)[:, None]
+        kth = scaled.sort(dim=-1, descending=True).values.gather(1, (ks - 1).clamp(min=0)[:, None])
+        masked = scaled.masked_fill((scaled < kth) & (ks > 0)[:, None], float("-inf"))
+        keys = gen_mod._row_keys(gen_mod.row_seeds(11, 3), torch.full((3,), step))
+        drawn = (masked + gen_mod._gumbel(keys, gen_mod._id_hashes(V, logits.device))).argmax(dim=-1)
+        return torch.where(temperature == 0, logits.argmax(dim=-1), drawn)
+
     hashed: list[int] = []
     real = gen_mod._hash32
     monkeypatch.setattr(gen_mod, "_hash32", lambda x: hashed.append(x.numel()) or real(x))
-    per_row_k = torch.full((3,), k)  # the per-row path filters and hashes the whole vocabulary
+    per_row_t, per_row_k = torch.tensor([1.1, 0.0, 0.8]), torch.tensor([k, 0, 3])  # row 1 greedy (engine: k 0)
     drawn_tokens = set()
     for step in range(200):
         hashed.clear()
         fast = sample_logits(logits, temperature=0.9, top_k=k, seed=11, step=step)
         assert max(hashed) == 3 * ids.size(1)  # the candidates only, never (B, V)
-        full = sample_logits(logits, temperature=0.9, top_k=per_row_k, seed=11, step=step)
-        assert torch.equal(fast, full), step
+        assert torch.equal(fast, full_vocabulary_draw(torch.full((3,), 0.9), torch.full((3,), k), step)), step
+        hashed.clear()
+        rows = sample_logits(logits, temperature=per_row_t, top_k=per_row_k, seed=11, step=step)
+        assert max(hashed) < V
+        assert torch.equal(rows, full_vocabulary_draw(per_row_t, per_row_k, step)), step
         drawn_tokens.add(int(fast[1]))
     assert len(drawn_tokens & set(ties.tolist())) >= 2  # tied tokens are drawn too
 

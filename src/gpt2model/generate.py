@@ -230,9 +230,10 @@ def sample_logits(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0,
     ``(seed, step, token id)`` (:func:`random_bits`): the same seed gives the same tokens on every
     device for the same logits. ``seed`` is an int (row i uses ``seed + i``) or a ``(B,)`` tensor;
     ``step`` (int or ``(B,)``) is the index of the token being drawn, so successive draws differ.
-    Without ``seed`` one is drawn from ``generator`` (or torch's global generator). With an int
-    ``top_k`` (and no ``top_p``), eager code hashes only the kept candidates: the same draw as
-    hashing the whole vocabulary, since a token's noise depends only on its id.
+    Without ``seed`` one is drawn from ``generator`` (or torch's global generator). With ``top_k``
+    (one or per row, every sampled row filtered) and no ``top_p``, eager code hashes only the kept
+    candidates: the same draw as hashing the whole vocabulary, since a token's noise depends only
+    on its id.
     """
     logits = logits.float()  # bf16 has too few mantissa bits for a faithful softmax/cumsum
     B, V = logits.shape
@@ -247,10 +248,13 @@ def sample_logits(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0,
     else:  # (x / 1 == x exactly; the same fp32 division as the per-row case otherwise)
         scaled = logits if temperature == 1 else logits / _per_row(temperature, B, device).float()[:, None]
     candidates = None
-    if isinstance(top_k, torch.Tensor) or isinstance(top_p, torch.Tensor):
+    if top_k is not None and (top_p is None or (not isinstance(top_p, torch.Tensor) and top_p >= 1.0)) \
+            and not torch.compiler.is_compiling():
+        candidates = _top_k_candidates(scaled, top_k, greedy if per_row_t else None)
+    if candidates is not None:
+        pass
+    elif isinstance(top_k, torch.Tensor) or isinstance(top_p, torch.Tensor):
         scaled = _filter_per_row(scaled, top_k, top_p)
-    elif top_k is not None and top_k < V and (top_p is None or top_p >= 1.0) and not torch.compiler.is_compiling():
-        candidates = _top_k_candidates(scaled, top_k)
     else:
         if top_k is not None and top_k < V:
             kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]
@@ -273,17 +277,32 @@ def sample_logits(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0,
     return torch.where(greedy, logits.argmax(dim=-1), drawn) if per_row_t else drawn
 
 
-def _top_k_candidates(scaled: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(values, ids)`` ``(B, n)`` of every token the top-k filter keeps, for eager code (one host
-    read): the k largest of each row plus the tokens tied with its k-th (n = the most kept in a
-    row; a row's extra entries, below its k-th, are -inf)."""
-    values, ids = torch.topk(scaled, top_k, dim=-1)
-    kth = values[:, -1:]
+def _top_k_candidates(scaled: torch.Tensor, top_k: int | torch.Tensor,
+                      greedy: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(values, ids)`` ``(B, n)`` of every token the top-k filter keeps, for eager code (a host
+    read or two): each row's k largest plus the tokens tied with its k-th (n = the most kept in a
+    row; a row's extra entries, below its k-th, are -inf). ``top_k`` is one int or a ``(B,)``
+    tensor; ``greedy`` rows (drawn by argmax anyway) need none. ``None`` when some row keeps the
+    whole vocabulary (no filter): the caller then takes the full-vocabulary path."""
+    V = scaled.size(1)
+    if isinstance(top_k, torch.Tensor):
+        k = top_k.to(scaled.device).long()
+        if greedy is not None:
+            k = torch.where(greedy, torch.ones_like(k), k)
+        lo, hi = (int(v) for v in torch.aminmax(k))
+        if lo <= 0 or hi >= V:
+            return None
+        values, ids = torch.topk(scaled, hi, dim=-1)
+        kth = values.gather(1, (k - 1)[:, None])
+    else:
+        if top_k >= V:
+            return None
+        values, ids = torch.topk(scaled, top_k, dim=-1)
+        kth = values[:, -1:]
     n = int((scaled >= kth).sum(dim=-1).max())
-    if n > top_k:  # ties with the k-th stay (bf16 logits tie often)
+    if n > values.size(1):  # ties with the k-th stay (bf16 logits tie often)
         values, ids = torch.topk(scaled, n, dim=-1)
-        values = values.masked_fill(values < kth, float("-inf"))
-    return values, ids
+    return values.masked_fill(values < kth, float("-inf")), ids
 
 
 def _filter_top_p(scaled: torch.Tensor, sorted_probs_order: tuple[torch.Tensor, torch.Tensor],
