@@ -251,17 +251,16 @@ def sample_logits(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0,
     if top_k is not None and (top_p is None or (not isinstance(top_p, torch.Tensor) and top_p >= 1.0)) \
             and not torch.compiler.is_compiling():
         candidates = _top_k_candidates(scaled, top_k, greedy if per_row_t else None)
-    if candidates is not None:
-        pass
-    elif isinstance(top_k, torch.Tensor) or isinstance(top_p, torch.Tensor):
-        scaled = _filter_per_row(scaled, top_k, top_p)
-    else:
-        if top_k is not None and top_k < V:
-            kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]
-            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-        if top_p is not None and top_p < 1.0:
-            scaled = _filter_top_p(scaled, scaled.softmax(dim=-1).sort(dim=-1, descending=True),
-                                   torch.full((B, 1), float(top_p), device=device))
+    if candidates is None:  # filter the whole vocabulary (the candidates are filtered already)
+        if isinstance(top_k, torch.Tensor) or isinstance(top_p, torch.Tensor):
+            scaled = _filter_per_row(scaled, top_k, top_p)
+        else:
+            if top_k is not None and top_k < V:
+                kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]
+                scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+            if top_p is not None and top_p < 1.0:
+                scaled = _filter_top_p(scaled, scaled.softmax(dim=-1).sort(dim=-1, descending=True),
+                                       torch.full((B, 1), float(top_p), device=device))
     if seed is None:
         seed = new_seed(generator)
     seeds = row_seeds(seed, B, device) if not isinstance(seed, torch.Tensor) else seed.to(device)
