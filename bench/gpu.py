@@ -72,7 +72,8 @@ NANOGPT_RECIPE_REFERENCE = "nanoGPT on one H200 (issue 11): best val 1.4673 in 9
 
 STEP_COLUMNS = [("case", "case"), ("tok_s", "tokens/s"), ("mfu_pct", "MFU %"), ("peak_mem_gib", "peak mem GiB"),
                 ("vs_nanogpt", "vs nanoGPT compiled"), ("first_loss", "first loss"),
-                ("max_logit_diff_vs_ours", "max |Δlogit| vs ours"), ("note", "note")]
+                ("last_loss", "loss after all steps"), ("max_logit_diff_vs_ours", "max |Δlogit| vs ours"),
+                ("note", "note")]
 DECODE_COLUMNS = [("case", "case"), ("batch", "batch"), ("tok_s", "tokens/s"), ("vs_eager", "vs ours eager"),
                   ("vs_hf", "vs HF"), ("first_call_s", "first call s"), ("same_greedy", "greedy = eager"),
                   ("note", "note")]
@@ -141,6 +142,7 @@ def run_step_case(spec: dict[str, Any]) -> dict[str, Any]:
     import gpt2model.model as model_module
     from gpt2model import GPT, GPTconfig
     from gpt2model.model import next_token_loss
+    from gpt2model.train import CUDAGRAPH_MODES, resolve_compile_mode
 
     device = torch.device(spec["device"])
     dtype = getattr(torch, spec["dtype"])
@@ -158,6 +160,8 @@ def run_step_case(spec: dict[str, Any]) -> dict[str, Any]:
         model = ours
         if lever == "no-pad":
             model_module.VOCAB_PAD_MULTIPLE = 1
+        if spec.get("loss_chunk_mib"):
+            model_module.LOSS_CHUNK_BYTES = spec["loss_chunk_mib"] * 2**20
     elif impl == "hf":
         from bench_train import hf_model_from
 
@@ -180,7 +184,11 @@ def run_step_case(spec: dict[str, Any]) -> dict[str, Any]:
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=6e-4, betas=(0.9, 0.95), fused=True)
-    net = torch.compile(model) if spec["compile"] else model
+    # Ours compiles as `gpt2 train --compile` does (compile_mode auto: CUDA graphs on one CUDA
+    # process); nanoGPT as its train.py does (the default mode) unless the case says otherwise.
+    mode = resolve_compile_mode(spec.get("compile_mode") or ("auto" if impl == "ours" else "default"), device)
+    net = torch.compile(model, mode=mode) if spec["compile"] else model
+    cudagraphs = spec["compile"] and mode in CUDAGRAPH_MODES and device.type == "cuda"
 
     if impl == "ours" and lever != "plain-loss":
         loss_fn = lambda x, y: net(x, targets=y)  # our trainer's call: the chunked head + loss
@@ -207,6 +215,8 @@ def run_step_case(spec: dict[str, Any]) -> dict[str, Any]:
             torch.cuda.synchronize(device)
 
     def step() -> torch.Tensor:
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         optimizer.zero_grad(set_to_none=True)
         with autocast:
             loss = loss_fn(x, y)
@@ -475,12 +485,17 @@ def step_cases(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
     cases = [("ours compiled", {"impl": "ours", "compile": True})] if compiled else []
     cases.append(("ours eager", {"impl": "ours", "compile": False}))
     if args.levers and compiled:
-        cases += [("ours compiled, plain loss (full logits)", {"impl": "ours", "compile": True, "lever": "plain-loss"}),
+        cases += [("ours compiled, no CUDA graphs", {"impl": "ours", "compile": True, "compile_mode": "default"}),
+                  ("ours compiled, 2 GiB loss chunks", {"impl": "ours", "compile": True, "loss_chunk_mib": 2048}),
+                  ("ours compiled, plain loss (full logits)", {"impl": "ours", "compile": True, "lever": "plain-loss"}),
                   ("ours compiled, unpadded head", {"impl": "ours", "compile": True, "lever": "no-pad"})]
     cases.append(("HF GPT2LMHeadModel eager", {"impl": "hf", "compile": False}))
     if args.nanogpt:
         if compiled:
             cases.append(("nanoGPT compiled", {"impl": "nanogpt", "compile": True}))
+        if args.levers and compiled:
+            cases.append(("nanoGPT compiled, CUDA graphs",
+                          {"impl": "nanogpt", "compile": True, "compile_mode": "reduce-overhead"}))
         if args.levers or not compiled:  # issue 11's table has no nanoGPT eager row; it costs time
             cases.append(("nanoGPT eager", {"impl": "nanogpt", "compile": False}))
     return cases
@@ -494,7 +509,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "float16, float32 (default on CPU)")
     p.add_argument("--nanogpt", default=None, metavar="PATH/model.py",
                    help="nanoGPT's model.py (its train.py beside it runs the recipe too)")
-    p.add_argument("--only", default="step,decode,recipe", help="sections: step, decode, recipe (comma-separated)")
+    p.add_argument("--only", default="step,recipe",
+                   help="sections: step, recipe, decode (comma-separated; default step,recipe: issue 11's tables)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--iters", type=int, default=10, help="steps per timed window (default 10)")
@@ -504,7 +520,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="decode section: timed calls per case (default 3)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="print each case's top kernels (torch.profiler) over N training steps / one decode call")
-    p.add_argument("--cases", default=None, help="only the cases whose names are listed (comma-separated)")
+    p.add_argument("--cases", default=None, help="only the cases whose names are listed ('; '-separated)")
     p.add_argument("--levers", action="store_true", help="also ours compiled with the plain loss / unpadded head")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile cases")
     p.add_argument("--tiny", action="store_true", help="tiny shapes and a 20-step recipe: checks the harness")
@@ -523,7 +539,7 @@ def selected(cases: list[tuple[str, dict[str, Any]]], args: argparse.Namespace) 
     """The cases ``--cases`` names (all without it)."""
     if not args.cases:
         return cases
-    names = {n.strip() for n in args.cases.split(",")}
+    names = {n.strip() for n in args.cases.split(";")}  # case names contain commas
     return [(name, case) for name, case in cases if name in names]
 
 

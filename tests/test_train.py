@@ -422,3 +422,42 @@ def test_resume_ignores_options_a_newer_version_dropped(dataset: Path, tmp_path:
     result = train(tiny(dataset, out, max_steps=3, eval_interval=3, resume=True, lr=2e-3))
     printed = capsys.readouterr().out
     assert result.step == 3 and "retired_option" in printed and "lr 0.001 -> 0.002" in printed
+
+
+def test_compile_mode_auto_uses_cuda_graphs_only_where_they_are_safe() -> None:
+    """CUDA graphs ('reduce-overhead') on one CUDA process without accumulation; 'default'
+    elsewhere; asking for them with accumulation or DDP is an error, not a wrong gradient."""
+    from gpt2model.train import resolve_compile_mode
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert resolve_compile_mode("auto", cuda) == "reduce-overhead"
+    assert resolve_compile_mode("auto", cuda, grad_accum=4) == "default"
+    assert resolve_compile_mode("auto", cuda, world_size=2) == "default"
+    assert resolve_compile_mode("auto", cpu) == "default"
+    assert resolve_compile_mode("max-autotune-no-cudagraphs", cuda, grad_accum=4) == "max-autotune-no-cudagraphs"
+    for mode in ("reduce-overhead", "max-autotune"):
+        with pytest.raises(ValueError, match="wrong gradients with gradient accumulation"):
+            resolve_compile_mode(mode, cuda, grad_accum=2)
+        with pytest.raises(ValueError, match="--compile-mode default"):
+            resolve_compile_mode(mode, cuda, world_size=2)
+    with pytest.raises(ValueError, match="compile_mode must be one of"):
+        TrainConfig(compile_mode="fast")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CUDA-graph training)")
+def test_cuda_graph_training_follows_the_default_compiled_run(dataset: Path, tmp_path: Path) -> None:
+    """compile_mode auto on one CUDA process replays the step as CUDA graphs; the losses, the
+    evaluations and the saved weights must follow the plain compiled run (same seed, no dropout)."""
+    runs = {}
+    for mode in ("default", "auto"):
+        out = tmp_path / mode
+        result = train(tiny(dataset, out, device="cuda", compile=True, compile_mode=mode, dropout=0.0,
+                            max_steps=8, eval_interval=4, lr=3e-3))
+        runs[mode] = (losses(out), [r["val_loss"] for r in result.metrics if "val_loss" in r],
+                      {k: v.detach().cpu() for k, v in result.model.state_dict().items()})
+    (plain, plain_val, plain_sd), (graphs, graphs_val, graphs_sd) = runs["default"], runs["auto"]
+    assert len(plain) == len(graphs) == 8 and len(plain_val) == len(graphs_val) == 2
+    assert graphs[-1] < graphs[0]  # it learns
+    assert max(abs(a - b) for a, b in zip(plain, graphs, strict=True)) < 1e-3, (plain, graphs)
+    assert max(abs(a - b) for a, b in zip(plain_val, graphs_val, strict=True)) < 1e-3
+    assert max((plain_sd[k].float() - graphs_sd[k].float()).abs().max().item() for k in plain_sd) < 1e-3

@@ -121,6 +121,7 @@ def _opt(default: Any, help: str) -> Any:
 
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
+COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MODEL_FIELDS = ("n_layer", "n_head", "d_model", "context_length", "dropout")
 
@@ -170,6 +171,9 @@ class TrainConfig:
     dtype: str = _opt("auto", "compute dtype: auto (bfloat16 on a bf16 GPU, float16 on older GPUs, float32 on "
                       "CPU), float32, bfloat16 or float16 (GPU only)")
     compile: bool = _opt(False, "torch.compile the model")
+    compile_mode: str = _opt("auto", "torch.compile mode with compile: auto (reduce-overhead, i.e. CUDA graphs, "
+                             "on one CUDA process with grad_accum 1; default otherwise), default, "
+                             "reduce-overhead, max-autotune-no-cudagraphs or max-autotune")
     resume: bool = _opt(False, "continue the run in --out from its last checkpoint")
     overwrite: bool = _opt(False, "replace a previous run in --out instead of refusing")
 
@@ -209,6 +213,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.device must be one of {list(DEVICES)} or cuda:N, got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"TrainConfig.dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"TrainConfig.compile_mode must be one of {list(COMPILE_MODES)}, "
+                             f"got {self.compile_mode!r}")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite contradict each other: pass one of them")
 

@@ -104,6 +104,29 @@ def estimate_loss(model: torch.nn.Module, batches: Sequence[tuple[torch.Tensor, 
 
 
 # --- setup ---------------------------------------------------------------------------------------
+# torch.compile modes that replay the compiled forward and backward as CUDA graphs.
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def resolve_compile_mode(mode: str, device: torch.device, grad_accum: int = 1, world_size: int = 1) -> str:
+    """The ``torch.compile`` mode to train with: ``mode`` itself, or for ``"auto"`` CUDA graphs
+    (``"reduce-overhead"``) where they are safe, ``"default"`` elsewhere.
+
+    CUDA graphs remove the per-kernel launch cost, which is most of a small model's step on a fast
+    GPU. They are used only on one CUDA process with ``grad_accum == 1``: the backward graph's
+    outputs become the ``.grad`` tensors, and accumulating a second micro-batch into them silently
+    gives wrong gradients (pytorch/pytorch#169545), while DDP's all-reduce hooks run outside the
+    graphs. Asking for a CUDA-graph mode in those cases is an error rather than a wrong result.
+    """
+    if mode == "auto":
+        return "reduce-overhead" if device.type == "cuda" and grad_accum == 1 and world_size == 1 else "default"
+    if mode in CUDAGRAPH_MODES and device.type == "cuda" and (grad_accum > 1 or world_size > 1):
+        raise ValueError(f"compile_mode {mode!r} uses CUDA graphs, which give wrong gradients with gradient "
+                         f"accumulation and do not cover DDP's all-reduce (grad_accum={grad_accum}, "
+                         f"processes={world_size}): use --compile-mode default (or auto)")
+    return mode
+
+
 def _build_model(cfg: TrainConfig, vocab_size: int, state: dict[str, Any] | None) -> GPT:
     """The model to train: the checkpoint's (resume), a loaded one (init_from) or a new one."""
     given = {k: getattr(cfg, k) for k in MODEL_FIELDS if getattr(cfg, k) is not None}
@@ -221,7 +244,12 @@ def _train(cfg: TrainConfig, setup: DeviceSetup, rank: int, world_size: int) -> 
         np.random.seed(cfg.seed + rank)
     last_ckpt = f"{out} (step {step})" if state is not None else None
 
-    model: torch.nn.Module = torch.compile(raw_model) if cfg.compile else raw_model
+    model: torch.nn.Module = raw_model
+    cudagraphs = False
+    if cfg.compile:
+        mode = resolve_compile_mode(cfg.compile_mode, device, cfg.grad_accum, world_size)
+        cudagraphs = mode in CUDAGRAPH_MODES and device.type == "cuda"
+        model = torch.compile(raw_model, mode=mode)
     eval_model = model  # evaluation needs no gradient sync, so it bypasses the DDP wrapper
     if world_size > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -248,6 +276,8 @@ def _train(cfg: TrainConfig, setup: DeviceSetup, rank: int, world_size: int) -> 
     try:
         while step < cfg.max_steps:
             lr = lr_at(step, cfg)
+            if cudagraphs:
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are done with
             loss_t, grad_norm_t = _optimizer_step(model, raw_model, optimizer, scaler, sampler, setup, cfg, lr,
                                                   world_size)
             step += 1
