@@ -225,7 +225,9 @@ def run_step_case(spec: dict[str, Any]) -> dict[str, Any]:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         scaler.step(optimizer)
         scaler.update()
-        return loss.detach()  # no host sync inside the timed steps
+        # No host sync inside the timed steps; a copy, since a CUDA graph's outputs are overwritten
+        # by its next replay.
+        return loss.detach().clone()
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -381,9 +381,13 @@ def test_cuda_graph_engine_matches_eager_generate(model: GPT) -> None:
     request still gets exactly the tokens eager ``generate`` gives it alone on the same device."""
     gpu = copy.deepcopy(_REFERENCE[id(model)]).cuda()
     reference = copy.deepcopy(gpu)
+    # A CUDA-graph step on this (main) thread first: torch keeps CUDA-graph state per thread, and
+    # the engine's own thread must still get the compiled step, not an eager fallback.
+    generate(copy.deepcopy(gpu), [[1, 2]], 3, temperature=0, compile=True)
     eng = Engine(gpu, max_batch=3, compile=True)
     eng.start()
     assert eng.ready.wait(600)
+    assert eng.compile, "the engine fell back to the eager decode step"
     try:
         cases = [([1, 2, 3], SamplingParams(max_tokens=30, temperature=0)),
                  ([4], SamplingParams(max_tokens=30, seed=9, top_p=0.9)),

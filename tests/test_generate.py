@@ -764,3 +764,25 @@ def test_cuda_graph_mode_step_is_one_graph_and_matches_eager(monkeypatch: pytest
         sampled = generate(model, prompt, 30, seed=3, top_k=10, top_p=0.9, compile=True)
     assert torch.equal(greedy, generate(model, prompt, 30, temperature=0))
     assert torch.equal(sampled, generate(model, prompt, 30, seed=3, top_k=10, top_p=0.9))
+
+
+def test_compiled_step_sets_up_cuda_graph_state_on_any_thread() -> None:
+    """torch keeps CUDA-graph-tree state per thread, set up on the importing thread (older torch
+    asserts elsewhere): a compiled step run from another thread (the serving engine's) sets it up."""
+    import threading
+
+    import torch._inductor.cudagraph_trees as trees
+
+    from gpt2model.generate import run_compiled_step
+
+    seen = []
+
+    def engine_thread() -> None:
+        before = hasattr(trees.local, "tree_manager_containers")
+        out = run_compiled_step(lambda x: (x + 1,), torch.zeros(2))
+        seen.append((before, hasattr(trees.local, "tree_manager_containers"), out[0].tolist()))
+
+    t = threading.Thread(target=engine_thread)
+    t.start()
+    t.join()
+    assert seen == [(False, True, [1.0, 1.0])]

@@ -406,9 +406,35 @@ def note_compile_failure(model: GPT, error: Exception) -> None:
     warnings.warn(f"torch.compile of the decode step failed ({message}); decoding eagerly instead", stacklevel=3)
 
 
+def _cudagraph_thread_state() -> None:
+    """Give this thread the CUDA-graph-tree state torch keeps per thread, if it lacks it.
+
+    torch sets that state up on the thread that imports ``torch._inductor.cudagraph_trees``; up to
+    torch 2.11 at least, a CUDA-graph step run from any other plain thread (the serving engine's,
+    once ``generate(compile=True)`` ran on the main thread) fails with a bare ``AssertionError``,
+    and the step fell back to eager. Newer torch sets the state up lazily, as done here."""
+    import sys
+
+    trees = sys.modules.get("torch._inductor.cudagraph_trees")
+    if trees is None or hasattr(trees.local, "tree_manager_containers") \
+            or torch._C._is_key_in_tls("tree_manager_containers"):
+        return  # not imported yet (the first compile imports it on this thread), or set up
+    if hasattr(trees, "_initialize_tls"):
+        trees._initialize_tls(trees.local)
+        return
+    import threading
+    from collections import defaultdict
+
+    trees.local.tree_manager_containers = {}
+    trees.local.tree_manager_locks = defaultdict(threading.Lock)
+    torch._C._stash_obj_in_tls("tree_manager_containers", trees.local.tree_manager_containers)
+    torch._C._stash_obj_in_tls("tree_manager_locks", trees.local.tree_manager_locks)
+
+
 def run_compiled_step(step_fn: Callable[..., tuple[torch.Tensor, ...]], *args: Any) -> tuple[torch.Tensor, ...]:
     """Call a compiled step. Under CUDA graphs the outputs live in the graph's memory, which the
     next replay overwrites: mark the new step and copy the outputs out (two tiny copies)."""
+    _cudagraph_thread_state()
     torch.compiler.cudagraph_mark_step_begin()
     return tuple(t.clone() for t in step_fn(*args))
 
