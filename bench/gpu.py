@@ -599,6 +599,7 @@ def recipe_section(args: argparse.Namespace, device: Any, env: dict[str, str]) -
         else:
             recipe_timeout = 240 if args.tiny else 900
             recipe_rows.append(run_recipe_ours(data, work, str(device), args.tiny, env, recipe_timeout))
+            print(f"  ours: {recipe_rows[-1]}", flush=True)  # an interrupted run keeps it in the log
             if args.nanogpt:
                 recipe_rows.append(run_recipe_nanogpt(Path(args.nanogpt).expanduser(), data, work, str(device),
                                                       args.tiny, env, recipe_timeout))
