@@ -154,6 +154,96 @@ def test_prompt_logprobs_come_first_from_the_same_prefill(engine: Engine, model:
         engine.submit(prompt, SamplingParams(max_tokens=2, prompt_logprobs=-1))
 
 
+def test_simultaneous_requests_are_prefilled_in_one_forward_even_into_scattered_slots(
+        model: GPT, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests that wait together are prefilled together: ONE forward for prompts of different
+    lengths (left-padded), into whichever slots are free (here rows 1 and 3, between two running
+    rows), and each still gets exactly what it gets alone."""
+    cache_rows: list[object] = []
+    real = engine_mod.prefill
+
+    def spy(m, ids, pos, mask, position_ids=None, cache_row=0):  # noqa: ANN001, ANN202
+        cache_rows.append(cache_row.tolist() if isinstance(cache_row, torch.Tensor) else cache_row)
+        return real(m, ids, pos, mask, position_ids, cache_row=cache_row)
+
+    monkeypatch.setattr(engine_mod, "prefill", spy)
+    eng = Engine(model, max_batch=4)
+    eng.start()
+    assert eng.ready.wait(60)
+    try:
+        long, short = SamplingParams(max_tokens=55, temperature=0), SamplingParams(max_tokens=2, temperature=0)
+        first = [([1, 2, 3], long), ([4], short), ([5, 6, 7, 8, 9, 1, 2], long), ([7, 8], short)]
+        with eng._wake:  # the engine thread cannot take any of them before all four wait
+            reqs = [eng.submit(p, s) for p, s in first]
+        heads = [collect(r, 1)[0] for r in reqs]  # every first token is out
+        assert eng.stats()["prefill_forwards"] == 1 and eng.stats()["prefills"] == 4
+        assert cache_rows[-1] == 0  # rows 0..3: adjacent rows go as one plain cache_row
+        for r in (reqs[1], reqs[3]):  # slots 1 and 3 free again; 0 and 2 keep decoding
+            assert collect(r)[1].reason == "length"
+        cases = [([9, 8, 7, 6, 5], SamplingParams(max_tokens=20, temperature=0)),
+                 ([2], SamplingParams(max_tokens=20, seed=8, top_k=6, temperature=0.9, logprobs=2))]
+        with eng._wake:
+            later = [eng.submit(p, s) for p, s in cases]
+        heads += [collect(r, 1)[0] for r in later]
+        # One forward into rows 1 and 3: rows 0 and 2 were still taken (free slots go lowest first).
+        assert eng.stats()["prefill_forwards"] == 2 and cache_rows[-1] == [1, 3]
+        for r, (prompt, p), head in zip(later + [reqs[0], reqs[2]], cases + [first[0], first[2]],
+                                        heads[4:] + [heads[0], heads[2]], strict=True):
+            tokens, fin = collect(r)
+            assert fin.reason == "length" and [e.token for e in head + tokens] == alone(model, prompt, p), p
+        assert all(e.logprob is not None and len(e.top_logprobs) == 2 for e in collect(eng.submit(
+            [2], SamplingParams(max_tokens=3, seed=8, top_k=6, temperature=0.9, logprobs=2)))[0])
+        assert eng.stats()["prefill_tokens"] == 3 + 1 + 7 + 2 + 5 + 1 + 1
+    finally:
+        eng.shutdown(timeout=5)
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_others_keep_decoding(model: GPT,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``max_prefill_tokens`` bounds one prefill forward: a longer prompt goes in chunks, one per
+    engine iteration, and the running request gets a token between two chunks."""
+    order: list[tuple[str, str]] = []
+    real_emit = Request._emit
+
+    def emit(self: Request, event: object) -> object:
+        order.append((self.id, type(event).__name__))
+        return real_emit(self, event)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Request, "_emit", emit)
+    eng = Engine(model, max_batch=2, max_prefill_tokens=8)
+    eng.start()
+    assert eng.ready.wait(60)
+    try:
+        a_params = SamplingParams(max_tokens=60, temperature=0)
+        a = eng.submit([1, 2], a_params)
+        head, _ = collect(a, 1)  # A decodes
+        before = eng.stats()["prefill_forwards"]
+        prompt = [(7 * i) % 50 for i in range(30)]
+        params = SamplingParams(max_tokens=10, seed=3, top_k=5)
+        order.append(("test", "submit"))
+        b = eng.submit(prompt, params)
+        assert [e.token for e in collect(b)[0]] == alone(model, prompt, params)
+        assert eng.stats()["prefill_forwards"] - before == 4  # 8 + 8 + 8 + 6 tokens
+        tail, fin = collect(a)
+        assert fin.reason == "length" and [e.token for e in head + tail] == alone(model, [1, 2], a_params)
+        since = order[order.index(("test", "submit")):]
+        b_first = since.index((b.id, "TokenEvent"))
+        assert since[:b_first].count((a.id, "TokenEvent")) >= 3  # a decode step after each of the 3 chunks
+        # Prompt logprobs gathered over chunks are those of one whole forward.
+        p_params = SamplingParams(max_tokens=4, temperature=0, prompt_logprobs=1)
+        events = list(eng.submit(prompt[:19], p_params).events())
+        with torch.no_grad():
+            logp = _REFERENCE[id(model)](torch.tensor([prompt[:19]]))[0].log_softmax(-1)
+        assert [e.token for e in events[0].tokens] == prompt[1:19]
+        assert [e.logprob for e in events[0].tokens] == pytest.approx(
+            [float(logp[i, prompt[i + 1]]) for i in range(18)], abs=1e-4)
+        assert [e.token for e in events[1:-1]] == alone(model, prompt[:19], p_params)
+    finally:
+        eng.shutdown(timeout=5)
+    with pytest.raises(ValueError, match="max_prefill_tokens must be"):
+        Engine(model, max_prefill_tokens=0)
+
+
 def test_cancel_frees_the_slot_within_one_step(model: GPT) -> None:
     eng = Engine(model, max_batch=1, max_queue=4)
     eng.start()

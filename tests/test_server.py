@@ -434,7 +434,8 @@ def test_sigterm_finishes_running_requests_and_exits_0(tmp_path):
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     proc = subprocess.Popen([sys.executable, "-m", "gpt2model", "serve", "--model", str(model_dir), "--port",
-                             str(port), "--device", "cpu", "--max-batch", "2", "--request-timeout", "20"],
+                             str(port), "--device", "cpu", "--max-batch", "2", "--request-timeout", "20",
+                             "--max-prefill-tokens", "16"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -1,21 +1,32 @@
 """The serving engine: continuous batching over the rows ("slots") of one static KV cache.
 
 One inference thread owns the model and a KV cache of ``max_batch`` rows. Requests wait in a
-bounded queue (:class:`QueueFullError` past ``max_queue``); whenever a slot is free the next
-request is prefilled into that cache row (a batch of one) while the other rows keep their
-state, and every decode step then advances all active rows at once, each at its own cache
-position, with its own sampling settings and seed. A finished or cancelled row frees its slot
-at once. The engine knows nothing of HTTP or of text: token ids in, :class:`TokenEvent` /
+bounded queue (:class:`QueueFullError` past ``max_queue``); a waiting request takes the lowest
+free slot, and every engine iteration then runs (1) at most one prefill forward and (2) one
+decode step:
+
+1. The prefill forward takes the prompts that wait in their slots, oldest first, up to
+   ``max_prefill_tokens`` padded tokens (rows x longest chunk), all in ONE forward: each row
+   writes its own cache row at its own positions (rows left-padded to a common length; the
+   padding writes only slots past the row's own tokens, which nothing reads before they are
+   written again). A prompt longer than the budget is prefilled in chunks over several
+   iterations (chunked prefill, as vLLM and llama.cpp do), so the running streams get a token
+   between two chunks instead of waiting for a whole long prompt. A row whose prompt is complete
+   draws its first token from the forward's last logits.
+2. The decode step advances every row that has its first token, each at its own cache position,
+   with its own sampling settings and seed. A finished or cancelled row frees its slot at once.
+
+The engine knows nothing of HTTP or of text: token ids in, :class:`TokenEvent` /
 :class:`FinishEvent` out (stop strings are :class:`gpt2model.generate.TextStream`'s job, in the
 caller, which cancels the request when its text stops).
 
-It runs the same decode step (:func:`gpt2model.generate.decode_step`) and the same sampling
+It runs the same decode step (:func:`gpt2model.generate.decode_step`), prefill and sampling
 function as :func:`gpt2model.generate.generate`, so a request gives exactly the tokens that
 ``model.generate(prompt, seed=S, ...)`` gives for it alone (greedy or seeded), however many
-requests run beside it: every row draws from its own seed and token index, never from shared
-generator state.
+requests run or are prefilled beside it: every row draws from its own seed and token index,
+never from shared generator state.
 
-Decode shapes: eagerly, a step runs over cache rows ``0 .. highest active`` (free slots are
+Decode shapes: eagerly, a step runs over cache rows ``0 .. highest decoding row`` (free slots are
 taken lowest first) and attends to the filled cache positions only; with ``compile=True`` the
 step always runs over all ``max_batch`` rows and the whole cache, so one graph (on CUDA: one
 CUDA graph) serves every step.
@@ -29,7 +40,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -198,31 +209,39 @@ def _set_all(events: list[asyncio.Event]) -> None:
 
 @dataclass
 class _Slot:
-    """A request's cache row: ``pos`` is the next cache position to write (= tokens in the row).
-    ``sampled`` / ``top_k`` / ``top_p``: the row's settings are in the engine's per-slot tensors
-    (counted in its host-side tallies until the row is freed)."""
+    """A request's cache row: ``pos`` is the next cache position to write (= tokens in the row;
+    while ``decoding`` is False, the prompt tokens prefilled so far). ``sampled`` / ``top_k`` /
+    ``top_p``: the row's settings, also in the engine's per-slot tensors once it decodes."""
 
     request: Request
-    pos: int
+    pos: int = 0
+    decoding: bool = False  # the prompt is in the cache and the first token was drawn
     seed: int = 0  # the request's seed, or one the engine drew for it
     generated: int = 0
     sampled: bool = False
     top_k: int | None = None
     top_p: float | None = None
+    prompt_events: list[TokenEvent] | None = None  # prompt logprobs gathered chunk by chunk
 
 
 class Engine:
     """Continuous batching for one model (see the module docstring). ``start()`` spawns the
     inference thread; ``ready`` is set once it has warmed up."""
 
-    def __init__(self, model: GPT, *, max_batch: int = 8, max_queue: int = 64, compile: bool = False) -> None:
-        for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0)):
+    def __init__(self, model: GPT, *, max_batch: int = 8, max_queue: int = 64, compile: bool = False,
+                 max_prefill_tokens: int = 512) -> None:
+        """``max_prefill_tokens``: the most prompt tokens one prefill forward takes (rows times the
+        longest chunk, padding included); longer prompts are prefilled in chunks of that size, one
+        chunk per engine iteration, so running streams wait at most one such forward per token."""
+        for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0),
+                                 ("max_prefill_tokens", max_prefill_tokens, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         self.model = model
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.compile = compile
+        self.max_prefill_tokens = max_prefill_tokens
         self.ready = threading.Event()
         self._wake = threading.Condition()  # guards the queue and the flags below
         self._queue: deque[Request] = deque()
@@ -230,9 +249,11 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._slots: list[_Slot | None] = [None] * max_batch
+        self._prefilling: list[int] = []  # slots whose prompt is not (all) in the cache yet, oldest first
         self._running = 0
         self._free_slots = max_batch  # slots neither running nor claimed (guarded by _wake)
-        self._counts = dict(submitted=0, tokens_generated=0, steps=0, prefills=0, step_rows=0)
+        self._counts = dict(submitted=0, tokens_generated=0, steps=0, prefills=0, step_rows=0,
+                            prefill_forwards=0, prefill_tokens=0)
         self._seconds = dict(step_seconds=0.0, prefill_seconds=0.0)  # inference thread time in each
         self._finished = dict.fromkeys(("stop", "length", "cancelled", "error"), 0)
         self._fatal: str | None = None
@@ -290,7 +311,9 @@ class Engine:
         """Counters for monitoring: requests ``running`` and ``queued`` now, ``tokens_generated``,
         ``steps`` (decode steps), ``step_rows`` (active rows summed over steps: / ``steps`` = the
         mean batch), ``prefills``, ``step_seconds`` / ``prefill_seconds`` (time the inference
-        thread spent in each), ``submitted`` and ``finished`` by reason."""
+        thread spent in each), ``prefill_forwards`` (forwards that ran prompt tokens: several
+        prompts go in one, a long prompt takes several), ``prefill_tokens`` (prompt tokens
+        prefilled, padding not counted), ``submitted`` and ``finished`` by reason."""
         with self._wake:
             return dict(running=self._running, queued=len(self._queue), max_batch=self.max_batch,
                         max_queue=self.max_queue, ready=self.ready.is_set(), error=self._fatal,
@@ -340,13 +363,12 @@ class Engine:
                         self._wake.wait()
                     if self._stopping:
                         break
-                    admit = self._take_admissible()
-                self._wake_readers()
-                for slot, request in admit:
-                    self._admit(slot, request)
-                    self._wake_readers()  # each first token goes out before the next prefill
+                    self._take_admissible()
                 self._drop_cancelled()
-                if self._running:
+                if self._prefilling:
+                    self._prefill_round()
+                    self._wake_readers()  # the first tokens go out before the decode step runs
+                if any(s is not None and s.decoding for s in self._slots):
                     self._step()
                 self._wake_readers()
         finally:
@@ -380,9 +402,9 @@ class Engine:
             self._decode(B if self.compile else 1, greedy_only=True)
         self._pos.zero_()
 
-    def _take_admissible(self) -> list[tuple[int, Request]]:
-        """Pop queued requests into free slots (lowest first); called with the lock held."""
-        admit = []
+    def _take_admissible(self) -> None:
+        """Pop queued requests into free slots (lowest first), to be prefilled; called with the
+        lock held."""
         for request in [r for r in self._queue if r.cancelled]:  # cancelled while waiting: finish now
             self._queue.remove(request)
             self._finish_locked(request, FinishEvent("cancelled"))
@@ -393,42 +415,154 @@ class Engine:
                 self._finish_locked(request, FinishEvent("cancelled"))
                 continue
             slot = free.pop(0)
-            self._slots[slot] = _Slot(request, pos=0)  # reserved; filled by _admit
+            self._slots[slot] = _Slot(request)
+            self._prefilling.append(slot)
             self._running += 1
             self._free_slots -= 1
-            admit.append((slot, request))
-        return admit
 
-    @torch.no_grad()
-    def _admit(self, b: int, request: Request) -> None:
-        """Prefill the prompt into cache row ``b`` and emit the first token."""
-        t0 = time.perf_counter()
-        try:
-            p = request.params
-            ids = torch.tensor([request.prompt_ids], dtype=torch.long, device=self.model.device)
-            P = ids.size(1)
-            positions = torch.arange(P, device=ids.device)
-            mask = self.model.causal_mask[:P, :P][None, None]
-            if p.prompt_logprobs is None:
-                logits = prefill(self.model, ids, positions, mask, cache_row=b)
-            else:  # the same forward with the LM head at every position (prefill keeps the last only)
-                every = self.model(ids, input_pos=positions, mask=mask, cache_row=b)[0]  # (P, V)
-                logits = every[-1:]
-                self._post(request, PromptEvent(_logprob_events(every[:-1], ids[0, 1:], p.prompt_logprobs)))
-            self._counts["prefills"] += 1
-            self._mask[b].fill_(float("-inf"))
-            self._mask[b, ..., :P] = 0.0
+    def _prefill_plan(self) -> list[tuple[int, int]]:
+        """The rows of the next prefill forward, oldest first, as ``(slot, chunk length)``: as many
+        as fit ``max_prefill_tokens`` counted as rows x longest chunk (the padded batch); a prompt
+        that does not fit whole is cut to the group's chunk length (or to the budget, alone). A
+        request that wants prompt logprobs is prefilled alone (its forward keeps every position's
+        logits)."""
+        budget, group, T = self.max_prefill_tokens, [], 0
+        for b in self._prefilling:
             slot = self._slots[b]
             assert slot is not None
-            slot.pos = P
-            slot.seed = new_seed() if p.seed is None else p.seed
-            token = sample_logits(logits, p.temperature, p.top_k, p.top_p, seed=slot.seed, step=0)
-            self._tokens[b] = token
-            self._install(b, slot)
-            self._deliver(b, int(token), logits[0] if p.logprobs is not None else None)
+            alone = slot.request.params.prompt_logprobs is not None
+            if group and alone:
+                continue
+            c = min(len(slot.request.prompt_ids) - slot.pos, budget)
+            n = len(group) + 1
+            if n * max(T, c) > budget:
+                c = min(c, max(T, budget // n))
+                if n * max(T, c) > budget:
+                    break
+            group.append((b, c))
+            T = max(T, c)
+            if alone:
+                break
+        return group
+
+    @torch.no_grad()
+    def _prefill_round(self) -> None:
+        """One prefill forward over the rows :meth:`_prefill_plan` picks. If a forward of several
+        rows fails, each row is retried alone, so one bad request fails only itself."""
+        t0 = time.perf_counter()
+        group = self._prefill_plan()
+        try:
+            out = self._prefill_forward(group)
         except Exception as e:  # noqa: BLE001 - one bad request must not take the engine down
-            self._free(b, FinishEvent("error", f"{type(e).__name__}: {e}"))
+            for b, c in group:
+                if len(group) == 1:
+                    self._free(b, FinishEvent("error", f"{type(e).__name__}: {e}"))
+                    continue
+                try:  # rewriting the chunk's slots is harmless: nothing advanced
+                    alone = self._prefill_forward([(b, c)])
+                except Exception as e1:  # noqa: BLE001
+                    self._free(b, FinishEvent("error", f"{type(e1).__name__}: {e1}"))
+                else:
+                    self._advance([(b, c)], *alone)
+        else:
+            self._advance(group, *out)
         self._seconds["prefill_seconds"] += time.perf_counter() - t0
+
+    def _prefill_forward(self, group: list[tuple[int, int]]) -> tuple[torch.Tensor, list[TokenEvent] | None]:
+        """Run the chunks ``group`` (``(slot, length)``) through one forward, each into its own
+        cache row from its slot's ``pos``; return each row's last logits ``(N, V)`` (and, for a
+        request that wants them, the chunk's prompt logprobs). No slot state changes: a failed
+        forward can be rerun. Rows are left-padded to the longest chunk, so the last column holds
+        every row's last token (``prefill`` applies the LM head there only); a padding token sits
+        at a cache slot past its row's tokens (read by nobody before the row writes it again), and
+        it attends to the slots before it, so no attention row is all masked."""
+        C, device = self.model.config.context_length, self.model.device
+        T = max(c for _, c in group)
+        ids, positions, rows = [], [], []
+        for b, c in group:
+            slot = self._slots[b]
+            assert slot is not None
+            start, pad = slot.pos, T - c
+            ids.append([0] * pad + slot.request.prompt_ids[start:start + c])
+            positions.append([min(start + c + j, C - 1) for j in range(pad)] + list(range(start, start + c)))
+            rows.append(b)
+        ids_t = torch.tensor(ids, dtype=torch.long, device=device)
+        pos_t = torch.tensor(positions, dtype=torch.long, device=device)
+        L = max(self._slots[b].pos + c for b, c in group)  # type: ignore[union-attr]
+        mask = self.model.causal_mask[pos_t][:, None, :, :L]  # (N, 1, T, L): slot s visible from slot >= s
+        # One row or adjacent rows: a plain cache_row (views into the cache); scattered rows: a tensor.
+        adjacent = rows == list(range(rows[0], rows[0] + len(rows)))
+        cache_rows: int | torch.Tensor = rows[0] if adjacent else torch.tensor(rows, device=device)
+        first = self._slots[rows[0]]
+        assert first is not None
+        k = first.request.params.prompt_logprobs
+        if k is not None:  # alone (see _prefill_plan): the same forward with the head at every position
+            every = self.model(ids_t, input_pos=pos_t, mask=mask, cache_row=cache_rows)[0]  # (c, V)
+            start, c = first.pos, group[0][1]
+            n = min(c, len(first.request.prompt_ids) - 1 - start)  # positions whose next token is the prompt's
+            nxt = torch.tensor(first.request.prompt_ids[start + 1:start + 1 + n], device=device)
+            return every[-1:], _logprob_events(every[:n], nxt, k)
+        return prefill(self.model, ids_t, pos_t, mask, cache_row=cache_rows), None  # (N, V)
+
+    def _advance(self, group: list[tuple[int, int]], logits: torch.Tensor,
+                 prompt_events: list[TokenEvent] | None) -> None:
+        """After the prefill forward of ``group``: advance each row by its chunk; rows whose prompt
+        is now complete draw their first token."""
+        if prompt_events is not None:  # the request is alone in its forward (see _prefill_plan)
+            first = self._slots[group[0][0]]
+            assert first is not None
+            first.prompt_events = (first.prompt_events or []) + prompt_events
+        self._counts["prefill_forwards"] += 1
+        self._counts["prefill_tokens"] += sum(c for _, c in group)
+        done = []
+        for i, (b, c) in enumerate(group):
+            slot = self._slots[b]
+            assert slot is not None
+            slot.pos += c
+            if slot.pos == len(slot.request.prompt_ids):
+                done.append(i)
+        if done:
+            try:
+                self._start_decoding(group, done, logits)
+            except Exception as e:  # noqa: BLE001 - e.g. sampling: fail these rows, not the engine
+                for i in done:
+                    if (slot := self._slots[group[i][0]]) is not None and not slot.decoding:
+                        self._free(group[i][0], FinishEvent("error", f"{type(e).__name__}: {e}"))
+
+    def _start_decoding(self, group: list[tuple[int, int]], done: list[int], logits: torch.Tensor) -> None:
+        """Rows ``group[i] for i in done`` have their whole prompt in the cache: draw their first
+        tokens (step 0 of each row's seed) from ``logits[i]`` and emit them."""
+        slots = [self._slots[group[i][0]] for i in done]
+        for i, slot in zip(done, slots, strict=True):
+            assert slot is not None
+            b, p = group[i][0], slot.request.params
+            self._prefilling.remove(b)
+            self._counts["prefills"] += 1
+            if slot.prompt_events is not None:
+                self._post(slot.request, PromptEvent(slot.prompt_events))
+                slot.prompt_events = None
+            slot.seed = new_seed() if p.seed is None else p.seed
+            self._install(b, slot)
+        rows = logits[done] if len(done) < logits.size(0) else logits
+        if len(slots) == 1:
+            p, seed = slots[0].request.params, slots[0].seed  # type: ignore[union-attr]
+            tokens = sample_logits(rows, p.temperature, p.top_k, p.top_p, seed=seed, step=0).tolist()
+        else:
+            index = torch.tensor([group[i][0] for i in done], device=rows.device)
+            temperature, top_k, top_p = self._sampling_args(slots, lambda t: t[index])
+            tokens = sample_logits(rows, temperature, top_k, top_p, seed=self._seeds[index], step=0).tolist()
+        for j, (i, token) in enumerate(zip(done, tokens, strict=True)):
+            b = group[i][0]
+            slot = self._slots[b]
+            assert slot is not None
+            self._mask[b].fill_(float("-inf"))
+            self._mask[b, ..., :slot.pos] = 0.0
+            slot.decoding = True
+            self._tokens[b] = token
+            try:
+                self._deliver(b, token, rows[j] if slot.request.params.logprobs is not None else None)
+            except Exception as e:  # noqa: BLE001
+                self._free(b, FinishEvent("error", f"{type(e).__name__}: {e}"))
 
     def _install(self, b: int, slot: _Slot) -> None:
         """Write row ``b``'s sampling settings into the per-slot tensors (at admission)."""
@@ -442,21 +576,23 @@ class Engine:
         self._seeds[b:b + 1] = seed_tensor([slot.seed], self._seeds.device)
         self._steps[b] = 1  # the first token (step 0) came from the prefill
 
-    def _sampling_args(self, hi: int, greedy_only: bool) -> tuple[Any, Any, Any]:
-        """``(temperature, top_k, top_p)`` for a step over rows ``0 .. hi-1``. Eagerly, a batch of
-        greedy rows passes ``temperature=0`` (argmax only: no random bits over the vocabulary),
-        and a setting all sampled rows share is passed as one number (the cheaper whole-batch
-        path of :func:`sample_logits`; greedy rows ignore filters). Compiled, the per-slot tensors
+    def _sampling_args(self, slots: Sequence[_Slot | None], rows: Callable[[torch.Tensor], torch.Tensor],
+                       compiled: bool = False) -> tuple[Any, Any, Any]:
+        """``(temperature, top_k, top_p)`` for sampling the rows ``slots`` (free rows: None), whose
+        per-slot tensors ``rows(tensor)`` selects. A batch of greedy rows passes
+        ``temperature=0`` (argmax only: no random bits over the vocabulary), and a setting all
+        sampled rows share is passed as one number (the cheaper whole-batch path of
+        :func:`sample_logits`; greedy rows ignore filters). ``compiled``: the per-slot tensors
         always (one graph whatever the settings; a filter no row uses is left out)."""
-        rows = [s for s in self._slots[:hi] if s is not None and s.sampled] if not greedy_only else []
-        if self.compile:
-            return (self._temperature[:hi], self._top_k[:hi] if any(s.top_k for s in rows) else None,
-                    self._top_p[:hi] if any(s.top_p for s in rows) else None)
-        if not rows:
+        sampled = [s for s in slots if s is not None and s.sampled]
+        if compiled:
+            return (rows(self._temperature), rows(self._top_k) if any(s.top_k for s in sampled) else None,
+                    rows(self._top_p) if any(s.top_p for s in sampled) else None)
+        if not sampled:
             return 0.0, None, None
-        top_k, top_p = {s.top_k for s in rows}, {s.top_p for s in rows}
-        return (self._temperature[:hi], top_k.pop() if len(top_k) == 1 else self._top_k[:hi],
-                top_p.pop() if len(top_p) == 1 else self._top_p[:hi])
+        top_k, top_p = {s.top_k for s in sampled}, {s.top_p for s in sampled}
+        return (rows(self._temperature), top_k.pop() if len(top_k) == 1 else rows(self._top_k),
+                top_p.pop() if len(top_p) == 1 else rows(self._top_p))
 
     def _drop_cancelled(self) -> None:
         for b, slot in enumerate(self._slots):
@@ -466,7 +602,7 @@ class Engine:
     @torch.no_grad()
     def _step(self) -> None:
         """One decode step over every active row; a failure fails those rows, not the engine."""
-        active = [b for b, s in enumerate(self._slots) if s is not None]
+        active = [b for b, s in enumerate(self._slots) if s is not None and s.decoding]
         t0 = time.perf_counter()
         try:
             hi = self.max_batch if self.compile else active[-1] + 1
@@ -491,14 +627,17 @@ class Engine:
 
     def _decode(self, hi: int, greedy_only: bool = False) -> tuple[list[int], torch.Tensor]:
         """Run :func:`decode_step` over cache rows ``0 .. hi-1``; returns the new tokens (host)
-        and the logits. Each active row feeds its last token at its own position."""
+        and the logits. Each decoding row feeds its last token at its own position; a row still
+        being prefilled writes (ignored) at its next prompt slot, which its next chunk rewrites,
+        and a free row at slot 0."""
         rows = self._slots[:hi]
         pos_host = [s.pos if s is not None else 0 for s in rows]
         self._pos[:hi, 0] = torch.tensor(pos_host)
         pos = self._pos[:hi]
         self._mask[:hi].scatter_(3, pos.view(hi, 1, 1, 1), 0.0)  # the slot written now becomes visible
         L = self._mask.size(-1) if self.compile else max(pos_host) + 1
-        temperature, top_k, top_p = self._sampling_args(hi, greedy_only)
+        decoding = [s if s is not None and s.decoding else None for s in rows] if not greedy_only else []
+        temperature, top_k, top_p = self._sampling_args(decoding, lambda t: t[:hi], self.compile)
         run = run_compiled_step if self.compile else (lambda fn, *args: fn(*args))
         try:
             nxt, logits = run(self._step_fn, self.model, self._tokens[:hi], pos, self._mask[:hi, :, :, :L], pos,
@@ -538,6 +677,8 @@ class Engine:
         if slot is None:
             return
         self._slots[b] = None
+        if b in self._prefilling:
+            self._prefilling.remove(b)
         self._mask[b].fill_(float("-inf"))
         self._mask[b, ..., 0] = 0.0
         if hasattr(self, "_temperature"):

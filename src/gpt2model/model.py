@@ -74,15 +74,24 @@ class KVCache(nn.Module):
         self.register_buffer("rows", torch.arange(batch_size, device=device), persistent=False)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               cache_row: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write ``k, v`` (B, H, T, hd) into cache rows ``cache_row .. cache_row + B - 1`` at slots
-        ``input_pos``: ``(T,)`` (the same slots for every row) or ``(B, T)`` (each row its own
-        slots, e.g. rows at different lengths); return those rows of the whole cache (views)."""
+               cache_row: int | torch.Tensor = 0, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``k, v`` (B, H, T, hd) into cache rows ``cache_row .. cache_row + B - 1`` (or, for a
+        ``(B,)`` tensor ``cache_row``, rows ``cache_row[b]``: e.g. several requests prefilled into
+        scattered free rows at once) at slots ``input_pos``: ``(T,)`` (the same slots for every row)
+        or ``(B, T)`` (each row its own slots, e.g. rows at different lengths); return those rows'
+        first ``length`` slots (default: all; views for an int ``cache_row``, a copy otherwise)."""
         kc, vc = self.k, self.v
         B = k.size(0)
+        k, v = k.to(kc.dtype), v.to(vc.dtype)
+        L = kc.size(2) if length is None else length
+        if isinstance(cache_row, torch.Tensor):
+            rows = cache_row.view(B, 1)
+            pos = input_pos.expand(B, -1) if input_pos.dim() == 1 else input_pos
+            kc.transpose(1, 2).index_put_((rows, pos), k.transpose(1, 2))
+            vc.transpose(1, 2).index_put_((rows, pos), v.transpose(1, 2))
+            return kc[:, :, :L][cache_row], vc[:, :, :L][cache_row]  # only the slots the mask covers
         if cache_row or kc.size(0) != B:
             kc, vc = kc[cache_row:cache_row + B], vc[cache_row:cache_row + B]  # views: writes land in the cache
-        k, v = k.to(kc.dtype), v.to(vc.dtype)
         if input_pos.dim() == 1:
             kc.index_copy_(2, input_pos, k)
             vc.index_copy_(2, input_pos, v)
@@ -90,7 +99,7 @@ class KVCache(nn.Module):
             rows = self.rows[:B, None]
             kc.transpose(1, 2).index_put_((rows, input_pos), k.transpose(1, 2))
             vc.transpose(1, 2).index_put_((rows, input_pos), v.transpose(1, 2))
-        return kc, vc
+        return kc[:, :, :L], vc[:, :, :L]
 
 
 class CausalSelfAttention(nn.Module):
@@ -108,7 +117,7 @@ class CausalSelfAttention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, cache_row: int = 0) -> torch.Tensor:
+                mask: torch.Tensor | None = None, cache_row: int | torch.Tensor = 0) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.d_model, dim=2)
         # (B, T, C) -> (B, n_head, T, head_dim): heads become a batch dimension for SDPA.
@@ -117,11 +126,9 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         if self.kv_cache is not None:
             assert input_pos is not None and mask is not None, "the KV cache needs input_pos and a mask"
-            k, v = self.kv_cache.update(input_pos, k, v, cache_row)
             # Attend only to the slots the mask covers: while the cache is filling, the slots past
             # the mask's length are empty, and skipping them makes each decode step O(filled).
-            if mask.size(-1) < k.size(2):
-                k, v = k[:, :, : mask.size(-1)], v[:, :, : mask.size(-1)]
+            k, v = self.kv_cache.update(input_pos, k, v, cache_row, mask.size(-1))
         dropout_p = self.attn_dropout if self.training else 0.0
         if mask is None:
             # Plain causal attention: SDPA picks its flash / memory-efficient kernels.
@@ -166,7 +173,7 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, cache_row: int = 0) -> torch.Tensor:
+                mask: torch.Tensor | None = None, cache_row: int | torch.Tensor = 0) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), input_pos, mask, cache_row)
         x = x + self.mlp(self.ln_2(x))
         return x
@@ -362,7 +369,8 @@ class GPT(nn.Module):
     # --- forward -------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                cache_row: int = 0, targets: torch.Tensor | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+                cache_row: int | torch.Tensor = 0, targets: torch.Tensor | None = None,
+                logits_to_keep: int = 0) -> torch.Tensor:
         """Logits ``(B, T, vocab_size)`` for token ids ``(B, T)``; with ``targets`` (B, T) the mean
         next-token loss instead (see ``loss``), computed without materialising the logits.
 
@@ -380,7 +388,10 @@ class GPT(nn.Module):
         dtype (0 or -inf; the decode loops keep one such buffer, so no mask is built per step).
         Only those ``L <= cache_len`` slots are read, so a caller can skip empty slots. Without a
         mask a token at slot t sees slots 0..t. ``cache_row`` is the first cache row this batch
-        uses (rows ``cache_row .. cache_row + B - 1``; e.g. to prefill one request into its slot).
+        uses (rows ``cache_row .. cache_row + B - 1``; e.g. to prefill one request into its slot),
+        or a ``(B,)`` tensor of rows (e.g. several requests prefilled together into scattered free
+        rows; the caller keeps its entries distinct and in range: they are not checked here, as
+        that would sync the device).
         """
         self._check_input_ids(input_ids)
         B, T = input_ids.shape
@@ -390,7 +401,11 @@ class GPT(nn.Module):
             if input_pos is None:
                 raise ValueError("the KV cache is set up: pass input_pos (the cache slots to write), "
                                  "or call model.clear_cache() first")
-            if cache_row < 0 or cache_row + B > self._cache_batch:
+            if isinstance(cache_row, torch.Tensor):
+                if cache_row.shape != (B,) or cache_row.dtype != torch.long:
+                    raise ValueError(f"a tensor cache_row must be int64 of shape ({B},) (one cache row per input "
+                                     f"row), got {cache_row.dtype} {tuple(cache_row.shape)}")
+            elif cache_row < 0 or cache_row + B > self._cache_batch:
                 raise ValueError(f"cache rows {cache_row}..{cache_row + B - 1} are outside the KV cache's "
                                  f"{self._cache_batch} rows")
             if mask is None:

@@ -847,7 +847,7 @@ _ROUTES = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "
 def serve(model: Any, tokenizer: Any, *, host: str = "127.0.0.1", port: int = 8000, model_name: str = "gpt2",
           api_key: str | None = None, chat_template: str | Path | None = None, max_batch: int = 8,
           max_queue: int = 64, compile: bool = False, request_timeout: float = 30.0,
-          ready: Callable[[str], None] | None = None) -> int:
+          max_prefill_tokens: int = 512, ready: Callable[[str], None] | None = None) -> int:
     """Run the server until SIGTERM/SIGINT; returns 0 after a graceful shutdown.
 
     Shutdown: stop accepting connections, let running requests finish for up to
@@ -855,7 +855,8 @@ def serve(model: Any, tokenizer: Any, *, host: str = "127.0.0.1", port: int = 80
     template = DEFAULT_CHAT_TEMPLATE
     if chat_template is not None:
         template = Path(chat_template).read_text(encoding="utf-8")
-    engine = Engine(model, max_batch=max_batch, max_queue=max_queue, compile=compile)
+    engine = Engine(model, max_batch=max_batch, max_queue=max_queue, compile=compile,
+                    max_prefill_tokens=max_prefill_tokens)
     config = ServerConfig(model_name=model_name, api_key=api_key, chat_template=template,
                           request_timeout=request_timeout)
     app = create_app(engine, tokenizer, config)
