@@ -10,11 +10,17 @@ the server reports a truthful ``stop`` (else the row is marked failed).
 Servers (each started here as a subprocess on a free port, stopped after its levels):
 
 - ``ours``: ``gpt2 serve --max-batch 8``; ``ours-b1``: the same at ``--max-batch 1`` (no batching);
+  ``ours-bf16`` / ``ours-int8``: ``ours`` with ``--dtype bfloat16`` / ``int8``; ``ours-base``: ``ours``
+  run from another source tree (``--base-src DIR/src``, e.g. main's, to measure a change in the same run);
 - ``hf`` / ``hf-cb``: ``transformers serve MODEL_DIR`` without / with ``--continuous-batching``;
 - ``llama-f32`` / ``llama-f16``: llama.cpp's ``llama-server -np 8 -cb`` on our GGUF export
-  (``gpt2 export``); needs a llama.cpp build (``--llama-dir`` or ``LLAMA_CPP_DIR``).
+  (``gpt2 export``); needs a llama.cpp build (``--llama-dir`` or ``LLAMA_CPP_DIR``);
+- any server with ``@option=value`` suffixes gets those command-line options, e.g.
+  ``ours@max-prefill-tokens=64`` (each spelling is its own row).
 
 Run (``make bench`` runs the default): ``python bench/bench_serve.py [--model DIR] [--servers ours,hf-cb]``.
+``--rounds N`` runs the whole server list N times, interleaved (ours, peer, ours, peer, ...), and the
+summary gives each row's median over the rounds: on a shared machine compare only such ratios.
 Without ``--model`` a random-weight GPT-2-BPE model of shape 6x384, context 256 is made in a temp folder.
 Results are printed as a table and written as JSON to ``bench/results/``. Run under
 ``flock /work/wt/.bench.lock`` on a shared machine; numbers from a busy machine are preliminary.
@@ -44,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import format_table, machine_info, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVERS = ("ours", "ours-b1", "hf", "hf-cb", "llama-f32", "llama-f16")
+SERVERS = ("ours", "ours-b1", "ours-bf16", "ours-int8", "ours-base", "hf", "hf-cb", "llama-f32", "llama-f16")
 COLUMNS = [("server", "server"), ("clients", "clients"), ("tok_s", "output tok/s"), ("req_s", "req/s"),
            ("ttft_p50_ms", "TTFT p50 ms"), ("ttft_p99_ms", "TTFT p99 ms"), ("itl_p50_ms", "ITL p50 ms"),
            ("itl_p99_ms", "ITL p99 ms"), ("tokens_per_req", "tokens/req"), ("errors", "errors"),
@@ -99,13 +105,20 @@ def prompts_from_shakespeare(n: int = 256, chars: int = 160, seed: int = 0) -> l
 
 # --- servers ---------------------------------------------------------------------------------------
 def _launch(kind: str, model_dir: Path, gguf: dict[str, Path], llama_dir: Path | None, port: int,
-            threads: int, log: Path) -> tuple[subprocess.Popen, str]:
+            threads: int, log: Path, base_src: Path | None = None) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": str(threads)}
     py = sys.executable
-    if kind in ("ours", "ours-b1"):
+    kind, *options = kind.split("@")
+    if kind.startswith("ours"):
         batch = "1" if kind == "ours-b1" else "8"
         cmd = [py, "-m", "gpt2model", "serve", "--model", str(model_dir), "--port", str(port), "--device", "cpu",
                "--max-batch", batch, "--max-queue", "64", "--model-name", "m"]
+        if kind in ("ours-bf16", "ours-int8"):
+            cmd += ["--dtype", {"ours-bf16": "bfloat16", "ours-int8": "int8"}[kind]]
+        if kind == "ours-base":
+            if base_src is None:
+                raise FileNotFoundError("ours-base needs --base-src (another checkout's src folder)")
+            env["PYTHONPATH"] = str(base_src)
         model = "m"
     elif kind in ("hf", "hf-cb"):
         cli = Path(py).with_name("transformers")
@@ -120,6 +133,7 @@ def _launch(kind: str, model_dir: Path, gguf: dict[str, Path], llama_dir: Path |
         cmd = [str(llama_dir / "build" / "bin" / "llama-server"), "-m", str(gguf[kind.split("-")[1]]),
                "--port", str(port), "-np", "8", "-cb", "-c", str(8 * ctx), "-t", str(threads), "--no-webui"]
         model = "m"
+    cmd += [f"--{option}" for option in options]
     # The server's log goes to a file: a pipe nobody reads fills up (64 KiB) and blocks a server
     # that logs every request -- llama-server then hangs mid-run.
     with log.open("w") as sink:
@@ -258,7 +272,7 @@ async def _level(url: str, model: str, prompts: list[str], clients: int, seconds
 
 
 def run(model_dir: Path, servers: list[str], levels: list[int], seconds: float, max_tokens: int,
-        llama_dir: Path | None, threads: int) -> list[dict[str, Any]]:
+        llama_dir: Path | None, threads: int, rounds: int = 1, base_src: Path | None = None) -> list[dict[str, Any]]:
     from gpt2model.export import export_gguf
 
     prompts = prompts_from_shakespeare()
@@ -269,11 +283,11 @@ def run(model_dir: Path, servers: list[str], levels: list[int], seconds: float, 
         for dtype in ("f32", "f16"):
             if f"llama-{dtype}" in servers and llama_dir is not None:
                 gguf[dtype] = export_gguf(model_dir, tmp / f"m-{dtype}.gguf", dtype)
-        for kind in servers:
+        for rnd, kind in ((r, k) for r in range(rounds) for k in servers):
             port = _free_port()
             url = f"http://127.0.0.1:{port}"
             try:
-                proc, model = _launch(kind, model_dir, gguf, llama_dir, port, threads, tmp / f"{kind}.log")
+                proc, model = _launch(kind, model_dir, gguf, llama_dir, port, threads, tmp / f"{kind}.log", base_src)
             except FileNotFoundError as e:
                 rows.append({"server": kind, "ok": f"skipped: {e}"})
                 continue
@@ -281,7 +295,8 @@ def run(model_dir: Path, servers: list[str], levels: list[int], seconds: float, 
                 _wait_ready(url, proc, tmp / f"{kind}.log")
                 asyncio.run(_level(url, model, prompts, 1, min(seconds, 5), 8))  # warm-up
                 for clients in levels:
-                    row = {"server": kind, **asyncio.run(_level(url, model, prompts, clients, seconds, max_tokens))}
+                    row = {"server": kind, "round": rnd,
+                           **asyncio.run(_level(url, model, prompts, clients, seconds, max_tokens))}
                     rows.append(row)
                     print(format_table([row], COLUMNS), flush=True)
                     if row["hung"]:
@@ -298,6 +313,24 @@ def run(model_dir: Path, servers: list[str], levels: list[int], seconds: float, 
     return rows
 
 
+def medians(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (server, clients): each number the median over the rounds."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in rows:
+        if "clients" in r:
+            groups.setdefault((r["server"], r["clients"]), []).append(r)
+    out = []
+    for (server, clients), rs in groups.items():
+        row: dict[str, Any] = {"server": server, "clients": clients, "rounds": len(rs)}
+        for key, value in rs[0].items():
+            if key not in row and isinstance(value, (int, float)) and not isinstance(value, bool):
+                values = [r[key] for r in rs if isinstance(r.get(key), (int, float))]
+                row[key] = median(values) if values else None
+        row["ok"] = "yes" if all(r["ok"] == "yes" for r in rs) else "FAILED"
+        out.append(row)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=None, help="model folder (default: random 6x384 GPT-2-BPE, ctx 256)")
@@ -308,10 +341,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="compute threads per server")
     p.add_argument("--llama-dir", type=Path, default=os.environ.get("LLAMA_CPP_DIR"),
                    help="a llama.cpp tree with build/bin/llama-server (default: $LLAMA_CPP_DIR)")
+    p.add_argument("--rounds", type=int, default=1, help="run the server list this many times, interleaved; "
+                   "the summary is the median per row (default 1)")
+    p.add_argument("--base-src", type=Path, default=None, help="the src folder ours-base runs (e.g. main's)")
     p.add_argument("--out", type=Path, default=None, help="JSON file (default: bench/results/serve-<time>.json)")
     args = p.parse_args(argv)
     servers = [s for s in args.servers.split(",") if s]
-    unknown = sorted(set(servers) - set(SERVERS))
+    unknown = sorted({s.split("@")[0] for s in servers} - set(SERVERS))
     if unknown:
         p.error(f"unknown servers {unknown}; choose from {', '.join(SERVERS)}")
     levels = [int(c) for c in args.clients.split(",")]
@@ -322,17 +358,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model_dir = make_model(tmp / "gpt2-6x384")
     try:
         t0 = time.time()
-        rows = run(model_dir, servers, levels, args.seconds, args.max_tokens, args.llama_dir, args.threads)
+        rows = run(model_dir, servers, levels, args.seconds, args.max_tokens, args.llama_dir, args.threads,
+                   args.rounds, args.base_src)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+    summary = medians(rows)
     print()
-    print(format_table([r for r in rows if "clients" in r], COLUMNS))
+    print(format_table(summary, COLUMNS) if args.rounds > 1 else format_table([r for r in rows if "clients" in r],
+                                                                             COLUMNS))
     for r in rows:
         if "clients" not in r:
             print(f"{r['server']}: {r['ok']}")
     results = {"machine": machine_info(), "model": str(args.model or "random 6x384 GPT-2-BPE, ctx 256"),
-               "seconds_per_level": args.seconds, "max_tokens": args.max_tokens, "rows": rows,
+               "seconds_per_level": args.seconds, "max_tokens": args.max_tokens, "rounds": args.rounds,
+               "rows": rows, "medians": summary,
                "started": t0, "load_after": os.getloadavg()}
     out = args.out or ROOT / "bench" / "results" / f"serve-{time.strftime('%Y%m%d-%H%M%S')}.json"
     print(f"wrote {write_json(results, out)}")

@@ -335,9 +335,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV-cache slots; default 8)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait for a slot; more get HTTP 429 (default 64)")
-    p.add_argument("--max-prefill-tokens", type=int, default=512,
+    p.add_argument("--max-prefill-tokens", type=int, default=None,
                    help="prompt tokens one prefill forward takes at most (waiting prompts x longest, padded); "
-                   "longer prompts are prefilled in chunks between decode steps (default 512)")
+                   "longer prompts are prefilled in chunks between decode steps (default: 2048 on CUDA, 128 on "
+                   "CPU)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every endpoint but "
                    "/health (default: $GPT2MODEL_API_KEY; none if unset)")
     p.add_argument("--model-name", default=None, help="the model id clients send and /v1/models lists "
@@ -360,7 +361,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise ValueError(f"gpt2 serve needs the web stack: pip install 'gpt2model[serve]' ({e})") from None
     for name in ("max_batch", "max_queue", "max_prefill_tokens"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.request_timeout < 0:
         raise ValueError(f"--request-timeout must be >= 0 seconds, got {args.request_timeout}")
@@ -372,7 +373,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     return serve(model, tokenizer, host=args.host, port=args.port, model_name=name, api_key=api_key,
                  chat_template=args.chat_template, max_batch=args.max_batch, max_queue=args.max_queue,
                  compile=args.compile, request_timeout=args.request_timeout,
-                 max_prefill_tokens=args.max_prefill_tokens, ready=lambda url: print(f"gpt2 serve: {name!r} on {url} (OpenAI API at {url}/v1; "
+                 max_prefill_tokens=args.max_prefill_tokens,
+                 ready=lambda url: print(f"gpt2 serve: {name!r} on {url} (OpenAI API at {url}/v1; "
                                          f"SIGTERM or Ctrl-C stops it)", flush=True))
 
 

@@ -847,7 +847,7 @@ _ROUTES = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "
 def serve(model: Any, tokenizer: Any, *, host: str = "127.0.0.1", port: int = 8000, model_name: str = "gpt2",
           api_key: str | None = None, chat_template: str | Path | None = None, max_batch: int = 8,
           max_queue: int = 64, compile: bool = False, request_timeout: float = 30.0,
-          max_prefill_tokens: int = 512, ready: Callable[[str], None] | None = None) -> int:
+          max_prefill_tokens: int | None = None, ready: Callable[[str], None] | None = None) -> int:
     """Run the server until SIGTERM/SIGINT; returns 0 after a graceful shutdown.
 
     Shutdown: stop accepting connections, let running requests finish for up to
