@@ -10,6 +10,12 @@ with ``--threads 1``: the process's CPU time is then robust to other jobs, wall 
 
     python bench/bench_decode.py [--threads 1] [--tokens 100] [--no-compile] [--dtypes fp32,bf16,int8]
                                  [--shapes seed,bpe-6x384,gpt2-124M]
+
+``--matmuls`` instead times the decode matmuls alone (the LM head and the body's linears of the
+shapes, at ``--rows`` rows) in every weight layout and kernel torch offers for each dtype, each
+weight cycled through enough copies to stream from memory as a decode step does:
+
+    python bench/bench_decode.py --matmuls [--rows 1,8,16] [--shapes bpe-6x384,gpt2-124M]
 """
 
 from __future__ import annotations
@@ -95,6 +101,99 @@ def read_bandwidth_gbs(clock: Any) -> float:
     return x.numel() * 4 / best / 1e9
 
 
+def matmul_methods(dtype: str, W: Any, rows: int) -> dict[str, Any]:
+    """``name -> (prepare(W) -> weight, run(x, weight) -> y)`` for one dtype; W fp32 ``(out, in)``."""
+    import torch
+    import torch.nn.functional as F
+
+    from gpt2model.quantize import Int8Linear, _in_decode_order
+
+    def colmajor(w: Any) -> Any:
+        return w.t().contiguous().t()
+
+    if dtype in ("fp32", "bf16"):
+        dt = torch.float32 if dtype == "fp32" else torch.bfloat16
+        methods = {
+            "F.linear(x, W) row-major": (lambda w: w.to(dt).contiguous(), lambda x, w: F.linear(x, w)),
+            "F.linear(x, W) column-major (x @ Wt)": (lambda w: colmajor(w.to(dt)), lambda x, w: F.linear(x, w)),
+            "addmm(b, x, Wt)": (lambda w: (torch.zeros(w.size(0), dtype=dt), w.to(dt).t().contiguous()),
+                                lambda x, w: torch.addmm(w[0], x, w[1])),
+            "mkldnn packed linear": (lambda w: torch.ops.mkldnn._reorder_linear_weight(w.to(dt), rows),
+                                     lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")),
+        }
+        if dtype == "fp32":
+            methods["mkl packed sgemm"] = (lambda w: (torch.ops.mkl._mkl_reorder_linear_weight(w, rows), w),
+                                           lambda x, w: torch.ops.mkl._mkl_linear(x, w[0], w[1], None, rows))
+        return methods
+
+    def int8(w: Any) -> Any:
+        return Int8Linear.from_weight(w)
+
+    def pack_mm(x: Any, q: Any) -> Any:
+        return torch._weight_int8pack_mm(_in_decode_order(x, torch.bfloat16), q.weight, q.scales_bf16)
+
+    return {
+        "_weight_int8pack_mm (bf16 x)": (int8, pack_mm),
+        "_weight_int8pack_mm (fp32 x)": (int8, lambda x, q: torch._weight_int8pack_mm(
+            _in_decode_order(x), q.weight, q.scales)),
+        "dequantize + F.linear": (int8, lambda x, q: F.linear(_in_decode_order(x),
+                                                              q.weight.float() * q.scales[:, None])),
+        "inductor int8 GEMV (compiled)": (int8, torch.compile(lambda x, q: q._compiled_gemv(x), dynamic=False,
+                                                             fullgraph=True)),
+    }
+
+
+def bench_matmuls(args: Any, clock: Any) -> list[dict[str, Any]]:
+    """Time each decode matmul of the shapes in every layout (see the module docstring)."""
+    import torch
+
+    rows_out = []
+    # What one call of a compiled function costs by itself (guards, wrapper): the compiled GEMV's
+    # times below include it once per matmul; a compiled decode step pays it once per step.
+    tiny, add_one = torch.ones(8), torch.compile(lambda t: t + 1, dynamic=False)
+    add_one(tiny)
+    t = clock()
+    for _ in range(2000):
+        add_one(tiny)
+    overhead = dict(compiled_call_overhead_ms=round((clock() - t) / 2000 * 1e3, 4))
+    print(json.dumps(overhead), flush=True)
+    rows_out.append(overhead)
+    for name in args.shapes.split(","):
+        shape = SHAPES[name]
+        d = shape["d_model"]
+        mats = {"head": (shape["vocab_size"], d), "qkv": (3 * d, d), "fc": (4 * d, d), "mlp proj": (d, 4 * d)}
+        for what, (out_f, in_f) in mats.items():
+            if out_f < 1000 and what == "head":
+                continue
+            g = torch.Generator().manual_seed(0)
+            W = torch.randn(out_f, in_f, generator=g) * 0.02
+            for dtype in args.dtypes.split(","):
+                for rows in (int(r) for r in args.rows.split(",")):
+                    x = torch.randn(rows, in_f, generator=g).to(torch.bfloat16 if dtype == "bf16" else torch.float32)
+                    times = {}
+                    for method, (prepare, run) in matmul_methods(dtype, W, rows).items():
+                        # Enough copies that they stream from memory (>= 96 MB), as in a decode step.
+                        copies = max(1, -(-96 * 2**20 // (out_f * in_f * (4 if dtype == "fp32" else 2))))
+                        try:
+                            ws = [prepare(W) for _ in range(copies)]
+                            run(x, ws[0])  # warm-up (and compile)
+                        except Exception as e:  # noqa: BLE001 - a kernel this build lacks
+                            times[method] = f"unavailable: {type(e).__name__}"
+                            continue
+                        best = float("inf")
+                        for _ in range(args.repeats):
+                            t = clock()
+                            for w in ws:
+                                run(x, w)
+                            best = min(best, (clock() - t) / copies)
+                        times[method] = round(best * 1e3, 4)
+                        del ws
+                    row = dict(shape=name, matrix=what, out=out_f, inp=in_f, dtype=dtype, rows=rows, ms=times)
+                    print(json.dumps(row), flush=True)
+                    rows_out.append(row)
+    return rows_out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=1)
@@ -104,6 +203,8 @@ def main() -> int:
     p.add_argument("--shapes", default="seed,bpe-6x384", help=f"comma-separated, of {', '.join(SHAPES)}")
     p.add_argument("--dtypes", default="fp32", help=f"comma-separated, of {', '.join(DTYPES)}")
     p.add_argument("--out", default=None, help="JSON file (default: bench/results/decode.json)")
+    p.add_argument("--matmuls", action="store_true", help="time the decode matmuls alone in every layout")
+    p.add_argument("--rows", default="1,8,16", help="with --matmuls: comma-separated row counts")
     args = p.parse_args()
 
     import torch
@@ -117,6 +218,13 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     clock = time.process_time if args.threads == 1 else time.perf_counter
     bandwidth = read_bandwidth_gbs(clock)
+    if args.matmuls:
+        result = bench_matmuls(args, clock)
+        print(f"\nread bandwidth {bandwidth:.1f} GB/s ({args.threads} thread(s)); torch {torch.__version__}")
+        out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / "decode_matmuls.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(dict(bandwidth_gbs=bandwidth, rows=result), indent=2))
+        return 0
     rows = []
     for name in args.shapes.split(","):
         shape = SHAPES[name]

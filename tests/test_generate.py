@@ -178,6 +178,8 @@ def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
     kept = draws([0.05, 0.3, 0.15, 0.5], top_p=0.8)
     assert set(kept.tolist()) == {1, 3}
     assert abs((kept == 3).float().mean().item() - 0.5 / 0.8) < 0.03
+    # Tokens tied with the last one kept stay (as with top_k), whatever order a sort puts them in.
+    assert set(draws([0.2, 0.3, 0.1, 0.2, 0.2], top_p=0.45).tolist()) == {0, 1, 3, 4}
 
 
 def test_top_k_and_temperature() -> None:
@@ -603,6 +605,89 @@ def test_top_k_hashes_only_the_candidates_and_draws_what_the_full_vocabulary_dra
         assert torch.equal(rows, full_vocabulary_draw(per_row_t, per_row_k, step)), step
         drawn_tokens.add(int(fast[1]))
     assert len(drawn_tokens & set(ties.tolist())) >= 2  # tied tokens are drawn too
+
+
+def _full_sort_draw(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                    seed: int, step: int) -> torch.Tensor:
+    """The reference draw: every row's whole vocabulary sorted, top-k (ties stay), then the nucleus
+    (the tokens before reach less than top_p; ties with the last kept stay), Gumbel noise over all ids."""
+    B, V = logits.shape
+    scaled = logits / torch.where(temperature == 0, 1.0, temperature)[:, None]
+    ordered = scaled.sort(dim=-1, descending=True).values
+    for b in range(B):
+        if 0 < top_k[b] < V:
+            scaled[b] = scaled[b].masked_fill(scaled[b] < ordered[b, top_k[b] - 1], float("-inf"))
+    probs = scaled.softmax(dim=-1)
+    for b in range(B):
+        if top_p[b] < 1:
+            sorted_probs = probs[b].sort(descending=True).values
+            before = sorted_probs.cumsum(0) - sorted_probs
+            n = max(1, int((before < top_p[b] - 1e-6).sum()))
+            scaled[b] = scaled[b].masked_fill(probs[b] < sorted_probs[n - 1], float("-inf"))
+    keys = gen_mod._row_keys(gen_mod.row_seeds(seed, B), torch.full((B,), step))
+    drawn = (scaled + gen_mod._gumbel(keys, gen_mod._id_hashes(V, logits.device))).argmax(dim=-1)
+    return torch.where(temperature == 0, logits.argmax(dim=-1), drawn)
+
+
+def test_per_row_top_p_finds_the_nucleus_without_sorting_the_vocabulary(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-row top_p (the engine's mixed batches): eager code selects each row's most likely
+    NUCLEUS_CANDIDATES tokens instead of sorting all of them, hashes only the kept candidates
+    when every row has a nucleus, and sorts only when some nucleus is larger (a flat row): always
+    the tokens of the full-sort reference."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.sorted: list[tuple[int, ...]] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            if func.__name__.startswith("sort"):
+                self.sorted.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    V = 5000
+    g = torch.Generator().manual_seed(6)
+    # bf16-rounded peaked logits: many ties, nuclei of 1 to ~120 tokens.
+    logits = (torch.randn(6, V, generator=g) * torch.tensor([4.0, 4.0, 4.0, 5.0, 3.0, 3.0])[:, None])
+    logits = logits.bfloat16().float()
+    row = logits[5]  # an exact tie at the nucleus boundary of row 5 (top_p 0.6)
+    top = row.topk(3).values
+    row[row.topk(4).indices[3]] = top[2]
+    temperature = torch.tensor([0.0, 1.0, 0.8, 1.2, 1.0, 1.0])
+    top_k = torch.tensor([0, 0, 20, 0, 200, 0])
+    top_p = torch.tensor([1.0, 0.9, 0.5, 0.95, 0.9, 0.6])  # row 0 greedy
+    hashed: list[int] = []
+    real_hash = gen_mod._hash32
+    monkeypatch.setattr(gen_mod, "_hash32", lambda x: hashed.append(x.numel()) or real_hash(x))
+    seen: set[int] = set()
+    for step in range(40):
+        hashed.clear()
+        with Ops() as ops:
+            fast = sample_logits(logits, temperature, top_k, top_p, seed=3, step=step)
+        assert (6, V) not in ops.sorted, step  # selections only (the candidates' ids are sorted)
+        assert max(hashed) < V  # the kept candidates only
+        assert torch.equal(fast, _full_sort_draw(logits, temperature, top_k, top_p, 3, step)), step
+        seen.add(int(fast[5]))
+        # A row without any filter: the whole vocabulary is drawn from, still without a sort.
+        flat_p = top_p.clone()
+        flat_p[1] = 1.0
+        with Ops() as ops:
+            mixed = sample_logits(logits, temperature, top_k, flat_p, seed=3, step=step)
+        assert (6, V) not in ops.sorted
+        assert torch.equal(mixed, _full_sort_draw(logits, temperature, top_k, flat_p, 3, step))
+        # A nucleus larger than the candidates (a flat row at top_p 0.95): the rows are sorted.
+        wide = logits.clone()
+        wide[3] = wide[3] / 50
+        with Ops() as ops:
+            fallback = sample_logits(wide, temperature, top_k, top_p, seed=3, step=step)
+        assert (6, V) in ops.sorted
+        assert torch.equal(fallback, _full_sort_draw(wide, temperature, top_k, top_p, 3, step))
+    assert len(seen & set(row.topk(4).indices.tolist())) >= 3  # the tied boundary tokens are drawn too
+    # The compiled graphs' path (a sort, no host read) filters exactly as the selection does.
+    eager, _ = gen_mod._filter(logits.clone(), top_k, top_p, temperature == 0, gen_mod.NUCLEUS_CANDIDATES)
+    sorted_path, none = gen_mod._filter(logits.clone(), top_k, top_p, temperature == 0, None)
+    assert none is None and torch.equal(eager, sorted_path)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to compare with the CPU")
