@@ -147,6 +147,9 @@ def bench_matmuls(args: Any, clock: Any) -> list[dict[str, Any]]:
     """Time each decode matmul of the shapes in every layout (see the module docstring)."""
     import torch
 
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = 1000  # one compiled GEMV per matrix shape and row count
     rows_out = []
     # What one call of a compiled function costs by itself (guards, wrapper): the compiled GEMV's
     # times below include it once per matmul; a compiled decode step pays it once per step.

@@ -101,6 +101,49 @@ def test_int8_decode_linear_adds_its_bias_without_a_separate_cast() -> None:
     assert y.dtype == torch.float32 and torch.equal(y.view(1, 48), product.float() + qlin.bias)
 
 
+def test_int8_weight_is_stored_interleaved_and_every_path_computes_the_same_product() -> None:
+    torch.manual_seed(3)
+    lin = nn.Linear(64, 40)
+    q, _ = quantize_int8(lin.weight)
+    qlin = Int8Linear.from_linear(lin)
+    assert qlin.interleaved and not torch.equal(qlin.weight, q)
+    assert torch.equal(qlin.weight.view(40, 16, 4)[:, 5, 2], q[:, 2 * 16 + 5])  # word 5, byte 2 = input 37
+    assert torch.equal(qlin.int8_weight(), q)
+    odd = Int8Linear.from_linear(nn.Linear(10, 6))  # in_features not a multiple of 4: plain order
+    assert not odd.interleaved and torch.equal(odd.weight, quantize_int8(odd.dequantize())[0])
+    x = torch.randn(1, 64)
+    exact = F.linear(x, qlin.dequantize(), lin.bias)
+    # Inside torch.compile on a CPU one row takes inductor's int8 GEMV: fp32 activations and fp32
+    # accumulation, so it is the exact product up to summation order (the eager kernel rounds the
+    # activations to bf16, ~1e-3 relative).
+    compiled = torch.compile(qlin, fullgraph=True, dynamic=False)(x)
+    assert (compiled - exact).abs().max() <= 1e-5 * exact.abs().max()
+    assert (qlin(x) - exact).abs().max() > 1e-5 * exact.abs().max()
+
+
+def test_compiled_int8_decode_is_the_dequantized_float_model() -> None:
+    """A compiled CPU decode step of an int8 model (the inductor GEMV) computes what the float
+    model with the dequantized weights computes: the same greedy tokens, and no fallback."""
+    model = spiky(GPTconfig(context_length=32, vocab_size=2000, n_layer=2, n_head=2, d_model=32))
+    model.quantize("int8")
+    assert isinstance(model.lm_head, Int8Linear)
+    reference = spiky(GPTconfig(context_length=32, vocab_size=2000, n_layer=2, n_head=2, d_model=32))
+    reference.lm_head = nn.Linear(32, 2000, bias=False)
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, Int8Linear):
+                target = reference.get_submodule(name)
+                target.weight.copy_(m.dequantize())
+                if m.bias is not None:
+                    target.bias.copy_(m.bias)
+    prompt = [[5, 6, 7]]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = generate(model, prompt, 40, temperature=0, compile=True)  # slides past the context too
+    assert not [w for w in caught if "decode step failed" in str(w.message)]
+    assert compiled == generate(reference, prompt, 40, temperature=0)
+
+
 # --- the model ---------------------------------------------------------------------------------------
 def spiky(config: GPTconfig, seed: int = 0) -> GPT:
     torch.manual_seed(seed)
@@ -177,32 +220,62 @@ def test_int8_bf16_decode_step_compiles() -> None:
 
 
 # --- the decode layout -------------------------------------------------------------------------------
-def test_decode_layout_is_column_major_while_the_cache_lives_and_changes_no_result() -> None:
-    model = spiky(SMALL)
-    ids = torch.randint(0, 80, (2, 20))
+BIG_VOCAB = GPTconfig(context_length=32, vocab_size=20000, n_layer=2, n_head=2, d_model=32)  # a BPE-sized head
+
+
+def test_decode_layout_while_the_cache_lives_changes_no_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp32 on CPU: the large LM head is re-laid column-major (in place, still tied), the body
+    stays row-major, and a cache of >= PACKED_HEAD_MIN_ROWS rows adds a oneDNN-packed copy of the
+    head for steps of that many rows; logits are unchanged (fp32 within 1e-5) throughout."""
+    from gpt2model.quantize import PACKED_HEAD_MIN_ROWS, PackedHead
+
+    model = spiky(BIG_VOCAB)
+    ids = torch.randint(0, BIG_VOCAB.vocab_size, (PACKED_HEAD_MIN_ROWS, 20))
     ref = model(ids).detach()
     params = dict(model.named_parameters())
-    model.setup_cache(2)
-    w = model.transformer.h[0].mlp.c_fc.weight
-    assert w.stride() == (1, w.size(0))  # fp32 on CPU: W.t() contiguous
-    assert model.lm_head.weight is model.transformer.wte.weight  # still tied
-    assert model.lm_head.weight.stride() == (1, 80)
+    calls = []
+    real_call = PackedHead.__call__
+    monkeypatch.setattr(PackedHead, "__call__", lambda self, x: calls.append(x.shape) or real_call(self, x))
+    model.setup_cache(PACKED_HEAD_MIN_ROWS)
+    head = model.lm_head.weight
+    assert head.stride() == (1, BIG_VOCAB.vocab_size) and head is model.transformer.wte.weight  # still tied
+    assert model.transformer.h[0].mlp.c_fc.weight.is_contiguous()  # the body: row-major
     assert dict(model.named_parameters()) == params  # the same Parameter objects
     logits = model(ids, input_pos=torch.arange(20)).detach()
     torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
+    assert calls == [(PACKED_HEAD_MIN_ROWS, 20, 32)]
+    # A weight written in place (e.g. load_state_dict) is seen at once: the stale packed copy is
+    # not used, and the next cache packs the new weight.
+    with torch.no_grad():
+        head[7].mul_(3)
+    changed = GPT(BIG_VOCAB).eval()
+    changed.load_state_dict(model.state_dict())
+    expected = changed(ids).detach()
+    model.clear_cache()
+    model.setup_cache(PACKED_HEAD_MIN_ROWS)
+    torch.testing.assert_close(model(ids[:, :1], input_pos=torch.arange(1)).detach(), expected[:, :1],
+                               rtol=1e-5, atol=1e-5)
+    assert len(calls) == 2
+    with torch.no_grad():
+        head[7].mul_(0.5)  # while the cache lives
+    changed.load_state_dict(model.state_dict())
+    torch.testing.assert_close(model(ids[:, 1:2], input_pos=torch.arange(1, 2)).detach(),
+                               changed(ids[:, :2]).detach()[:, 1:], rtol=1e-5, atol=1e-5)
+    assert len(calls) == 2  # the stale copy was not used
     model.clear_cache()
     model.setup_cache(1)  # eval mode: the layout stays between generations (one copy per model)
-    assert w.stride() == (1, w.size(0))
+    assert head.stride() == (1, BIG_VOCAB.vocab_size)
     model.clear_cache()
-    model.train()  # training gets the usual layout back
-    assert all(p.is_contiguous() for p in model.parameters())
-    model.setup_cache(1)  # a training-mode model is never re-laid
-    assert all(p.is_contiguous() for p in model.parameters())
+    model.train()  # training gets the usual layout back, and the packed copy is dropped
+    assert all(p.is_contiguous() for p in model.parameters()) and model._packed_head is None
+    model.setup_cache(PACKED_HEAD_MIN_ROWS)  # a training-mode model is never re-laid
+    assert all(p.is_contiguous() for p in model.parameters()) and model._packed_head is None
     model.clear_cache()
     model.eval()
     # bf16 keeps row-major (its CPU kernels want it).
-    model.to(torch.bfloat16).setup_cache(1)
+    model.to(torch.bfloat16).setup_cache(PACKED_HEAD_MIN_ROWS)
     assert model.transformer.h[0].mlp.c_fc.weight.is_contiguous() and model.lm_head.weight.is_contiguous()
+    assert model._packed_head is None
 
 
 def test_generating_between_training_steps_changes_nothing(tmp_path) -> None:

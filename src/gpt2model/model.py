@@ -327,6 +327,7 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        self._packed_head = None  # a decode layout of the LM head (quantize.PackedHead), or None
         self._cache_len = 0  # slots per row of the live KV cache (0: none)
         self._cache_batch = 0  # its rows
 
@@ -433,6 +434,12 @@ class GPT(nn.Module):
             return next_token_loss(self.lm_head(x), targets)  # a swapped-in head (e.g. quantized): its own matmul
         if 0 < logits_to_keep < T:
             x = x[:, -logits_to_keep:]
+        if self._cache_len and self._packed_head is not None:
+            from .quantize import packed_head_logits  # a several-row decode step's head (quantize.py)
+
+            logits = packed_head_logits(self, x)
+            if logits is not None:
+                return logits
         return self.lm_head(x)
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -467,7 +474,7 @@ class GPT(nn.Module):
         if not self.training:  # an eval-mode model: decode-friendly weight layouts until .train() (quantize.py)
             from .quantize import prepare_decode
 
-            prepare_decode(self)
+            prepare_decode(self, batch_size)
         for block in self.transformer.h:
             block.attn.kv_cache = KVCache(batch_size, self.config.n_head, max_len, self.config.head_dim,
                                           dtype, self.device)

@@ -53,9 +53,9 @@ WEIGHT_DTYPES = ("float32", "bfloat16", "float16", *QUANTIZATION_MODES)
 # ``quantize(head=None)`` quantizes the LM head where it holds at least this share of the linear weights.
 HEAD_MIN_SHARE = 0.1
 # ``_weight_int8pack_mm`` is a per-row kernel: up to this many rows it beats dequantize + GEMM
-# (measured: 1,536 x 384 at 16 rows ties fp32 GEMM, at 64 rows it is 2x slower), so decode steps
-# of up to 8 rows use it and prefills dequantize.
-INT8_KERNEL_MAX_ROWS = 8
+# (measured at 16 rows: 2.2 vs 4.9 ms for 2,304 x 768, 56 vs 352 ms for the 50,257 x 768 head;
+# 1,536 x 384 ties), so decode steps of up to 16 rows use it and longer prefills dequantize.
+INT8_KERNEL_MAX_ROWS = 16
 # Inside torch.compile on a CPU, up to this many rows use :meth:`Int8Linear._compiled_gemv`
 # (inductor's int8 GEMV; it reads the weight once per row, so it is for single-row decode steps).
 COMPILED_GEMV_MAX_ROWS = 1
@@ -253,40 +253,103 @@ def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, Int8Linear) for m in model.modules())
 
 
+# The fp32 LM head is stored column-major for decode when it has at least this many rows (GPT-2's
+# 50,257-id head: 4.2-7 ms instead of 8-11 ms per row on an AVX2 EPYC); smaller matrices (the
+# body's 1,152-3,072 rows, a character head) are faster row-major at every row count measured.
+HEAD_COLUMN_MAJOR_MIN_OUT = 16384
+# From this many rows a decode step's fp32 LM head runs on a oneDNN-packed copy of its weight
+# (the 50,257 x 768 head at 4 / 8 / 16 rows: 16 / 20 / 30 ms instead of 26 / 31 / 43 ms).
+PACKED_HEAD_MIN_ROWS = 4
+
+
 def decode_layout_is_column_major(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether a float ``nn.Linear`` weight decodes faster stored column-major (``W.t()``
-    contiguous) on ``device`` in ``dtype``: fp32 on CPU (see the module docstring). Elsewhere the
-    usual row-major layout (cuBLAS reads both at full speed; CPU bf16 kernels want row-major)."""
+    """Whether a large float ``nn.Linear`` weight (the LM head) decodes faster stored column-major
+    (``W.t()`` contiguous) on ``device`` in ``dtype``: fp32 on CPU (see the module docstring).
+    Elsewhere the usual row-major layout (cuBLAS reads both at full speed; CPU bf16 kernels want
+    row-major, 4-10x faster)."""
     return device.type == "cpu" and dtype == torch.float32
 
 
-def prepare_decode(model: GPT) -> None:
-    """Store each float linear weight of ``model`` in its fastest decode layout, in place, until
-    :func:`restore_layout` (``GPT.setup_cache`` of an eval-mode model and ``GPT.train()`` call the two).
+class PackedHead:
+    """A oneDNN-packed copy of an fp32 CPU LM head weight for decode steps of several rows (made
+    by :func:`prepare_decode` for a cache of ``>= PACKED_HEAD_MIN_ROWS`` rows; one extra copy of
+    the head's weight in memory, 154 MB for GPT-2's). It remembers which weight and which version
+    of it (``Tensor._version`` counts in-place writes, e.g. ``load_state_dict``) it copied:
+    :meth:`matches` is False once the weight changed, and the model then uses the head itself."""
 
-    Values, shapes, ``Parameter`` objects and ties are unchanged; only the strides move. One copy
-    of the weights the first time, nothing per step, and nothing when the layout is already right
-    (bf16, CUDA, or a model already prepared).
+    def __init__(self, weight: torch.Tensor, rows: int) -> None:
+        self.weight, self.rows = weight, rows
+        self.version = weight._version
+        self.data_ptr = weight.data_ptr()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), rows)
+
+    def __reduce__(self) -> tuple:
+        # A packed tensor has no storage to copy: deepcopy/pickle pack the (copied) weight again.
+        return PackedHead, (self.weight, self.rows)
+
+    def matches(self, weight: torch.Tensor) -> bool:
+        return weight is self.weight and weight._version == self.version and weight.data_ptr() == self.data_ptr
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+
+
+def packed_head_logits(model: GPT, x: torch.Tensor) -> torch.Tensor | None:
+    """The LM head of ``x`` ``(B, T, d)`` on the model's :class:`PackedHead` when it applies (a live
+    cache, eager code, at least ``PACKED_HEAD_MIN_ROWS`` rows, the weight unchanged), else None."""
+    packed = getattr(model, "_packed_head", None)
+    if packed is None or torch.compiler.is_compiling() or x.numel() < PACKED_HEAD_MIN_ROWS * x.size(-1):
+        return None
+    head = model.lm_head
+    if not isinstance(head, nn.Linear) or head.bias is not None or not packed.matches(head.weight) \
+            or x.dtype != torch.float32:
+        return None
+    return packed(x)
+
+
+def prepare_decode(model: GPT, batch_size: int = 1) -> None:
+    """Store the decode weights of ``model`` in their fastest layouts for steps of up to
+    ``batch_size`` rows, until :func:`restore_layout` (``GPT.setup_cache`` of an eval-mode model
+    and ``GPT.train()`` call the two). Measured per matrix, rows and dtype (``python
+    bench/bench_decode.py --matmuls``, README):
+
+    * fp32 on CPU: a large LM head (``HEAD_COLUMN_MAJOR_MIN_OUT`` rows or more) is re-laid
+      column-major in place (values, shape, ``Parameter`` and the tie to the embedding unchanged;
+      only the strides move; no second copy), the fastest for 1-3 rows; for caches of
+      ``PACKED_HEAD_MIN_ROWS`` rows or more a oneDNN-packed copy of it is added
+      (:class:`PackedHead`, one extra copy of the head) for steps of that many rows. The body's
+      linears stay row-major, the fastest at 1-16 rows.
+    * bf16, other devices: the usual row-major layout everywhere.
+    * int8 (:class:`Int8Linear`): its interleaved layout, made at quantisation.
+
+    Nothing is done per step, and nothing when the layout is already right.
     """
     relaid = getattr(model, "_decode_relaid", [])
-    for module in model.modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        w = module.weight
-        want_colmajor = decode_layout_is_column_major(w.device, w.dtype)
-        if want_colmajor and w.is_contiguous() and min(w.shape) > 1:
-            with torch.no_grad():
-                # .data swaps the storage under the same Parameter (optimizer state, ties and
-                # references stay valid); the tied embedding sees the same storage.
-                w.data = w.data.t().contiguous().t()
-            relaid.append(w)
+    head = model.lm_head
+    if not isinstance(head, nn.Linear):
+        return
+    w = head.weight
+    if not decode_layout_is_column_major(w.device, w.dtype) or w.size(0) < HEAD_COLUMN_MAJOR_MIN_OUT:
+        return
+    if w.is_contiguous() and min(w.shape) > 1:
+        with torch.no_grad():
+            # .data swaps the storage under the same Parameter (optimizer state, ties and
+            # references stay valid); the tied embedding sees the same storage.
+            w.data = w.data.t().contiguous().t()
+        relaid.append(w)
     model._decode_relaid = relaid
+    packed = getattr(model, "_packed_head", None)
+    if batch_size >= PACKED_HEAD_MIN_ROWS and head.bias is None and torch.backends.mkldnn.is_available() \
+            and (packed is None or not packed.matches(w)):
+        model._packed_head = PackedHead(w, batch_size)
 
 
 def restore_layout(model: GPT) -> None:
     """Undo :func:`prepare_decode`: the weights it re-laid are row-major (contiguous) again, so a
-    model that goes on training after generating sees exactly the tensors it had before."""
+    model that goes on training after generating sees exactly the tensors it had before, and the
+    packed copy of the head is dropped."""
     for w in getattr(model, "_decode_relaid", []):
         with torch.no_grad():
             w.data = w.data.contiguous()
     model._decode_relaid = []
+    model._packed_head = None
