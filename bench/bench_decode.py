@@ -146,7 +146,6 @@ def matmul_methods(dtype: str, W: Any, rows: int) -> dict[str, Any]:
 def bench_matmuls(args: Any, clock: Any) -> list[dict[str, Any]]:
     """Time each decode matmul of the shapes in every layout (see the module docstring)."""
     import torch
-
     import torch._dynamo
 
     torch._dynamo.config.recompile_limit = 1000  # one compiled GEMV per matrix shape and row count

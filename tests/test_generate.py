@@ -685,9 +685,10 @@ def test_per_row_top_p_finds_the_nucleus_without_sorting_the_vocabulary(monkeypa
         assert torch.equal(fallback, _full_sort_draw(wide, temperature, top_k, top_p, 3, step))
     assert len(seen & set(row.topk(4).indices.tolist())) >= 3  # the tied boundary tokens are drawn too
     # The compiled graphs' path (a sort, no host read) filters exactly as the selection does.
-    eager, _ = gen_mod._filter(logits.clone(), top_k, top_p, temperature == 0, gen_mod.NUCLEUS_CANDIDATES)
+    _, (values, ids) = gen_mod._filter(logits.clone(), top_k, top_p, temperature == 0, gen_mod.NUCLEUS_CANDIDATES)
     sorted_path, none = gen_mod._filter(logits.clone(), top_k, top_p, temperature == 0, None)
-    assert none is None and torch.equal(eager, sorted_path)
+    selected = torch.full_like(logits, float("-inf")).scatter(1, ids, values)
+    assert none is None and torch.equal(selected, sorted_path)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to compare with the CPU")

@@ -313,9 +313,10 @@ def _filter(scaled: torch.Tensor, top_k: int | torch.Tensor | None, top_p: float
             greedy: torch.Tensor | None, budget: int | None
             ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """top-k, then top-p of the rest, settings one number or ``(B,)`` per row: returns the
-    filtered logits ``(B, V)`` (dropped tokens -inf) and, when every row's kept tokens are known
-    to be among ``budget`` candidates, those ``(values, ids)`` ``(B, budget)`` (-inf where
-    dropped), else None. ``budget=None`` (compiled graphs): sorts instead of selecting, no host
+    filtered logits ``(B, V)`` (dropped tokens -inf) and None or, when every row's kept tokens are
+    known to be among ``budget`` candidates, the candidates ``(values, ids)`` ``(B, budget)``
+    (-inf where dropped; the logits are then returned unfiltered by top-p, as only the
+    candidates are drawn from). ``budget=None`` (compiled graphs): sorts instead of selecting, no host
     read. ``greedy`` rows (drawn by argmax anyway) keep only their top token."""
     B, V = scaled.shape
     device = scaled.device
@@ -338,11 +339,11 @@ def _filter(scaled: torch.Tensor, top_k: int | torch.Tensor | None, top_p: float
         p = torch.where(greedy[:, None], torch.zeros_like(p), p)
     probs = scaled.softmax(dim=-1)
     threshold, candidates = _nucleus(probs, p, budget)
-    filtered = scaled.masked_fill(probs < threshold, float("-inf"))
     if candidates is None:
-        return filtered, None
+        return scaled.masked_fill(probs < threshold, float("-inf")), None
+    # Only the candidates are drawn from: the whole filtered row is not needed (not built).
     sorted_probs, ids = candidates
-    return filtered, (scaled.gather(1, ids).masked_fill(sorted_probs < threshold, float("-inf")), ids)
+    return scaled, (scaled.gather(1, ids).masked_fill(sorted_probs < threshold, float("-inf")), ids)
 
 
 def _nucleus(probs: torch.Tensor, top_p: torch.Tensor, budget: int | None
