@@ -12,26 +12,31 @@ bandwidth and the matmul kernel's layout, not FLOPs. Two mechanisms live here, b
   it (so the tie is dropped). Inference only: quantized weights take no gradients and there is no
   quantized save format (quantize at load time; ``save_pretrained`` refuses a quantized model).
 * :func:`prepare_decode` (called by ``GPT.setup_cache`` in eval mode, undone by ``GPT.train()``): puts
-  each float linear weight in the memory layout its decode matmul is fastest in on its device.
-  Measured on a 2-core AVX2 EPYC (torch 2.13; README, Benchmarks): an fp32 ``F.linear(x, W)``
-  with ``W`` stored row-major ``(out, in)`` reads the 50,257 x 384 head 2-3x slower than the same
-  product with ``W`` stored column-major (``W.t()`` contiguous, HF's Conv1D layout), which is as
-  fast or faster for the body matrices and at 8 rows too; bf16 is the other way round (its
-  column-major kernel is 10-50x slower on CPUs without native bf16). The layout is changed in
-  place at the first cache setup of an eval-mode model (same ``Parameter``, shape and values;
-  only the strides differ) and kept until ``model.train()``: no second copy of the weights in
-  memory, one copy per model rather than per generate call (re-laying the 124M model takes ~1 s
-  on a loaded 2-core CPU), a model that trains after generating sees exactly the tensors it had,
-  and a saved folder is byte-for-byte the same either way (``checkpoint`` writes contiguous copies).
+  the decode weights in the layout their matmuls are fastest in for the cache's row count, as
+  measured per matrix, rows and dtype on a 2-core AVX2 EPYC (torch 2.13; ``python
+  bench/bench_decode.py --matmuls``, README): an fp32 ``F.linear(x, W)`` reads the 50,257-row
+  head ~1.7x faster with ``W`` stored column-major (``W.t()`` contiguous, HF's Conv1D layout) at
+  one row, and ~1.5x faster still from a oneDNN-packed copy at 4-16 rows; the body's matrices are
+  fastest row-major at every row count; bf16 wants row-major everywhere (its column-major kernel
+  is 4-10x slower on CPUs without native bf16). The head is re-laid in place at the first cache
+  setup of an eval-mode model (same ``Parameter``, shape and values; only the strides differ)
+  and kept until ``model.train()``: no second copy, one re-lay per model rather than per generate
+  call, a model that trains after generating sees exactly the tensors it had, and a saved folder
+  is byte-for-byte the same either way (``checkpoint`` writes contiguous copies). The packed copy
+  (:class:`PackedHead`) is the one layout that costs memory: one more copy of the head.
 
-The int8 matmul: on CPU, ``torch._weight_int8pack_mm`` (PyTorch's int8-weight GEMV kernel, also
-what torchao uses there) with bf16 activations — its fp32-activation path is ~10x slower, so the
-activations are cast to bf16 around it (relative error ~2^-9, well under int8's own). It is a
-per-row kernel, so for many rows (a prefill) dequantize-then-GEMM wins and is used instead. On
-other devices the weight is dequantized, then multiplied. Measured on an H200 (torch 2.11, the
-50,257 x 768 head, one row): bf16 ``F.linear`` 34 us, dequantize + ``F.linear`` 143 us, CUDA's
-``_weight_int8pack_mm`` 230 us: on CUDA, int8 saves weight memory but decodes slower than bf16
-(a fused int8 GEMV kernel would be needed to beat it).
+The int8 matmul: on CPU, eagerly, ``torch._weight_int8pack_mm`` (PyTorch's int8-weight kernel,
+also what torchao uses there) with bf16 activations — its fp32-activation path is ~10x slower, so
+the activations are cast to bf16 around it (relative error ~2^-9, well under int8's own). It is a
+per-row kernel, so for many rows (a prefill) dequantize-then-GEMM wins and is used instead.
+Inside ``torch.compile`` (``compile=True``) a one-row CPU decode step uses an int8 GEMV that
+inductor generates from :meth:`Int8Linear._compiled_gemv` (1 byte read per weight, fp32
+activations and accumulation): ~1.6x ``_weight_int8pack_mm`` on the 124M head, and the reason a
+compiled int8 decode beats fp32 by >= 2x on this AVX2 CPU. On other devices the weight is
+dequantized, then multiplied. Measured on an H200 (torch 2.11, the 50,257 x 768 head, one row):
+bf16 ``F.linear`` 34 us, dequantize + ``F.linear`` 143 us, CUDA's ``_weight_int8pack_mm`` 230 us:
+on CUDA, int8 saves weight memory but decodes slower than bf16 (a fused int8 GEMV kernel would
+be needed to beat it).
 """
 
 from __future__ import annotations
@@ -107,7 +112,7 @@ class Int8Linear(nn.Module):
 
     Buffers: ``weight`` int8 ``(out, in)``, ``scales`` fp32 ``(out,)``, ``bias`` (or None) and the
     CPU kernel's bf16 copy of the scales. The output has the input's dtype. When ``in`` is a
-    multiple of 4 (``interleaved``), ``weight`` holds each row's columns in decode order
+    multiple of 4 and the layer is made on a CPU (``interleaved``), ``weight`` holds each row's columns in decode order
     (:func:`_interleave`: word ``k`` of a row holds the weights of inputs ``k, k + in/4, k + in/2,
     k + 3in/4``), a permutation of the same bytes (no extra memory): a compiled decode step then
     reads each word once with one aligned vector load and splits it into 4 weights that multiply
@@ -122,7 +127,8 @@ class Int8Linear(nn.Module):
             raise ValueError(f"Int8Linear needs an int8 (out, in) weight and (out,) scales, got {q.dtype} "
                              f"{tuple(q.shape)} and {tuple(scales.shape)}")
         self.out_features, self.in_features = q.shape
-        self.interleaved = self.in_features % 4 == 0
+        # The interleaved layout serves the CPU decode kernels; elsewhere (CUDA) the plain order.
+        self.interleaved = self.in_features % 4 == 0 and q.device.type == "cpu"
         self.register_buffer("weight", (_interleave(q) if self.interleaved else q).contiguous())
         self.register_buffer("scales", scales.float())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
