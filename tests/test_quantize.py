@@ -224,9 +224,9 @@ BIG_VOCAB = GPTconfig(context_length=32, vocab_size=20000, n_layer=2, n_head=2, 
 
 
 def test_decode_layout_while_the_cache_lives_changes_no_result(monkeypatch: pytest.MonkeyPatch) -> None:
-    """fp32 on CPU: the large LM head is re-laid column-major (in place, still tied), the body
-    stays row-major, and a cache of >= PACKED_HEAD_MIN_ROWS rows adds a oneDNN-packed copy of the
-    head for steps of that many rows; logits are unchanged (fp32 within 1e-5) throughout."""
+    """fp32 on CPU: the linear weights are re-laid column-major (in place, the head still tied),
+    and a cache of >= PACKED_HEAD_MIN_ROWS rows adds a oneDNN-packed copy of a large head for
+    steps of that many rows; logits are unchanged (fp32 within 1e-5) throughout."""
     from gpt2model.quantize import PACKED_HEAD_MIN_ROWS, PackedHead
 
     model = spiky(BIG_VOCAB)
@@ -239,7 +239,8 @@ def test_decode_layout_while_the_cache_lives_changes_no_result(monkeypatch: pyte
     model.setup_cache(PACKED_HEAD_MIN_ROWS)
     head = model.lm_head.weight
     assert head.stride() == (1, BIG_VOCAB.vocab_size) and head is model.transformer.wte.weight  # still tied
-    assert model.transformer.h[0].mlp.c_fc.weight.is_contiguous()  # the body: row-major
+    w = model.transformer.h[0].mlp.c_fc.weight
+    assert w.stride() == (1, w.size(0))  # W.t() contiguous
     assert dict(model.named_parameters()) == params  # the same Parameter objects
     logits = model(ids, input_pos=torch.arange(20)).detach()
     torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
@@ -276,6 +277,10 @@ def test_decode_layout_while_the_cache_lives_changes_no_result(monkeypatch: pyte
     model.to(torch.bfloat16).setup_cache(PACKED_HEAD_MIN_ROWS)
     assert model.transformer.h[0].mlp.c_fc.weight.is_contiguous() and model.lm_head.weight.is_contiguous()
     assert model._packed_head is None
+    model.clear_cache()
+    small = spiky(SMALL)  # a small head: no packed copy (it would gain nothing)
+    small.setup_cache(PACKED_HEAD_MIN_ROWS)
+    assert small._packed_head is None and small.lm_head.weight.stride() == (1, SMALL.vocab_size)
 
 
 def test_generating_between_training_steps_changes_nothing(tmp_path) -> None:

@@ -16,9 +16,9 @@ bandwidth and the matmul kernel's layout, not FLOPs. Two mechanisms live here, b
   measured per matrix, rows and dtype on a 2-core AVX2 EPYC (torch 2.13; ``python
   bench/bench_decode.py --matmuls``, README): an fp32 ``F.linear(x, W)`` reads the 50,257-row
   head ~1.7x faster with ``W`` stored column-major (``W.t()`` contiguous, HF's Conv1D layout) at
-  one row, and ~1.5x faster still from a oneDNN-packed copy at 4-16 rows; the body's matrices are
-  fastest row-major at every row count; bf16 wants row-major everywhere (its column-major kernel
-  is 4-10x slower on CPUs without native bf16). The head is re-laid in place at the first cache
+  one row, and ~1.5x faster still from a oneDNN-packed copy at 4-16 rows; whole batch-1 decode
+  steps are 6-12% faster with the body column-major too; bf16 wants row-major everywhere (its
+  column-major kernel is 4-10x slower on CPUs without native bf16). The weights are re-laid in place at the first cache
   setup of an eval-mode model (same ``Parameter``, shape and values; only the strides differ)
   and kept until ``model.train()``: no second copy, one re-lay per model rather than per generate
   call, a model that trains after generating sees exactly the tensors it had, and a saved folder
@@ -259,17 +259,15 @@ def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, Int8Linear) for m in model.modules())
 
 
-# The fp32 LM head is stored column-major for decode when it has at least this many rows (GPT-2's
-# 50,257-id head: 4.2-7 ms instead of 8-11 ms per row on an AVX2 EPYC); smaller matrices (the
-# body's 1,152-3,072 rows, a character head) are faster row-major at every row count measured.
-HEAD_COLUMN_MAJOR_MIN_OUT = 16384
 # From this many rows a decode step's fp32 LM head runs on a oneDNN-packed copy of its weight
 # (the 50,257 x 768 head at 4 / 8 / 16 rows: 16 / 20 / 30 ms instead of 26 / 31 / 43 ms).
 PACKED_HEAD_MIN_ROWS = 4
+# ... for heads of at least this many rows (measured at 50,257; a small head gains nothing worth a copy).
+PACKED_HEAD_MIN_OUT = 16384
 
 
 def decode_layout_is_column_major(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether a large float ``nn.Linear`` weight (the LM head) decodes faster stored column-major
+    """Whether a float ``nn.Linear`` weight decodes faster stored column-major
     (``W.t()`` contiguous) on ``device`` in ``dtype``: fp32 on CPU (see the module docstring).
     Elsewhere the usual row-major layout (cuBLAS reads both at full speed; CPU bf16 kernels want
     row-major, 4-10x faster)."""
@@ -319,34 +317,36 @@ def prepare_decode(model: GPT, batch_size: int = 1) -> None:
     and ``GPT.train()`` call the two). Measured per matrix, rows and dtype (``python
     bench/bench_decode.py --matmuls``, README):
 
-    * fp32 on CPU: a large LM head (``HEAD_COLUMN_MAJOR_MIN_OUT`` rows or more) is re-laid
-      column-major in place (values, shape, ``Parameter`` and the tie to the embedding unchanged;
-      only the strides move; no second copy), the fastest for 1-3 rows; for caches of
-      ``PACKED_HEAD_MIN_ROWS`` rows or more a oneDNN-packed copy of it is added
-      (:class:`PackedHead`, one extra copy of the head) for steps of that many rows. The body's
-      linears stay row-major, the fastest at 1-16 rows.
+    * fp32 on CPU: every linear weight is re-laid column-major in place (values, shape,
+      ``Parameter`` and the tie to the embedding unchanged; only the strides move; no second
+      copy): 1.7x faster for the 50,257-row head at one row; the body's matrices measured faster
+      row-major alone but 6-12% slower in whole batch-1 decode steps, so column-major it is. For
+      caches of ``PACKED_HEAD_MIN_ROWS`` rows or more a oneDNN-packed copy of the head is added
+      (:class:`PackedHead`, one extra copy of the head) for steps of that many rows.
     * bf16, other devices: the usual row-major layout everywhere.
     * int8 (:class:`Int8Linear`): its interleaved layout, made at quantisation.
 
     Nothing is done per step, and nothing when the layout is already right.
     """
     relaid = getattr(model, "_decode_relaid", [])
+    for module in model.modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        w = module.weight
+        if decode_layout_is_column_major(w.device, w.dtype) and w.is_contiguous() and min(w.shape) > 1:
+            with torch.no_grad():
+                # .data swaps the storage under the same Parameter (optimizer state, ties and
+                # references stay valid); the tied embedding sees the same storage.
+                w.data = w.data.t().contiguous().t()
+            relaid.append(w)
+    model._decode_relaid = relaid
     head = model.lm_head
-    if not isinstance(head, nn.Linear):
+    if not isinstance(head, nn.Linear) or not decode_layout_is_column_major(head.weight.device, head.weight.dtype):
         return
     w = head.weight
-    if not decode_layout_is_column_major(w.device, w.dtype) or w.size(0) < HEAD_COLUMN_MAJOR_MIN_OUT:
-        return
-    if w.is_contiguous() and min(w.shape) > 1:
-        with torch.no_grad():
-            # .data swaps the storage under the same Parameter (optimizer state, ties and
-            # references stay valid); the tied embedding sees the same storage.
-            w.data = w.data.t().contiguous().t()
-        relaid.append(w)
-    model._decode_relaid = relaid
     packed = getattr(model, "_packed_head", None)
-    if batch_size >= PACKED_HEAD_MIN_ROWS and head.bias is None and torch.backends.mkldnn.is_available() \
-            and (packed is None or not packed.matches(w)):
+    if batch_size >= PACKED_HEAD_MIN_ROWS and w.size(0) >= PACKED_HEAD_MIN_OUT and head.bias is None \
+            and torch.backends.mkldnn.is_available() and (packed is None or not packed.matches(w)):
         model._packed_head = PackedHead(w, batch_size)
 
 
