@@ -13,7 +13,7 @@ Servers (each started here as a subprocess on a free port, stopped after its lev
   ``ours-bf16`` / ``ours-int8``: ``ours`` with ``--dtype bfloat16`` / ``int8``; ``ours-base``: ``ours``
   run from another source tree (``--base-src DIR/src``, e.g. main's, to measure a change in the same run);
 - ``hf`` / ``hf-cb``: ``transformers serve MODEL_DIR`` without / with ``--continuous-batching``;
-- ``llama-f32`` / ``llama-f16``: llama.cpp's ``llama-server -np 8 -cb`` on our GGUF export
+- ``llama-f32`` / ``llama-f16`` / ``llama-q8_0``: llama.cpp's ``llama-server -np 8 -cb`` on our GGUF export
   (``gpt2 export``); needs a llama.cpp build (``--llama-dir`` or ``LLAMA_CPP_DIR``);
 - any server with ``@option=value`` suffixes gets those command-line options, e.g.
   ``ours@max-prefill-tokens=64`` (each spelling is its own row).
@@ -50,7 +50,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import format_table, machine_info, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVERS = ("ours", "ours-b1", "ours-bf16", "ours-int8", "ours-base", "hf", "hf-cb", "llama-f32", "llama-f16")
+SERVERS = ("ours", "ours-b1", "ours-bf16", "ours-int8", "ours-base", "hf", "hf-cb", "llama-f32", "llama-f16",
+           "llama-q8_0")
 COLUMNS = [("server", "server"), ("clients", "clients"), ("tok_s", "output tok/s"), ("req_s", "req/s"),
            ("ttft_p50_ms", "TTFT p50 ms"), ("ttft_p99_ms", "TTFT p99 ms"), ("itl_p50_ms", "ITL p50 ms"),
            ("itl_p99_ms", "ITL p99 ms"), ("tokens_per_req", "tokens/req"), ("errors", "errors"),
@@ -130,7 +131,7 @@ def _launch(kind: str, model_dir: Path, gguf: dict[str, Path], llama_dir: Path |
         if llama_dir is None:
             raise FileNotFoundError("no llama.cpp build: pass --llama-dir or set LLAMA_CPP_DIR")
         ctx = json.loads((model_dir / "config.json").read_text())["n_positions"]
-        cmd = [str(llama_dir / "build" / "bin" / "llama-server"), "-m", str(gguf[kind.split("-")[1]]),
+        cmd = [str(llama_dir / "build" / "bin" / "llama-server"), "-m", str(gguf[kind.split("-", 1)[1]]),
                "--port", str(port), "-np", "8", "-cb", "-c", str(8 * ctx), "-t", str(threads), "--no-webui"]
         model = "m"
     cmd += [f"--{option}" for option in options]
@@ -280,7 +281,7 @@ def run(model_dir: Path, servers: list[str], levels: list[int], seconds: float, 
     tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
     rows = []
     try:
-        for dtype in ("f32", "f16"):
+        for dtype in ("f32", "f16", "q8_0"):
             if f"llama-{dtype}" in servers and llama_dir is not None:
                 gguf[dtype] = export_gguf(model_dir, tmp / f"m-{dtype}.gguf", dtype)
         for rnd, kind in ((r, k) for r in range(rounds) for k in servers):
