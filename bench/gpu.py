@@ -601,8 +601,8 @@ def recipe_section(args: argparse.Namespace, device: Any, env: dict[str, str]) -
             recipe_rows.append(run_recipe_ours(data, work, str(device), args.tiny, env, recipe_timeout))
             print(f"  ours: {recipe_rows[-1]}", flush=True)  # an interrupted run keeps it in the log
             if args.nanogpt:
-                recipe_rows.append(run_recipe_nanogpt(Path(args.nanogpt).expanduser(), data, work, str(device),
-                                                      args.tiny, env, recipe_timeout))
+                nanogpt = Path(args.nanogpt).expanduser().resolve()  # it runs in its own folder
+                recipe_rows.append(run_recipe_nanogpt(nanogpt, data, work, str(device), args.tiny, env, recipe_timeout))
             else:
                 recipe_rows.append({"impl": "nanoGPT", "note": NANOGPT_RECIPE_REFERENCE})
     print(f"\nRecipe {RECIPE.relative_to(ROOT)}{' (tiny: 20 steps of a 1-layer model)' if args.tiny else ''}:")
