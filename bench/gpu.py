@@ -1,19 +1,22 @@
 """GPU training benchmark in one command (issue 11): the GPT-2 124M training step and the
 shakespeare_char recipe, ours beside HF transformers and, when its files are given, nanoGPT.
 
-    python bench/gpu.py                                    # one CUDA GPU; ~8.5 minutes (5 without the recipe)
-    python bench/gpu.py --nanogpt ~/nanoGPT/model.py       # adds nanoGPT's model (and its train.py)
+    python bench/gpu.py                                    # one CUDA GPU: sections step and recipe
+    python bench/gpu.py --nanogpt ~/nanoGPT/model.py       # adds nanoGPT's model (and its train.py); ~6 min
+    python bench/gpu.py --only decode                      # issue 10's decode table (~2.5 min)
     python bench/gpu.py --device cpu --tiny                # the harness end to end on tiny shapes (a test)
 
 Section ``step``: training steps of the 124M shape (batch 16 x 1024, bf16 autocast where the GPU has
 it, fused AdamW, gradient clipping at 1.0) on one fixed random batch, every case from the same
-weights and each in a fresh process (so peak memory is per case): ours eager and ``torch.compile``d,
+weights and each in a fresh process (so peak memory is per case): ours eager and ``torch.compile``d
+(as ``gpt2 train --compile`` does it: ``compile_mode`` auto, CUDA graphs on one GPU),
 HF ``GPT2LMHeadModel`` (sdpa) eager, and nanoGPT's ``GPT`` compiled (its vocabulary padded to
-50,304 as nanoGPT does, the extra rows zero). ``--levers`` adds ours compiled with the plain
-full-logits loss, ours compiled without the padded head (to see what each lever pays) and nanoGPT
-eager. Time on an H200 (measured 2026-11-26): about 2.5 minutes for this section (``--only step``; two
-compilations dominate), 2.5 for ``decode`` (three CUDA-graph captures), and an estimated 3.5 for
-the recipe section (two 5,000-step runs, not yet run on a GPU).
+50,304 as nanoGPT does, the extra rows zero). ``--levers`` adds ours compiled without CUDA graphs,
+with 2 GiB loss chunks, with the plain full-logits loss and without the padded head (to see what
+each lever pays), and nanoGPT compiled with CUDA graphs and eager. Time on an H200 (measured
+2026-11-26): about 40 s per case (compilation and process start dominate; ~2.7 minutes for the
+four default cases), 3.5 minutes for the recipe section (ours 88 s, nanoGPT's 120 s), 2.5 for
+``decode`` (three CUDA-graph captures).
 Per case: tokens/s (median of timed windows; min and max in the JSON), MFU (6N + 12·L·T·d FLOPs
 per token, the same count for every case, over this device's measured matmul peak in the compute
 dtype: ``measure_matmul_peak``), peak memory (``torch.cuda.max_memory_allocated``; on a CPU the
