@@ -16,7 +16,7 @@ bandwidth and the matmul kernel's layout, not FLOPs. Two mechanisms live here, b
   measured per matrix, rows and dtype on a 2-core AVX2 EPYC (torch 2.13; ``python
   bench/bench_decode.py --matmuls``, README): an fp32 ``F.linear(x, W)`` reads the 50,257-row
   head ~1.7x faster with ``W`` stored column-major (``W.t()`` contiguous, HF's Conv1D layout) at
-  one row, and ~1.5x faster still from a oneDNN-packed copy at 4-16 rows; whole batch-1 decode
+  one row, and 1.2-1.7x faster still from a oneDNN-packed copy at 2-16 rows; whole batch-1 decode
   steps are 6-12% faster with the body column-major too; bf16 wants row-major everywhere (its
   column-major kernel is 4-10x slower on CPUs without native bf16). The weights are re-laid in place at the first cache
   setup of an eval-mode model (same ``Parameter``, shape and values; only the strides differ)
@@ -260,8 +260,9 @@ def is_quantized(model: nn.Module) -> bool:
 
 
 # From this many rows a decode step's fp32 LM head runs on a oneDNN-packed copy of its weight
-# (the 50,257 x 768 head at 4 / 8 / 16 rows: 16 / 20 / 30 ms instead of 26 / 31 / 43 ms).
-PACKED_HEAD_MIN_ROWS = 4
+# (the 50,257 x 768 head at 2 / 4 / 8 / 16 rows: 12 / 16 / 20 / 30 ms instead of 15 / 26 / 31 / 43
+# ms column-major; at one row column-major wins, 7.2 vs 9.4-10.4 ms).
+PACKED_HEAD_MIN_ROWS = 2
 # ... for heads of at least this many rows (measured at 50,257; a small head gains nothing worth a copy).
 PACKED_HEAD_MIN_OUT = 16384
 
