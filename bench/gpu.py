@@ -145,7 +145,7 @@ def run_step_case(spec: dict[str, Any]) -> dict[str, Any]:
     import gpt2model.model as model_module
     from gpt2model import GPT, GPTconfig
     from gpt2model.model import next_token_loss
-    from gpt2model.train import CUDAGRAPH_MODES, resolve_compile_mode
+    from gpt2model.train import resolve_compile_mode, uses_cuda_graphs
 
     device = torch.device(spec["device"])
     dtype = getattr(torch, spec["dtype"])
@@ -191,7 +191,7 @@ def run_step_case(spec: dict[str, Any]) -> dict[str, Any]:
     # process); nanoGPT as its train.py does (the default mode) unless the case says otherwise.
     mode = resolve_compile_mode(spec.get("compile_mode") or ("auto" if impl == "ours" else "default"), device)
     net = torch.compile(model, mode=mode) if spec["compile"] else model
-    cudagraphs = spec["compile"] and mode in CUDAGRAPH_MODES and device.type == "cuda"
+    cudagraphs = spec["compile"] and uses_cuda_graphs(mode, device)
 
     if impl == "ours" and lever != "plain-loss":
         loss_fn = lambda x, y: net(x, targets=y)  # our trainer's call: the chunked head + loss

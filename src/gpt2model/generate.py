@@ -30,6 +30,7 @@ Windows (what a token is conditioned on), documented once here:
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
@@ -464,8 +465,6 @@ def _cudagraph_thread_state() -> None:
     torch 2.11 at least, a CUDA-graph step run from any other plain thread (the serving engine's,
     once ``generate(compile=True)`` ran on the main thread) fails with a bare ``AssertionError``,
     and the step fell back to eager. Newer torch sets the state up lazily, as done here."""
-    import sys
-
     trees = sys.modules.get("torch._inductor.cudagraph_trees")
     if trees is None or hasattr(trees.local, "tree_manager_containers") \
             or torch._C._is_key_in_tls("tree_manager_containers"):

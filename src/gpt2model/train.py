@@ -127,6 +127,12 @@ def resolve_compile_mode(mode: str, device: torch.device, grad_accum: int = 1, w
     return mode
 
 
+def uses_cuda_graphs(mode: str, device: torch.device) -> bool:
+    """Whether a model compiled in (resolved) ``mode`` on ``device`` replays CUDA graphs, whose
+    outputs the next replay overwrites (mark each step with ``cudagraph_mark_step_begin``)."""
+    return mode in CUDAGRAPH_MODES and device.type == "cuda"
+
+
 def _build_model(cfg: TrainConfig, vocab_size: int, state: dict[str, Any] | None) -> GPT:
     """The model to train: the checkpoint's (resume), a loaded one (init_from) or a new one."""
     given = {k: getattr(cfg, k) for k in MODEL_FIELDS if getattr(cfg, k) is not None}
@@ -248,7 +254,7 @@ def _train(cfg: TrainConfig, setup: DeviceSetup, rank: int, world_size: int) -> 
     cudagraphs = False
     if cfg.compile:
         mode = resolve_compile_mode(cfg.compile_mode, device, cfg.grad_accum, world_size)
-        cudagraphs = mode in CUDAGRAPH_MODES and device.type == "cuda"
+        cudagraphs = uses_cuda_graphs(mode, device)
         model = torch.compile(raw_model, mode=mode)
     eval_model = model  # evaluation needs no gradient sync, so it bypasses the DDP wrapper
     if world_size > 1:
