@@ -371,6 +371,81 @@ def test_echo_with_logprobs_gives_the_prompt_logprobs_too(served, client):
     assert sum((x.text_offset for x in streamed), []) == lp.text_offset
 
 
+def test_scoring_a_prompt_with_max_tokens_0_and_echo(served, client):
+    """OpenAI's legacy scoring call (vLLM has it too): echo + logprobs + max_tokens=0 returns the
+    prompt and its logprobs and generates nothing; the prompt may fill the whole context. lm-eval's
+    local-completions client (max_tokens=1) gets the same logprobs."""
+    ids = [int(t) for t in torch.randint(0, 50257, (CTX,), generator=torch.Generator().manual_seed(3))]
+    with torch.no_grad():
+        logp = served.ref(torch.tensor([ids]))[0].log_softmax(-1)
+    want = [float(logp[i, ids[i + 1]]) for i in range(CTX - 1)]
+    r = client.completions.create(model="tiny", prompt=ids, max_tokens=0, echo=True, logprobs=1)
+    c = r.choices[0]
+    assert c.finish_reason == "length" and c.text == served.tok.decode(ids)
+    assert r.usage.completion_tokens == 0 and r.usage.prompt_tokens == CTX
+    assert c.logprobs.token_logprobs[0] is None and c.logprobs.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
+    short = ids[:20]
+    one = client.completions.create(model="tiny", prompt=short, max_tokens=1, echo=True, logprobs=1, temperature=0)
+    zero = client.completions.create(model="tiny", prompt=short, max_tokens=0, echo=True, logprobs=1)
+    assert one.choices[0].logprobs.token_logprobs[:20] == zero.choices[0].logprobs.token_logprobs
+    chunks = list(client.completions.create(model="tiny", prompt=short, max_tokens=0, echo=True, logprobs=1,
+                                            stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == served.tok.decode(short)
+    assert [ch.choices[0].finish_reason for ch in chunks][-1] == "length"
+    # Batched with other requests too, and the engine is left clean.
+    with ThreadPoolExecutor(4) as pool:
+        rs = list(pool.map(lambda k: served.post("/v1/completions", {"prompt": short, "max_tokens": k, "echo": True,
+                                                                     "logprobs": 0, "temperature": 0}), [0, 3, 0, 5]))
+    assert [len(x.json()["choices"][0]["logprobs"]["tokens"]) for x in rs] == [20, 23, 20, 25]
+    assert served.engine.stats()["running"] == 0
+    # Without echo, max_tokens=0 would return nothing at all: a 400 that says so.
+    bad = served.post("/v1/completions", {"prompt": "x", "max_tokens": 0})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"
+    assert served.post("/v1/completions", {"prompt": ids + [1], "max_tokens": 0, "echo": True}).json()[
+        "error"]["code"] == "context_length_exceeded"
+
+
+def test_lm_evaluation_harness_scores_through_the_server(served, model_dir):
+    """lm-eval's own API client (`--model local-completions`) against the server: its
+    log-likelihoods and greedy flags equal a direct forward of the same weights, and its
+    generate_until stops where asked."""
+    pytest.importorskip("tenacity")  # lm-eval[api]; in the dev extra
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    lm = LocalCompletionsAPI(base_url=served.url + "/v1/completions", model="tiny", tokenizer_backend="huggingface",
+                             tokenizer=str(model_dir), header=AUTH, max_length=CTX, num_concurrent=2)
+    pairs = [("The cat sat on the", " mat"), ("Hello,", " world!"), ("To be or not", " to be, that is")]
+    got = lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)])
+    for (context, continuation), (ll, greedy) in zip(pairs, got, strict=True):
+        ctx = served.tok.encode(context)
+        cont = served.tok.encode(context + continuation)[len(ctx):]
+        with torch.no_grad():
+            logp = served.ref(torch.tensor([ctx + cont]))[0].log_softmax(-1)[len(ctx) - 1:-1]
+        assert ll == pytest.approx(float(logp.gather(1, torch.tensor(cont)[:, None]).sum()), abs=1e-4)
+        assert greedy == bool((logp.argmax(-1) == torch.tensor(cont)).all())
+    prompt = "Once upon a time"
+    want = served.text(served.greedy(served.tok.encode(prompt), 12))
+    (out,) = lm.generate_until([Instance("generate_until", {}, (prompt, {"until": ["\n\n"], "max_gen_toks": 12}),
+                                         0)])
+    assert out == want.split("\n\n")[0]
+
+
+def test_model_retrieve_tokenize_fields_and_invalid_unicode(served, client):
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    # vLLM clients send add_special_tokens; GPT-2 adds none either way.
+    assert served.post("/tokenize", {"prompt": "Hello world", "add_special_tokens": False}).json()["tokens"] == \
+        [15496, 995]
+    # JSON can spell an unpaired UTF-16 surrogate; no text holds one: a 400, never a silently altered prompt.
+    for path, body in (("/v1/completions", b'{"prompt": "ab\\ud800c", "max_tokens": 2}'),
+                       ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\udfff"}]}'),
+                       ("/tokenize", b'{"prompt": "\\ud800"}')):
+        r = served.post(path, content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and "surrogate" in r.json()["error"]["message"], (path, r.text)
+
+
 def test_metrics_report_requests_tokens_and_latency_histograms(served):
     text = httpx.get(served.url + "/metrics", headers=AUTH).text
     for name in ("gpt2model_requests_running", "gpt2model_requests_queued", "gpt2model_generation_tokens_total",

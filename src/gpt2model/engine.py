@@ -74,7 +74,9 @@ class SamplingParams:
     log-probability under the model (log-softmax of the raw logits, before temperature and
     filters) and the ``k`` most likely tokens with theirs. ``prompt_logprobs=k``: the same for
     every prompt token after the first, in one :class:`PromptEvent` before the first token (the
-    prefill then applies the LM head at every prompt position). Generating one of
+    prefill then applies the LM head at every prompt position). ``max_tokens=0`` only prefills
+    (to score the prompt with ``prompt_logprobs``; the prompt may then fill the whole context) and
+    finishes with ``"length"``. Generating one of
     ``stop_token_ids`` (e.g. end-of-text) ends the request with reason ``"stop"``; that token is
     not emitted."""
 
@@ -334,9 +336,9 @@ class Engine:
             raise ValueError("the prompt must be a list of token ids (integers); encode text with the tokenizer")
         prompt = [int(t) for t in prompt_ids]
         check_token_ids(torch.tensor(prompt, dtype=torch.long), cfg.vocab_size, ndim=1, name="the prompt")
+        if isinstance(params.max_tokens, bool) or not isinstance(params.max_tokens, int) or params.max_tokens < 0:
+            raise ValueError(f"max_tokens must be an integer >= 0 (0: prompt only), got {params.max_tokens!r}")
         check_sampling_args(params.max_tokens, params.temperature, params.top_k, params.top_p)
-        if params.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {params.max_tokens}")
         if len(prompt) + params.max_tokens > cfg.context_length:
             raise ValueError(f"the prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
                              f"model's context length {cfg.context_length}: shorten the prompt or lower max_tokens")
@@ -538,6 +540,20 @@ class Engine:
     def _start_decoding(self, group: list[tuple[int, int]], done: list[int], logits: torch.Tensor) -> None:
         """Rows ``group[i] for i in done`` have their whole prompt in the cache: draw their first
         tokens (step 0 of each row's seed) from ``logits[i]`` and emit them."""
+        score_only = [i for i in done if self._slots[group[i][0]].request.params.max_tokens == 0]  # type: ignore[union-attr]
+        for i in score_only:  # max_tokens=0 (prompt scoring): no token to draw; the logprobs go out, the slot frees
+            slot = self._slots[group[i][0]]
+            assert slot is not None
+            self._counts["prefills"] += 1
+            if slot.prompt_events is not None:
+                self._post(slot.request, PromptEvent(slot.prompt_events))
+            self._free(group[i][0], FinishEvent("length"))
+        if score_only:
+            keep = [i for i in range(len(group)) if i not in score_only]
+            logits, group = logits[keep], [group[i] for i in keep]
+            done = [keep.index(i) for i in done if i not in score_only]
+        if not done:
+            return
         slots = [self._slots[group[i][0]] for i in done]
         for i, slot in zip(done, slots, strict=True):
             assert slot is not None

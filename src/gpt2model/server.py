@@ -158,7 +158,8 @@ class _Sampling(_Strict):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16  # OpenAI's default for completions
+    # OpenAI's default for completions; 0 (with echo) scores the prompt only, as OpenAI's legacy API and vLLM allow
+    max_tokens: Annotated[int, Field(ge=0)] | None = 16
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     echo: bool = False
     best_of: PositiveInt | None = None
@@ -189,6 +190,7 @@ class TokenizeRequest(_Strict):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_generation_prompt: bool = True
+    add_special_tokens: bool = True  # vLLM's field; GPT-2 adds no special tokens either way
 
 
 class DetokenizeRequest(_Strict):
@@ -378,7 +380,13 @@ class _Server:
         return out
 
     def encode(self, text: str, param: str) -> list[int]:
-        """Text -> ids; text the tokenizer cannot encode (a character outside a char vocabulary) is a 400."""
+        """Text -> ids; text the tokenizer cannot encode (a character outside a char vocabulary, or an
+        unpaired UTF-16 surrogate such as "\\ud800", which JSON can spell but no text contains) is a 400."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise APIError(400, f"{param} is not valid Unicode text: it holds an unpaired surrogate "
+                                f"{text[e.start]!r} at character {e.start} (send UTF-8 text)", param=param) from None
         try:
             return self.tokenizer.encode(text)
         except ValueError as e:
@@ -400,6 +408,8 @@ class _Server:
 
     def max_tokens_for(self, prompt_len: int, asked: int | None, param: str, prompt_param: str) -> int:
         room = self.context_length - prompt_len
+        if asked == 0 and room >= 0:
+            return 0  # scoring the prompt (echo): it may fill the whole context
         if room < 1:
             raise APIError(400, f"this model's maximum context length is {self.context_length} tokens, and the "
                                 f"prompt has {prompt_len}: shorten the prompt (no room for a single new token)",
@@ -684,6 +694,13 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig) -> FastAPI:
         return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": config.created,
                                              "owned_by": "gpt2model", "max_model_len": server.context_length}]}
 
+    @app.get("/v1/models/{model_id:path}")
+    async def model_info(model_id: str) -> dict[str, Any]:
+        if model_id != config.model_name:
+            raise APIError(404, f"the model {model_id!r} does not exist: this server serves {config.model_name!r}",
+                           param="model", code="model_not_found")
+        return (await models())["data"][0]
+
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict[str, Any]:
         req: TokenizeRequest = server.parse(TokenizeRequest, await server.read_json(request))
@@ -707,6 +724,10 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig) -> FastAPI:
         arrived = time.perf_counter()
         req: CompletionRequest = server.parse(CompletionRequest, await server.read_json(request))
         _check_noops(req)
+        if req.max_tokens == 0 and not req.echo:
+            raise APIError(400, "max_tokens=0 generates nothing: it is only allowed with echo=true (to score the "
+                                "prompt, with logprobs); ask for at least 1 token", param="max_tokens",
+                           code="invalid_value")
         prompts = server.encode_prompts(req.prompt)
         max_tokens = [server.max_tokens_for(len(ids), req.max_tokens, "max_tokens", "prompt") for ids in prompts]
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
