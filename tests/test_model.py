@@ -187,3 +187,19 @@ def test_kv_cache_prefill_matches_plain_forward() -> None:
         assert torch.allclose(step[:, 0], model(y)[:, 12], atol=1e-5)
     with pytest.raises(ValueError, match="input_pos is only meaningful with a KV cache"):
         model(x, input_pos=torch.arange(12))
+
+
+def test_gelu_tanh_compiled_cpu_form_is_the_same_function() -> None:
+    """Under torch.compile on a CPU the MLP's GELU is written as x * sigmoid(2u) (faster there):
+    values and gradients must equal PyTorch's tanh-approximate GELU."""
+    from gpt2model.model import gelu_tanh
+
+    x = torch.linspace(-12, 12, 4001, requires_grad=True)
+    x64 = x.detach().double().requires_grad_()
+    want = F.gelu(x64, approximate="tanh")  # the fp64 truth
+    (want_grad,) = torch.autograd.grad(want.sum(), x64)
+    got = torch.compile(gelu_tanh, fullgraph=True)(x)
+    (got_grad,) = torch.autograd.grad(got.sum(), x)
+    assert (got.double() - want).abs().max() < 2e-6  # fp32 rounding, as PyTorch's own fp32 kernel has
+    assert (got_grad.double() - want_grad).abs().max() < 4e-6
+    assert torch.equal(gelu_tanh(x), F.gelu(x, approximate="tanh"))  # eagerly it is PyTorch's own kernel
