@@ -160,13 +160,14 @@ def test_simultaneous_requests_are_prefilled_in_one_forward_even_into_scattered_
     lengths (left-padded), into whichever slots are free (here rows 1 and 3, between two running
     rows), and each still gets exactly what it gets alone."""
     cache_rows: list[object] = []
-    real = engine_mod.prefill
+    real = Engine._prefill_inputs
 
-    def spy(m, ids, pos, mask, position_ids=None, cache_row=0):  # noqa: ANN001, ANN202
-        cache_rows.append(cache_row.tolist() if isinstance(cache_row, torch.Tensor) else cache_row)
-        return real(m, ids, pos, mask, position_ids, cache_row=cache_row)
+    def spy(self, group):  # noqa: ANN001, ANN202
+        out = real(self, group)
+        cache_rows.append(out[3].tolist() if isinstance(out[3], torch.Tensor) else out[3])
+        return out
 
-    monkeypatch.setattr(engine_mod, "prefill", spy)
+    monkeypatch.setattr(Engine, "_prefill_inputs", spy)
     eng = Engine(model, max_batch=4)
     eng.start()
     assert eng.ready.wait(60)
@@ -185,8 +186,10 @@ def test_simultaneous_requests_are_prefilled_in_one_forward_even_into_scattered_
         with eng._wake:
             later = [eng.submit(p, s) for p, s in cases]
         heads += [collect(r, 1)[0] for r in later]
-        # One forward into rows 1 and 3: rows 0 and 2 were still taken (free slots go lowest first).
+        # One forward into rows 1 and 3: rows 0 and 2 were still taken (free slots go lowest first),
+        # and it is the running rows' decode step too (one mixed forward).
         assert eng.stats()["prefill_forwards"] == 2 and cache_rows[-1] == [1, 3]
+        assert eng.stats()["mixed_steps"] == 1
         for r, (prompt, p), head in zip(later + [reqs[0], reqs[2]], cases + [first[0], first[2]],
                                         heads[4:] + [heads[0], heads[2]], strict=True):
             tokens, fin = collect(r)
@@ -491,3 +494,47 @@ def test_cuda_graph_engine_matches_eager_generate(model: GPT) -> None:
             assert [e.token for e in collect(r)[0]] == want
     finally:
         eng.shutdown(timeout=5)
+
+
+def test_a_packed_forward_of_parts_equals_each_part_alone() -> None:
+    """``GPT.forward(parts=...)`` (the engine's mixed step: running rows' decode tokens and new
+    prompts' prefill chunks in one forward) gives each row's last logits and writes the same KV
+    cache as separate forwards; a later part's write to a slot wins (a row being prefilled also
+    sits in the decode part, writing a throw-away token at its next prompt slot)."""
+    from gpt2model.model import Part
+
+    torch.manual_seed(1)
+    m = GPT(GPTconfig(context_length=32, vocab_size=50, n_layer=2, n_head=2, d_model=32)).eval()
+    m.setup_cache(4, 32)
+    m.check_inputs = False
+    try:
+        with torch.no_grad():
+            hist = torch.randint(0, 50, (3, 6))  # rows 0..2: six tokens each in the cache
+            m(hist, input_pos=torch.arange(6), cache_row=0)
+            dec_ids, dec_pos = torch.randint(0, 50, (3, 1)), torch.tensor([[6], [6], [2]])
+            dec_mask = m.causal_mask[dec_pos][:, None, :, :7]
+            # row 2 is "being prefilled" from slot 2; row 3 gets a whole prompt (left-padded by one)
+            pre_ids = torch.randint(0, 50, (2, 4))
+            pre_pos = torch.tensor([[2, 3, 4, 5], [4, 0, 1, 2]])
+            pre_ids[1, 0] = 0
+            pre_mask = m.causal_mask[pre_pos][:, None, :, :6]
+            rows = torch.tensor([2, 3])
+            before = [(b.attn.kv_cache.k.clone(), b.attn.kv_cache.v.clone()) for b in m.transformer.h]
+            packed = m(torch.cat([dec_ids.view(1, -1), pre_ids.view(1, -1)], 1),
+                       parts=[Part(3, 1, dec_pos, dec_mask, 0), Part(2, 4, pre_pos, pre_mask, rows)])
+            after = [(b.attn.kv_cache.k.clone(), b.attn.kv_cache.v.clone()) for b in m.transformer.h]
+            for blk, (k, v) in zip(m.transformer.h, before, strict=True):
+                blk.attn.kv_cache.k.copy_(k)
+                blk.attn.kv_cache.v.copy_(v)
+            dec = m(dec_ids, input_pos=dec_pos, mask=dec_mask, cache_row=0)[:, -1]
+            pre = m(pre_ids, input_pos=pre_pos, mask=pre_mask, cache_row=rows, logits_to_keep=1)[:, -1]
+        assert packed.shape == (1, 5, 50)
+        torch.testing.assert_close(packed[0, :2], dec[:2])  # row 2's decode logits are thrown away
+        torch.testing.assert_close(packed[0, 3:], pre)
+        for blk, (k, v) in zip(m.transformer.h, after, strict=True):
+            torch.testing.assert_close(blk.attn.kv_cache.k, k)
+            torch.testing.assert_close(blk.attn.kv_cache.v, v)
+        with pytest.raises(ValueError, match="input_ids must be"):
+            m(dec_ids, parts=[Part(3, 1, dec_pos, dec_mask, 0)])
+    finally:
+        m.clear_cache()

@@ -57,7 +57,7 @@ from .generate import (
     seed_tensor,
     step_for,
 )
-from .model import check_token_ids
+from .model import Part, check_token_ids
 
 if TYPE_CHECKING:
     from .model import GPT
@@ -261,7 +261,7 @@ class Engine:
         self._running = 0
         self._free_slots = max_batch  # slots neither running nor claimed (guarded by _wake)
         self._counts = dict(submitted=0, tokens_generated=0, steps=0, prefills=0, step_rows=0,
-                            prefill_forwards=0, prefill_tokens=0)
+                            prefill_forwards=0, prefill_tokens=0, mixed_steps=0)
         self._seconds = dict(step_seconds=0.0, prefill_seconds=0.0)  # inference thread time in each
         self._finished = dict.fromkeys(("stop", "length", "cancelled", "error"), 0)
         self._fatal: str | None = None
@@ -373,11 +373,15 @@ class Engine:
                         break
                     self._take_admissible()
                 self._drop_cancelled()
-                if self._prefilling:
-                    self._prefill_round()
-                    self._wake_readers()  # the first tokens go out before the decode step runs
-                if any(s is not None and s.decoding for s in self._slots):
-                    self._step()
+                decoding = any(s is not None and s.decoding for s in self._slots)
+                if self._prefilling and decoding and not self.compile and self._mixed_round():
+                    pass  # prompts and the running rows' tokens went through one forward
+                else:
+                    if self._prefilling:
+                        self._prefill_round()
+                        self._wake_readers()  # the first tokens go out before the decode step runs
+                    if any(s is not None and s.decoding for s in self._slots):
+                        self._step()
                 self._wake_readers()
         finally:
             self._cancel_all()
@@ -484,6 +488,22 @@ class Engine:
         every row's last token (``prefill`` applies the LM head there only); a padding token sits
         at a cache slot past its row's tokens (read by nobody before the row writes it again), and
         it attends to the slots before it, so no attention row is all masked."""
+        ids_t, pos_t, mask, cache_rows = self._prefill_inputs(group)
+        first = self._slots[group[0][0]]
+        assert first is not None
+        k = first.request.params.prompt_logprobs
+        if k is not None:  # alone (see _prefill_plan): the same forward with the head at every position
+            every = self.model(ids_t, input_pos=pos_t, mask=mask, cache_row=cache_rows)[0]  # (c, V)
+            start, c = first.pos, group[0][1]
+            n = min(c, len(first.request.prompt_ids) - 1 - start)  # positions whose next token is the prompt's
+            nxt = torch.tensor(first.request.prompt_ids[start + 1:start + 1 + n], device=every.device)
+            return every[-1:], _logprob_events(every[:n], nxt, k)
+        return prefill(self.model, ids_t, pos_t, mask, cache_row=cache_rows), None  # (N, V)
+
+    def _prefill_inputs(self, group: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                      int | torch.Tensor]:
+        """The ids, cache slots (also the positions), mask and cache rows of the chunks ``group``
+        as one left-padded batch (see :meth:`_prefill_forward`)."""
         C, device = self.model.config.context_length, self.model.device
         T = max(c for _, c in group)
         ids, positions, rows = [], [], []
@@ -501,16 +521,7 @@ class Engine:
         # One row or adjacent rows: a plain cache_row (views into the cache); scattered rows: a tensor.
         adjacent = rows == list(range(rows[0], rows[0] + len(rows)))
         cache_rows: int | torch.Tensor = rows[0] if adjacent else torch.tensor(rows, device=device)
-        first = self._slots[rows[0]]
-        assert first is not None
-        k = first.request.params.prompt_logprobs
-        if k is not None:  # alone (see _prefill_plan): the same forward with the head at every position
-            every = self.model(ids_t, input_pos=pos_t, mask=mask, cache_row=cache_rows)[0]  # (c, V)
-            start, c = first.pos, group[0][1]
-            n = min(c, len(first.request.prompt_ids) - 1 - start)  # positions whose next token is the prompt's
-            nxt = torch.tensor(first.request.prompt_ids[start + 1:start + 1 + n], device=device)
-            return every[-1:], _logprob_events(every[:n], nxt, k)
-        return prefill(self.model, ids_t, pos_t, mask, cache_row=cache_rows), None  # (N, V)
+        return ids_t, pos_t, mask, cache_rows
 
     def _advance(self, group: list[tuple[int, int]], logits: torch.Tensor,
                  prompt_events: list[TokenEvent] | None) -> None:
@@ -635,6 +646,37 @@ class Engine:
             for b in active:
                 self._free(b, FinishEvent("error", f"decode step failed: {type(e).__name__}: {e}"))
             return
+        self._deliver_step(active, tokens, logits)
+        self._seconds["step_seconds"] += time.perf_counter() - t0
+
+    @torch.no_grad()
+    def _mixed_round(self) -> bool:
+        """One forward for the decode step of the running rows AND the next prefill chunks
+        (:meth:`_prefill_plan`), as llama.cpp and vLLM batch them: every linear layer reads its
+        weights once for both, and a new prompt's first token comes out with the running rows'
+        next ones, one forward after its arrival's step. Returns False, having advanced nothing,
+        when the chunks need a forward of their own (prompt logprobs) or the forward fails (then
+        the separate prefill and step run, and isolate a bad request as usual)."""
+        group = self._prefill_plan()
+        if not group or any(self._slots[b].request.params.prompt_logprobs is not None  # type: ignore[union-attr]
+                            for b, _ in group):
+            return False
+        active = [b for b, s in enumerate(self._slots) if s is not None and s.decoding]
+        t0 = time.perf_counter()
+        try:
+            tokens, logits, prompt_logits = self._decode(active[-1] + 1, group=group)
+        except Exception:  # noqa: BLE001 - retried as a separate prefill and step
+            return False
+        self._counts["steps"] += 1
+        self._counts["mixed_steps"] += 1
+        self._counts["step_rows"] += len(active)
+        self._deliver_step(active, tokens, logits)
+        self._advance(group, prompt_logits, None)
+        self._seconds["step_seconds"] += time.perf_counter() - t0
+        return True
+
+    def _deliver_step(self, active: list[int], tokens: list[int], logits: torch.Tensor) -> None:
+        """Hand the decode step's new tokens to the rows ``active``."""
         for b in active:
             slot = self._slots[b]
             if slot is None:
@@ -645,13 +687,15 @@ class Engine:
                 self._deliver(b, tokens[b], logits[b] if want else None)
             except Exception as e:  # noqa: BLE001
                 self._free(b, FinishEvent("error", f"{type(e).__name__}: {e}"))
-        self._seconds["step_seconds"] += time.perf_counter() - t0
 
-    def _decode(self, hi: int, greedy_only: bool = False) -> tuple[list[int], torch.Tensor]:
+    def _decode(self, hi: int, greedy_only: bool = False, group: list[tuple[int, int]] | None = None) -> Any:
         """Run :func:`decode_step` over cache rows ``0 .. hi-1``; returns the new tokens (host)
         and the logits. Each decoding row feeds its last token at its own position; a row still
         being prefilled writes (ignored) at its next prompt slot, which its next chunk rewrites,
-        and a free row at slot 0."""
+        and a free row at slot 0. With ``group`` (prefill chunks, eager only) the same step and
+        those chunks run in ONE forward (:class:`gpt2model.model.Part`: the step's rows first,
+        so a chunk's write to its row's next slot wins), sampled with :func:`sample_logits` as
+        :func:`decode_step` samples; returns ``(tokens, logits, the chunks' last logits)``."""
         rows = self._slots[:hi]
         pos_host = [s.pos if s is not None else 0 for s in rows]
         self._pos[:hi, 0] = torch.tensor(pos_host)
@@ -660,6 +704,17 @@ class Engine:
         L = self._mask.size(-1) if self.compile else max(pos_host) + 1
         decoding = [s if s is not None and s.decoding else None for s in rows] if not greedy_only else []
         temperature, top_k, top_p = self._sampling_args(decoding, lambda t: t[:hi], self.compile)
+        if group:
+            ids_p, pos_p, mask_p, rows_p = self._prefill_inputs(group)
+            parts = [Part(hi, 1, pos, self._mask[:hi, :, :, :L], 0),
+                     Part(ids_p.size(0), ids_p.size(1), pos_p, mask_p, rows_p)]
+            ids = torch.cat([self._tokens[:hi].view(1, hi), ids_p.view(1, -1)], dim=1)
+            out = self.model(ids, parts=parts)[0]  # (hi + chunks, V)
+            logits, prompt_logits = out[:hi], out[hi:]
+            nxt = sample_logits(logits, temperature, top_k, top_p, seed=self._seeds[:hi], step=self._steps[:hi])
+            self._tokens[:hi, 0] = nxt
+            self._steps[:hi] += 1
+            return nxt.tolist(), logits, prompt_logits
         run = run_compiled_step if self.compile else (lambda fn, *args: fn(*args))
         try:
             nxt, logits = run(self._step_fn, self.model, self._tokens[:hi], pos, self._mask[:hi, :, :, :L], pos,

@@ -19,6 +19,7 @@ it belongs and no import cycle exists at module load.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +30,7 @@ from torch.nn import functional as F
 from .config import GPTconfig
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterator, Sequence
 
 
 def check_token_ids(ids: Any, vocab_size: int, *, ndim: int = 2, check_range: bool = True,
@@ -102,6 +103,20 @@ class KVCache(nn.Module):
         return kc[:, :, :L], vc[:, :, :L]
 
 
+@dataclass
+class Part:
+    """One batch of a packed forward (``GPT.forward(..., parts=...)``): ``rows x length`` tokens,
+    written at cache slots ``input_pos`` ``(rows, length)`` of cache rows ``cache_row`` (an int:
+    the first of adjacent rows; a ``(rows,)`` tensor: scattered rows) and attending as ``mask``
+    ``(rows, 1, length, L)`` says (the arguments of a cached forward of that batch alone)."""
+
+    rows: int
+    length: int
+    input_pos: torch.Tensor
+    mask: torch.Tensor
+    cache_row: int | torch.Tensor = 0
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head masked self-attention with one fused QKV projection and PyTorch SDPA."""
 
@@ -117,9 +132,26 @@ class CausalSelfAttention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, cache_row: int | torch.Tensor = 0) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(self.d_model, dim=2)
+                mask: torch.Tensor | None = None, cache_row: int | torch.Tensor = 0,
+                parts: Sequence[Part] | None = None) -> torch.Tensor:
+        qkv = self.c_attn(x)
+        if parts is None:
+            y = self._attend(qkv, input_pos, mask, cache_row)
+        else:  # x is (1, N): the parts' tokens one after the other; attention runs part by part
+            ys, start = [], 0
+            for p in parts:
+                n = p.rows * p.length
+                part = qkv[0, start:start + n].view(p.rows, p.length, -1)
+                ys.append(self._attend(part, p.input_pos, p.mask, p.cache_row).view(1, n, -1))
+                start += n
+            y = torch.cat(ys, dim=1)
+        return self.resid_dropout(self.c_proj(y))
+
+    def _attend(self, qkv: torch.Tensor, input_pos: torch.Tensor | None, mask: torch.Tensor | None,
+                cache_row: int | torch.Tensor) -> torch.Tensor:
+        """Attention of the fused projections ``qkv`` (B, T, 3C) -> (B, T, C), before ``c_proj``."""
+        B, T, C = qkv.size(0), qkv.size(1), self.d_model
+        q, k, v = qkv.split(self.d_model, dim=2)
         # (B, T, C) -> (B, n_head, T, head_dim): heads become a batch dimension for SDPA.
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
@@ -144,8 +176,7 @@ class CausalSelfAttention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype) if mask.is_floating_point()
                                                else mask, dropout_p=dropout_p)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
-        return self.resid_dropout(self.c_proj(y))
+        return y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
 
 
 class MLP(nn.Module):
@@ -188,8 +219,9 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, cache_row: int | torch.Tensor = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), input_pos, mask, cache_row)
+                mask: torch.Tensor | None = None, cache_row: int | torch.Tensor = 0,
+                parts: Sequence[Part] | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), input_pos, mask, cache_row, parts)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -386,7 +418,7 @@ class GPT(nn.Module):
     def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 cache_row: int | torch.Tensor = 0, targets: torch.Tensor | None = None,
-                logits_to_keep: int = 0) -> torch.Tensor:
+                logits_to_keep: int = 0, parts: Sequence[Part] | None = None) -> torch.Tensor:
         """Logits ``(B, T, vocab_size)`` for token ids ``(B, T)``; with ``targets`` (B, T) the mean
         next-token loss instead (see ``loss``), computed without materialising the logits.
 
@@ -408,7 +440,19 @@ class GPT(nn.Module):
         or a ``(B,)`` tensor of rows (e.g. several requests prefilled together into scattered free
         rows; the caller keeps its entries distinct and in range: they are not checked here, as
         that would sync the device).
+
+        ``parts`` (with a KV cache): several such batches in ONE forward, e.g. the serving engine's
+        running rows (one decode token each) and new prompts' prefill chunks, so that every linear
+        layer reads its weights once for all of them. ``input_ids`` ``(1, N)`` holds the parts'
+        tokens one after the other (part ``i``'s ``rows x length`` tokens row by row); each
+        :class:`Part` carries its ``input_pos``, ``mask`` and ``cache_row`` (the ``input_pos``,
+        ``mask``, ``cache_row`` arguments must be left out), positions are the parts' ``input_pos``
+        unless ``position_ids`` ``(1, N)`` says otherwise, and the LM head runs on each row's last
+        token only: the result is ``(1, R, vocab_size)``, ``R`` = all parts' rows in order. Parts
+        are written to the cache in order, so a later part's write to a slot wins.
         """
+        if parts is not None:
+            return self._forward_parts(input_ids, parts, position_ids)
         self._check_input_ids(input_ids)
         B, T = input_ids.shape
         if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
@@ -449,6 +493,9 @@ class GPT(nn.Module):
             return next_token_loss(self.lm_head(x), targets)  # a swapped-in head (e.g. quantized): its own matmul
         if 0 < logits_to_keep < T:
             x = x[:, -logits_to_keep:]
+        return self._head(x)
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
         if self._cache_len and self._packed_head is not None:
             from .quantize import packed_head_logits  # a several-row decode step's head (quantize.py)
 
@@ -456,6 +503,29 @@ class GPT(nn.Module):
             if logits is not None:
                 return logits
         return self.lm_head(x)
+
+    def _forward_parts(self, input_ids: torch.Tensor, parts: Sequence[Part],
+                       position_ids: torch.Tensor | None) -> torch.Tensor:
+        """``forward(..., parts=...)``: the packed forward of several cached batches (see forward)."""
+        check_token_ids(input_ids, self.config.vocab_size, check_range=self.check_inputs)
+        if not self._cache_len:
+            raise ValueError("parts need a KV cache: call model.setup_cache() first")
+        N = sum(p.rows * p.length for p in parts)
+        if not parts or input_ids.shape != (1, N):
+            raise ValueError(f"with parts, input_ids must be (1, {N}): the parts' tokens one after the other, "
+                             f"got {tuple(input_ids.shape)}")
+        if position_ids is None:
+            position_ids = torch.cat([p.input_pos.reshape(1, -1) for p in parts], dim=1)
+        x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(position_ids))
+        for block in self.transformer.h:
+            x = block(x, parts=parts)
+        # Each row's last token: the index after each row of each part, minus one.
+        last, start = [], 0
+        for p in parts:
+            last.extend(range(start + p.length - 1, start + p.rows * p.length, p.length))
+            start += p.rows * p.length
+        x = self.transformer.ln_f(x[:, torch.tensor(last, device=x.device)])  # layer norm is per token
+        return self._head(x)
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Mean next-token cross-entropy: ``targets[b, t]`` is the id that should follow
