@@ -394,6 +394,41 @@ def test_compiled_decode_matches_eager() -> None:
     assert torch.equal(sampled, generate(model, prompt, 30, temperature=0.8, top_k=5, seed=3))
 
 
+@pytest.mark.slow
+def test_compiled_decode_uses_weights_changed_in_place_after_compiling() -> None:
+    # The compiled CPU step takes the weights as inputs (no ``freezing``, which would bake them in
+    # as constants): a model trained or loaded in place after compiling decodes with its new weights.
+    model = tiny()
+    prompt = torch.tensor([[1, 2, 3]])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="torch.compile of the decode step failed")
+        before = generate(model, prompt, 20, temperature=0, compile=True)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(-1.5)
+        after = generate(model, prompt, 20, temperature=0, compile=True)
+    assert torch.equal(after, generate(model, prompt, 20, temperature=0))
+    assert not torch.equal(after, before)
+
+
+def test_decode_attention_is_sdpa_with_an_additive_mask() -> None:
+    # The compiled CPU decode step's attention of one query (plain ops inductor fuses) computes
+    # what SDPA does, for fp32 and bf16, over a mask with empty (-inf) slots.
+    from gpt2model.model import decode_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 16, generator=g) for n in (1, 9, 9))
+    mask = torch.zeros(2, 1, 1, 9)
+    mask[0, ..., 5:] = float("-inf")
+    mask[1, ..., 0] = float("-inf")
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 2e-2)):
+        ref = torch.nn.functional.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype),
+                                                               attn_mask=mask.to(dtype))
+        got = decode_attention(q.to(dtype), k.to(dtype), v.to(dtype), mask.to(dtype))
+        assert got.dtype == dtype and got.shape == (2, 3, 1, 16)
+        assert (got.float() - ref.float()).abs().max() <= tol
+
+
 def test_perplexity_sanity_of_sampling_distribution() -> None:
     # Temperature 1 with no filters samples the model's distribution: the mean log-prob of sampled
     # tokens under the model is close to minus its entropy (a check that nothing is mis-scaled).
