@@ -10,8 +10,9 @@ the server reports a truthful ``stop`` (else the row is marked failed).
 Servers (each started here as a subprocess on a free port, stopped after its levels):
 
 - ``ours``: ``gpt2 serve --max-batch 8``; ``ours-b1``: the same at ``--max-batch 1`` (no batching);
-  ``ours-bf16`` / ``ours-int8``: ``ours`` with ``--dtype bfloat16`` / ``int8``; ``ours-base``: ``ours``
-  run from another source tree (``--base-src DIR/src``, e.g. main's, to measure a change in the same run);
+  ``ours-bf16`` / ``ours-int8`` / ``ours-f16``: ``ours`` with ``--dtype bfloat16`` / ``int8`` / ``f16``;
+  ``ours-base``: ``ours`` run from another source tree (``--base-src DIR/src``, e.g. main's, to measure a
+  change in the same run);
 - ``hf`` / ``hf-cb``: ``transformers serve MODEL_DIR`` without / with ``--continuous-batching``;
 - ``llama-f32`` / ``llama-f16`` / ``llama-q8_0``: llama.cpp's ``llama-server -np 8 -cb`` on our GGUF export
   (``gpt2 export``); needs a llama.cpp build (``--llama-dir`` or ``LLAMA_CPP_DIR``);
@@ -52,8 +53,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import format_table, machine_info, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVERS = ("ours", "ours-b1", "ours-bf16", "ours-int8", "ours-base", "hf", "hf-cb", "llama-f32", "llama-f16",
-           "llama-q8_0")
+SERVERS = ("ours", "ours-b1", "ours-bf16", "ours-int8", "ours-f16", "ours-base", "hf", "hf-cb", "llama-f32",
+           "llama-f16", "llama-q8_0")
 COLUMNS = [("server", "server"), ("clients", "clients"), ("tok_s", "output tok/s"), ("req_s", "req/s"),
            ("ttft_p50_ms", "TTFT p50 ms"), ("ttft_p99_ms", "TTFT p99 ms"), ("itl_p50_ms", "ITL p50 ms"),
            ("itl_p99_ms", "ITL p99 ms"), ("tokens_per_req", "tokens/req"), ("errors", "errors"),
@@ -116,8 +117,8 @@ def _launch(kind: str, model_dir: Path, gguf: dict[str, Path], llama_dir: Path |
         batch = "1" if kind == "ours-b1" else "8"
         cmd = [py, "-m", "gpt2model", "serve", "--model", str(model_dir), "--port", str(port), "--device", "cpu",
                "--max-batch", batch, "--max-queue", "64", "--model-name", "m"]
-        if kind in ("ours-bf16", "ours-int8"):
-            cmd += ["--dtype", {"ours-bf16": "bfloat16", "ours-int8": "int8"}[kind]]
+        if kind in ("ours-bf16", "ours-int8", "ours-f16"):
+            cmd += ["--dtype", {"ours-bf16": "bfloat16", "ours-int8": "int8", "ours-f16": "f16"}[kind]]
         if kind == "ours-base":
             if base_src is None:
                 raise FileNotFoundError("ours-base needs --base-src (another checkout's src folder)")

@@ -538,3 +538,35 @@ def test_a_packed_forward_of_parts_equals_each_part_alone() -> None:
             m(dec_ids, parts=[Part(3, 1, dec_pos, dec_mask, 0)])
     finally:
         m.clear_cache()
+
+
+def test_an_f16_model_gets_what_it_gets_alone_batched_and_mixed() -> None:
+    """``--dtype f16`` (float16 weights, float32 math: FBGEMM on CPU) through the engine: greedy and
+    seeded requests, submitted while others run (mixed forwards), get what ``generate`` gives each
+    on its own with the same weights."""
+    torch.manual_seed(0)
+    m = GPT(CFG)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "ln" not in name:
+                p.normal_(0, 0.15)
+    m.quantize("f16", head=True)
+    _REFERENCE[id(m)] = copy.deepcopy(m).eval()
+    eng = Engine(m, max_batch=3)
+    eng.start()
+    assert eng.ready.wait(60)
+    try:
+        cases = [([1, 2, 3], SamplingParams(max_tokens=30, temperature=0)),
+                 ([4, 5, 6, 7, 8, 9, 1, 2], SamplingParams(max_tokens=20, temperature=0.8, top_k=10, seed=3)),
+                 ([7], SamplingParams(max_tokens=25, temperature=0)),
+                 ([2, 7, 1, 8, 2, 8], SamplingParams(max_tokens=15, temperature=0))]
+        reqs = [eng.submit(*cases[0])]
+        head = [e.token for e in collect(reqs[0], 3)[0]]  # the first one decodes before the others come
+        reqs += [eng.submit(*c) for c in cases[1:]]
+        for i, (r, (prompt, p)) in enumerate(zip(reqs, cases, strict=True)):
+            events = list(r.events())
+            tokens = (head if i == 0 else []) + [e.token for e in events if isinstance(e, TokenEvent)]
+            assert events[-1].reason == "length" and tokens == alone(m, prompt, p), p
+        assert eng.stats()["mixed_steps"] >= 1
+    finally:
+        eng.shutdown(timeout=5)

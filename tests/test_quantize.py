@@ -430,3 +430,46 @@ def test_cli_dtype_int8_quantizes_at_load_for_sample_and_eval(tmp_path, capsys) 
     with pytest.raises(SystemExit):
         main(["sample", "--model", str(tmp_path / "m"), "--dtype", "int4"])
     assert "invalid choice: 'int4'" in capsys.readouterr().err
+
+
+# --- f16: float16 weights, float32 math (CPU) ------------------------------------------------------
+def test_f16_linear_is_the_layer_with_float16_rounded_weights_in_float32_math() -> None:
+    import copy
+
+    from gpt2model.quantize import Fp16Linear
+
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 96)
+    f16 = Fp16Linear.from_linear(lin)
+    assert f16.weight.dtype == torch.float16 and f16.bias.dtype == torch.float32
+    x = torch.randn(2, 5, 64)
+    ref = F.linear(x, lin.weight.detach().half().float(), lin.bias.detach())
+    out = f16(x)
+    assert out.shape == (2, 5, 96) and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert (out - lin(x)).abs().max() > 0  # the weights really are rounded to float16
+    with torch.no_grad():
+        f16.weight.mul_(2)  # in place: the packed copy is stale and is made again
+    torch.testing.assert_close(f16(x) - f16.bias, 2 * (ref - lin.bias.detach()), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(copy.deepcopy(f16)(x), f16(x))
+
+
+def test_f16_model_is_close_to_float32_and_generates_its_greedy_tokens() -> None:
+    from gpt2model.quantize import Fp16Linear
+
+    model = spiky(SMALL)
+    ids = torch.randint(0, SMALL.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    prompt = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    with torch.no_grad():
+        fp32_logits = model(ids)
+    fp32 = generate(model, prompt, 20, temperature=0)
+    assert model.quantize("f16", head=True) is model and is_quantized(model)
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    assert isinstance(model.lm_head, Fp16Linear) and model.transformer.wte.weight.dtype == torch.float32
+    with torch.no_grad():
+        logits = model(ids)
+    assert ((logits - fp32_logits).norm() / fp32_logits.norm()) < 2e-3
+    assert generate(model, prompt, 20, temperature=0) == fp32  # ragged prompts: lists of ids
+    bf16 = spiky(SMALL).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="f16 .* is a CPU format for a float32 model"):
+        bf16.quantize("f16")

@@ -165,7 +165,8 @@ def _add_device_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", choices=WEIGHT_DTYPES, default="float32",
                    help="weights dtype (default: float32); int8: weight-only int8 linears quantized at load "
-                        "(float32 everywhere else), the fastest decode on CPU")
+                        "(float32 everywhere else), the fastest one-row decode on CPU; f16: float16 weights, "
+                        "float32 math (CPU, FBGEMM), the fastest batched decode and serving on CPU")
 
 
 def _load(args: argparse.Namespace):  # noqa: ANN202 - (GPT, tokenizer)

@@ -50,7 +50,7 @@ from torch.nn import functional as F
 if TYPE_CHECKING:
     from .model import GPT
 
-QUANTIZATION_MODES = ("int8",)
+QUANTIZATION_MODES = ("int8", "f16")
 # What ``--dtype`` accepts where a saved model is run (sample, eval, serve): float dtypes, or a
 # quantization applied after loading in float32.
 WEIGHT_DTYPES = ("float32", "bfloat16", "float16", *QUANTIZATION_MODES)
@@ -207,6 +207,60 @@ class Int8Linear(nn.Module):
                 f"bias={self.bias is not None}, int8 per-output-channel")
 
 
+class Fp16Linear(nn.Module):
+    """``y = x @ w.T + bias`` with the weight ``w`` stored in float16 and everything else in
+    float32 (activations, accumulation, bias, output): llama.cpp's ``f16`` on a CPU. A drop-in,
+    inference-only replacement of an ``nn.Linear`` (:meth:`from_linear`).
+
+    On a CPU the matmul is FBGEMM's fp16 GEMM (``torch.ops.quantized.linear_dynamic_fp16``, the
+    weight prepacked once in fp16 and widened to fp32 in registers): half the bytes of an fp32
+    weight and, at the few rows of a decode step, a faster kernel than the fp32 ones (6x384 BPE,
+    1 thread: the 50,257-row head at 8 rows 5.7 ms vs 9.8 ms oneDNN-packed fp32; whole decode step
+    at 8 rows 15.2 vs 22.0 ms, at 1 row 7.4 vs 10.3; a 40-token prefill 19.6 vs 25.3). The
+    rounding is the weights' alone (relative 2^-11; logits within ~6e-4 of fp32): no activation
+    is quantized, so a row's result depends on no other row's values (FBGEMM's W8A8 int8 GEMM, 2.4
+    ms for that head, scales the activations per batch: a request's tokens would depend on its
+    neighbours). Elsewhere (CUDA, or inside ``torch.compile``) it computes
+    ``F.linear`` with the weight widened to the input's dtype. Buffers: ``weight`` fp16
+    ``(out, in)``, ``bias`` (or None); the packed copy is rebuilt when the weight changes.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if weight.dim() != 2:
+            raise ValueError(f"Fp16Linear needs an (out, in) weight, got shape {tuple(weight.shape)}")
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight.detach().to(torch.float16).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self._packed: tuple[int, int, object] | None = None  # (weight version, data pointer, FBGEMM's packed weight)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Fp16Linear:
+        return cls(linear.weight, linear.bias)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_packed"] = None  # FBGEMM's packed weight: rebuilt from ``weight`` on first use
+        return state
+
+    def _fbgemm_weight(self) -> object:
+        w = self.weight
+        if self._packed is None or self._packed[:2] != (w._version, w.data_ptr()):
+            bias = None if self.bias is None else self.bias.float()
+            self._packed = (w._version, w.data_ptr(), torch.ops.quantized.linear_prepack_fp16(w.float(), bias))
+        return self._packed[2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or torch.compiler.is_compiling():
+            return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        y = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, self.in_features).float(), self._fbgemm_weight())
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
+               f"float16 weight, float32 math"
+
+
 def weights_dtype(name: str) -> tuple[torch.dtype, str | None]:
     """``(dtype to load the weights in, quantization to apply after or None)`` for a ``--dtype``
     name: ``"bfloat16"`` -> ``(torch.bfloat16, None)``, ``"int8"`` -> ``(torch.float32, "int8")``."""
@@ -221,7 +275,9 @@ def quantize(model: GPT, mode: str = "int8", head: bool | None = None) -> GPT:
     """Quantize ``model`` in place (every linear of the blocks and, see ``head``, the LM head) and
     return it.
 
-    ``mode``: ``"int8"`` (weight-only, per-output-channel symmetric; see :class:`Int8Linear`).
+    ``mode``: ``"int8"`` (weight-only, per-output-channel symmetric; see :class:`Int8Linear`) or
+    ``"f16"`` (float16 weights, float32 math, for CPUs: see :class:`Fp16Linear`; needs PyTorch's
+    FBGEMM, i.e. an x86 build, and a float32 model on the CPU).
     ``head``: quantize the LM head too (``True``), keep it in the model's float dtype (``False``),
     or ``None`` (default): quantize it where it holds at least ``HEAD_MIN_SHARE`` of the linear
     weights, i.e. where it matters for decode speed (GPT-2's 50,257-id head: 31% of the 124M
@@ -236,6 +292,14 @@ def quantize(model: GPT, mode: str = "int8", head: bool | None = None) -> GPT:
         raise ValueError(f"unknown quantization {mode!r}; choose one of {', '.join(QUANTIZATION_MODES)}")
     if is_quantized(model):
         raise ValueError("the model is already quantized; load the float model again to quantize it differently")
+    if mode == "f16":
+        if model.device.type != "cpu" or model.dtype != torch.float32:
+            raise ValueError(f"f16 (float16 weights, float32 math) is a CPU format for a float32 model, got a "
+                             f"{model.dtype} model on {model.device}: on a GPU use dtype float16 or bfloat16")
+        if "fbgemm" not in torch.backends.quantized.supported_engines:
+            raise ValueError("f16 needs PyTorch's FBGEMM fp16 kernels (x86 builds), which this PyTorch lacks: "
+                             "use float32 or int8")
+    make = Int8Linear if mode == "int8" else Fp16Linear
     model.eval()
     body = 0
     for block in model.transformer.h:
@@ -243,20 +307,21 @@ def quantize(model: GPT, mode: str = "int8", head: bool | None = None) -> GPT:
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
                     body += child.weight.numel()
-                    setattr(parent, name, Int8Linear.from_linear(child))
+                    setattr(parent, name, make.from_linear(child))
     if head is None:
         head_size = model.lm_head.weight.numel()
         head = head_size >= HEAD_MIN_SHARE * (head_size + body)
     if head:
         # The head is tied to the token embedding: quantize a copy for the head and leave the
         # embedding (a lookup, one row per token) in full precision.
-        model.lm_head = Int8Linear.from_weight(model.lm_head.weight, model.lm_head.bias)
+        model.lm_head = Int8Linear.from_weight(model.lm_head.weight, model.lm_head.bias) if mode == "int8" \
+            else Fp16Linear(model.lm_head.weight, model.lm_head.bias)
     return model
 
 
 def is_quantized(model: nn.Module) -> bool:
     """Whether any layer of ``model`` holds quantized weights."""
-    return any(isinstance(m, Int8Linear) for m in model.modules())
+    return any(isinstance(m, (Int8Linear, Fp16Linear)) for m in model.modules())
 
 
 # From this many rows a decode step's fp32 LM head runs on a oneDNN-packed copy of its weight
