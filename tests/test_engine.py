@@ -308,14 +308,14 @@ def test_queue_full_and_bad_requests(model: GPT) -> None:
 
 
 def test_an_error_in_one_request_does_not_stop_the_engine(model: GPT, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = engine_mod.prefill
+    real = Engine._prefill_inputs
 
-    def flaky(model, input_ids, *args, **kwargs):  # noqa: ANN001, ANN202
-        if input_ids.size(1) == 3:
+    def flaky(self, group):  # noqa: ANN001, ANN202 - a forward with the 3-token prompt fails (prefill or mixed)
+        if any(len(self._slots[b].request.prompt_ids) == 3 for b, _ in group):
             raise RuntimeError("boom")
-        return real(model, input_ids, *args, **kwargs)
+        return real(self, group)
 
-    monkeypatch.setattr(engine_mod, "prefill", flaky)
+    monkeypatch.setattr(Engine, "_prefill_inputs", flaky)
     eng = Engine(model, max_batch=2)
     eng.start()
     assert eng.ready.wait(60)
@@ -325,9 +325,15 @@ def test_an_error_in_one_request_does_not_stop_the_engine(model: GPT, monkeypatc
         assert collect(bad) == ([], FinishEvent("error", "RuntimeError: boom"))
         assert collect(good)[1].reason == "length"
         assert collect(eng.submit([4], SamplingParams(max_tokens=3)))[1].reason == "length"
+        # ... and when it arrives while another decodes (its mixed forward fails, then its prefill alone).
+        good = eng.submit([1, 2], SamplingParams(max_tokens=10, temperature=0))
+        assert len(collect(good, 1)[0]) == 1
+        bad = eng.submit([3, 2, 1], SamplingParams(max_tokens=10, temperature=0))
+        assert collect(bad) == ([], FinishEvent("error", "RuntimeError: boom"))
+        assert collect(good)[1].reason == "length"
         _wait_idle(eng)
         s = eng.stats()
-        assert s["running"] == 0 and s["finished"]["error"] == 1 and s["finished"]["length"] == 2
+        assert s["running"] == 0 and s["finished"]["error"] == 2 and s["finished"]["length"] == 3
     finally:
         eng.shutdown(timeout=1)
 
