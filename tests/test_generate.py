@@ -411,6 +411,42 @@ def test_compiled_decode_uses_weights_changed_in_place_after_compiling() -> None
     assert not torch.equal(after, before)
 
 
+@pytest.mark.slow
+def test_compiled_half_precision_decode_uses_the_gemv_and_matches_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    # In a compiled one-row CPU step, bf16 / fp16 linears run quantize.half_gemv (fp32 arithmetic)
+    # instead of PyTorch's half-precision kernel; the tokens are eager's.
+    from gpt2model import quantize
+
+    prompt = torch.tensor([[1, 2, 3]])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="torch.compile of the decode step failed")
+        for dtype in (torch.bfloat16, torch.float16):
+            model = tiny().to(dtype)
+            assert torch.equal(generate(model, prompt, 30, temperature=0, compile=True),
+                               generate(model, prompt, 30, temperature=0))
+        # The compiled step (and only it) goes through half_gemv: with a GEMV that returns zeros
+        # every logit is 0 and greedy decoding picks token 0 at every compiled step.
+        monkeypatch.setattr(quantize, "half_gemv", lambda x, w, b=None: x.new_zeros(*x.shape[:-1], w.size(0)))
+        eager = generate(model, prompt, 12, temperature=0)  # within the context: one prefill, then steps
+        compiled = generate(model, prompt, 12, temperature=0, compile=True)
+    assert eager[0, 4:].ne(0).any() and compiled[0, 4:].eq(0).all()  # token 3 comes from the prefill
+
+
+def test_half_gemv_is_a_linear_with_fp32_arithmetic() -> None:
+    from gpt2model.quantize import half_gemv
+
+    g = torch.Generator().manual_seed(0)
+    w, b, x = torch.randn(40, 24, generator=g), torch.randn(40, generator=g), torch.randn(1, 1, 24, generator=g)
+    for dtype in (torch.bfloat16, torch.float16):
+        wd, bd, xd = w.to(dtype), b.to(dtype), x.to(dtype)
+        exact = torch.nn.functional.linear(xd.float(), wd.float(), bd.float())  # the rounded inputs, in fp32
+        for bias in (bd, None):
+            y = half_gemv(xd, wd, bias)
+            assert y.dtype == dtype and y.shape == (1, 1, 40)
+            ref = exact if bias is not None else exact - bd.float()
+            assert torch.equal(y, ref.to(dtype)) or (y.float() - ref).abs().max() <= 1e-2 * ref.abs().max()
+
+
 def test_decode_attention_is_sdpa_with_an_additive_mask() -> None:
     # The compiled CPU decode step's attention of one query (plain ops inductor fuses) computes
     # what SDPA does, for fp32 and bf16, over a mask with empty (-inf) slots.

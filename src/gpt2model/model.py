@@ -117,6 +117,19 @@ class Part:
     cache_row: int | torch.Tensor = 0
 
 
+def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` for the model's linear layers; inside a compiled CPU decode step of one row, a
+    half-precision ``nn.Linear`` runs as the GEMV inductor generates from
+    :func:`gpt2model.quantize.half_gemv` (fp32 arithmetic, 2 bytes read per weight) instead of
+    PyTorch's bf16 kernel, which is slower than fp32 on CPUs without native bf16 arithmetic."""
+    if torch.compiler.is_compiling() and x.device.type == "cpu" and type(layer) is nn.Linear \
+            and layer.weight.dtype in (torch.bfloat16, torch.float16) and x.numel() == x.size(-1):
+        from .quantize import half_gemv
+
+        return half_gemv(x, layer.weight, layer.bias)
+    return layer(x)
+
+
 DECODE_ATTENTION_INLINE = True
 
 
@@ -149,7 +162,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, cache_row: int | torch.Tensor = 0,
                 parts: Sequence[Part] | None = None) -> torch.Tensor:
-        qkv = self.c_attn(x)
+        qkv = linear(self.c_attn, x)
         if parts is None:
             y = self._attend(qkv, input_pos, mask, cache_row)
         else:  # x is (1, N): the parts' tokens one after the other; attention runs part by part
@@ -160,7 +173,7 @@ class CausalSelfAttention(nn.Module):
                 ys.append(self._attend(part, p.input_pos, p.mask, p.cache_row).view(1, n, -1))
                 start += n
             y = torch.cat(ys, dim=1)
-        return self.resid_dropout(self.c_proj(y))
+        return self.resid_dropout(linear(self.c_proj, y))
 
     def _attend(self, qkv: torch.Tensor, input_pos: torch.Tensor | None, mask: torch.Tensor | None,
                 cache_row: int | torch.Tensor) -> torch.Tensor:
@@ -207,7 +220,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(gelu_tanh(self.c_fc(x))))
+        return self.dropout(linear(self.c_proj, gelu_tanh(linear(self.c_fc, x))))
 
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -520,7 +533,7 @@ class GPT(nn.Module):
             logits = packed_head_logits(self, x)
             if logits is not None:
                 return logits
-        return self.lm_head(x)
+        return linear(self.lm_head, x)
 
     def _forward_parts(self, input_ids: torch.Tensor, parts: Sequence[Part],
                        position_ids: torch.Tensor | None) -> torch.Tensor:

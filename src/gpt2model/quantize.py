@@ -251,6 +251,8 @@ class Fp16Linear(nn.Module):
         return self._packed[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and torch.compiler.is_compiling() and x.numel() == self.in_features:
+            return half_gemv(x, self.weight, self.bias)  # a compiled one-row decode step: inductor's fp16 GEMV
         if x.device.type != "cpu" or torch.compiler.is_compiling():
             return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         y = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, self.in_features).float(), self._fbgemm_weight())
@@ -259,6 +261,25 @@ class Fp16Linear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
                f"float16 weight, float32 math"
+
+
+def half_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for one row ``x`` ``(..., in)`` and a bf16 or fp16 ``weight``
+    ``(out, in)``, written for inductor (only traced inside ``torch.compile`` on a CPU: eagerly it
+    would make an fp32 copy of the weight). Inductor turns it into one vectorised loop per output
+    that loads 16 half-precision weights per AVX2 load, widens them to fp32 (bf16: a shift;
+    fp16: F16C), multiplies the fp32 activations and accumulates in fp32: 2 bytes read per weight,
+    and on a 2-core AVX2 EPYC (no native bf16) as fast per weight as fp32's best GEMV, where
+    PyTorch's bf16 ``F.linear`` is ~1.6x slower (the 50,257 x 384 head: 3.3-3.7 ms against 5.0;
+    fbgemm's fp16 GEMV 3.0). Output in ``x``'s dtype (rounded once, from the fp32 sum)."""
+    # An identity view that makes inductor store ``x`` in a buffer first: inlined instead, a cheap
+    # producer (a layer norm's affine part) would be recomputed once per output row inside the loop
+    # (bf16 6x384 BPE decode: 14.4 ms per token that way, 6.5 this way).
+    x = torch.as_strided(x, x.size(), x.stride())
+    y = (x.float().unsqueeze(-2) * weight.float()).sum(-1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
 
 
 def weights_dtype(name: str) -> tuple[torch.dtype, str | None]:
