@@ -432,6 +432,18 @@ def test_compiled_half_precision_decode_uses_the_gemv_and_matches_eager(monkeypa
     assert eager[0, 4:].ne(0).any() and compiled[0, 4:].eq(0).all()  # token 3 comes from the prefill
 
 
+@pytest.mark.slow
+def test_many_generation_lengths_all_decode_compiled() -> None:
+    # Each cache length is its own graph of decode_step; past torch's default of 8 graphs per
+    # function the next length used to fall back to eager (and the model never compiled again).
+    model = tiny(GPTconfig(context_length=64, vocab_size=50, n_layer=1, n_head=2, d_model=16))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="torch.compile of the decode step failed")
+        for n in range(2, 14):
+            generate(model, torch.tensor([[1, 2, 3]]), n, temperature=0, compile=True)
+    assert getattr(model, "_decode_compile_error", None) is None
+
+
 def test_half_gemv_is_a_linear_with_fp32_arithmetic() -> None:
     from gpt2model.quantize import half_gemv
 

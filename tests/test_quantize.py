@@ -473,3 +473,22 @@ def test_f16_model_is_close_to_float32_and_generates_its_greedy_tokens() -> None
     bf16 = spiky(SMALL).to(torch.bfloat16)
     with pytest.raises(ValueError, match="f16 .* is a CPU format for a float32 model"):
         bf16.quantize("f16")
+
+
+@pytest.mark.slow
+def test_compiled_f16_decode_runs_the_fp16_gemv_and_gives_eager_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    # In a compiled one-row CPU decode step an Fp16Linear runs inductor's fp16 GEMV (half_gemv:
+    # 2 bytes per weight, fp32 math) instead of widening the weight to a float32 copy each step.
+    from gpt2model import quantize
+
+    model = spiky(SMALL).quantize("f16", head=True)
+    prompt = torch.tensor([[1, 2, 3]])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="torch.compile of the decode step failed")
+        assert torch.equal(generate(model, prompt, 20, temperature=0, compile=True),
+                           generate(model, prompt, 20, temperature=0))
+        # Routed through half_gemv: a GEMV of zeros makes every compiled step's logits 0 (token 0).
+        monkeypatch.setattr(quantize, "half_gemv", lambda x, w, b=None: x.new_zeros(*x.shape[:-1], w.size(0)))
+        eager = generate(model, prompt, 12, temperature=0)
+        compiled = generate(model, prompt, 12, temperature=0, compile=True)
+    assert eager[0, 4:].ne(0).any() and compiled[0, 4:].eq(0).all()  # token 3 comes from the prefill

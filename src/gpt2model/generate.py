@@ -433,6 +433,11 @@ def decode_step(model: GPT, token: torch.Tensor, input_pos: torch.Tensor, mask: 
 # stale. The weights stay inputs of the graph, so weights changed in place after compiling
 # (training on, ``load_state_dict``) are used by the next step (tested).
 CPU_COMPILE_OPTIONS = {"cpp_wrapper": True}
+# Every combination of rows, cache length (a generation's prompt + new tokens, up to the context),
+# weights dtype and sampling settings is its own static-shape graph of the one ``decode_step``;
+# torch's default of 8 graphs per function made the 9th such call in a process fall back to
+# eager decoding for good. ``compiled_decode_step`` raises torch's limit to this.
+DECODE_STEP_RECOMPILE_LIMIT = 64
 
 
 def compiled_decode_step(device: torch.device, mode: str | None = "auto") -> Callable[..., tuple[torch.Tensor, ...]]:
@@ -442,6 +447,10 @@ def compiled_decode_step(device: torch.device, mode: str | None = "auto") -> Cal
     Graphs are kept on the function's code object, so wrapping it again reuses them."""
     if mode == "auto":
         mode = "reduce-overhead" if device.type == "cuda" else None
+    import torch._dynamo
+
+    if torch._dynamo.config.recompile_limit < DECODE_STEP_RECOMPILE_LIMIT:  # process-wide: no per-function limit
+        torch._dynamo.config.recompile_limit = DECODE_STEP_RECOMPILE_LIMIT
     if mode is None and device.type == "cpu":
         # A CPU step is a chain of small kernels, each called by inductor's generated wrapper; in
         # C++ (``cpp_wrapper``) that chain costs less per call than the Python wrapper (measured,
