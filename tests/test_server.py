@@ -495,6 +495,19 @@ def test_char_model_rejects_characters_outside_its_vocabulary(tmp_path):
     assert r.status_code == 400 and "end-of-text" in r.json()["error"]["message"]
 
 
+def test_serve_shortens_the_gil_switch_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server process hands the GIL between its HTTP and inference threads every 0.5 ms, not
+    every 5 ms (the inference thread needs it back after every torch op)."""
+    from gpt2model import server as server_mod
+
+    intervals: list[float] = []
+    monkeypatch.setattr(server_mod.sys, "setswitchinterval", intervals.append)  # not this test process's
+    monkeypatch.setattr(server_mod._GracefulServer, "run", lambda self: None)  # build everything, serve nothing
+    model = GPT(GPTconfig(vocab_size=30, context_length=16, n_layer=1, n_head=2, d_model=16))
+    assert server_mod.serve(model, load_tokenizer("gpt2"), port=0) == 0
+    assert intervals == [server_mod.GIL_SWITCH_INTERVAL] and server_mod.GIL_SWITCH_INTERVAL <= 0.001
+
+
 def test_sigterm_finishes_running_requests_and_exits_0(tmp_path):
     from gpt2model.tokenizer import CharTokenizer
 

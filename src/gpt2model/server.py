@@ -865,6 +865,13 @@ _ROUTES = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "
 
 
 # --- running it ----------------------------------------------------------------------------------
+# The server process's GIL switch interval (Python's default: 5 ms). The inference thread releases
+# the GIL inside every torch op and needs it back after each one (hundreds per decode step); while
+# the HTTP thread runs Python (parsing, SSE chunks) it waits until that thread yields, at the
+# latest after the switch interval. 0.5 ms measured +3% tokens/s and -10% TTFT p50 at 8 streaming
+# clients (6x384 BPE, 1 compute thread, interleaved x3, both fp32 and f16 weights).
+GIL_SWITCH_INTERVAL = 0.0005
+
 def serve(model: Any, tokenizer: Any, *, host: str = "127.0.0.1", port: int = 8000, model_name: str = "gpt2",
           api_key: str | None = None, chat_template: str | Path | None = None, max_batch: int = 8,
           max_queue: int = 64, compile: bool = False, request_timeout: float = 30.0,
@@ -873,6 +880,7 @@ def serve(model: Any, tokenizer: Any, *, host: str = "127.0.0.1", port: int = 80
 
     Shutdown: stop accepting connections, let running requests finish for up to
     ``request_timeout`` seconds, then cancel the rest; exit 0."""
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     template = DEFAULT_CHAT_TEMPLATE
     if chat_template is not None:
         template = Path(chat_template).read_text(encoding="utf-8")
