@@ -16,6 +16,13 @@ decode step:
 2. The decode step advances every row that has its first token, each at its own cache position,
    with its own sampling settings and seed. A finished or cancelled row frees its slot at once.
 
+When rows are decoding and prompts wait, (1) and (2) are ONE forward (eager mode; a "mixed"
+step, as llama.cpp and vLLM batch them: :class:`gpt2model.model.Part`): the decode rows' tokens
+and the prefill chunks go through each linear layer together, reading its weights once, and a
+new prompt's first token comes out with the running rows' next ones. Traced at 8 closed-loop
+clients (6x384 BPE, 1 thread): a request's time to first token is ~3 ms of HTTP, the wait for
+the forward under way (~30-45 ms p50) and its own forward (~45-55 ms); the engine adds <1 ms.
+
 The engine knows nothing of HTTP or of text: token ids in, :class:`TokenEvent` /
 :class:`FinishEvent` out (stop strings are :class:`gpt2model.generate.TextStream`'s job, in the
 caller, which cancels the request when its text stops).
