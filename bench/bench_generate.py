@@ -36,7 +36,7 @@ CONFIGS = {
     "gpt2": dict(context_length=1024, vocab_size=50257, n_layer=12, n_head=12, d_model=768),
 }
 PROMPT_LEN = 16
-OURS = ("ours_fp32", "ours_bf16", "ours_int8")
+OURS = ("ours_fp32", "ours_bf16", "ours_f16", "ours_int8")
 
 
 def _case(config_name: str, method: str, batch: int, new_tokens: int, threads: int | None,
@@ -81,6 +81,8 @@ def _case(config_name: str, method: str, batch: int, new_tokens: int, threads: i
             model.to(torch.bfloat16)
         elif method == "ours_int8":
             model.quantize("int8")
+        elif method == "ours_f16":  # float16 weights, float32 math (gpt2 serve/sample --dtype f16)
+            model.quantize("f16")
 
         def fn(n: int) -> torch.Tensor:
             return generate(model, prompt, n, temperature=0, compile=compile)
@@ -90,7 +92,7 @@ def _case(config_name: str, method: str, batch: int, new_tokens: int, threads: i
     for m in model.modules():
         if isinstance(m, Int8Linear):
             step_bytes += m.weight.numel() + m.scales.numel() * m.scales.element_size()
-        elif isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D":
+        elif isinstance(m, nn.Linear) or type(m).__name__ in ("Conv1D", "Fp16Linear"):
             step_bytes += m.weight.numel() * m.weight.element_size()
 
     t0 = time.perf_counter()
@@ -280,8 +282,9 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
         for peer, col in (("ours_fp32", "vs_fp32"), ("hf_fp32", "vs_hf"), ("recompute_fp32", "vs_recompute")):
             other = by_key.get((r["config"], r["batch"], r["new_tokens"], peer))
             r[col] = r["tok_s"] / other["tok_s"] if other and other is not r else None
-        # Ours against llama.cpp in the matching precision (f32 / f16 for our bf16 / q8_0 for int8).
-        peer = {"ours_fp32": "llama.cpp_f32", "ours_bf16": "llama.cpp_f16", "ours_int8": "llama.cpp_q8_0"}.get(
+        # Ours against llama.cpp in the matching precision (f32 / f16 for our bf16 and f16 / q8_0 for int8).
+        peer = {"ours_fp32": "llama.cpp_f32", "ours_bf16": "llama.cpp_f16", "ours_f16": "llama.cpp_f16",
+                "ours_int8": "llama.cpp_q8_0"}.get(
             r["method"].removesuffix("_compile"))
         if peer in llama and r["config"] == "bpe" and r["batch"] == 1:
             r["vs_llama"] = r["tok_s"] / llama[peer]["tok_s"]

@@ -353,22 +353,71 @@ def val_logits(model: GPT, val: torch.Tensor, windows: int, seq_len: int) -> tup
     return model(x).flatten(0, 1).float(), y.flatten()
 
 
+@torch.no_grad()
+def decode_path_logits(model: GPT, ids: list[int], start: int) -> torch.Tensor:
+    """The logits ``(len(ids) - start, V)`` that predict ``ids[start:]``, computed as greedy decoding
+    computes them (a cached prefill of ``ids[:start]``, then one token per forward, so the same
+    one-row kernels), along the given path rather than the model's own."""
+    model.setup_cache(1, len(ids))
+    try:
+        x = torch.tensor([ids])
+        out = [model(x[:, :start], input_pos=torch.arange(start))[:, -1]]
+        for t in range(start, len(ids) - 1):
+            out.append(model(x[:, t:t + 1], input_pos=torch.tensor([t]))[:, -1])
+    finally:
+        model.clear_cache()
+    return torch.cat(out).float()
+
+
+# The largest change int8 may make to any logit along the greedy path: the seed model's logits
+# span ~20 and int8 (its one-row decode kernel rounds the activations to bf16) moved them by at
+# most 0.047 (300 training steps; mostly the bf16 activations); a wrong column order moves them by units.
+INT8_MAX_LOGIT_CHANGE = 0.1
+
+
 def check_int8_quality(model: GPT, val: torch.Tensor, prompt: list[int], *, windows: int, seq_len: int,
                        n_greedy: int = 0) -> dict[str, float]:
     """Quantize ``model`` and compare with its fp32 self: perplexity within 1%, the same
     next-token argmax (teacher-forced) at >= 99% of validation positions and, with ``n_greedy``,
-    the same greedy continuation of ``prompt``."""
+    the same greedy continuation of ``prompt``.
+
+    The greedy check is robust to near-ties without asserting less: along fp32's greedy path (both
+    models fed the same tokens, decoding's kernels) every logit must move by at most
+    ``INT8_MAX_LOGIT_CHANGE``, and int8's own greedy tokens must equal fp32's, except that the two
+    may part at a near-tie: a position whose fp32 top-2 margin is at most twice the largest logit
+    change int8 made there, the only kind of position where int8 can change the greedy choice (an
+    undertrained model has several: the 300-step seed model has 5 in its first 50 tokens, the
+    smallest margin 0.012, so whether all 50 tokens matched was luck of rounding). If they part,
+    the assertion says where, with the margin there and int8's change."""
     logits, y = val_logits(model, val, windows, seq_len)
     greedy = generate(model, [prompt], n_greedy, temperature=0)[0] if n_greedy else None
+    path = decode_path_logits(model, greedy, len(prompt)) if n_greedy else None
     model.quantize("int8")
     qlogits, _ = val_logits(model, val, windows, seq_len)
     ppl, qppl = math.exp(F.cross_entropy(logits, y).item()), math.exp(F.cross_entropy(qlogits, y).item())
     agree = (logits.argmax(-1) == qlogits.argmax(-1)).float().mean().item()
     assert abs(qppl / ppl - 1) < 0.01, (ppl, qppl)
     assert agree >= 0.99, agree
+    stats = {"ppl_fp32": ppl, "ppl_int8": qppl, "argmax_agreement": agree}
     if greedy is not None:
-        assert generate(model, [prompt], n_greedy, temperature=0)[0] == greedy
-    return {"ppl_fp32": ppl, "ppl_int8": qppl, "argmax_agreement": agree}
+        qpath = decode_path_logits(model, greedy, len(prompt))
+        change = (qpath - path).abs().amax(dim=-1).tolist()  # per position, over the vocabulary
+        top2 = path.topk(2, dim=-1).values
+        margins = (top2[:, 0] - top2[:, 1]).tolist()
+        assert max(change) <= INT8_MAX_LOGIT_CHANGE, f"int8 moved a logit along the fp32 greedy path by {max(change)}"
+        qgreedy = generate(model, [prompt], n_greedy, temperature=0)[0]
+        new, qnew = greedy[len(prompt):], qgreedy[len(prompt):]
+        first = next((i for i, (a, b) in enumerate(zip(new, qnew, strict=True)) if a != b), None)
+        ties = [i for i, (m, c) in enumerate(zip(margins, change, strict=True)) if m <= 2 * c + 1e-4]
+        stats.update(max_logit_change=max(change), first_divergence=first, near_ties=ties, min_margin=min(margins))
+        if first is not None:
+            assert first in ties, (
+                f"int8 greedy differs from fp32 at new token {first} ({new[first]} -> {qnew[first]}), not a near-tie: "
+                f"fp32's top-2 logit margin there is {margins[first]:.4f}, int8 changed its logits by <= "
+                f"{change[first]:.4f}")
+        print(f"int8 greedy vs fp32: first divergence {first} (near-tie positions {ties}: fp32 top-2 margin <= 2x "
+              f"int8's logit change), largest change {max(change):.4f}, smallest margin {min(margins):.4f}")
+    return stats
 
 
 def test_int8_char_model_on_tiny_shakespeare_keeps_perplexity_and_predictions(shakespeare_text: str) -> None:
