@@ -245,6 +245,9 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_others_keep_decoding(model: 
         eng.shutdown(timeout=5)
     with pytest.raises(ValueError, match="max_prefill_tokens must be"):
         Engine(model, max_prefill_tokens=0)
+    # On a CPU one ~40-token prompt per forward by default (measured: lower TTFT p50 and inter-token
+    # p99 than 128 at 8 clients, same tokens/s).
+    assert Engine(model).max_prefill_tokens == engine_mod.CPU_MAX_PREFILL_TOKENS == 64
 
 
 def test_cancel_frees_the_slot_within_one_step(model: GPT) -> None:

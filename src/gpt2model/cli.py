@@ -338,7 +338,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="requests that may wait for a slot; more get HTTP 429 (default 64)")
     p.add_argument("--max-prefill-tokens", type=int, default=None,
                    help="prompt tokens one prefill forward takes at most (waiting prompts x longest, padded); "
-                   "longer prompts are prefilled in chunks between decode steps (default: 2048 on CUDA, 128 on "
+                   "longer prompts are prefilled in chunks between decode steps (default: 2048 on CUDA, 64 on "
                    "CPU)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every endpoint but "
                    "/health (default: $GPT2MODEL_API_KEY; none if unset)")
