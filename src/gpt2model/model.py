@@ -130,9 +130,6 @@ def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return layer(x)
 
 
-DECODE_ATTENTION_INLINE = True
-
-
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Attention of one query per row and head, ``q`` ``(B, H, 1, hd)``, over ``k, v`` ``(B, H, L, hd)``
     with an additive float ``mask`` ``(B or 1, 1, 1, L)``, written as plain tensor ops (fp32 inside).
@@ -201,8 +198,7 @@ class CausalSelfAttention(nn.Module):
                                                        dropout_p=dropout_p, is_causal=True).to(q.dtype)
             else:
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        elif T == 1 and DECODE_ATTENTION_INLINE and q.device.type == "cpu" and torch.compiler.is_compiling() \
-                and mask.is_floating_point():
+        elif T == 1 and q.device.type == "cpu" and torch.compiler.is_compiling() and mask.is_floating_point():
             y = decode_attention(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype) if mask.is_floating_point()
