@@ -19,7 +19,9 @@ def test_notebook_runs(data_dir: Path, tmp_path: Path) -> None:
     os.environ["GPT2MODEL_DATA"] = str(data_dir)  # the kernel inherits the environment
     os.environ.setdefault("MPLBACKEND", "Agg")
     try:
-        client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+        # A hang guard per cell, not a speed check: the 500-step training cell takes ~35 s on a quiet 2-core
+        # CPU, but ~300 s when other jobs load both cores (OpenMP threads then wait on each other).
+        client = nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
                                          resources={"metadata": {"path": str(tmp_path)}})
         client.execute()
     finally:
