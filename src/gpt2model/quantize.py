@@ -235,8 +235,13 @@ class Fp16Linear(nn.Module):
         self._packed: tuple[int, int, object] | None = None  # (weight version, data pointer, FBGEMM's packed weight)
 
     @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Fp16Linear:
+        """The layer of a float ``(out, in)`` weight, stored in float16 (``bias`` kept in float32)."""
+        return cls(weight, bias)
+
+    @classmethod
     def from_linear(cls, linear: nn.Linear) -> Fp16Linear:
-        return cls(linear.weight, linear.bias)
+        return cls.from_weight(linear.weight, linear.bias)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -335,8 +340,7 @@ def quantize(model: GPT, mode: str = "int8", head: bool | None = None) -> GPT:
     if head:
         # The head is tied to the token embedding: quantize a copy for the head and leave the
         # embedding (a lookup, one row per token) in full precision.
-        model.lm_head = Int8Linear.from_weight(model.lm_head.weight, model.lm_head.bias) if mode == "int8" \
-            else Fp16Linear(model.lm_head.weight, model.lm_head.bias)
+        model.lm_head = make.from_weight(model.lm_head.weight, model.lm_head.bias)
     return model
 
 
