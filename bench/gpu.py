@@ -84,7 +84,7 @@ RECIPE_COLUMNS = [("impl", "trainer"), ("best_val", "best val loss"), ("train_s"
                   ("wall_s", "wall s (process)"), ("note", "note")]
 
 
-def profile_table(run: Any, device: Any, rows: int = 15) -> str:
+def profile_table(run: Any, device: Any, rows: int = 40) -> str:
     """Run ``run()`` under ``torch.profiler``; the top ``rows`` ops by self device time (CUDA) or
     self CPU time (CPU), as torch prints them."""
     from torch.profiler import ProfilerActivity, profile
@@ -93,7 +93,7 @@ def profile_table(run: Any, device: Any, rows: int = 15) -> str:
     with profile(activities=activities) as prof:
         run()
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=rows)
+    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=90)
 
 
 # --- one training-step case (runs in its own process) ---------------------------------------------
@@ -149,6 +149,8 @@ def run_step_case(spec: dict[str, Any]) -> dict[str, Any]:
 
     device = torch.device(spec["device"])
     dtype = getattr(torch, spec["dtype"])
+    for key, value in spec.get("inductor", {}).items():  # a lever: one of inductor's config flags
+        setattr(torch._inductor.config, key, value)
     if device.type == "cuda":
         if device.index is not None:
             torch.cuda.set_device(device)
@@ -186,7 +188,16 @@ def run_step_case(spec: dict[str, Any]) -> dict[str, Any]:
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=6e-4, betas=(0.9, 0.95), fused=True)
+    compiled_optimizer = spec.get("compiled_optimizer", False) and dtype != torch.float16
+    # The compiled-optimizer lever: clipping and AdamW (foreach) compiled into one function, so
+    # inductor can fuse the clip's scaling into the update instead of a separate pass over the grads.
+    optimizer = torch.optim.AdamW(groups, lr=6e-4, betas=(0.9, 0.95),
+                                  **({"foreach": True} if compiled_optimizer else {"fused": True}))
+
+    @torch.compile(fullgraph=False)
+    def clip_and_step() -> None:
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
     # Ours compiles as `gpt2 train --compile` does (compile_mode auto: CUDA graphs on one CUDA
     # process); nanoGPT as its train.py does (the default mode) unless the case says otherwise.
     mode = resolve_compile_mode(spec.get("compile_mode") or ("auto" if impl == "ours" else "default"), device)
@@ -224,10 +235,13 @@ def run_step_case(spec: dict[str, Any]) -> dict[str, Any]:
         with autocast:
             loss = loss_fn(x, y)
         scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        scaler.step(optimizer)
-        scaler.update()
+        if compiled_optimizer:
+            clip_and_step()
+        else:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            scaler.step(optimizer)
+            scaler.update()
         # No host sync inside the timed steps; a copy, since a CUDA graph's outputs are overwritten
         # by its next replay.
         return loss.detach().clone()
@@ -493,7 +507,12 @@ def step_cases(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
         cases += [("ours compiled, no CUDA graphs", {"impl": "ours", "compile": True, "compile_mode": "default"}),
                   ("ours compiled, 2 GiB loss chunks", {"impl": "ours", "compile": True, "loss_chunk_mib": 2048}),
                   ("ours compiled, plain loss (full logits)", {"impl": "ours", "compile": True, "lever": "plain-loss"}),
-                  ("ours compiled, unpadded head", {"impl": "ours", "compile": True, "lever": "no-pad"})]
+                  ("ours compiled, unpadded head", {"impl": "ours", "compile": True, "lever": "no-pad"}),
+                  ("ours compiled, coordinate descent", {"impl": "ours", "compile": True,
+                                                         "inductor": {"coordinate_descent_tuning": True}}),
+                  ("ours compiled, compiled optimizer", {"impl": "ours", "compile": True, "compiled_optimizer": True}),
+                  ("ours compiled, max-autotune", {"impl": "ours", "compile": True,
+                                                   "compile_mode": "max-autotune-no-cudagraphs"})]
     cases.append(("HF GPT2LMHeadModel eager", {"impl": "hf", "compile": False}))
     if args.nanogpt:
         if compiled:
