@@ -103,7 +103,8 @@ def test_prefill_runs_the_head_on_the_last_position_only() -> None:
     try:
         model.setup_cache(2, 16)
         ids, valid = gen_mod._as_padded_batch(prompts, 50, model.device)
-        window = gen_mod._Window(model, ids, valid, 5)
+        bufs = gen_mod._Buffers(2, 16, 5, model.dtype, model.device)
+        window = gen_mod._Window(model, ids, valid, bufs, torch.zeros(2, dtype=torch.long), None)
         last = window.fill(0)
     finally:
         model.clear_cache()
@@ -895,7 +896,7 @@ def test_one_token_id_check_everywhere() -> None:
 
 def broken_compile(calls: list[str]):
     """A stand-in for ``compiled_decode_step`` whose step fails like a compiler error."""
-    def make(device: torch.device, mode: str | None = "auto"):
+    def make(device: torch.device, mode: str | None = "auto", fn=None):
         def step(*args: object) -> None:
             calls.append("compiled")
             raise RuntimeError("no compiler here")
@@ -924,7 +925,7 @@ def test_cuda_graph_mode_step_is_one_graph_and_matches_eager(monkeypatch: pytest
     # The CUDA path's compile settings (reduce-overhead, fullgraph, sampling inside the step), run
     # where torch allows it without a GPU: a graph break or a failure would fall back with a warning.
     real = gen_mod.compiled_decode_step
-    monkeypatch.setattr(gen_mod, "compiled_decode_step", lambda device: real(device, mode="reduce-overhead"))
+    monkeypatch.setattr(gen_mod, "compiled_decode_step", lambda device, fn=None: real(device, mode="reduce-overhead", fn=fn))
     model = tiny()
     prompt = torch.tensor([[1, 2, 3], [4, 5, 6]])
     with warnings.catch_warnings():

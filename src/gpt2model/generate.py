@@ -440,11 +440,15 @@ CPU_COMPILE_OPTIONS = {"cpp_wrapper": True}
 DECODE_STEP_RECOMPILE_LIMIT = 64
 
 
-def compiled_decode_step(device: torch.device, mode: str | None = "auto") -> Callable[..., tuple[torch.Tensor, ...]]:
-    """:func:`decode_step` under ``torch.compile``, the whole step one graph (``fullgraph``:
-    static cache, static shapes, sampling inside). ``mode="auto"``: ``reduce-overhead`` (CUDA
-    graphs) on CUDA, the default mode elsewhere. Call it through :func:`run_compiled_step`.
-    Graphs are kept on the function's code object, so wrapping it again reuses them."""
+def compiled_decode_step(device: torch.device, mode: str | None = "auto",
+                         fn: Callable[..., Any] | None = None) -> Callable[..., Any]:
+    """:func:`decode_step` (or ``fn``: :func:`generation_step`, the decode step with the generation
+    loop's bookkeeping) under ``torch.compile``, the whole step one graph (``fullgraph``: static
+    cache, static shapes, sampling inside). ``mode="auto"``: ``reduce-overhead`` (CUDA graphs) on
+    CUDA, the default mode elsewhere. Call a compiled :func:`decode_step` through
+    :func:`run_compiled_step`. Graphs are kept on the function's code object, so wrapping it again
+    reuses them."""
+    fn = decode_step if fn is None else fn
     if mode == "auto":
         mode = "reduce-overhead" if device.type == "cuda" else None
     import torch._dynamo
@@ -455,22 +459,23 @@ def compiled_decode_step(device: torch.device, mode: str | None = "auto") -> Cal
         # A CPU step is a chain of small kernels, each called by inductor's generated wrapper; in
         # C++ (``cpp_wrapper``) that chain costs less per call than the Python wrapper (measured,
         # 6x384 BPE, 1 thread, interleaved: int8 4.61 -> 4.27 ms per token, fp32 9.3 -> 8.9).
-        return torch.compile(decode_step, fullgraph=True, dynamic=False, options=CPU_COMPILE_OPTIONS)
-    return torch.compile(decode_step, mode=mode, fullgraph=True, dynamic=False)
+        return torch.compile(fn, fullgraph=True, dynamic=False, options=CPU_COMPILE_OPTIONS)
+    return torch.compile(fn, mode=mode, fullgraph=True, dynamic=False)
 
 
-def step_for(model: GPT, compile: bool) -> Callable[..., tuple[torch.Tensor, ...]]:
-    """The decode step to run on ``model``: :func:`compiled_decode_step` when ``compile`` is asked
-    for and it has not failed on this model before (see :func:`note_compile_failure`), else the
-    eager :func:`decode_step`."""
+def step_for(model: GPT, compile: bool, fn: Callable[..., Any] | None = None) -> Callable[..., Any]:
+    """The step to run on ``model``: ``fn`` (default :func:`decode_step`) compiled by
+    :func:`compiled_decode_step` when ``compile`` is asked for and it has not failed on this model
+    before (see :func:`note_compile_failure`), else ``fn`` itself, eager."""
+    fn = decode_step if fn is None else fn
     if not compile:
-        return decode_step
+        return fn
     error = getattr(model, "_decode_compile_error", None)
     if error is not None:
         warnings.warn(f"compile=True ignored: the decode step failed to compile on this model before ({error}); "
                       f"decoding eagerly", stacklevel=3)
-        return decode_step
-    return compiled_decode_step(model.device)
+        return fn
+    return compiled_decode_step(model.device, fn=fn)
 
 
 def note_compile_failure(model: GPT, error: Exception) -> None:
@@ -556,7 +561,7 @@ def stream(model: GPT, input_ids: torch.Tensor | Sequence[Sequence[int]], max_ne
            temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
            seed: int | None = None, generator: torch.Generator | None = None, eot_id: int | None = None,
            stop_strings: Sequence[str] | None = None, tokenizer: Decoder | None = None,
-           compile: bool = False) -> Iterator[torch.Tensor]:
+           compile: bool = False, _views: bool = False) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, ``(B,)`` int64 on the model's device, as it is produced.
 
     ``input_ids`` is a ``(B, T)`` tensor or a list of prompts (lists of ids) of any lengths.
@@ -569,7 +574,8 @@ def stream(model: GPT, input_ids: torch.Tensor | Sequence[Sequence[int]], max_ne
     ends when every row is finished or after ``max_new_tokens`` steps. ``compile=True`` compiles
     the decode step (:func:`compiled_decode_step`; falls back to eager with a warning where that
     fails). Windows: see the module docstring. The model's KV cache is in use until the iterator
-    ends or is closed: one generation per model at a time.
+    ends or is closed: one generation per model at a time. (``_views``, for :func:`generate`:
+    yield views of the step buffers, valid until the next generation on the model.)
     """
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
     stops = list(stop_strings or [])
@@ -588,143 +594,221 @@ def stream(model: GPT, input_ids: torch.Tensor | Sequence[Sequence[int]], max_ne
                       stacklevel=3)
         prompt, prompt_valid = prompt[:, -C:], prompt_valid[:, -C:]
     texts = [TextStream(tokenizer, stops) for _ in range(prompt.size(0))] if stops else None
-    sampling = _Sampling(temperature, top_k, top_p, seeds)
     # Everything above runs at the call; the loop below runs as the caller iterates.
-    return _steps(model, prompt, prompt_valid, max_new_tokens, sampling, eot_id, texts, compile)
+    return _steps(model, prompt, prompt_valid, max_new_tokens, _Sampling(temperature, top_k, top_p), seeds,
+                  eot_id, texts, compile, not _views)
 
 
 class _Sampling:
-    """One generation's sampling settings, seeds and step counter (a static buffer)."""
+    """One generation's sampling settings (numbers: the same for every row)."""
 
-    def __init__(self, temperature: float, top_k: int | None, top_p: float | None, seeds: torch.Tensor) -> None:
-        self.temperature, self.top_k, self.top_p, self.seeds = temperature, top_k, top_p, seeds
-        self.steps = torch.zeros_like(seeds)
+    def __init__(self, temperature: float, top_k: int | None, top_p: float | None) -> None:
+        self.args = (temperature, top_k, top_p)
 
-    def at(self, step: int) -> tuple[Any, ...]:
-        """The sampling arguments of :func:`decode_step` for new token ``step``."""
-        self.steps.fill_(step)
-        return self.temperature, self.top_k, self.top_p, self.seeds, self.steps
+    def sample(self, logits: torch.Tensor, seeds: torch.Tensor, step: int) -> torch.Tensor:
+        return sample_logits(logits, *self.args, seed=seeds, step=step)
 
-    def sample(self, logits: torch.Tensor, step: int) -> torch.Tensor:
-        t, k, p, seeds, steps = self.at(step)
-        return sample_logits(logits, t, k, p, seed=seeds, step=steps)
+
+class _Buffers:
+    """The device tensors a generation's decode step reads and updates, for ``B`` rows, a cache of
+    ``max_len`` slots and up to ``capacity`` new tokens. The step (:func:`generation_step`) does
+    all of a token's bookkeeping on them, so a compiled (CUDA-graph) step is one graph replay per
+    token and nothing else. They are marked static (fixed addresses: a CUDA graph reads and
+    writes them in place, and copies nothing in per replay); under CUDA graphs they and the KV
+    caches are kept on the model for the next generation of the same shapes (see :func:`_steps`),
+    since new addresses would make torch record the graph again."""
+
+    def __init__(self, B: int, max_len: int, capacity: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.key = (B, max_len, capacity, dtype, device)
+        self.out = torch.zeros(B, capacity, dtype=torch.long, device=device)  # the new tokens
+        # Slot s of row b is visible (0) once written and not padding; else -inf.
+        self.mask = torch.full((B, 1, 1, max_len), float("-inf"), dtype=dtype, device=device)
+        self.pos = torch.zeros(B, 1, dtype=torch.long, device=device)  # position of the token fed next
+        # [cache slot of the token fed next, index in ``out`` of the token drawn next]
+        self.counters = torch.zeros(2, dtype=torch.long, device=device)
+        self.seeds = torch.zeros(B, dtype=torch.long, device=device)
+        self.done = torch.zeros(B, dtype=torch.bool, device=device)  # rows finished (eot / stop string)
+        self.eot = torch.full((1,), -1, dtype=torch.long, device=device)  # -1: no end-of-text id
+        self.caches: list[Any] | None = None  # the KV caches, kept between generations (CUDA graphs)
+        for t in self.tensors():
+            torch._dynamo.mark_static_address(t)
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The arguments of :func:`generation_step` after the model, in order."""
+        return self.out, self.mask, self.pos, self.counters, self.seeds, self.done, self.eot
+
+
+def _record(out: torch.Tensor, step: torch.Tensor, done: torch.Tensor, eot: torch.Tensor,
+            token: torch.Tensor) -> None:
+    """Store new token ``step`` ``(1,)`` of every row ``(B,)`` in ``out``: rows already finished get
+    the end-of-text id (0 without one), and a row that drew the end-of-text id is finished."""
+    token = torch.where(done, eot.clamp(min=0), token)
+    out.index_copy_(1, step, token[:, None])
+    done |= token == eot
+
+
+def generation_step(model: GPT, out: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, counters: torch.Tensor,
+                    seeds: torch.Tensor, done: torch.Tensor, eot: torch.Tensor, length: int | None,
+                    temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """One token of :func:`stream`'s loop, bookkeeping included, on the buffers of
+    :class:`_Buffers`: feed the last new token at cache slot ``counters[0]`` and position ``pos``,
+    draw the next one with :func:`decode_step` (sampling step ``counters[1]``), store it in
+    ``out`` (:func:`_record`) and advance the slot, the positions and the step, all in place, so
+    that compiled it is one graph (under CUDA graphs one replay) that reads nothing from the host
+    and needs nothing done around it. ``length``: attend to the first ``length`` cache slots only
+    (eager: the filled ones); None: all of them (one static shape for every step)."""
+    slot, step = counters[0:1], counters[1:2]
+    mask.index_fill_(3, slot, 0.0)  # the slot written now becomes visible
+    token = out.index_select(1, step - 1)  # (B, 1): the newest token
+    visible = mask if length is None else mask[..., :length]
+    nxt, _ = decode_step(model, token, slot, visible, pos, temperature, top_k, top_p, seeds,
+                         step.expand(out.size(0)))
+    _record(out, step, done, eot, nxt)
+    pos.add_(1)
+    counters.add_(1)
 
 
 class _Window:
-    """The tokens fed so far (left-padded rows) and the cache window over them, for :func:`_steps`.
+    """The tokens so far (the left-padded prompt and the new tokens in ``bufs.out``) and the cache
+    window over them, for :func:`_steps`. All rows of a generation sit at the same cache slot;
+    the attention mask is one additive float buffer in the model's dtype, updated in place."""
 
-    All rows of a generation sit at the same cache slot; the decode step still gets per-row
-    slots ``(B, 1)`` (the engine's rows differ). The attention mask is one additive float buffer
-    in the model's dtype, updated in place: nothing is built per step."""
+    def __init__(self, model: GPT, prompt: torch.Tensor, prompt_valid: torch.Tensor, bufs: _Buffers,
+                 seeds: torch.Tensor, eot_id: int | None) -> None:
+        self.model, self.bufs = model, bufs
+        self.prompt, self.prompt_valid = prompt, prompt_valid
+        self.P = prompt.size(1)
+        self.k = 0  # new tokens so far
+        self.start = 0  # the window is tokens[:, start:n] of prompt + new tokens; its slots are 0 .. n-start-1
+        bufs.seeds.copy_(seeds)
+        bufs.done.zero_()
+        bufs.eot.fill_(-1 if eot_id is None else eot_id)
 
-    def __init__(self, model: GPT, prompt: torch.Tensor, prompt_valid: torch.Tensor, max_new_tokens: int) -> None:
-        B, P = prompt.shape
-        total = P + max_new_tokens
-        device = prompt.device
-        self.model = model
-        self.tokens = torch.zeros(B, total, dtype=torch.long, device=device)  # every token, padded
-        self.tokens[:, :P] = prompt
-        self.valid = torch.ones(B, total, dtype=torch.bool, device=device)
-        self.valid[:, :P] = prompt_valid
-        self.max_len = min(model.config.context_length, total - 1)  # the last sampled token is never fed back
-        # Slot s of row b is visible (0) once written and not padding; else -inf.
-        self.mask = torch.full((B, 1, 1, self.max_len), float("-inf"), dtype=model.dtype, device=device)
-        self.start, self.n = 0, P  # the window is tokens[:, start:n]; its slots are 0 .. n-start-1
-        self.slot = torch.zeros(B, 1, dtype=torch.long, device=device)  # static buffers for the step
-        self.next_pos = torch.zeros(B, 1, dtype=torch.long, device=device)
+    @property
+    def n(self) -> int:
+        """Tokens so far, prompt included."""
+        return self.P + self.k
+
+    def latest(self) -> torch.Tensor:
+        """The newest token of every row ``(B,)`` (a view of the buffer)."""
+        return self.bufs.out[:, self.k - 1]
 
     def fill(self, start: int) -> torch.Tensor:
         """Prefill tokens[:, start:n] into slots 0..; return the last logits ``(B, V)``."""
+        b = self.bufs
         self.start = start
         T = self.n - start
-        window_valid = self.valid[:, start:self.n]
+        ids, valid = self.prompt, self.prompt_valid
+        if self.k:
+            ids = torch.cat([ids, b.out[:, :self.k]], dim=1)
+            valid = torch.cat([valid, torch.ones_like(b.out[:, :self.k], dtype=torch.bool)], dim=1)
+        ids, window_valid = ids[:, start:], valid[:, start:]
         mask = self.model.causal_mask[:T, :T] & window_valid[:, None, None, :]  # (B, 1, T, T)
         # A padding query attends to itself only; an all-masked row would make SDPA return NaN.
         diag = torch.arange(T, device=mask.device)
         mask[:, 0, diag, diag] = True
-        self.mask.fill_(float("-inf"))
-        self.mask[:, 0, 0, :T].masked_fill_(window_valid, 0.0)
+        b.mask.fill_(float("-inf"))
+        b.mask[:, 0, 0, :T].masked_fill_(window_valid, 0.0)
         position_ids = (window_valid.long().cumsum(dim=1) - 1).clamp(min=0)
-        self.next_pos.copy_(position_ids[:, -1:] + 1)
-        return prefill(self.model, self.tokens[:, start:self.n], diag, mask, position_ids)
+        b.pos.copy_(position_ids[:, -1:] + 1)
+        return prefill(self.model, ids, diag, mask, position_ids)
 
-    def append(self, token: torch.Tensor) -> None:
-        self.tokens[:, self.n] = token
-        self.n += 1
+    def refill(self, start: int, sampling: _Sampling) -> None:
+        """Prefill the window from ``start``, draw the next token from its last logits and store it."""
+        token = sampling.sample(self.fill(start), self.bufs.seeds, self.k)
+        b = self.bufs
+        b.counters.copy_(torch.tensor([self.n - start, self.k]))
+        _record(b.out, b.counters[1:2], b.done, b.eot, token)
+        b.counters[1:2].add_(1)
+        self.k += 1
 
-    def decode(self, step_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]], token: torch.Tensor,
-               sampling: tuple[Any, ...], full_mask: bool) -> torch.Tensor:
-        """Feed the newest token of every row and draw the next one ``(B,)``."""
-        s = self.n - 1 - self.start
-        self.slot.fill_(s)
-        self.mask[..., s] = 0.0
-        # Eager: attend to the filled slots only (O(filled) per token). Compiled: the full,
-        # static-shape mask, so one graph serves every step.
-        if not full_mask:
-            nxt, _ = step_fn(self.model, token[:, None], self.slot, self.mask[..., : s + 1], self.next_pos, *sampling)
-        else:
-            nxt, _ = run_compiled_step(step_fn, self.model, token[:, None], self.slot, self.mask, self.next_pos,
-                                   *sampling)
-        self.next_pos += 1
-        return nxt
+    def decode(self, step_fn: Callable[..., Any], sampling: _Sampling, compiled: bool) -> None:
+        """Feed the newest token of every row and draw and store the next one."""
+        if compiled:  # the full, static-shape mask: one graph serves every step
+            _cudagraph_thread_state()
+            torch.compiler.cudagraph_mark_step_begin()
+            step_fn(self.model, *self.bufs.tensors(), None, *sampling.args)
+        else:  # attend to the filled slots only (O(filled) per token)
+            step_fn(self.model, *self.bufs.tensors(), self.n - self.start, *sampling.args)
+        self.k += 1
+
+
+def _buffers(model: GPT, B: int, max_len: int, capacity: int, kept: bool) -> _Buffers:
+    """The step buffers of a generation: those kept on ``model`` by the last one when ``kept`` and
+    the shapes match (CUDA graphs: same addresses, no new recording), else new ones."""
+    key = (B, max_len, capacity, model.dtype, model.device)
+    last = model.__dict__.pop("_decode_buffers", None)
+    if kept and last is not None and last.key == key:
+        return last
+    return _Buffers(B, max_len, capacity, model.dtype, model.device)
 
 
 @torch.no_grad()
 def _steps(model: GPT, prompt: torch.Tensor, prompt_valid: torch.Tensor, max_new_tokens: int, sampling: _Sampling,
-           eot_id: int | None, texts: list[TextStream] | None, compile: bool) -> Iterator[torch.Tensor]:
-    """The generation loop of :func:`stream` on a validated, left-padded prompt."""
+           seeds: torch.Tensor, eot_id: int | None, texts: list[TextStream] | None, compile: bool,
+           copy: bool = True) -> Iterator[torch.Tensor]:
+    """The generation loop of :func:`stream` on a validated, left-padded prompt. Each step is one
+    call of :func:`generation_step` (compiled: one graph); the host reads the device only to stop
+    at ``eot_id`` or a stop string. ``copy=False``: yield views of the step buffers (valid until
+    the next generation on ``model``; :func:`generate` stacks them at the end)."""
     if max_new_tokens == 0:
         return
     C = model.config.context_length
-    pad_id = eot_id if eot_id is not None else 0
-    done = torch.zeros(prompt.size(0), dtype=torch.bool, device=prompt.device)
+    B, P = prompt.shape
+    max_len = min(C, P + max_new_tokens - 1)  # the last sampled token is never fed back
     check_done = eot_id is not None or texts is not None
-    window = _Window(model, prompt, prompt_valid, max_new_tokens)
-    step_fn = step_for(model, compile)
+    step_fn = step_for(model, compile, generation_step)
+    # Under CUDA graphs the buffers and KV caches stay on the model for the next generation of
+    # these shapes; the new-token buffer is rounded up to a power of two so that nearby lengths
+    # share one graph.
+    kept = step_fn is not generation_step and model.device.type == "cuda"
+    capacity = 1 << (max_new_tokens - 1).bit_length() if kept else max_new_tokens
+    bufs = _buffers(model, B, max_len, capacity, kept)
+    window = _Window(model, prompt, prompt_valid, bufs, seeds, eot_id)
     check_inputs = model.check_inputs
-    model.setup_cache(prompt.size(0), window.max_len)
+    model.setup_cache(B, max_len, caches=bufs.caches)
     try:
         model.check_inputs = False  # ids were range-checked above; the per-step check syncs the device
-        token = sampling.sample(window.fill(0), 0)
         for step in range(max_new_tokens):
-            if step:
-                if window.n - window.start > C:  # the window would outgrow the context: slide it (module docstring)
-                    token = sampling.sample(window.fill(window.n - max(1, C // 2)), step)
-                else:
-                    token, step_fn = _decode_or_fall_back(window, step_fn, token, sampling.at(step))
-            if check_done:
-                token = torch.where(done, torch.full_like(token, pad_id), token)
-            window.append(token)
-            if check_done:
-                if eot_id is not None:
-                    done |= token == eot_id
-                if texts is not None:
-                    _mark_stopped(done, token, texts)
-            yield token
-            if check_done and bool(done.all()):
+            if step == 0:
+                window.refill(0, sampling)
+            elif window.n - window.start > C:  # the window would outgrow the context: slide it (module docstring)
+                window.refill(window.n - max(1, C // 2), sampling)
+            else:
+                step_fn = _decode_or_fall_back(window, step_fn, sampling)
+            token = window.latest()
+            if texts is not None:
+                _mark_stopped(bufs.done, token, texts)
+            yield token.clone() if copy and kept else token
+            if check_done and bool(bufs.done.all()):
                 break
     finally:
+        bufs.caches = [block.attn.kv_cache for block in model.transformer.h] if kept else None
         model.clear_cache()
         model.check_inputs = check_inputs
+        if kept:
+            model._decode_buffers = bufs  # freed by model.clear_cache()
 
 
-def _decode_or_fall_back(window: _Window, step_fn: Callable[..., Any], token: torch.Tensor,
-                         sampling: tuple[Any, ...]) -> tuple[torch.Tensor, Callable[..., Any]]:
+def _decode_or_fall_back(window: _Window, step_fn: Callable[..., Any], sampling: _Sampling) -> Callable[..., Any]:
     """One decode step; a compiled step that fails falls back to eager (always correct) for good."""
-    if step_fn is decode_step:
-        return window.decode(step_fn, token, sampling, full_mask=False), step_fn
+    if step_fn is generation_step:
+        window.decode(step_fn, sampling, compiled=False)
+        return step_fn
     try:
-        return window.decode(step_fn, token, sampling, full_mask=True), step_fn
+        window.decode(step_fn, sampling, compiled=True)
+        return step_fn
     except Exception as e:  # noqa: BLE001 - any compiler failure
         note_compile_failure(window.model, e)
-        # decode() failed before advancing anything; rewriting the same cache slot is harmless.
-        return window.decode(decode_step, token, sampling, full_mask=False), decode_step
+        # A compilation fails before the step runs: nothing has advanced.
+        window.decode(generation_step, sampling, compiled=False)
+        return generation_step
 
 
 def _mark_stopped(done: torch.Tensor, token: torch.Tensor, texts: list[TextStream]) -> None:
     """Mark rows whose text (one :class:`TextStream` per row) just completed a stop string."""
-    for b, t in enumerate(token.tolist()):
-        if not done[b]:
+    for b, (t, finished) in enumerate(zip(token.tolist(), done.tolist(), strict=True)):
+        if not finished:
             texts[b].push(t)
             if texts[b].stopped:
                 done[b] = True
@@ -740,7 +824,7 @@ def generate(model: GPT, input_ids: torch.Tensor | Sequence[Sequence[int]], max_
     of prompts it is a list of lists, each row ending at its stop token (``eot_id`` included, as
     HF does). Keyword arguments are those of :func:`stream` (``temperature=0`` is greedy).
     """
-    new = list(stream(model, input_ids, max_new_tokens, **kwargs))
+    new = list(stream(model, input_ids, max_new_tokens, _views=True, **kwargs))  # stacked below: no copy per token
     is_tensor = isinstance(input_ids, torch.Tensor)
     if is_tensor:
         prompt = input_ids.to(device=model.device, dtype=torch.long)

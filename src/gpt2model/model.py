@@ -571,9 +571,13 @@ class GPT(nn.Module):
                              f"crop the input to its last {limit} tokens (input_ids[:, -{limit}:])")
 
     # --- KV cache ------------------------------------------------------------------------------
-    def setup_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> None:
+    def setup_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None,
+                    caches: Sequence[KVCache] | None = None) -> None:
         """Allocate a KV cache for ``batch_size`` rows of up to ``max_len`` tokens (default:
-        ``context_length``). Until ``clear_cache()`` every forward must say its ``input_pos``."""
+        ``context_length``). Until ``clear_cache()`` every forward must say its ``input_pos``.
+        ``caches``: one :class:`KVCache` per layer to use again where their shapes match (a CUDA
+        graph reads the cache at fixed addresses: ``generate``'s loop keeps them between calls);
+        their old contents are never read (each slot is written before a mask shows it)."""
         if self._cache_len:
             raise RuntimeError("this model already has a live KV cache (another generate/stream or an Engine is "
                                "using it, e.g. an unfinished stream() iterator): finish or close() that first, or "
@@ -587,9 +591,13 @@ class GPT(nn.Module):
             from .quantize import prepare_decode
 
             prepare_decode(self, batch_size)
-        for block in self.transformer.h:
-            block.attn.kv_cache = KVCache(batch_size, self.config.n_head, max_len, self.config.head_dim,
-                                          dtype, self.device)
+        shape = (batch_size, self.config.n_head, max_len, self.config.head_dim)
+        if caches is not None and (len(caches) != len(self.transformer.h) or not all(
+                c.k.shape == shape and c.k.dtype == dtype and c.k.device == self.device for c in caches)):
+            caches = None
+        for i, block in enumerate(self.transformer.h):
+            block.attn.kv_cache = caches[i] if caches is not None else \
+                KVCache(batch_size, self.config.n_head, max_len, self.config.head_dim, dtype, self.device)
         # Row t of the causal mask says which cache slots a token at slot t may see.
         self.register_buffer("causal_mask",
                              torch.tril(torch.ones(max_len, max_len, dtype=torch.bool, device=self.device)),
@@ -598,7 +606,9 @@ class GPT(nn.Module):
         self._cache_batch = batch_size
 
     def clear_cache(self) -> None:
-        """Free the KV cache and return to plain (cache-less) forwards."""
+        """Free the KV cache and return to plain (cache-less) forwards (and the buffers a
+        CUDA-graph ``generate`` keeps for its next call)."""
+        self.__dict__.pop("_decode_buffers", None)
         for block in self.transformer.h:
             block.attn.kv_cache = None
         if hasattr(self, "causal_mask"):
