@@ -381,6 +381,61 @@ def test_char_tokenizer_rejects_unknown_prompt_characters() -> None:
         list(stream_text(tiny(), tok, "abz", 3))
 
 
+def _ops_outside_graphs(prof: torch.profiler.profile) -> list[str]:
+    """The aten ops a profiled stretch ran outside compiled graphs (top-level ones only)."""
+    names = []
+    for e in prof.events():
+        parent, inside = e.cpu_parent, False
+        while parent is not None and not inside:
+            inside = parent.name.startswith("aten::") or "Compiled" in parent.name
+            parent = parent.cpu_parent
+        if not inside and e.name.startswith("aten::"):
+            names.append(e.name)
+    return names
+
+
+def test_compiled_generation_step_is_all_a_token_costs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``compile=True``: each token is one call of the compiled generation step, which does all the
+    loop's bookkeeping (mask column, cache slot, positions, sampling step, storing the token, eot)
+    on buffers it updates in place; outside it a token costs no op but a view (and, with an
+    end-of-text id, reading whether every row is done). Under CUDA graphs the buffers and KV
+    caches are kept on the model between generations of the same shapes (same addresses: no new
+    recording); forced here on the CPU, the tokens are eager's, and ``stream`` yields copies."""
+    monkeypatch.setattr(gen_mod, "KEEP_STEP_BUFFERS_ON", ("cuda", "cpu"))
+    model = tiny(GPTconfig(context_length=32, vocab_size=50, n_layer=2, n_head=2, d_model=32))
+    prompts = [[1, 2, 3, 4, 5], [6], [7, 8, 9]]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="torch.compile of the decode step failed")
+        for kwargs in (dict(temperature=0), dict(seed=3, top_k=10, eot_id=7)):
+            eager = generate(model, prompts, 45, **kwargs)  # past the context: the window slides twice
+            assert generate(model, prompts, 45, compile=True, **kwargs) == eager
+            kept = model._decode_buffers
+            cache_k = kept.caches[0].k
+            assert generate(model, prompts, 45, compile=True, **kwargs) == eager
+            assert model._decode_buffers is kept and model.transformer.h[0].attn.kv_cache is None
+            assert kept.caches[0].k is cache_k  # the same KV cache again
+        # Steady state: profile tokens 5..14 (no slide in between) of a stream.
+        for eot_id, allowed in ((None, {"aten::select"}), (7, {"aten::select", "aten::all", "aten::is_nonzero"})):
+            it = stream(model, prompts, 45, temperature=0, compile=True, eot_id=eot_id, _views=True)
+            for _ in range(5):
+                next(it)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                for _ in range(10):
+                    next(it)
+            list(it)
+            steps = [e for e in prof.events() if e.name.startswith("Torch-Compiled Region")]
+            assert len(steps) == 10, [e.name for e in prof.events()][:50]
+            assert set(_ops_outside_graphs(prof)) <= allowed, _ops_outside_graphs(prof)
+    # stream() yields copies of the kept buffers: a later generation does not change them.
+    streamed = [t.tolist() for t in stream(model, prompts, 45, temperature=0, compile=True)]
+    kept = list(stream(model, prompts, 45, temperature=0, compile=True))
+    generate(model, prompts, 45, compile=True, seed=3, top_k=10)
+    assert [t.tolist() for t in kept] == streamed
+    assert [p + [t[i] for t in streamed] for i, p in enumerate(prompts)] == generate(model, prompts, 45, temperature=0)
+    model.clear_cache()  # frees the kept buffers
+    assert not hasattr(model, "_decode_buffers")
+
+
 @pytest.mark.slow
 def test_compiled_decode_matches_eager() -> None:
     model = tiny()
@@ -801,6 +856,59 @@ def test_cuda_graph_decode_matches_eager_across_the_sliding_window() -> None:
         assert compiled == eager
 
 
+def _cuda_graph_nodes() -> int:
+    """How many CUDA graphs torch's CUDA-graph trees have recorded on this device (all functions)."""
+    import torch._inductor.cudagraph_trees as trees
+
+    manager = trees.get_container(torch.cuda.current_device()).tree_manager
+    if manager is None:
+        return 0
+    count, todo = 0, [n for nodes in manager.roots.values() for n in nodes]
+    while todo:
+        node = todo.pop()
+        count += 1
+        todo += [c for nodes in node.children.values() for c in nodes]
+    return count
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the CUDA-graph decode step)")
+def test_cuda_graph_generate_is_one_replay_per_token_and_records_once() -> None:
+    """On CUDA a compiled token is one CUDA-graph replay and nothing else: no kernel or copy
+    launched outside the graph, no host sync (without an eot id); a second generation of the same
+    shapes replays the graph recorded by the first (its buffers and KV caches are kept on the
+    model: same addresses) instead of recording it again; the tokens are eager's."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = spiky(GPT(GPTconfig(context_length=128, vocab_size=50, n_layer=2, n_head=2, d_model=32))).cuda()
+    prompts = [[1, 2, 3, 4, 5], [6], [7, 8, 9]]
+    eager = generate(model, prompts, 60, temperature=0)
+    skips = counters["inductor"]["cudagraph_skips"]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="torch.compile of the decode step failed")
+        assert generate(model, prompts, 60, temperature=0, compile=True) == eager
+        recorded = _cuda_graph_nodes()
+        assert recorded >= 1
+        assert generate(model, prompts, 60, temperature=0, compile=True) == eager
+        assert _cuda_graph_nodes() == recorded, "the second generation recorded its CUDA graph again"
+        it = stream(model, prompts, 60, temperature=0, compile=True, _views=True)
+        for _ in range(5):
+            next(it)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(20):
+                next(it)
+            torch.cuda.synchronize()
+        list(it)
+    assert counters["inductor"]["cudagraph_skips"] == skips, "torch skipped CUDA graphs for the step"
+    names = [e.name for e in prof.events()]
+    launches = [n for n in names if n.startswith(("cudaLaunchKernel", "cuLaunchKernel", "cudaMemcpy", "cudaMemset"))]
+    assert sum(n.startswith("cudaGraphLaunch") for n in names) == 20, sorted(set(names))
+    assert launches == [], launches
+    assert names.count("cudaStreamSynchronize") == 0
+
+
 def _chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
     expected = probs * counts.sum()
     return float(((counts - expected) ** 2 / expected).sum())
@@ -925,7 +1033,8 @@ def test_cuda_graph_mode_step_is_one_graph_and_matches_eager(monkeypatch: pytest
     # The CUDA path's compile settings (reduce-overhead, fullgraph, sampling inside the step), run
     # where torch allows it without a GPU: a graph break or a failure would fall back with a warning.
     real = gen_mod.compiled_decode_step
-    monkeypatch.setattr(gen_mod, "compiled_decode_step", lambda device, fn=None: real(device, mode="reduce-overhead", fn=fn))
+    monkeypatch.setattr(gen_mod, "compiled_decode_step",
+                        lambda device, fn=None: real(device, mode="reduce-overhead", fn=fn))
     model = tiny()
     prompt = torch.tensor([[1, 2, 3], [4, 5, 6]])
     with warnings.catch_warnings():

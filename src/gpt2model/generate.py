@@ -475,7 +475,7 @@ def step_for(model: GPT, compile: bool, fn: Callable[..., Any] | None = None) ->
         warnings.warn(f"compile=True ignored: the decode step failed to compile on this model before ({error}); "
                       f"decoding eagerly", stacklevel=3)
         return fn
-    return compiled_decode_step(model.device, fn=fn)
+    return compiled_decode_step(model.device) if fn is decode_step else compiled_decode_step(model.device, fn=fn)
 
 
 def note_compile_failure(model: GPT, error: Exception) -> None:
@@ -733,6 +733,11 @@ class _Window:
         self.k += 1
 
 
+# Device types whose compiled steps read their buffers at fixed addresses (CUDA graphs): there
+# :func:`_steps` keeps the step buffers and KV caches on the model for the next generation.
+KEEP_STEP_BUFFERS_ON = ("cuda",)
+
+
 def _buffers(model: GPT, B: int, max_len: int, capacity: int, kept: bool) -> _Buffers:
     """The step buffers of a generation: those kept on ``model`` by the last one when ``kept`` and
     the shapes match (CUDA graphs: same addresses, no new recording), else new ones."""
@@ -761,7 +766,7 @@ def _steps(model: GPT, prompt: torch.Tensor, prompt_valid: torch.Tensor, max_new
     # Under CUDA graphs the buffers and KV caches stay on the model for the next generation of
     # these shapes; the new-token buffer is rounded up to a power of two so that nearby lengths
     # share one graph.
-    kept = step_fn is not generation_step and model.device.type == "cuda"
+    kept = step_fn is not generation_step and model.device.type in KEEP_STEP_BUFFERS_ON
     capacity = 1 << (max_new_tokens - 1).bit_length() if kept else max_new_tokens
     bufs = _buffers(model, B, max_len, capacity, kept)
     window = _Window(model, prompt, prompt_valid, bufs, seeds, eot_id)
