@@ -31,12 +31,16 @@ data files (our prepared ``train.bin``/``val.bin`` are nanoGPT's format; a ``met
 vocabulary size is written beside them): wall time and best val loss of each.
 
 Section ``decode`` (issue 10): batch-1 and batch-8 greedy decode of the 124M shape in the compute
-dtype (prompt 16, ``--new-tokens`` 200): ours eager, ours ``compile=True`` (the decode step, sampling
-included, captured as a CUDA graph), ours int8 compiled, and HF ``generate``. Per case: tokens/s
-(new tokens of all rows over the wall time of the whole ``generate`` call, prefill included; median
-of ``--repeats``), the first call's time (compilation and graph capture), the ratio to our eager
-path and to HF, and whether the greedy tokens equal our eager ones (and a seeded sampled run, for
-the compiled step). Each case runs in a fresh process.
+dtype (prompt 16, ``--new-tokens`` 200): ours eager, ours ``compile=True`` (the generation step,
+sampling and the loop's bookkeeping included, captured as one CUDA graph), ours int8 compiled
+(``--no-compile``: int8 eager instead), and HF ``generate``. Per case and batch: tokens/s (new tokens
+of all rows over the wall time of the whole ``generate`` call, prefill included; median of
+``--repeats``), decode ms/token (the steps alone: a call timed token by token, synced once after
+its first token) and the time to that first token (setup + prefill), the first call's time
+(compilation and graph capture), the ratio to our eager path and to HF, and whether the greedy
+tokens equal our eager ones (and a seeded sampled run, for the compiled step). Each case runs in a
+fresh process. ``--profile 1`` adds the kernel table of the compiled case's batch-1 call and the
+runtime calls (CUDA: kernel launches, copies, graph launches) or aten ops (CPU) it ran per token.
 
 Results print as tables and go to ``bench/results/gpu-<time>.json`` (or ``--out``), rewritten after
 each section so an interrupted run keeps what it measured.
@@ -79,8 +83,8 @@ STEP_COLUMNS = [("case", "case"), ("tok_s", "tokens/s"), ("mfu_pct", "MFU %"), (
                 ("last_loss", "loss after all steps"), ("max_logit_diff_vs_ours", "max |Δlogit| vs ours"),
                 ("note", "note")]
 DECODE_COLUMNS = [("case", "case"), ("batch", "batch"), ("tok_s", "tokens/s"), ("vs_eager", "vs ours eager"),
-                  ("vs_hf", "vs HF"), ("first_call_s", "first call s"), ("same_greedy", "greedy = eager"),
-                  ("note", "note")]
+                  ("vs_hf", "vs HF"), ("decode_ms", "decode ms/token"), ("first_token_ms", "first token ms"),
+                  ("first_call_s", "first call s"), ("same_greedy", "greedy = eager"), ("note", "note")]
 RECIPE_COLUMNS = [("impl", "trainer"), ("best_val", "best val loss"), ("train_s", "training s"),
                   ("wall_s", "wall s (process)"), ("note", "note")]
 
@@ -302,13 +306,35 @@ def spawn_case(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
 
 
 # --- one decode case (runs in its own process) ----------------------------------------------------
+def _hf_first_token_streamer(sync: Any) -> Any:
+    """An HF generation streamer noting when the first new token is ready (``.first``, perf_counter
+    after a device sync; HF calls ``put`` with the prompt first, then once per new token)."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class FirstToken(BaseStreamer):
+        def __init__(self) -> None:
+            self.puts, self.first = 0, None
+
+        def put(self, value: Any) -> None:
+            self.puts += 1
+            if self.puts == 2:
+                sync()
+                self.first = time.perf_counter()
+
+        def end(self) -> None:
+            pass
+
+    return FirstToken()
+
+
 def run_decode_case(spec: dict[str, Any]) -> dict[str, Any]:
-    """Greedy ``generate`` at each batch size of one implementation; returns tokens/s, the first
-    call's time and the tokens (compared across cases by the driver)."""
+    """Greedy ``generate`` at each batch size of one implementation; returns tokens/s (whole calls),
+    the decode-only time per token and the time to the first token (from calls timed token by
+    token), the first call's time and the tokens (compared across cases by the driver)."""
     import torch
 
     from gpt2model import GPT, GPTconfig
-    from gpt2model.generate import generate
+    from gpt2model.generate import generate, stream
 
     device = torch.device(spec["device"])
     dtype = getattr(torch, spec["dtype"])
@@ -335,10 +361,29 @@ def run_decode_case(spec: dict[str, Any]) -> dict[str, Any]:
         if impl == "hf":
             with torch.no_grad():
                 out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=N,
-                                     min_new_tokens=N, do_sample=False, pad_token_id=0)
+                                     min_new_tokens=N, do_sample=False, pad_token_id=0, **sampling)
         else:
             out = generate(model, prompt, N, compile=spec["compile"], **({"temperature": 0} | sampling))
         return out[:, P:]
+
+    def timed_by_token(prompt: torch.Tensor) -> tuple[float, float]:
+        """(seconds to the first new token, seconds for the other N - 1): one call, synced once
+        after its first token (what streaming costs anyway)."""
+        sync()
+        t0 = time.perf_counter()
+        if impl == "hf":
+            streamer = _hf_first_token_streamer(sync)
+            run(prompt, streamer=streamer)
+            first = streamer.first
+        else:  # generate's own loop (views of the step buffers: no copy per token)
+            it = stream(model, prompt, N, compile=spec["compile"], temperature=0, _views=True)
+            next(it)
+            sync()
+            first = time.perf_counter()
+            for _ in it:
+                pass
+        sync()
+        return first - t0, time.perf_counter() - first
 
     result: dict[str, Any] = {}
     with warnings.catch_warnings(record=True) as caught:
@@ -349,20 +394,25 @@ def run_decode_case(spec: dict[str, Any]) -> dict[str, Any]:
             run(prompt)
             sync()
             first = time.perf_counter() - t0
-            times = []
+            times, firsts, decodes = [], [], []
             for _ in range(spec["repeats"]):
                 sync()
                 t0 = time.perf_counter()
                 tokens = run(prompt)
                 sync()
                 times.append(time.perf_counter() - t0)
-            result[str(rows)] = {"tok_s": rows * N / median(times), "first_call_s": first, "tokens": tokens.tolist()}
+                to_first, rest = timed_by_token(prompt)
+                firsts.append(to_first)
+                decodes.append(rest)
+            result[str(rows)] = {"tok_s": rows * N / median(times), "first_call_s": first, "tokens": tokens.tolist(),
+                                 "first_token_ms": 1000 * median(firsts),
+                                 "decode_ms": 1000 * median(decodes) / max(1, N - 1)}
             if spec.get("sampled") and rows == spec["batch_sizes"][0]:
                 result["sampled_tokens"] = run(prompt, temperature=0.8, top_k=200, seed=1234).tolist()
-            if spec.get("profile"):
+            if spec.get("profile") and rows == 1:
                 print(f"--- profile: decode {spec['impl']}{' int8' if spec.get('int8') else ''}"
                       f"{' compiled' if spec['compile'] else ''}, batch {rows}, {N} tokens\n"
-                      + profile_table(lambda p=prompt: (run(p), sync()), device), flush=True)
+                      + profile_decode(lambda p=prompt: (run(p), sync()), device, N), flush=True)
     fallbacks = sorted({str(w.message)[:300] for w in caught if "decode step failed" in str(w.message)})
     if fallbacks:
         result["fallback"] = fallbacks  # the compiled step failed and generate decoded eagerly
@@ -371,13 +421,45 @@ def run_decode_case(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def profile_decode(run: Any, device: Any, new_tokens: int) -> str:
+    """``profile_table`` of one decode call, then what ran outside graphs: kernel launches and
+    copies (CUDA runtime calls; a compiled token should be one ``cudaGraphLaunch`` and nothing
+    else) or top-level aten ops (CPU), per new token."""
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        run()
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=25)
+    outside: Counter[str] = Counter()
+    for e in prof.events():
+        if device.type == "cuda":
+            if e.name.startswith(("cudaLaunchKernel", "cuLaunchKernel", "cudaMemcpy", "cudaMemset", "cudaGraphLaunch",
+                                  "cudaStreamSynchronize")):
+                outside[e.name] += 1
+            continue
+        parent, inside = e.cpu_parent, False
+        while parent is not None and not inside:
+            inside = parent.name.startswith("aten::") or "Compiled" in parent.name
+            parent = parent.cpu_parent
+        if not inside and e.name.startswith("aten::"):
+            outside[e.name] += 1
+    what = "runtime calls (all: prefill included)" if device.type == "cuda" else "top-level aten ops outside graphs"
+    per_token = ", ".join(f"{name} {count / new_tokens:.2f}" for name, count in outside.most_common(12))
+    return f"{table}\n{what} per new token: {per_token}"
+
+
 def decode_cases(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
     batches = [1, 2] if args.tiny else [1, 8]
     cases = [("ours eager", {"impl": "ours", "compile": False, "sampled": True, "batch_sizes": batches})]
     if not args.no_compile:
         cases += [("ours compiled", {"impl": "ours", "compile": True, "sampled": True, "batch_sizes": batches}),
-                  ("ours int8 compiled", {"impl": "ours", "compile": True, "int8": True, "batch_sizes": batches[:1]})]
-    cases.append(("ours int8 eager", {"impl": "ours", "compile": False, "int8": True, "batch_sizes": batches[:1]}))
+                  ("ours int8 compiled", {"impl": "ours", "compile": True, "int8": True, "batch_sizes": batches})]
+    else:
+        cases.append(("ours int8 eager", {"impl": "ours", "compile": False, "int8": True, "batch_sizes": batches}))
     cases.append(("HF generate", {"impl": "hf", "compile": False, "batch_sizes": batches}))
     return cases
 
@@ -403,7 +485,8 @@ def decode_rows(results: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any
         for batch, r in result.items():
             if not batch.isdigit():
                 continue
-            row = {"case": name, "batch": int(batch), "tok_s": r["tok_s"], "first_call_s": r["first_call_s"]}
+            row = {"case": name, "batch": int(batch), "tok_s": r["tok_s"], "first_call_s": r["first_call_s"],
+                   "decode_ms": r["decode_ms"], "first_token_ms": r["first_token_ms"]}
             if result.get("fallback"):
                 row["note"] = "compile FAILED, ran eagerly: " + result["fallback"][0][:150]
             if batch in eager:
@@ -602,7 +685,9 @@ def step_section(args: argparse.Namespace, common: dict[str, Any], batch_size: i
 def decode_section(args: argparse.Namespace, common: dict[str, Any], timeout: float) -> list[dict[str, Any]]:
     results = []
     for name, case in selected(decode_cases(args), args):
-        spec = {**case, **common, "section": "decode", "profile": args.profile, "prompt_len": 4 if args.tiny else 16,
+        profiled = name == ("ours eager" if args.no_compile else "ours compiled")  # --profile: its batch-1 call
+        spec = {**case, **common, "section": "decode", "profile": bool(args.profile) and profiled,
+                "prompt_len": 4 if args.tiny else 16,
                 "new_tokens": 8 if args.tiny else args.new_tokens, "repeats": 1 if args.tiny else args.repeats}
         result = spawn_case(spec, timeout)
         results.append((name, result))

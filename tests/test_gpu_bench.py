@@ -15,6 +15,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -49,3 +51,43 @@ def test_gpu_bench_runs_on_cpu_with_tiny_shapes(tmp_path: Path, data_dir: Path, 
     assert recipe["ours"]["train_s"] > 0 and recipe["ours"]["wall_s"] >= recipe["ours"]["train_s"]
     # The fixture's stand-in train.py checks nanoGPT's folder layout and prints the uniform loss.
     assert recipe["nanoGPT"]["best_val"] == round(math.log(65), 4), recipe["nanoGPT"]
+
+
+def _decode_rows(tmp_path: Path, data_dir: Path, run_script, *extra: str) -> tuple[dict, str]:
+    out = tmp_path / "decode.json"
+    env = {**os.environ, "GPT2MODEL_DATA": str(data_dir), "OMP_NUM_THREADS": "1"}
+    proc = run_script([sys.executable, str(ROOT / "bench" / "gpu.py"), "--device", "cpu", "--tiny", "--only", "decode",
+                       "--profile", "1", "--out", str(out), *extra], env=env, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {(row["case"], row.get("batch")): row for row in json.loads(out.read_text())["decode"]}
+    return rows, proc.stdout
+
+
+def _check_decode_rows(rows: dict, cases: set[str]) -> None:
+    assert {case for case, _ in rows} == cases and {batch for _, batch in rows} == {1, 2}
+    for (case, _), row in rows.items():
+        assert row["tok_s"] > 0 and row["decode_ms"] > 0 and row["first_token_ms"] > 0, row
+        assert "failed" not in str(row.get("note", "")) and "FAILED" not in str(row.get("note", "")), row
+        if case != "ours eager":
+            assert row["vs_eager"] > 0 and row["vs_hf"] > 0
+    assert rows[("HF generate", 1)]["same_greedy"] == rows[("HF generate", 2)]["same_greedy"] == "yes"
+
+
+def test_gpu_bench_decode_section_runs_on_cpu(tmp_path: Path, data_dir: Path, run_script) -> None:
+    """The decode section (issue 10) end to end, eager cases: tokens/s of whole calls, decode-only
+    ms per token and time to the first token per (case, batch), HF's greedy tokens compared with
+    ours, and --profile's kernel table with the ops run outside graphs per token."""
+    rows, stdout = _decode_rows(tmp_path, data_dir, run_script, "--no-compile")
+    _check_decode_rows(rows, {"ours eager", "ours int8 eager", "HF generate"})
+    assert "--- profile: decode ours, batch 1" in stdout and "outside graphs per new token" in stdout
+
+
+@pytest.mark.slow
+def test_gpu_bench_decode_section_compiled_runs_on_cpu(tmp_path: Path, data_dir: Path, run_script) -> None:
+    """The same with the compiled cases (as on a GPU; CUDA graphs need a GPU, the CPU compiles the
+    same step without them): the compiled and int8 compiled steps compile and give eager's tokens."""
+    rows, stdout = _decode_rows(tmp_path, data_dir, run_script)
+    _check_decode_rows(rows, {"ours eager", "ours compiled", "ours int8 compiled", "HF generate"})
+    assert rows[("ours compiled", 1)]["same_greedy"] == rows[("ours compiled", 2)]["same_greedy"] == "yes"
+    assert rows[("ours compiled", 1)]["note"] == "seeded sample = eager: yes"
+    assert "--- profile: decode ours compiled, batch 1" in stdout

@@ -455,12 +455,19 @@ def compiled_decode_step(device: torch.device, mode: str | None = "auto",
 
     if torch._dynamo.config.recompile_limit < DECODE_STEP_RECOMPILE_LIMIT:  # process-wide: no per-function limit
         torch._dynamo.config.recompile_limit = DECODE_STEP_RECOMPILE_LIMIT
-    if mode is None and device.type == "cpu":
-        # A CPU step is a chain of small kernels, each called by inductor's generated wrapper; in
-        # C++ (``cpp_wrapper``) that chain costs less per call than the Python wrapper (measured,
-        # 6x384 BPE, 1 thread, interleaved: int8 4.61 -> 4.27 ms per token, fp32 9.3 -> 8.9).
-        return torch.compile(fn, fullgraph=True, dynamic=False, options=CPU_COMPILE_OPTIONS)
-    return torch.compile(fn, mode=mode, fullgraph=True, dynamic=False)
+    key = (fn, mode, device.type)
+    if key not in _COMPILED_STEPS:  # a torch.compile wrapper costs ~0.5 ms to make: once per process
+        if mode is None and device.type == "cpu":
+            # A CPU step is a chain of small kernels, each called by inductor's generated wrapper; in
+            # C++ (``cpp_wrapper``) that chain costs less per call than the Python wrapper (measured,
+            # 6x384 BPE, 1 thread, interleaved: int8 4.61 -> 4.27 ms per token, fp32 9.3 -> 8.9).
+            _COMPILED_STEPS[key] = torch.compile(fn, fullgraph=True, dynamic=False, options=CPU_COMPILE_OPTIONS)
+        else:
+            _COMPILED_STEPS[key] = torch.compile(fn, mode=mode, fullgraph=True, dynamic=False)
+    return _COMPILED_STEPS[key]
+
+
+_COMPILED_STEPS: dict[tuple[Any, ...], Callable[..., Any]] = {}
 
 
 def step_for(model: GPT, compile: bool, fn: Callable[..., Any] | None = None) -> Callable[..., Any]:
