@@ -703,6 +703,44 @@ def test_random_bits_equal_a_pure_python_reimplementation() -> None:
         assert bits[row].tolist() == [_py_bits(seed, step, v) for v in range(300)]
 
 
+def test_argmax_rows_is_argmax_exactly_ties_nan_inf_and_the_last_chunk() -> None:
+    """The CPU two-level argmax (chunk maxima, then one chunk per row) returns torch.argmax's index:
+    the first maximal one, a NaN as the maximum, maxima in the short last chunk, all -inf rows."""
+    from gpt2model.generate import ARGMAX_CHUNK, argmax_rows
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        V = int(torch.randint(8 * ARGMAX_CHUNK, 60_000, (1,), generator=g))
+        B = int(torch.randint(65536 // V + 1, 20, (1,), generator=g))  # big enough for the chunked path
+        x = torch.randint(-3, 3, (B, V), generator=g).float()  # ties everywhere
+        r = torch.rand(B, V, generator=g)
+        x[r > 1 - 1e-4] = (float("nan"), float("inf"), 7.0)[trial % 3]
+        if trial % 4 == 0:
+            x[:, -2] = 9.0  # the maximum in the last (short, shifted) window
+        if trial % 5 == 0:
+            x[0, :ARGMAX_CHUNK + 3] = 9.0  # ties across the first chunk boundary
+        if trial % 7 == 0:
+            x[-1] = float("-inf")
+        assert torch.equal(argmax_rows(x), x.argmax(dim=-1)), trial
+    x = torch.randn(8, 50257)
+    assert torch.equal(argmax_rows(x), x.argmax(dim=-1)) and torch.equal(argmax_rows(x[:1]), x[:1].argmax(dim=-1))
+
+
+def test_sampling_takes_its_full_vocabulary_argmaxes_through_argmax_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def spy(x: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(x.shape))
+        return x.argmax(dim=-1)
+
+    monkeypatch.setattr(gen_mod, "argmax_rows", spy)
+    logits = torch.randn(3, 50)
+    sample_logits(logits, 0.0)  # greedy
+    sample_logits(logits, 0.7, seed=1)  # the Gumbel draw over the vocabulary
+    sample_logits(logits, torch.tensor([0.0, 0.7, 1.0]), seed=1)  # per-row: the draw and the greedy rows
+    assert calls == [(3, 50)] * 4
+
+
 def test_top_k_hashes_only_the_candidates_and_draws_what_the_full_vocabulary_draws(
         monkeypatch: pytest.MonkeyPatch) -> None:
     g = torch.Generator().manual_seed(5)

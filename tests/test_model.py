@@ -202,4 +202,7 @@ def test_gelu_tanh_compiled_cpu_form_is_the_same_function() -> None:
     (got_grad,) = torch.autograd.grad(got.sum(), x)
     assert (got.double() - want).abs().max() < 2e-6  # fp32 rounding, as PyTorch's own fp32 kernel has
     assert (got_grad.double() - want_grad).abs().max() < 4e-6
-    assert torch.equal(gelu_tanh(x), F.gelu(x, approximate="tanh"))  # eagerly it is PyTorch's own kernel
+    assert torch.equal(gelu_tanh(x), F.gelu(x, approximate="tanh"))  # eagerly, with autograd: PyTorch's kernel
+    with torch.no_grad():  # inference: the sigmoid form in place, the same function
+        fast = gelu_tanh(x)
+    assert (fast.double() - want.detach()).abs().max() < 2e-6

@@ -214,6 +214,33 @@ def _per_row(value: float | int | torch.Tensor, B: int, device: torch.device) ->
     return value.to(device) if isinstance(value, torch.Tensor) else torch.full((B,), value, device=device)
 
 
+# Eagerly on a CPU, torch's argmax over a row is a scalar (value, index) loop, ~1 ns per element
+# (0.40 ms for 8 x 50,257 logits on one AVX2 core, ~3% of an 8-row decode step of the 6x384 BPE
+# model), while a max is vectorised. ``argmax_rows`` takes the max of each chunk of this many ids
+# first and runs argmax only over the chunk maxima and one chunk per row: 0.12 ms there.
+ARGMAX_CHUNK = 512
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(dim=-1)`` of a ``(B, V)`` tensor, exactly: the first maximal index of each
+    row, a NaN counting as the maximum (as torch.argmax). Eagerly on a CPU, for large inputs, in
+    two levels (see ``ARGMAX_CHUNK``): the chunk maxima, the first chunk holding the row's
+    maximum (an earlier chunk wins a tie, so its first maximal index is the row's), then argmax
+    inside that chunk. The last window is moved back to end at ``V``; the ids it shares with the
+    chunk before cannot hold a maximum then, as that chunk would have won."""
+    B, V = x.shape
+    c = ARGMAX_CHUNK
+    if x.device.type != "cpu" or torch.compiler.is_compiling() or V // c < 4 or x.numel() < 65536:
+        return x.argmax(dim=-1)  # one fused kernel elsewhere; few elements: the plain loop is as fast
+    n = V // c
+    m = x[:, :n * c].unflatten(1, (n, c)).amax(dim=-1)  # (B, n)
+    if n * c < V:
+        m = torch.cat([m, x[:, n * c:].amax(dim=-1, keepdim=True)], dim=1)
+    start = (m.argmax(dim=-1) * c).clamp_(max=V - c)
+    window = x.gather(1, start[:, None] + torch.arange(c, device=x.device))
+    return window.argmax(dim=-1) + start
+
+
 def sample_logits(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0,
                   top_k: int | torch.Tensor | None = None, top_p: float | torch.Tensor | None = None,
                   generator: torch.Generator | None = None, *, seed: int | torch.Tensor | None = None,
@@ -244,7 +271,7 @@ def sample_logits(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0,
     logits = logits.float()  # bf16 has too few mantissa bits for a faithful softmax/cumsum
     B, V = logits.shape
     if not isinstance(temperature, torch.Tensor) and temperature == 0:
-        return logits.argmax(dim=-1)
+        return argmax_rows(logits)
     device = logits.device
     per_row_t = isinstance(temperature, torch.Tensor)
     if per_row_t:  # rows at temperature 0 are greedy
@@ -272,8 +299,8 @@ def sample_logits(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0,
         kept = candidates[0].gather(1, order)
         drawn = ids.gather(1, (kept + _gumbel(keys, _hash32(ids.int()))).argmax(dim=-1, keepdim=True))[:, 0]
     else:
-        drawn = (scaled + _gumbel(keys, _id_hashes(V, device))).argmax(dim=-1)
-    return torch.where(greedy, logits.argmax(dim=-1), drawn) if per_row_t else drawn
+        drawn = argmax_rows(scaled + _gumbel(keys, _id_hashes(V, device)))
+    return torch.where(greedy, argmax_rows(logits), drawn) if per_row_t else drawn
 
 
 def _top_k_candidates(scaled: torch.Tensor, top_k: int | torch.Tensor,
