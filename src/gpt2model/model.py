@@ -230,12 +230,14 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     ``x * sigmoid(2u)``, the same function (0.5 (1 + tanh(u)) = sigmoid(2u); within 5e-7 in fp32):
     inductor's CPU tanh is an accurate vector-math call (3.4 ns per element on a 2-core AVX2 EPYC,
     torch 2.13) while its sigmoid is exp-based, so the fused kernel takes 1.3 ns per element.
-    Eagerly on a CPU without autograd (generation, serving) it is the same form in place, on one
-    scratch tensor: PyTorch's tanh kernel is as slow (8 x 1536 values 43 -> 29 us, 48 x 1536
-    254 -> 126 us, 1 thread; within 5.2e-7 of the float64 truth, F.gelu's fp32 within 4.3e-7)."""
+    Eagerly on a CPU without autograd (generation, serving) an fp32 input takes the same form in
+    place, on one scratch tensor (each in-place op rounds to the tensor's dtype, so half-precision
+    inputs keep F.gelu, which rounds once): PyTorch's tanh kernel is as slow (8 x 1536 values
+    43 -> 29 us, 48 x 1536 254 -> 126 us, 1 thread; within 5.2e-7 of the float64 truth, F.gelu's
+    fp32 within 4.3e-7)."""
     if torch.compiler.is_compiling() and x.device.type == "cpu":
         return x * torch.sigmoid((2.0 * _SQRT_2_OVER_PI) * (x + 0.044715 * x * x * x))
-    if x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()) and x.is_floating_point():
+    if x.device.type == "cpu" and x.dtype == torch.float32 and not (x.requires_grad and torch.is_grad_enabled()):
         u = x * x
         u.mul_(2.0 * _SQRT_2_OVER_PI * 0.044715).add_(2.0 * _SQRT_2_OVER_PI).mul_(x)  # 2u
         return u.sigmoid_().mul_(x)
