@@ -947,6 +947,83 @@ def test_cuda_graph_generate_is_one_replay_per_token_and_records_once() -> None:
     assert names.count("cudaStreamSynchronize") == 0
 
 
+def test_int8_compiled_reduction_is_the_dequantized_linear() -> None:
+    """The int8 matmul of compiled GPU decode steps (``Int8Linear._compiled_reduction``: one fused
+    reduction reading each int8 weight once for all rows, fp32 inside) computes ``x @ (q *
+    scales).T``, in the interleaved CPU layout and the plain one, eager and compiled (on the CPU
+    here; the GPU compiles the same graph to Triton)."""
+    from gpt2model.quantize import Int8Linear, _in_decode_order
+
+    g = torch.Generator().manual_seed(0)
+    for in_features in (32, 30):  # interleaved (a multiple of 4, made on the CPU) and plain
+        layer = Int8Linear.from_weight(torch.randn(40, in_features, generator=g), torch.randn(40, generator=g))
+        assert layer.interleaved == (in_features == 32)
+        w = layer.dequantize()
+        compiled = torch.compile(layer._compiled_reduction, fullgraph=True, dynamic=False)
+        for rows in (1, 3, 8):
+            x = torch.randn(rows, in_features, generator=g)
+            xs = _in_decode_order(x) if layer.interleaved else x
+            ref = torch.nn.functional.linear(x, w)
+            torch.testing.assert_close(layer._compiled_reduction(xs), ref, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(compiled(xs), ref, rtol=1e-5, atol=1e-5)
+            xb = x.bfloat16()
+            xbs = _in_decode_order(xb) if layer.interleaved else xb
+            y = layer._compiled_reduction(xbs)
+            assert y.dtype == torch.bfloat16
+            torch.testing.assert_close(y.float(), torch.nn.functional.linear(xb.float(), w), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the compiled int8 GPU step)")
+def test_cuda_compiled_int8_step_reads_int8_weights_in_fused_kernels() -> None:
+    """On CUDA a compiled int8 decode step multiplies by the int8 weights in inductor's own fused
+    reductions (no matmul library call, no dequantized copy), at batch 1 and 8, with the eager int8
+    path's logits; ``generate(compile=True)`` of an int8 model compiles (no eager fallback) and
+    gives eager's greedy tokens. A bf16 model's compiled step, for contrast, calls matmuls."""
+    from gpt2model.generate import compiled_decode_step, decode_step
+
+    torch.manual_seed(0)
+    base = spiky(GPT(GPTconfig(context_length=64, vocab_size=512, n_layer=2, n_head=2, d_model=64)), std=0.1)
+    for dtype, int8 in ((torch.float32, True), (torch.bfloat16, True), (torch.bfloat16, False)):
+        model = GPT(base.config)
+        model.load_state_dict(base.state_dict())
+        model = model.cuda().to(dtype).eval()
+        if int8:
+            model.quantize("int8")
+        step = compiled_decode_step(model.device, mode=None)  # no CUDA graph: the profiler sees each op
+        model.check_inputs = False  # (the range check reads the ids on the host: not in a graph)
+        for B in (1, 8):
+            model.setup_cache(B, 32)
+            try:
+                token = torch.randint(0, 512, (B, 1), device="cuda")
+                pos = torch.zeros(B, 1, dtype=torch.long, device="cuda")
+                mask = torch.zeros(B, 1, 1, 32, dtype=dtype, device="cuda")
+                args = (model, token, pos, mask, pos, 0.0, None, None, torch.zeros(B, dtype=torch.long, device="cuda"),
+                        torch.zeros(B, dtype=torch.long, device="cuda"))
+                with torch.no_grad():  # as generate runs it
+                    _, eager_logits = decode_step(*args)
+                    step(*args)
+                    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                        _, logits = step(*args)
+                        torch.cuda.synchronize()
+            finally:
+                model.clear_cache()
+            matmuls = {e.name for e in prof.events() if e.name in ("aten::mm", "aten::addmm", "aten::bmm",
+                                                                    "aten::_weight_int8pack_mm", "aten::linear")}
+            if int8:
+                assert not matmuls, matmuls
+                tol = 1e-4 if dtype == torch.float32 else 0.05
+                torch.testing.assert_close(logits.float(), eager_logits.float(), rtol=tol, atol=tol)
+            else:
+                assert matmuls, "the profiler saw no matmul in the bf16 step: the int8 check above proves nothing"
+        if int8 and dtype == torch.float32:  # fp32 activations: eager and compiled agree to ~1e-6
+            prompt = [[1, 2, 3], [4, 5, 6, 7, 8]]
+            with warnings.catch_warnings():
+                warnings.filterwarnings("error", message="torch.compile of the decode step failed")
+                assert generate(model, prompt, 30, temperature=0, compile=True) == generate(model, prompt, 30,
+                                                                                             temperature=0)
+        model.check_inputs = True
+
+
 def _chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
     expected = probs * counts.sum()
     return float(((counts - expected) ** 2 / expected).sum())

@@ -32,11 +32,12 @@ per-row kernel, so for many rows (a prefill) dequantize-then-GEMM wins and is us
 Inside ``torch.compile`` (``compile=True``) a one-row CPU decode step uses an int8 GEMV that
 inductor generates from :meth:`Int8Linear._compiled_gemv` (1 byte read per weight, fp32
 activations and accumulation): ~1.6x ``_weight_int8pack_mm`` on the 124M head, and the reason a
-compiled int8 decode beats fp32 by >= 2x on this AVX2 CPU. On other devices the weight is
-dequantized, then multiplied. Measured on an H200 (torch 2.11, the 50,257 x 768 head, one row):
-bf16 ``F.linear`` 34 us, dequantize + ``F.linear`` 143 us, CUDA's ``_weight_int8pack_mm`` 230 us:
-on CUDA, int8 saves weight memory but decodes slower than bf16 (a fused int8 GEMV kernel would
-be needed to beat it).
+compiled int8 decode beats fp32 by >= 2x on this AVX2 CPU. On other devices (CUDA) a compiled
+decode step of up to 8 rows multiplies in :meth:`Int8Linear._compiled_reduction`, which inductor
+makes one fused Triton reduction per layer reading each int8 weight once (gpt-fast's route to
+~1.5x bf16); elsewhere the weight is dequantized, then multiplied. Measured on an H200 (torch
+2.11, the 50,257 x 768 head, one row): bf16 ``F.linear`` 34 us, dequantize + ``F.linear`` 143 us,
+CUDA's ``_weight_int8pack_mm`` 230 us (the fused reduction is not measured on a GPU yet).
 """
 
 from __future__ import annotations
@@ -64,6 +65,10 @@ INT8_KERNEL_MAX_ROWS = 16
 # Inside torch.compile on a CPU, up to this many rows use :meth:`Int8Linear._compiled_gemv`
 # (inductor's int8 GEMV; it reads the weight once per row, so it is for single-row decode steps).
 COMPILED_GEMV_MAX_ROWS = 1
+# Inside torch.compile on other devices (CUDA), up to this many rows (a decode step's batch) use
+# :meth:`Int8Linear._compiled_reduction`: one fused reduction kernel reading each int8 weight once
+# for all rows; longer inputs dequantize, then multiply.
+COMPILED_REDUCTION_MAX_ROWS = 8
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,6 +164,8 @@ class Int8Linear(nn.Module):
         on_cpu = x.device.type == "cpu"
         if on_cpu and self.interleaved and 0 < rows <= COMPILED_GEMV_MAX_ROWS and torch.compiler.is_compiling():
             y = self._compiled_gemv(x2)
+        elif not on_cpu and 0 < rows <= COMPILED_REDUCTION_MAX_ROWS and torch.compiler.is_compiling():
+            y = self._compiled_reduction(_in_decode_order(x2) if self.interleaved else x2)
         elif (on_cpu and 0 < rows <= INT8_KERNEL_MAX_ROWS and self.in_features % 8 == 0
                 and x.dtype in (torch.float32, torch.bfloat16)):
             # (The kernel crashes for in_features not a multiple of 8, hence that guard.)
@@ -201,6 +208,22 @@ class Int8Linear(nn.Module):
             term = xq[:, None, j, :] * qj.float()[None]
             acc = term if acc is None else acc + term
         return (acc.sum(-1) * self.scales).to(x.dtype)
+
+    def _compiled_reduction(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ (q * scales).T`` for a decode step's rows ``x`` ``(rows, in)`` (in the stored
+        column order), written for inductor on GPUs (only traced inside ``torch.compile``; eager,
+        it would materialise a float ``(out, rows, in)`` product).
+
+        Inductor makes it one Triton reduction over ``in`` per layer, the outputs indexed
+        ``(out, row)`` with the row fastest, so the programs that load a weight row serve every
+        activation row with it: each int8 weight is read once per step (1 byte instead of bf16's
+        2), converted and multiplied in fp32 in registers, the scales applied in the epilogue. No
+        dequantized copy of the weight is written, and no matmul is pattern-matched (the
+        ``mm(x, q.to(dtype)) * scales`` form's lowering fails on bf16 activations, see forward).
+        gpt-fast's int8 weight-only decode is ~1.5x its bf16 for this reason: decode reads weights.
+        """
+        y = (self.weight.float()[:, None, :] * x.float()[None, :, :]).sum(-1) * self.scales[:, None]  # (out, rows)
+        return y.t().to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
