@@ -280,9 +280,9 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: i
 # chunk by chunk during the forward pass (the same three matmuls as the plain path, no recompute).
 # A chunk's bytes are counted as they exist: under torch.compile the softmax and its gradient fuse
 # into two passes over the logits in the matmul's dtype (nothing fp32 is stored), so only those
-# count; eager ops also store the fp32 upcast (when the matmul's dtype is not fp32). At the GPT-2 shape that is one
-# chunk compiled (measured on an H200: one chunk beat 7 chunks of 512 MiB by X%, at Y GiB peak
-# against nanoGPT's 11.45) and three eager.
+# count; eager ops also store the fp32 upcast (when the matmul's dtype is not fp32). At the GPT-2
+# shape that is one chunk compiled and three eager (H200, compiled step: 486,502 tokens/s against
+# 458,005 with the earlier seven fp32 chunks of 512 MiB and a scatter; docs/benchmarks.md).
 LOSS_CHUNK_BYTES = 2 * 2**30
 # Tensor cores want matmul dimensions in multiples of 64 (nanoGPT pads GPT-2's 50,257 ids to 50,304
 # in the model). Here, on CUDA, only the head's transient training-time weight copy is padded, with
