@@ -663,27 +663,30 @@ class _Buffers:
         self.seeds = torch.zeros(B, dtype=torch.long, device=device)
         self.done = torch.zeros(B, dtype=torch.bool, device=device)  # rows finished (eot / stop string)
         self.eot = torch.full((1,), -1, dtype=torch.long, device=device)  # -1: no end-of-text id
+        self.finished = torch.zeros(1, dtype=torch.bool, device=device)  # every row done
         self.caches: list[Any] | None = None  # the KV caches, kept between generations (CUDA graphs)
         for t in self.tensors():
             torch._dynamo.mark_static_address(t)
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """The arguments of :func:`generation_step` after the model, in order."""
-        return self.out, self.mask, self.pos, self.counters, self.seeds, self.done, self.eot
+        return self.out, self.mask, self.pos, self.counters, self.seeds, self.done, self.eot, self.finished
 
 
-def _record(out: torch.Tensor, step: torch.Tensor, done: torch.Tensor, eot: torch.Tensor,
+def _record(out: torch.Tensor, step: torch.Tensor, done: torch.Tensor, eot: torch.Tensor, finished: torch.Tensor,
             token: torch.Tensor) -> None:
     """Store new token ``step`` ``(1,)`` of every row ``(B,)`` in ``out``: rows already finished get
-    the end-of-text id (0 without one), and a row that drew the end-of-text id is finished."""
+    the end-of-text id (0 without one), a row that drew the end-of-text id is finished, and
+    ``finished`` says whether every row is."""
     token = torch.where(done, eot.clamp(min=0), token)
     out.index_copy_(1, step, token[:, None])
     done |= token == eot
+    finished.copy_(done.all().view(1))
 
 
 def generation_step(model: GPT, out: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, counters: torch.Tensor,
-                    seeds: torch.Tensor, done: torch.Tensor, eot: torch.Tensor, length: int | None,
-                    temperature: float, top_k: int | None, top_p: float | None) -> None:
+                    seeds: torch.Tensor, done: torch.Tensor, eot: torch.Tensor, finished: torch.Tensor,
+                    length: int | None, temperature: float, top_k: int | None, top_p: float | None) -> None:
     """One token of :func:`stream`'s loop, bookkeeping included, on the buffers of
     :class:`_Buffers`: feed the last new token at cache slot ``counters[0]`` and position ``pos``,
     draw the next one with :func:`decode_step` (sampling step ``counters[1]``), store it in
@@ -697,7 +700,7 @@ def generation_step(model: GPT, out: torch.Tensor, mask: torch.Tensor, pos: torc
     visible = mask if length is None else mask[..., :length]
     nxt, _ = decode_step(model, token, slot, visible, pos, temperature, top_k, top_p, seeds,
                          step.expand(out.size(0)))
-    _record(out, step, done, eot, nxt)
+    _record(out, step, done, eot, finished, nxt)
     pos.add_(1)
     counters.add_(1)
 
@@ -752,7 +755,7 @@ class _Window:
         token = sampling.sample(self.fill(start), self.bufs.seeds, self.k)
         b = self.bufs
         b.counters.copy_(torch.tensor([self.n - start, self.k]))
-        _record(b.out, b.counters[1:2], b.done, b.eot, token)
+        _record(b.out, b.counters[1:2], b.done, b.eot, b.finished, token)
         b.counters[1:2].add_(1)
         self.k += 1
 
@@ -765,6 +768,41 @@ class _Window:
         else:  # attend to the filled slots only (O(filled) per token)
             step_fn(self.model, *self.bufs.tensors(), self.n - self.start, *sampling.args)
         self.k += 1
+
+
+# Device types where a generation that stops at eot reads "every row is done" one step late
+# (:class:`_LateFlag`): devices that run asynchronously to the host.
+READ_DONE_LATE_ON = ("cuda",)
+
+
+class _LateFlag:
+    """A boolean device flag (``bufs.finished``) read one step late without stalling the device:
+    after each step an asynchronous copy into pinned host memory; after the next step is launched
+    the host waits for that copy only, while the device runs the new step. Read at once and
+    synchronously, the flag would leave the device idle while the host launches each next step.
+    (The cost: one step run after every row finished; its token is not yielded.)"""
+
+    def __init__(self, flag: torch.Tensor) -> None:
+        self.flag = flag
+        cuda = flag.device.type == "cuda"
+        self.host = torch.zeros(2, dtype=torch.bool, pin_memory=cuda)
+        self.events = [torch.cuda.Event(), torch.cuda.Event()] if cuda else None
+        self.copies = 0
+
+    def copy(self) -> None:
+        """Copy the flag as the step just launched will leave it."""
+        i = self.copies % 2
+        self.host[i:i + 1].copy_(self.flag, non_blocking=True)
+        if self.events is not None:
+            self.events[i].record()
+        self.copies += 1
+
+    def previous(self) -> bool:
+        """The flag as the step before the last one left it."""
+        i = self.copies % 2  # the copy before the last one
+        if self.events is not None:
+            self.events[i].synchronize()
+        return bool(self.host[i])
 
 
 # Device types whose compiled steps read their buffers at fixed addresses (CUDA graphs): there
@@ -804,6 +842,10 @@ def _steps(model: GPT, prompt: torch.Tensor, prompt_valid: torch.Tensor, max_new
     capacity = 1 << (max_new_tokens - 1).bit_length() if kept else max_new_tokens
     bufs = _buffers(model, B, max_len, capacity, kept)
     window = _Window(model, prompt, prompt_valid, bufs, seeds, eot_id)
+    # Stopping at eot on an asynchronous device (no stop strings: their check needs every token's
+    # value at once): whether every row is done is read one step late, so the device is never idle.
+    late = _LateFlag(bufs.finished) if eot_id is not None and texts is None and \
+        model.device.type in READ_DONE_LATE_ON else None
     check_inputs = model.check_inputs
     model.setup_cache(B, max_len, caches=bufs.caches)
     try:
@@ -815,11 +857,16 @@ def _steps(model: GPT, prompt: torch.Tensor, prompt_valid: torch.Tensor, max_new
                 window.refill(window.n - max(1, C // 2), sampling)
             else:
                 step_fn = _decode_or_fall_back(window, step_fn, sampling)
+            if late is not None:
+                late.copy()
+                if step and late.previous():  # every row had finished: this step was not needed
+                    break
             token = window.latest()
             if texts is not None:
                 _mark_stopped(bufs.done, token, texts)
             yield token.clone() if copy and kept else token
-            if check_done and bool(bufs.done.all()):
+            # (_mark_stopped updates done, not finished)
+            if check_done and late is None and bool(bufs.finished if texts is None else bufs.done.all()):
                 break
     finally:
         bufs.caches = [block.attn.kv_cache for block in model.transformer.h] if kept else None
