@@ -97,6 +97,9 @@ def test_requests_get_what_they_get_alone_while_others_join_and_leave(engine: En
     # 5 first tokens come from prefills, the other 88 from steps of 1..3 rows (3 slots).
     assert s["step_rows"] == 40 + 6 + 20 + 15 + 12 - 5 and s["steps"] <= s["step_rows"] <= 3 * s["steps"]
     assert s["prefills"] == 5 and s["step_seconds"] > 0 and s["prefill_seconds"] > 0
+    time.sleep(0.05)
+    engine.submit([1], SamplingParams(max_tokens=1, temperature=0)).events().__next__()
+    assert engine.stats()["idle_seconds"] >= 0.04  # the wait with no request counts as idle
 
 
 def _wait_idle(engine: Engine) -> None:
@@ -339,6 +342,43 @@ def test_an_error_in_one_request_does_not_stop_the_engine(model: GPT, monkeypatc
         assert s["running"] == 0 and s["finished"]["error"] == 2 and s["finished"]["length"] == 3
     finally:
         eng.shutdown(timeout=1)
+
+
+def test_one_asyncio_event_follows_several_requests(model: GPT) -> None:
+    """``watch`` + ``take_events``: one coroutine follows several requests with one shared
+    asyncio.Event (the server's streaming path: no task per request or token); each request's
+    events are its tokens alone and end with exactly one FinishEvent."""
+    eng = Engine(model, max_batch=3)
+    eng.start()
+    assert eng.ready.wait(60)
+    jobs = [([1, 2], SamplingParams(max_tokens=9, seed=1)), ([3], SamplingParams(max_tokens=4, temperature=0)),
+            ([4, 5, 6], SamplingParams(max_tokens=7, seed=5, top_k=5))]
+
+    async def run() -> list[list]:
+        ready = asyncio.Event()
+        reqs = [eng.submit(p, s) for p, s in jobs]
+        for r in reqs:
+            r.watch(ready)
+        got: list[list] = [[] for _ in reqs]
+        while not all(g and isinstance(g[-1], FinishEvent) for g in got):
+            ready.clear()
+            batch = [(i, ev) for i, r in enumerate(reqs) for ev in r.take_events()]
+            if not batch:
+                await asyncio.wait_for(ready.wait(), 30)
+            for i, ev in batch:
+                got[i].append(ev)
+        for r in reqs:
+            r.unwatch(ready)
+            assert r._waiters == []
+        return got
+
+    try:
+        got = asyncio.run(run())
+    finally:
+        eng.shutdown(timeout=1)
+    for events, (prompt, params) in zip(got, jobs, strict=True):
+        assert [e.token for e in events[:-1]] == alone(model, prompt, params)
+        assert events[-1] == FinishEvent("length") and sum(isinstance(e, FinishEvent) for e in events) == 1
 
 
 def test_async_events_and_shutdown(model: GPT) -> None:

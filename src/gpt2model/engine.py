@@ -180,15 +180,11 @@ class Request:
     async def aevents(self) -> AsyncIterator[TokenEvent | PromptEvent | FinishEvent]:
         """The events for asyncio, woken from the engine thread with ``call_soon_threadsafe``."""
         ready = asyncio.Event()
-        waiter = (asyncio.get_running_loop(), ready)
-        with self._cond:
-            self._waiters.append(waiter)
+        self.watch(ready)
         try:
             while True:
                 ready.clear()  # before looking, so an event emitted after the look sets it again
-                with self._cond:
-                    batch = list(self._events)
-                    self._events.clear()
+                batch = self.take_events()
                 if not batch:
                     await ready.wait()
                     continue
@@ -197,8 +193,27 @@ class Request:
                     if isinstance(event, FinishEvent):
                         return
         finally:
-            with self._cond:
-                self._waiters.remove(waiter)
+            self.unwatch(ready)
+
+    def watch(self, ready: asyncio.Event) -> None:
+        """Have the engine set ``ready`` (in the calling event loop) after it posts events for this
+        request; several requests may share one ``ready``, so one coroutine can follow them all
+        without a task per request (read with :meth:`take_events`; clear ``ready`` before taking,
+        so an event posted after the take sets it again). End with :meth:`unwatch`."""
+        with self._cond:
+            self._waiters.append((asyncio.get_running_loop(), ready))
+
+    def unwatch(self, ready: asyncio.Event) -> None:
+        with self._cond:
+            self._waiters = [w for w in self._waiters if w[1] is not ready]
+
+    def take_events(self) -> list[TokenEvent | PromptEvent | FinishEvent]:
+        """The events posted since the last take, oldest first, without blocking (for a reader
+        that :meth:`watch`-es this request; the FinishEvent is the last there will be)."""
+        with self._cond:
+            batch = list(self._events)
+            self._events.clear()
+        return batch
 
 
 def _logprob_events(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list[TokenEvent]:
@@ -272,7 +287,7 @@ class Engine:
         self._free_slots = max_batch  # slots neither running nor claimed (guarded by _wake)
         self._counts = dict(submitted=0, tokens_generated=0, steps=0, prefills=0, step_rows=0,
                             prefill_forwards=0, prefill_tokens=0, mixed_steps=0)
-        self._seconds = dict(step_seconds=0.0, prefill_seconds=0.0)  # inference thread time in each
+        self._seconds = dict(step_seconds=0.0, prefill_seconds=0.0, idle_seconds=0.0)  # inference thread time in each
         self._finished = dict.fromkeys(("stop", "length", "cancelled", "error"), 0)
         self._fatal: str | None = None
         # asyncio readers to wake, by event loop: woken once per loop after each admission round
@@ -328,10 +343,11 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         """Counters for monitoring: requests ``running`` and ``queued`` now, ``tokens_generated``,
         ``steps`` (decode steps), ``step_rows`` (active rows summed over steps: / ``steps`` = the
-        mean batch), ``prefills``, ``step_seconds`` / ``prefill_seconds`` (time the inference
-        thread spent in each), ``prefill_forwards`` (forwards that ran prompt tokens: several
-        prompts go in one, a long prompt takes several), ``prefill_tokens`` (prompt tokens
-        prefilled, padding not counted), ``submitted`` and ``finished`` by reason."""
+        mean batch), ``prefills``, ``step_seconds`` / ``prefill_seconds`` / ``idle_seconds`` (time
+        the inference thread spent in each, idle: with no request), ``prefill_forwards``
+        (forwards that ran prompt tokens: several prompts go in one, a long prompt takes
+        several), ``prefill_tokens`` (prompt tokens prefilled, padding not counted),
+        ``submitted`` and ``finished`` by reason."""
         with self._wake:
             return dict(running=self._running, queued=len(self._queue), max_batch=self.max_batch,
                         max_queue=self.max_queue, ready=self.ready.is_set(), error=self._fatal,
@@ -377,8 +393,11 @@ class Engine:
         try:
             while True:
                 with self._wake:
-                    while not self._stopping and not self._queue and not self._running:
-                        self._wake.wait()
+                    if not self._stopping and not self._queue and not self._running:
+                        t0 = time.perf_counter()
+                        while not self._stopping and not self._queue and not self._running:
+                            self._wake.wait()
+                        self._seconds["idle_seconds"] += time.perf_counter() - t0
                     if self._stopping:
                         break
                     self._take_admissible()

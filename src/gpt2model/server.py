@@ -458,70 +458,78 @@ class _Server:
                            code="unavailable") from None
         return choices
 
-    async def events(self, choices: list[_Choice], arrived: float) -> AsyncIterator[tuple[_Choice, str, bool]]:
-        """Merge the choices' engine events into ``(choice, new text, finished)``, in arrival order
-        (``(choice, "", False)`` when the prompt's logprobs arrive: ``choice.prompt_logprobs``).
+    async def events(self, choices: list[_Choice], arrived: float, ready: asyncio.Event | None = None,
+                     gone: Callable[[], bool] | None = None) -> AsyncIterator[tuple[_Choice, str, bool]]:
+        """Merge the choices' engine events into ``(choice, new text, finished)``, step by step and
+        choice by choice (``(choice, "", False)`` when the prompt's logprobs arrive:
+        ``choice.prompt_logprobs``).
 
         Updates each choice (text, tokens, finish_reason, logprobs) and the latency metrics. A stop
         string or an end-of-text ends the choice with ``stop``; reaching ``max_tokens``, ``length``.
+        One coroutine follows all the choices (``Request.watch`` with one ``ready`` event, woken
+        once per engine step): no task, queue or ``asyncio.wait`` per token. The caller may pass
+        ``ready`` and set it itself, e.g. when the client disconnects, with ``gone()`` then true:
+        the iteration ends at once (its ``finally`` cancels the engine requests).
         """
-        queue: asyncio.Queue[tuple[_Choice, TokenEvent | PromptEvent | FinishEvent]] = asyncio.Queue()
-
-        async def pump(c: _Choice) -> None:
-            async for ev in c.request.aevents():
-                queue.put_nowait((c, ev))
-
-        tasks = [asyncio.create_task(pump(c)) for c in choices]
+        ready = ready or asyncio.Event()
+        for c in choices:
+            c.request.watch(ready)
         try:
             pending = len(choices)
             while pending:
-                c, ev = await queue.get()
-                if isinstance(ev, FinishEvent):
-                    pending -= 1
-                    tail = c.stream.flush()  # "" once a stop string ended it
-                    if c.finish_reason is None:
-                        if ev.reason == "error":
-                            raise APIError(500, f"generation failed: {ev.error}", type="server_error",
-                                           code="engine_error")
-                        if ev.reason == "cancelled":
-                            raise APIError(503, "the request was cancelled (the server is shutting down)",
-                                           type="server_error", code="cancelled")
-                        c.finish_reason = ev.reason
+                ready.clear()  # before taking, so events posted after the take set it again
+                batch = [(c, ev) for c in choices for ev in c.request.take_events()]
+                if not batch:
+                    if gone is not None and gone():
+                        return
+                    await ready.wait()
+                    continue
+                for c, ev in batch:
+                    if isinstance(ev, FinishEvent):
+                        pending -= 1
+                        tail = c.stream.flush()  # "" once a stop string ended it
+                        if c.finish_reason is None:
+                            if ev.reason == "error":
+                                raise APIError(500, f"generation failed: {ev.error}", type="server_error",
+                                               code="engine_error")
+                            if ev.reason == "cancelled":
+                                raise APIError(503, "the request was cancelled (the server is shutting down)",
+                                               type="server_error", code="cancelled")
+                            c.finish_reason = ev.reason
+                        now = time.perf_counter()
+                        self.metrics.e2e.observe(now - arrived)
+                        c.text += tail
+                        yield c, tail, True
+                        continue
+                    if isinstance(ev, PromptEvent):
+                        c.prompt_logprobs = ev.tokens
+                        yield c, "", False
+                        continue
+                    if c.finish_reason is not None:
+                        continue  # a stop string ended it; the engine's cancel is on its way
                     now = time.perf_counter()
-                    self.metrics.e2e.observe(now - arrived)
-                    c.text += tail
-                    yield c, tail, True
-                    continue
-                if isinstance(ev, PromptEvent):
-                    c.prompt_logprobs = ev.tokens
-                    yield c, "", False
-                    continue
-                if c.finish_reason is not None:
-                    continue  # a stop string ended it; the engine's cancel is on its way
-                now = time.perf_counter()
-                if c.last_token_at is None:
-                    self.metrics.ttft.observe(now - arrived)
-                else:
-                    self.metrics.itl.observe(now - c.last_token_at)
-                c.last_token_at = now
-                c.tokens += 1
-                if ev.logprob is not None:
-                    c.logprobs.append(ev)
-                if ev.token in c.stop_ids:
-                    c.finish_reason = "stop"  # the engine ends the request itself
-                    continue
-                piece = c.stream.push(ev.token)
-                if c.stream.stopped:
-                    c.finish_reason = "stop"
-                    c.request.cancel()
-                c.text += piece
-                if piece:
-                    yield c, piece, False
+                    if c.last_token_at is None:
+                        self.metrics.ttft.observe(now - arrived)
+                    else:
+                        self.metrics.itl.observe(now - c.last_token_at)
+                    c.last_token_at = now
+                    c.tokens += 1
+                    if ev.logprob is not None:
+                        c.logprobs.append(ev)
+                    if ev.token in c.stop_ids:
+                        c.finish_reason = "stop"  # the engine ends the request itself
+                        continue
+                    piece = c.stream.push(ev.token)
+                    if c.stream.stopped:
+                        c.finish_reason = "stop"
+                        c.request.cancel()
+                    c.text += piece
+                    if piece:
+                        yield c, piece, False
         finally:
             for c in choices:
                 c.request.cancel()  # a no-op for finished requests; frees the slot of any other
-            for t in tasks:
-                t.cancel()
+                c.request.unwatch(ready)
 
     # --- responses ------------------------------------------------------------------------------
     def token_text(self, token: int) -> str:
@@ -605,31 +613,27 @@ def _stream(server: _Server, request: Request, choices: list[_Choice], arrived: 
     with its finish_reason, the usage chunk (``stream_options.include_usage``), ``[DONE]``."""
 
     async def body() -> AsyncIterator[bytes]:
+        # A client that leaves wakes the event loop of server.events, which then ends at once
+        # (freeing the slots); checked once per wake-up, not raced against every token.
+        ready = asyncio.Event()
         gone = asyncio.create_task(_wait_disconnect(request))
-        gen = server.events(choices, arrived)
-        nxt: asyncio.Future | None = None
+        gone.add_done_callback(lambda _: ready.set())
+        gen = server.events(choices, arrived, ready, gone.done)
         try:
             for chunk in first_chunks:
                 yield _sse(chunk)
-            while True:
-                nxt = asyncio.ensure_future(gen.__anext__())
-                await asyncio.wait({nxt, gone}, return_when=asyncio.FIRST_COMPLETED)
-                if not nxt.done():  # the client left: stop generating at once
-                    nxt.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                        await nxt
-                    return
-                try:
-                    c, piece, finished = nxt.result()
-                except StopAsyncIteration:
-                    break
-                except APIError as e:
-                    yield _sse(e.body())
-                    break
-                if piece or not finished:  # text, or the prompt's logprobs (echo)
-                    yield _sse(make_chunk(c, piece, None))
-                if finished:
-                    yield _sse(make_chunk(c, "", c.finish_reason))
+            try:
+                async for c, piece, finished in gen:
+                    if gone.done():
+                        return
+                    if piece or not finished:  # text, or the prompt's logprobs (echo)
+                        yield _sse(make_chunk(c, piece, None))
+                    if finished:
+                        yield _sse(make_chunk(c, "", c.finish_reason))
+            except APIError as e:
+                yield _sse(e.body())
+            if gone.done():
+                return  # the client left: nobody reads the rest
             if usage is not None:
                 yield _sse(usage_chunk(usage()))
             yield b"data: [DONE]\n\n"
@@ -637,11 +641,7 @@ def _stream(server: _Server, request: Request, choices: list[_Choice], arrived: 
             gone.cancel()
             for c in choices:  # first, without awaiting: anyio re-cancels every await in a cancelled scope
                 c.request.cancel()
-            if nxt is not None and not nxt.done():  # cancelled from outside (Starlette saw the disconnect)
-                nxt.cancel()
-                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                    await nxt
-            await gen.aclose()  # cancels every engine request still running
+            await gen.aclose()  # (a no-op when it ended) cancels every engine request still running
 
     return StreamingResponse(body(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
