@@ -501,6 +501,11 @@ def test_f16_linear_is_the_layer_with_float16_rounded_weights_in_float32_math() 
         f16.weight.mul_(2)  # in place: the packed copy is stale and is made again
     torch.testing.assert_close(f16(x) - f16.bias, 2 * (ref - lin.bias.detach()), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(copy.deepcopy(f16)(x), f16(x))
+    from gpt2model import quantize as q
+
+    if q._ATEN_FP16_GEMM:  # aten's fbgemm fp16 op pair (cheaper to call): the quantized op's exact results
+        packed = torch.ops.quantized.linear_prepack_fp16(f16.weight.float(), f16.bias)
+        assert torch.equal(f16(x), torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, 64), packed).view(2, 5, 96))
 
 
 def test_f16_model_is_close_to_float32_and_generates_its_greedy_tokens() -> None:
