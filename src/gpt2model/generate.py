@@ -754,7 +754,8 @@ class _Window:
         """Prefill the window from ``start``, draw the next token from its last logits and store it."""
         token = sampling.sample(self.fill(start), self.bufs.seeds, self.k)
         b = self.bufs
-        b.counters.copy_(torch.tensor([self.n - start, self.k]))
+        b.counters[0].fill_(self.n - start)  # (fills: a copy from host memory would sync the device)
+        b.counters[1].fill_(self.k)
         _record(b.out, b.counters[1:2], b.done, b.eot, b.finished, token)
         b.counters[1:2].add_(1)
         self.k += 1
@@ -762,7 +763,6 @@ class _Window:
     def decode(self, step_fn: Callable[..., Any], sampling: _Sampling, compiled: bool) -> None:
         """Feed the newest token of every row and draw and store the next one."""
         if compiled:  # the full, static-shape mask: one graph serves every step
-            _cudagraph_thread_state()
             torch.compiler.cudagraph_mark_step_begin()
             step_fn(self.model, *self.bufs.tensors(), None, *sampling.args)
         else:  # attend to the filled slots only (O(filled) per token)
@@ -848,6 +848,8 @@ def _steps(model: GPT, prompt: torch.Tensor, prompt_valid: torch.Tensor, max_new
         model.device.type in READ_DONE_LATE_ON else None
     check_inputs = model.check_inputs
     model.setup_cache(B, max_len, caches=bufs.caches)
+    if step_fn is not generation_step:
+        _cudagraph_thread_state()  # per thread, so once per generation
     try:
         model.check_inputs = False  # ids were range-checked above; the per-step check syncs the device
         for step in range(max_new_tokens):
