@@ -510,18 +510,25 @@ def test_many_generation_lengths_all_decode_compiled() -> None:
 
 
 def test_half_gemv_is_a_linear_with_fp32_arithmetic() -> None:
-    from gpt2model.quantize import half_gemv
+    # Every output row in its place: row counts that split evenly into the GEMV's read streams
+    # or not (padded), fewer rows than streams, an odd input width and a non-contiguous bf16
+    # weight (the plain widening path), fp32 or half activations (Fp16Linear / a half model).
+    from gpt2model.quantize import GEMV_STREAMS, half_gemv
 
     g = torch.Generator().manual_seed(0)
-    w, b, x = torch.randn(40, 24, generator=g), torch.randn(40, generator=g), torch.randn(1, 1, 24, generator=g)
-    for dtype in (torch.bfloat16, torch.float16):
-        wd, bd, xd = w.to(dtype), b.to(dtype), x.to(dtype)
-        exact = torch.nn.functional.linear(xd.float(), wd.float(), bd.float())  # the rounded inputs, in fp32
-        for bias in (bd, None):
-            y = half_gemv(xd, wd, bias)
-            assert y.dtype == dtype and y.shape == (1, 1, 40)
-            ref = exact if bias is not None else exact - bd.float()
-            assert torch.equal(y, ref.to(dtype)) or (y.float() - ref).abs().max() <= 1e-2 * ref.abs().max()
+    for out_features, in_features in ((40, 24), (4 * GEMV_STREAMS + 1, 24), (GEMV_STREAMS - 1, 24), (9, 23)):
+        w, b = torch.randn(out_features, in_features, generator=g), torch.randn(out_features, generator=g)
+        x = torch.randn(1, 1, in_features, generator=g)
+        for dtype in (torch.bfloat16, torch.float16):
+            for x_dtype in (dtype, torch.float32):
+                wd, bd, xd = w.to(dtype), b.to(x_dtype), x.to(x_dtype)
+                exact = torch.nn.functional.linear(xd.float(), wd.float(), bd.float())  # the rounded inputs, in fp32
+                for weight in (wd, wd.t().contiguous().t()):
+                    for bias in (bd, None):
+                        y = half_gemv(xd, weight, bias)
+                        assert y.dtype == x_dtype and y.shape == (1, 1, out_features)
+                        ref = exact if bias is not None else exact - bd.float()
+                        assert (y.float() - ref.to(x_dtype).float()).abs().max() <= 1e-2 * ref.abs().max()
 
 
 def test_decode_attention_is_sdpa_with_an_additive_mask() -> None:
