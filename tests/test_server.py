@@ -27,7 +27,7 @@ uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
 
 from gpt2model import GPT, GPTconfig, load_tokenizer  # noqa: E402
-from gpt2model.engine import Engine  # noqa: E402
+from gpt2model.engine import Engine, SamplingParams  # noqa: E402
 from gpt2model.server import ServerConfig, create_app  # noqa: E402
 
 KEY = "test-key"
@@ -254,8 +254,11 @@ def test_client_disconnect_mid_stream_frees_the_slot(served):
     (b'{"prompt": [99999999]}', 400, "prompt", None),
     (b'{"prompt": 5}', 400, "prompt", "invalid_value"),
     (b'{"max_tokens": 5}', 400, "prompt", "missing_field"),
-    (b'{"prompt": "x", "logit_bias": {"1": 5}}', 400, "logit_bias", "unsupported_value"),
-    (b'{"prompt": "x", "frequency_penalty": 1}', 400, "frequency_penalty", "unsupported_value"),
+    (b'{"prompt": "x", "logit_bias": {"one": 5}}', 400, "logit_bias", None),
+    (b'{"prompt": "x", "logit_bias": {"50257": 5}}', 400, "logit_bias", None),
+    (b'{"prompt": "x", "logit_bias": {"1": 101}}', 400, "logit_bias", "invalid_value"),
+    (b'{"prompt": "x", "frequency_penalty": 2.5}', 400, "frequency_penalty", "invalid_value"),
+    (b'{"prompt": "x", "presence_penalty": "high"}', 400, "presence_penalty", "invalid_value"),
     (b'{"prompt": "x", "best_of": 3}', 400, "best_of", "unsupported_value"),
     (b'{"prompt": "x", "mirostat": 2}', 400, "mirostat", "unsupported_field"),
     (b'{"prompt": "x", "stream_options": {"include_usage": true}}', 400, "stream_options", None),
@@ -270,6 +273,26 @@ def test_bad_requests_get_openai_errors_naming_the_problem(served, body, status,
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["message"]
     assert err["param"] == param and (code is None or err["code"] == code)
+
+
+def test_logit_bias_and_penalties_through_the_openai_client(served, client):
+    """OpenAI's fields reach the engine: a +100 bias forces its token (completions and chat), and
+    a frequency penalty gives what the engine gives for the same SamplingParams."""
+    forced = served.tok.encode(" the")[0]
+    r = client.completions.create(model="tiny", prompt="Hello", max_tokens=6, temperature=0,
+                                  logit_bias={str(forced): 100})
+    assert r.choices[0].text == served.tok.decode([forced] * 6)
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                          temperature=0.9, seed=1, logit_bias={str(forced): 100})
+    assert chat.choices[0].message.content == served.tok.decode([forced] * 4)
+    prompt = served.tok.encode("To be, or not to be")
+    plain = client.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0).choices[0].text
+    penalized = client.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0,
+                                          frequency_penalty=2.0, presence_penalty=1.0).choices[0].text
+    want = served.engine.submit(prompt, SamplingParams(max_tokens=24, temperature=0, frequency_penalty=2.0,
+                                                       presence_penalty=1.0, stop_token_ids=(served.tok.eot,)))
+    ids = [e.token for e in want.events() if hasattr(e, "token")]
+    assert penalized == served.text(ids) and penalized != plain
 
 
 def test_bad_chat_requests(served):

@@ -86,7 +86,12 @@ class SamplingParams:
     (to score the prompt with ``prompt_logprobs``; the prompt may then fill the whole context) and
     finishes with ``"length"``. Generating one of
     ``stop_token_ids`` (e.g. end-of-text) ends the request with reason ``"stop"``; that token is
-    not emitted."""
+    not emitted. ``logit_bias`` ({token id: bias in [-100, 100]}), ``presence_penalty`` and
+    ``frequency_penalty`` (in [-2, 2]) have OpenAI's meanings: before every draw the logit of
+    token ``j`` becomes ``logit + logit_bias[j] - presence_penalty * (c[j] > 0) -
+    frequency_penalty * c[j]``, ``c[j]`` counting ``j`` among the tokens this request generated so
+    far (the prompt does not count, as in vLLM); greedy rows too. Logprobs stay those of the raw
+    logits."""
 
     max_tokens: int
     temperature: float = 1.0
@@ -96,6 +101,13 @@ class SamplingParams:
     logprobs: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     prompt_logprobs: int | None = None
+    logit_bias: dict[int, float] | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    def penalized(self) -> bool:
+        """Whether the logits get a bias (``logit_bias`` or a penalty) before each draw."""
+        return bool(self.logit_bias) or self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
 class QueueFullError(RuntimeError):
@@ -247,6 +259,7 @@ class _Slot:
     top_k: int | None = None
     top_p: float | None = None
     prompt_events: list[TokenEvent] | None = None  # prompt logprobs gathered chunk by chunk
+    seen: set[int] | None = None  # tokens generated so far, for the presence penalty
 
 
 class Engine:
@@ -378,6 +391,15 @@ class Engine:
                for t in params.stop_token_ids):
             raise ValueError(f"stop_token_ids must be token ids in [0, {cfg.vocab_size}), "
                              f"got {params.stop_token_ids!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(params, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not -2.0 <= v <= 2.0:
+                raise ValueError(f"{name} must be a number in [-2, 2], got {v!r}")
+        for t, v in (params.logit_bias or {}).items():
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < cfg.vocab_size:
+                raise ValueError(f"logit_bias keys must be token ids in [0, {cfg.vocab_size}), got {t!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100.0 <= v <= 100.0:
+                raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {v!r} for token {t}")
         return prompt
 
     # --- the inference thread ---------------------------------------------------------------------
@@ -435,6 +457,11 @@ class Engine:
         self._top_p = torch.ones(B, device=device)  # >= 1: no nucleus filter
         self._seeds = torch.zeros(B, dtype=torch.long, device=device)
         self._steps = torch.zeros(B, dtype=torch.long, device=device)
+        # Rows with a logit bias or penalties (SamplingParams.penalized) add their row of this
+        # (B, V) tensor to the logits before each draw; made at the first such request. A row's
+        # penalties change one entry per generated token, so no counts are rebuilt per step.
+        self._bias: torch.Tensor | None = None
+        self._biased: set[int] = set()
         self._step_fn = step_for(m, self.compile)
         self.compile = self._step_fn is not decode_step
         # Warm up (and compile) with a one-token request in slot 0, then forget it.
@@ -606,13 +633,15 @@ class Engine:
             slot.seed = new_seed() if p.seed is None else p.seed
             self._install(b, slot)
         rows = logits[done] if len(done) < logits.size(0) else logits
+        bias = self._bias_of([group[i][0] for i in done])
         if len(slots) == 1:
             p, seed = slots[0].request.params, slots[0].seed  # type: ignore[union-attr]
-            tokens = sample_logits(rows, p.temperature, p.top_k, p.top_p, seed=seed, step=0).tolist()
+            tokens = sample_logits(rows, p.temperature, p.top_k, p.top_p, seed=seed, step=0, bias=bias).tolist()
         else:
             index = torch.tensor([group[i][0] for i in done], device=rows.device)
             temperature, top_k, top_p = self._sampling_args(slots, lambda t: t[index])
-            tokens = sample_logits(rows, temperature, top_k, top_p, seed=self._seeds[index], step=0).tolist()
+            tokens = sample_logits(rows, temperature, top_k, top_p, seed=self._seeds[index], step=0,
+                                   bias=bias).tolist()
         for j, (i, token) in enumerate(zip(done, tokens, strict=True)):
             b = group[i][0]
             slot = self._slots[b]
@@ -637,6 +666,24 @@ class Engine:
         self._top_p[b] = 1.0 if slot.top_p is None else float(slot.top_p)
         self._seeds[b:b + 1] = seed_tensor([slot.seed], self._seeds.device)
         self._steps[b] = 1  # the first token (step 0) came from the prefill
+        if p.penalized():
+            if self._bias is None:
+                self._bias = torch.zeros(self.max_batch, self.model.config.vocab_size, device=self._seeds.device)
+            self._bias[b].zero_()
+            if p.logit_bias:
+                ids = torch.tensor(list(p.logit_bias), device=self._bias.device)
+                self._bias[b, ids] = torch.tensor([float(v) for v in p.logit_bias.values()], device=self._bias.device)
+            slot.seen = set()
+            self._biased.add(b)
+
+    def _bias_of(self, rows: Sequence[int] | slice) -> torch.Tensor | None:
+        """The logit bias of cache rows ``rows`` (a slice ``:hi`` or indices), or None when no
+        row among them has one (the unbiased sampling path, and graph)."""
+        if not self._biased:
+            return None
+        if isinstance(rows, slice):
+            return self._bias[rows] if any(b < rows.stop for b in self._biased) else None
+        return self._bias[list(rows)] if self._biased.intersection(rows) else None
 
     def _sampling_args(self, slots: Sequence[_Slot | None], rows: Callable[[torch.Tensor], torch.Tensor],
                        compiled: bool = False) -> tuple[Any, Any, Any]:
@@ -733,6 +780,7 @@ class Engine:
         L = self._mask.size(-1) if self.compile else max(pos_host) + 1
         decoding = [s if s is not None and s.decoding else None for s in rows] if not greedy_only else []
         temperature, top_k, top_p = self._sampling_args(decoding, lambda t: t[:hi], self.compile)
+        bias = self._bias_of(slice(0, hi))
         if group:
             ids_p, pos_p, mask_p, rows_p = self._prefill_inputs(group)
             parts = [Part(hi, 1, pos, self._mask[:hi, :, :, :L], 0),
@@ -740,14 +788,15 @@ class Engine:
             ids = torch.cat([self._tokens[:hi].view(1, hi), ids_p.view(1, -1)], dim=1)
             out = self.model(ids, parts=parts)[0]  # (hi + chunks, V)
             logits, prompt_logits = out[:hi], out[hi:]
-            nxt = sample_logits(logits, temperature, top_k, top_p, seed=self._seeds[:hi], step=self._steps[:hi])
+            nxt = sample_logits(logits, temperature, top_k, top_p, seed=self._seeds[:hi], step=self._steps[:hi],
+                                bias=bias)
             self._tokens[:hi, 0] = nxt
             self._steps[:hi] += 1
             return nxt.tolist(), logits, prompt_logits
         run = run_compiled_step if self.compile else (lambda fn, *args: fn(*args))
         try:
             nxt, logits = run(self._step_fn, self.model, self._tokens[:hi], pos, self._mask[:hi, :, :, :L], pos,
-                              temperature, top_k, top_p, self._seeds[:hi], self._steps[:hi])
+                              temperature, top_k, top_p, self._seeds[:hi], self._steps[:hi], bias)
         except Exception as e:
             if not self.compile:
                 raise
@@ -775,6 +824,11 @@ class Engine:
         with self._wake:
             self._counts["tokens_generated"] += 1
         self._post(slot.request, event)
+        if slot.seen is not None and (p.presence_penalty or p.frequency_penalty):
+            # The next draws see this token once more (OpenAI's penalties, one entry per token).
+            assert self._bias is not None
+            self._bias[b, token] -= p.frequency_penalty + (p.presence_penalty if token not in slot.seen else 0.0)
+            slot.seen.add(token)
         if slot.generated >= p.max_tokens:
             self._free(b, FinishEvent("length"))
 
@@ -790,6 +844,9 @@ class Engine:
         if hasattr(self, "_temperature"):
             self._temperature[b] = 0.0  # a free row is greedy, unfiltered
             self._top_k[b], self._top_p[b] = 0, 1.0
+        if b in self._biased:
+            self._biased.discard(b)
+            self._bias[b].zero_()  # type: ignore[index]
         with self._wake:
             self._running -= 1
             self._free_slots += 1

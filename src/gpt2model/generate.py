@@ -244,7 +244,7 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
 def sample_logits(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0,
                   top_k: int | torch.Tensor | None = None, top_p: float | torch.Tensor | None = None,
                   generator: torch.Generator | None = None, *, seed: int | torch.Tensor | None = None,
-                  step: int | torch.Tensor = 0) -> torch.Tensor:
+                  step: int | torch.Tensor = 0, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Draw one token id per row from ``logits`` ``(B, vocab)``; returns ``(B,)`` int64.
 
     ``temperature == 0`` is greedy (exact argmax; ``top_k``/``top_p`` are then irrelevant).
@@ -259,7 +259,9 @@ def sample_logits(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0,
     ``(seed, step, token id)`` (:func:`random_bits`): the same seed gives the same tokens on every
     device for the same logits. ``seed`` is an int (row i uses ``seed + i``) or a ``(B,)`` tensor;
     ``step`` (int or ``(B,)``) is the index of the token being drawn, so successive draws differ.
-    Without ``seed`` one is drawn from ``generator`` (or torch's global generator).
+    Without ``seed`` one is drawn from ``generator`` (or torch's global generator). ``bias``
+    (``(B, vocab)``, optional) is added to the logits before anything else, greedy rows included:
+    the serving engine's ``logit_bias`` and presence/frequency penalties.
 
     Eager code never sorts the whole vocabulary unless it must: ``top_k`` takes a top-k selection,
     and ``top_p`` looks for each row's nucleus among its ``NUCLEUS_CANDIDATES`` most likely tokens
@@ -269,6 +271,8 @@ def sample_logits(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0,
     reads) sort. All paths give the same tokens.
     """
     logits = logits.float()  # bf16 has too few mantissa bits for a faithful softmax/cumsum
+    if bias is not None:
+        logits = logits + bias
     B, V = logits.shape
     if not isinstance(temperature, torch.Tensor) and temperature == 0:
         return argmax_rows(logits)
@@ -444,13 +448,14 @@ def decode_one_token(model: GPT, token: torch.Tensor, input_pos: torch.Tensor, m
 def decode_step(model: GPT, token: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor,
                 position_ids: torch.Tensor, temperature: float | torch.Tensor, top_k: int | torch.Tensor | None,
                 top_p: float | torch.Tensor | None, seeds: torch.Tensor,
-                steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                steps: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The one decode step of :func:`stream` and the serving engine: feed ``token`` ``(B, 1)``
-    and draw the next token of every row with :func:`sample_logits`; returns ``(next (B,),
-    logits (B, V))``. Sampling sits inside the step so a compiled (CUDA-graph) step needs no
-    host sync per token except reading the token."""
+    and draw the next token of every row with :func:`sample_logits` (``bias``: its logit bias);
+    returns ``(next (B,), logits (B, V))``, the logits as the model gave them. Sampling sits
+    inside the step so a compiled (CUDA-graph) step needs no host sync per token except reading
+    the token."""
     logits = decode_one_token(model, token, input_pos, mask, position_ids)
-    return sample_logits(logits, temperature, top_k, top_p, seed=seeds, step=steps), logits
+    return sample_logits(logits, temperature, top_k, top_p, seed=seeds, step=steps, bias=bias), logits
 
 
 # Inductor options of the CPU decode step (see :func:`compiled_decode_step`). Not ``freezing``

@@ -16,7 +16,8 @@ Endpoints (see the README's "Serving" section for every field):
 
 Every error has OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``. A field we do not
 support is a 400 naming it (never silently ignored); OpenAI fields whose value changes nothing
-(``presence_penalty: 0``, ``best_of: 1`` ...) are accepted, since many clients always send them.
+(``best_of: 1`` ...) are accepted, since many clients always send them. ``logit_bias``,
+``presence_penalty`` and ``frequency_penalty`` work as OpenAI's (see ``engine.SamplingParams``).
 
 The web stack (FastAPI, uvicorn, prometheus_client) is the optional extra ``gpt2model[serve]``;
 nothing else in the package imports this module.
@@ -133,7 +134,7 @@ class StreamOptions(_Strict):
 PositiveInt = Annotated[int, Field(ge=1)]
 Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
-Penalty = Annotated[float, Field(allow_inf_nan=False)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]  # OpenAI's range
 StopString = Annotated[str, Field(min_length=1)]
 
 
@@ -150,10 +151,9 @@ class _Sampling(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted and ignored, as OpenAI's docs allow
-    # OpenAI fields accepted only at their no-op values (checked in _check_noops).
-    presence_penalty: Penalty = 0.0
+    presence_penalty: Penalty = 0.0  # engine.SamplingParams: OpenAI's penalties, over the generated tokens
     frequency_penalty: Penalty = 0.0
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]] | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -202,15 +202,22 @@ _FIELD_NAMES = {name for m in (CompletionRequest, ChatRequest, ChatMessage, Text
                                 DetokenizeRequest) for name in m.model_fields}
 
 
+def _logit_bias(req: _Sampling, vocab_size: int) -> dict[int, float] | None:
+    """``logit_bias`` with OpenAI's token-id string keys as ids (a 400 naming it otherwise)."""
+    if not req.logit_bias:
+        return None
+    bias = {}
+    for key, value in req.logit_bias.items():
+        token = int(key) if key.isdigit() else -1
+        if not 0 <= token < vocab_size:
+            raise APIError(400, f"logit_bias keys must be token ids in [0, {vocab_size}) written as strings, "
+                           f"got {key!r}", param="logit_bias")
+        bias[token] = float(value)
+    return bias
+
+
 def _check_noops(req: _Sampling) -> None:
     """OpenAI fields we accept only where they change nothing: anything else is a 400 naming it."""
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(req, name) != 0:
-            raise APIError(400, f"{name} is not supported by this server (only 0)", param=name,
-                           code="unsupported_value")
-    if req.logit_bias:
-        raise APIError(400, "logit_bias is not supported by this server (only {} or null)", param="logit_bias",
-                       code="unsupported_value")
     if isinstance(req, CompletionRequest):
         if req.best_of not in (None, req.n):
             raise APIError(400, "best_of is not supported by this server (only best_of == n)", param="best_of",
@@ -430,6 +437,7 @@ class _Server:
         if self.shutting_down:
             raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
         stop_ids = (self.tokenizer.eot,) if self.tokenizer.eot is not None else ()
+        logit_bias = _logit_bias(req, self.vocab_size)
         choices: list[_Choice] = []
         try:
             for i, ids in enumerate(prompts):
@@ -439,7 +447,8 @@ class _Server:
                         max_tokens=max_tokens[i], temperature=float(req.temperature), top_k=req.top_k,
                         top_p=None if req.top_p >= 1.0 else float(req.top_p),
                         seed=None if req.seed is None else req.seed + j, logprobs=logprobs,
-                        stop_token_ids=stop_ids, prompt_logprobs=prompt_logprobs)
+                        stop_token_ids=stop_ids, prompt_logprobs=prompt_logprobs, logit_bias=logit_bias,
+                        presence_penalty=float(req.presence_penalty), frequency_penalty=float(req.frequency_penalty))
                     r = self.engine.submit(ids, params)
                     choices.append(_Choice(len(choices), i, r, TextStream(self.tokenizer, stop), stop_ids))
         except QueueFullError as e:
