@@ -110,3 +110,17 @@ def test_a_large_logit_bias_forces_a_token_and_bad_values_are_refused(engine: En
     for fields in bad:
         with pytest.raises(ValueError, match="penalty|logit_bias"):
             engine.submit([1], SamplingParams(max_tokens=2, temperature=0, **fields))
+
+
+def test_min_tokens_holds_back_the_stop_tokens(engine: Engine) -> None:
+    """vLLM's ``min_tokens``: a stop token that would win at once (+100 bias) cannot be drawn
+    before ``min_tokens`` tokens, then ends the request at the first chance."""
+    p = SamplingParams(max_tokens=12, temperature=0, stop_token_ids=(5,), logit_bias={5: 100.0}, min_tokens=4)
+    request = engine.submit([1], p)
+    events = list(request.events())
+    tokens = [e.token for e in events[:-1]]
+    assert len(tokens) == 4 and 5 not in tokens and events[-1].reason == "stop"
+    p0 = SamplingParams(max_tokens=12, temperature=0.7, seed=2, stop_token_ids=(5,), logit_bias={5: 100.0})
+    assert tokens_of(engine.submit([1], p0)) == []  # without min_tokens the stop token comes first
+    with pytest.raises(ValueError, match="min_tokens"):
+        engine.submit([1], SamplingParams(max_tokens=3, temperature=0, min_tokens=4))

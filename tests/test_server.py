@@ -258,6 +258,8 @@ def test_client_disconnect_mid_stream_frees_the_slot(served):
     (b'{"prompt": "x", "logit_bias": {"50257": 5}}', 400, "logit_bias", None),
     (b'{"prompt": "x", "logit_bias": {"1": 101}}', 400, "logit_bias", "invalid_value"),
     (b'{"prompt": "x", "frequency_penalty": 2.5}', 400, "frequency_penalty", "invalid_value"),
+    (b'{"prompt": "x", "stop_token_ids": [50257]}', 400, "stop_token_ids", None),
+    (b'{"prompt": "x", "max_tokens": 3, "min_tokens": 4}', 400, "min_tokens", None),
     (b'{"prompt": "x", "presence_penalty": "high"}', 400, "presence_penalty", "invalid_value"),
     (b'{"prompt": "x", "best_of": 3}', 400, "best_of", "unsupported_value"),
     (b'{"prompt": "x", "mirostat": 2}', 400, "mirostat", "unsupported_field"),
@@ -293,6 +295,17 @@ def test_logit_bias_and_penalties_through_the_openai_client(served, client):
                                                        presence_penalty=1.0, stop_token_ids=(served.tok.eot,)))
     ids = [e.token for e in want.events() if hasattr(e, "token")]
     assert penalized == served.text(ids) and penalized != plain
+    # vLLM's extensions: ignore_eos (its benchmark client sends it), stop_token_ids, min_tokens.
+    eot = str(served.tok.eot)
+    body = {"prompt": "Hello", "max_tokens": 5, "temperature": 0, "logit_bias": {eot: 100}}
+    r = served.post("/v1/completions", body).json()["choices"][0]
+    assert (r["text"], r["finish_reason"]) == ("", "stop")
+    r = served.post("/v1/completions", {**body, "ignore_eos": True}).json()["choices"][0]
+    assert (r["text"], r["finish_reason"]) == (served.tok.decode([served.tok.eot] * 5), "length")
+    r = served.post("/v1/completions", {**body, "min_tokens": 3, "logit_bias": {eot: 100, str(forced): 50}}).json()
+    assert (r["choices"][0]["text"], r["choices"][0]["finish_reason"]) == (served.tok.decode([forced] * 3), "stop")
+    r = served.post("/v1/completions", {**body, "logit_bias": {str(forced): 100}, "stop_token_ids": [forced]})
+    assert (r.json()["choices"][0]["text"], r.json()["choices"][0]["finish_reason"]) == ("", "stop")
 
 
 def test_bad_chat_requests(served):

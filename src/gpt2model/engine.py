@@ -91,7 +91,7 @@ class SamplingParams:
     token ``j`` becomes ``logit + logit_bias[j] - presence_penalty * (c[j] > 0) -
     frequency_penalty * c[j]``, ``c[j]`` counting ``j`` among the tokens this request generated so
     far (the prompt does not count, as in vLLM); greedy rows too. Logprobs stay those of the raw
-    logits."""
+    logits. ``min_tokens`` (vLLM's): the ``stop_token_ids`` cannot be drawn before that many tokens."""
 
     max_tokens: int
     temperature: float = 1.0
@@ -104,10 +104,12 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    min_tokens: int = 0
 
     def penalized(self) -> bool:
-        """Whether the logits get a bias (``logit_bias`` or a penalty) before each draw."""
-        return bool(self.logit_bias) or self.presence_penalty != 0 or self.frequency_penalty != 0
+        """Whether the logits get a bias (``logit_bias``, a penalty, ``min_tokens``) before each draw."""
+        return (bool(self.logit_bias) or self.presence_penalty != 0 or self.frequency_penalty != 0
+                or (self.min_tokens > 0 and bool(self.stop_token_ids)))
 
 
 class QueueFullError(RuntimeError):
@@ -395,6 +397,10 @@ class Engine:
             v = getattr(params, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not -2.0 <= v <= 2.0:
                 raise ValueError(f"{name} must be a number in [-2, 2], got {v!r}")
+        if isinstance(params.min_tokens, bool) or not isinstance(params.min_tokens, int) \
+                or not 0 <= params.min_tokens <= params.max_tokens:
+            raise ValueError(f"min_tokens must be an integer in [0, max_tokens={params.max_tokens}], "
+                             f"got {params.min_tokens!r}")
         for t, v in (params.logit_bias or {}).items():
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < cfg.vocab_size:
                 raise ValueError(f"logit_bias keys must be token ids in [0, {cfg.vocab_size}), got {t!r}")
@@ -673,6 +679,8 @@ class Engine:
             if p.logit_bias:
                 ids = torch.tensor(list(p.logit_bias), device=self._bias.device)
                 self._bias[b, ids] = torch.tensor([float(v) for v in p.logit_bias.values()], device=self._bias.device)
+            if p.min_tokens > 0:
+                self._bias[b, list(p.stop_token_ids)] = float("-inf")  # lifted in _deliver
             slot.seen = set()
             self._biased.add(b)
 
@@ -824,6 +832,10 @@ class Engine:
         with self._wake:
             self._counts["tokens_generated"] += 1
         self._post(slot.request, event)
+        if slot.generated == p.min_tokens > 0:  # from now on the stop tokens may be drawn
+            assert self._bias is not None
+            for t in p.stop_token_ids:
+                self._bias[b, t] = float((p.logit_bias or {}).get(t, 0.0))
         if slot.seen is not None and (p.presence_penalty or p.frequency_penalty):
             # The next draws see this token once more (OpenAI's penalties, one entry per token).
             assert self._bias is not None

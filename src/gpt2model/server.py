@@ -69,6 +69,7 @@ DEFAULT_CHAT_STOP = ("\nUser:",)
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any prompt that fits a GPT-2 context
 MAX_N = 16
 MAX_STOP = 4  # as OpenAI
+MAX_STOP_TOKEN_IDS = 64  # vLLM extension: end-of-text and these end a choice
 MAX_LOGPROBS = 5  # completions: as OpenAI
 MAX_TOP_LOGPROBS = 20  # chat: as OpenAI
 
@@ -154,6 +155,11 @@ class _Sampling(_Strict):
     presence_penalty: Penalty = 0.0  # engine.SamplingParams: OpenAI's penalties, over the generated tokens
     frequency_penalty: Penalty = 0.0
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]] | None = None
+    # vLLM's extensions (its benchmark client sends ignore_eos): stop tokens beside end-of-text, none
+    # before min_tokens, or end-of-text not a stop at all.
+    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
+    ignore_eos: bool = False
+    min_tokens: Annotated[int, Field(ge=0)] = 0
 
 
 class CompletionRequest(_Sampling):
@@ -436,7 +442,15 @@ class _Server:
         """One engine request per (prompt, n); all or none (a full queue cancels what got in)."""
         if self.shutting_down:
             raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
-        stop_ids = (self.tokenizer.eot,) if self.tokenizer.eot is not None else ()
+        stop_ids = (self.tokenizer.eot,) if self.tokenizer.eot is not None and not req.ignore_eos else ()
+        for t in req.stop_token_ids or []:
+            if t >= self.vocab_size:
+                raise APIError(400, f"stop_token_ids: token id {t} is out of range: ids must be in "
+                                    f"[0, {self.vocab_size})", param="stop_token_ids")
+            stop_ids += (t,) if t not in stop_ids else ()
+        if req.min_tokens > min(max_tokens):
+            raise APIError(400, f"min_tokens ({req.min_tokens}) must not exceed max_tokens ({min(max_tokens)})",
+                           param="min_tokens")
         logit_bias = _logit_bias(req, self.vocab_size)
         choices: list[_Choice] = []
         try:
@@ -448,7 +462,8 @@ class _Server:
                         top_p=None if req.top_p >= 1.0 else float(req.top_p),
                         seed=None if req.seed is None else req.seed + j, logprobs=logprobs,
                         stop_token_ids=stop_ids, prompt_logprobs=prompt_logprobs, logit_bias=logit_bias,
-                        presence_penalty=float(req.presence_penalty), frequency_penalty=float(req.frequency_penalty))
+                        presence_penalty=float(req.presence_penalty), frequency_penalty=float(req.frequency_penalty),
+                        min_tokens=req.min_tokens)
                     r = self.engine.submit(ids, params)
                     choices.append(_Choice(len(choices), i, r, TextStream(self.tokenizer, stop), stop_ids))
         except QueueFullError as e:
