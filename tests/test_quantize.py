@@ -227,7 +227,7 @@ def test_decode_layout_while_the_cache_lives_changes_no_result(monkeypatch: pyte
     """fp32 on CPU: the linear weights are re-laid column-major (in place, the head still tied),
     and a cache of >= PACKED_HEAD_MIN_ROWS rows adds a oneDNN-packed copy of a large head for
     steps of that many rows; logits are unchanged (fp32 within 1e-5) throughout."""
-    from gpt2model.quantize import PACKED_HEAD_MIN_ROWS, PackedHead
+    from gpt2model.quantize import NARROW_ROW_MAJOR_MAX_ROWS, PACKED_HEAD_MIN_ROWS, PackedHead
 
     model = spiky(BIG_VOCAB)
     ids = torch.randint(0, BIG_VOCAB.vocab_size, (PACKED_HEAD_MIN_ROWS, 20))
@@ -241,6 +241,8 @@ def test_decode_layout_while_the_cache_lives_changes_no_result(monkeypatch: pyte
     assert head.stride() == (1, BIG_VOCAB.vocab_size) and head is model.transformer.wte.weight  # still tied
     w = model.transformer.h[0].mlp.c_fc.weight
     assert w.stride() == (1, w.size(0))  # W.t() contiguous
+    down = model.transformer.h[0].mlp.c_proj.weight  # narrowing (out < in): row-major for caches of few rows
+    assert PACKED_HEAD_MIN_ROWS <= NARROW_ROW_MAJOR_MAX_ROWS and down.is_contiguous()
     assert dict(model.named_parameters()) == params  # the same Parameter objects
     logits = model(ids, input_pos=torch.arange(20)).detach()
     torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
@@ -264,8 +266,13 @@ def test_decode_layout_while_the_cache_lives_changes_no_result(monkeypatch: pyte
                                changed(ids[:, :2]).detach()[:, 1:], rtol=1e-5, atol=1e-5)
     assert len(calls) == 2  # the stale copy was not used
     model.clear_cache()
+    model.setup_cache(NARROW_ROW_MAJOR_MAX_ROWS + 1)  # more rows: the narrowing matrices column-major too
+    assert down.stride() == (1, down.size(0)) and head.stride() == (1, BIG_VOCAB.vocab_size)
+    torch.testing.assert_close(model(ids[:1, :1], input_pos=torch.arange(1)).detach(), changed(ids[:1, :1]).detach(),
+                               rtol=1e-5, atol=1e-5)
+    model.clear_cache()
     model.setup_cache(1)  # eval mode: the layout stays between generations (one copy per model)
-    assert head.stride() == (1, BIG_VOCAB.vocab_size)
+    assert head.stride() == (1, BIG_VOCAB.vocab_size) and down.is_contiguous()
     model.clear_cache()
     model.train()  # training gets the usual layout back, and the packed copy is dropped
     assert all(p.is_contiguous() for p in model.parameters()) and model._packed_head is None

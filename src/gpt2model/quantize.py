@@ -436,12 +436,23 @@ PACKED_HEAD_MIN_ROWS = 2
 PACKED_HEAD_MIN_OUT = 16384
 
 
-def decode_layout_is_column_major(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether a float ``nn.Linear`` weight decodes faster stored column-major
-    (``W.t()`` contiguous) on ``device`` in ``dtype``: fp32 on CPU (see the module docstring).
-    Elsewhere the usual row-major layout (cuBLAS reads both at full speed; CPU bf16 kernels want
-    row-major, 4-10x faster)."""
-    return device.type == "cpu" and dtype == torch.float32
+# A narrowing fp32 matrix (fewer outputs than inputs: the MLP's down projection) decodes faster
+# row-major for caches of up to this many rows, column-major from more (MKL GEMV, 1 thread,
+# each call streaming its weight from memory: 384 x 1,536 at 1 / 2 / 8 rows 103 / 178 / 272 us
+# row-major vs 169 / 252 / 270 column-major; 768 x 3,072 at 1 / 8 rows 407 / 1,373 vs 578 / 1,271).
+NARROW_ROW_MAJOR_MAX_ROWS = 2
+
+
+def decode_layout_is_column_major(device: torch.device, dtype: torch.dtype, shape: tuple[int, ...] | None = None,
+                                  rows: int = 1) -> bool:
+    """Whether a float ``nn.Linear`` weight of ``shape`` ``(out, in)`` decodes faster stored
+    column-major (``W.t()`` contiguous) on ``device`` in ``dtype`` for steps of up to ``rows``
+    rows: fp32 on CPU (see the module docstring), except a narrowing matrix (``out < in``) at
+    ``rows <= NARROW_ROW_MAJOR_MAX_ROWS``. Elsewhere the usual row-major layout (cuBLAS reads
+    both at full speed; CPU bf16 kernels want row-major, 4-10x faster)."""
+    if device.type != "cpu" or dtype != torch.float32:
+        return False
+    return shape is None or shape[0] >= shape[1] or rows > NARROW_ROW_MAJOR_MAX_ROWS
 
 
 class PackedHead:
@@ -489,8 +500,10 @@ def prepare_decode(model: GPT, batch_size: int = 1) -> None:
 
     * fp32 on CPU: every linear weight is re-laid column-major in place (values, shape,
       ``Parameter`` and the tie to the embedding unchanged; only the strides move; no second
-      copy): 1.7x faster for the 50,257-row head at one row; the body's matrices measured faster
-      row-major alone but 6-12% slower in whole batch-1 decode steps, so column-major it is. For
+      copy): 1.7x faster for the 50,257-row head at one row, 1.1-1.5x for the widening body
+      matrices (QKV, MLP up), measured one by one streaming from memory; a narrowing matrix (the
+      MLP's down projection) stays row-major for caches of up to ``NARROW_ROW_MAJOR_MAX_ROWS``
+      rows (1.4-1.6x faster at one row; a tie or slower at 8). For
       caches of ``PACKED_HEAD_MIN_ROWS`` rows or more a oneDNN-packed copy of the head is added
       (:class:`PackedHead`, one extra copy of the head) for steps of that many rows.
     * bf16, other devices: the usual row-major layout everywhere.
@@ -503,12 +516,17 @@ def prepare_decode(model: GPT, batch_size: int = 1) -> None:
         if not isinstance(module, nn.Linear):
             continue
         w = module.weight
-        if decode_layout_is_column_major(w.device, w.dtype) and w.is_contiguous() and min(w.shape) > 1:
+        column_major = decode_layout_is_column_major(w.device, w.dtype, tuple(w.shape), batch_size)
+        if column_major and w.is_contiguous() and min(w.shape) > 1:
             with torch.no_grad():
                 # .data swaps the storage under the same Parameter (optimizer state, ties and
                 # references stay valid); the tied embedding sees the same storage.
                 w.data = w.data.t().contiguous().t()
-            relaid.append(w)
+            if not any(w is r for r in relaid):
+                relaid.append(w)
+        elif not column_major and not w.is_contiguous() and any(w is r for r in relaid):
+            with torch.no_grad():
+                w.data = w.data.contiguous()  # re-laid for a cache of more rows before: row-major again
     model._decode_relaid = relaid
     head = model.lm_head
     if not isinstance(head, nn.Linear) or not decode_layout_is_column_major(head.weight.device, head.weight.dtype):
