@@ -7,8 +7,9 @@ Every case runs in its own forked process (peak RSS per case), greedy, random in
 prompt, no early stop; the cases are interleaved over ``rounds`` rounds and each figure is the
 median over rounds (so a noisy neighbour hits every case alike). The memory floor of a case is
 the bytes its decode step must read (every linear weight once, the head included; the embedding
-lookup reads only the fed rows) over this machine's read bandwidth, measured in the same run (sum
-of a 512 MiB tensor, best of rounds); ``of floor`` is the floor's time over the measured time.
+lookup reads only the fed rows) over this machine's read bandwidth, measured in the same run (the
+faster of a sum and a one-row GEMV over a 512 MiB tensor, best of rounds); ``of floor`` is the
+floor's time over the measured time.
 ``decode ms`` (ours) is the decode steps alone, ``(t(n) - t(1)) / (n - 1)``: the figure compared
 with llama.cpp's (``llama-bench -p 0``: decode only, no prompt).
 ``python bench/bench_generate.py`` prints a table with ratios and writes JSON to ``bench/results/``.
@@ -122,14 +123,24 @@ def _case(config_name: str, method: str, batch: int, new_tokens: int, threads: i
 
 
 def _bandwidth(threads: int | None, mib: int = 512, iters: int = 5) -> float:
-    """Read bandwidth in bytes/s: the best of ``iters`` sums over a tensor far larger than the caches."""
+    """Read bandwidth in bytes/s over a tensor far larger than the caches: the best of ``iters``
+    reads, each the faster of a sum and a one-row fp32 GEMV over it stored column-major (MKL
+    streams it as 8 concurrent column runs: ~29-33 GB/s on one core of a 2-core EPYC where the
+    sum's single stream reads ~19; a decode step can stream its weights that fast too)."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
     x = torch.ones(mib * 2**20 // 4)
+    w = x.view(512, -1).t()  # (n, 512) with W.t() contiguous: the decode layout of an fp32 head
+    v = torch.ones(1, 512)
+
+    def gemv() -> None:
+        torch.nn.functional.linear(v, w)
+
     x.sum()
-    best = min(_timed(x.sum) for _ in range(iters))
+    gemv()
+    best = min(min(_timed(x.sum), _timed(gemv)) for _ in range(iters))
     return x.numel() * 4 / best
 
 
