@@ -161,6 +161,15 @@ def test_greedy_equals_generate_alone_even_with_concurrent_requests(served):
     assert got == want
 
 
+def test_top_k_0_and_minus_1_mean_no_filter_as_in_vllm(served):
+    body = {"prompt": "Once upon a time", "max_tokens": 12, "temperature": 1.0, "seed": 7}
+    want = served.post("/v1/completions", body).json()["choices"][0]["text"]
+    for k in (0, -1):
+        r = served.post("/v1/completions", {**body, "top_k": k})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == want, r.text
+    assert served.post("/v1/completions", {**body, "top_k": 2}).json()["choices"][0]["text"] != want
+
+
 def test_seeded_sampling_is_the_same_alone_or_batched(served):
     body = {"prompt": "Once upon a time", "max_tokens": 15, "temperature": 1.0, "top_k": 50, "seed": 1234}
     alone = served.post("/v1/completions", body).json()["choices"][0]["text"]

@@ -145,7 +145,8 @@ class _Sampling(_Strict):
     model: str | None = None
     temperature: Temperature = 1.0  # 0 = greedy (argmax), exactly
     top_p: TopP = 1.0
-    top_k: PositiveInt | None = None  # extension (vLLM, llama.cpp)
+    # Extension (vLLM, llama.cpp); 0 and -1 mean no top-k filter, as in vLLM (whose clients send -1).
+    top_k: Annotated[int, Field(ge=-1)] | None = None
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
     seed: int | None = None
@@ -458,7 +459,8 @@ class _Server:
                 for j in range(req.n):
                     # n > 1 with a seed: choice j uses seed + j, so the choices differ yet repeat.
                     params = SamplingParams(
-                        max_tokens=max_tokens[i], temperature=float(req.temperature), top_k=req.top_k,
+                        max_tokens=max_tokens[i], temperature=float(req.temperature),
+                        top_k=req.top_k if req.top_k is not None and req.top_k > 0 else None,
                         top_p=None if req.top_p >= 1.0 else float(req.top_p),
                         seed=None if req.seed is None else req.seed + j, logprobs=logprobs,
                         stop_token_ids=stop_ids, prompt_logprobs=prompt_logprobs, logit_bias=logit_bias,
