@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import time
+from collections import Counter
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ from gpt2model.engine import (
     SamplingParams,
     TokenEvent,
 )
-from gpt2model.generate import generate
+from gpt2model.generate import generate, sample_logits
 
 CFG = GPTconfig(context_length=64, vocab_size=50, n_layer=2, n_head=2, d_model=32)
 _REFERENCE: dict[int, GPT] = {}  # a copy of each test model, for generate() while an engine holds the model
@@ -619,3 +620,84 @@ def test_an_f16_model_gets_what_it_gets_alone_batched_and_mixed() -> None:
         assert eng.stats()["mixed_steps"] >= 1
     finally:
         eng.shutdown(timeout=5)
+
+
+def tokens_of(request: Request) -> list[int]:
+    """The tokens of a request that ends normally (length or a stop token)."""
+    tokens, finish = collect(request)
+    assert finish is not None and finish.reason in ("length", "stop"), finish
+    return [e.token for e in tokens]
+
+
+@torch.no_grad()
+def openai_loop(model: GPT, prompt: list[int], p: SamplingParams) -> list[int]:
+    """OpenAI's definition, written out: before draw ``s`` the logit of token ``j`` is
+    ``logit + logit_bias[j] - presence * (c[j] > 0) - frequency * c[j]`` over the tokens generated
+    so far; the draw is ``sample_logits`` with the request's seed at step ``s``. A full forward
+    per token (no cache)."""
+    ids, out, counts = list(prompt), [], Counter()
+    for step in range(p.max_tokens):
+        logits = model(torch.tensor([ids]))[0, -1:]
+        bias = torch.zeros(1, CFG.vocab_size)
+        for t, v in (p.logit_bias or {}).items():
+            bias[0, t] += v
+        for t, c in counts.items():
+            bias[0, t] -= p.presence_penalty + p.frequency_penalty * c
+        seed = p.seed if p.seed is not None else 0
+        token = int(sample_logits(logits, p.temperature, p.top_k, p.top_p, seed=seed, step=step, bias=bias))
+        out.append(token)
+        counts[token] += 1
+        ids.append(token)
+    return out
+
+
+def test_penalties_and_logit_bias_follow_openais_formula_alone_and_batched(engine: Engine, model: GPT) -> None:
+    """OpenAI's ``logit_bias``, ``presence_penalty`` and ``frequency_penalty``: each request gets
+    what :func:`openai_loop` gives it, alone or batched, and a freed slot forgets its bias."""
+    reference = _REFERENCE[id(model)]
+    greedy = SamplingParams(max_tokens=30, temperature=0, presence_penalty=0.5, frequency_penalty=1.5,
+                            logit_bias={3: 2.0, 7: -100.0})
+    sampled = SamplingParams(max_tokens=25, temperature=0.8, top_k=20, seed=11, frequency_penalty=-0.7,
+                             logit_bias={9: 1.0})
+    plain = SamplingParams(max_tokens=20, temperature=0)
+    want_greedy = openai_loop(reference, [1, 2, 3], greedy)
+    want_sampled = openai_loop(reference, [4, 5], sampled)
+    want_plain = generate(reference, [[6]], 20, temperature=0)[0][1:]
+    # The penalties change the greedy text (else this test could not tell), and token 7 is banned.
+    assert want_greedy != generate(reference, [[1, 2, 3]], 30, temperature=0)[0][3:]
+    assert 7 not in want_greedy and len(set(want_greedy)) > 10  # the penalties spread the choices out
+    # Alone, one after the other (each in slot 0, whose bias must be reset in between).
+    assert tokens_of(engine.submit([1, 2, 3], greedy)) == want_greedy
+    assert tokens_of(engine.submit([6], plain)) == want_plain
+    assert tokens_of(engine.submit([4, 5], sampled)) == want_sampled
+    # Batched: all three at once, in every slot.
+    for order in ([0, 1, 2], [2, 0, 1]):
+        jobs = [([1, 2, 3], greedy), ([4, 5], sampled), ([6], plain)]
+        requests = {i: engine.submit(*jobs[i]) for i in order}
+        got = {i: tokens_of(r) for i, r in requests.items()}
+        assert got == {0: want_greedy, 1: want_sampled, 2: want_plain}
+
+
+def test_a_large_logit_bias_forces_a_token_and_bad_values_are_refused(engine: Engine) -> None:
+    for params in (SamplingParams(max_tokens=8, temperature=0, logit_bias={5: 100.0}),
+                   SamplingParams(max_tokens=8, temperature=1.0, seed=3, logit_bias={5: 100.0})):
+        assert tokens_of(engine.submit([1], params)) == [5] * 8
+    bad = [dict(presence_penalty=2.5), dict(frequency_penalty=float("nan")), dict(logit_bias={50: 1.0}),
+           dict(logit_bias={1: 101.0}), dict(logit_bias={"1": 1.0})]
+    for fields in bad:
+        with pytest.raises(ValueError, match="penalty|logit_bias"):
+            engine.submit([1], SamplingParams(max_tokens=2, temperature=0, **fields))
+
+
+def test_min_tokens_holds_back_the_stop_tokens(engine: Engine) -> None:
+    """vLLM's ``min_tokens``: a stop token that would win at once (+100 bias) cannot be drawn
+    before ``min_tokens`` tokens, then ends the request at the first chance."""
+    p = SamplingParams(max_tokens=12, temperature=0, stop_token_ids=(5,), logit_bias={5: 100.0}, min_tokens=4)
+    request = engine.submit([1], p)
+    events = list(request.events())
+    tokens = [e.token for e in events[:-1]]
+    assert len(tokens) == 4 and 5 not in tokens and events[-1].reason == "stop"
+    p0 = SamplingParams(max_tokens=12, temperature=0.7, seed=2, stop_token_ids=(5,), logit_bias={5: 100.0})
+    assert tokens_of(engine.submit([1], p0)) == []  # without min_tokens the stop token comes first
+    with pytest.raises(ValueError, match="min_tokens"):
+        engine.submit([1], SamplingParams(max_tokens=3, temperature=0, min_tokens=4))
