@@ -33,11 +33,11 @@ Inside ``torch.compile`` (``compile=True``) a one-row CPU decode step uses an in
 inductor generates from :meth:`Int8Linear._compiled_gemv` (1 byte read per weight, fp32
 activations and accumulation): ~1.6x ``_weight_int8pack_mm`` on the 124M head, and the reason a
 compiled int8 decode beats fp32 by >= 2x on this AVX2 CPU. On other devices (CUDA) a compiled
-decode step of up to 8 rows multiplies in :meth:`Int8Linear._compiled_reduction`, which inductor
-makes one fused Triton reduction per layer reading each int8 weight once (gpt-fast's route to
-~1.5x bf16); elsewhere the weight is dequantized, then multiplied. Measured on an H200 (torch
-2.11, the 50,257 x 768 head, one row): bf16 ``F.linear`` 34 us, dequantize + ``F.linear`` 143 us,
-CUDA's ``_weight_int8pack_mm`` 230 us (the fused reduction is not measured on a GPU yet).
+one-row decode step multiplies in :meth:`Int8Linear._compiled_reduction`, which inductor makes
+one fused Triton reduction per layer reading each int8 weight once (gpt-fast's route past bf16);
+elsewhere the weight is dequantized, then multiplied. Measured on an H200 (torch 2.11, the
+50,257 x 768 head, one row): bf16 ``F.linear`` 34 us, dequantize + ``F.linear`` 143 us, CUDA's
+``_weight_int8pack_mm`` 230 us; whole 124M decode steps: see ``COMPILED_REDUCTION_MAX_ROWS``.
 """
 
 from __future__ import annotations
@@ -66,10 +66,13 @@ INT8_KERNEL_MAX_ROWS = 16
 # Inside torch.compile on a CPU, up to this many rows use :meth:`Int8Linear._compiled_gemv`
 # (inductor's int8 GEMV; it reads the weight once per row, so it is for single-row decode steps).
 COMPILED_GEMV_MAX_ROWS = 1
-# Inside torch.compile on other devices (CUDA), up to this many rows (a decode step's batch) use
-# :meth:`Int8Linear._compiled_reduction`: one fused reduction kernel reading each int8 weight once
-# for all rows; longer inputs dequantize, then multiply.
-COMPILED_REDUCTION_MAX_ROWS = 8
+# Inside torch.compile on other devices (CUDA), up to this many rows use
+# :meth:`Int8Linear._compiled_reduction`: one fused reduction kernel reading each int8 weight once;
+# more rows dequantize, then multiply. Measured on an H200 (torch 2.11, 124M shape, CUDA graphs,
+# 200 greedy tokens): at batch 1 the reduction gives 2,053 tokens/s against bf16's 1,900; at batch 8
+# inductor's reduction kernel for 8 rows is slow (3,312 against bf16's 12,208; dequantize + matmul
+# gave 9,353), so only one-row steps use it.
+COMPILED_REDUCTION_MAX_ROWS = 1
 # :func:`half_gemv` reads the weight as this many concurrent sequential streams (row r of each
 # quarter in turn) rather than one: a single stream of rows reaches ~16 GB/s from memory on a
 # 2-core AVX2 EPYC, four reach ~24 (the bf16 50,257 x 384 head: 2.41 -> 1.62 ms; two 1.96,
