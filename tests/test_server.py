@@ -309,7 +309,13 @@ def test_logit_bias_and_penalties_through_the_openai_client(served, client):
     body = {"prompt": "Hello", "max_tokens": 5, "temperature": 0, "logit_bias": {eot: 100}}
     r = served.post("/v1/completions", body).json()["choices"][0]
     assert (r["text"], r["finish_reason"]) == ("", "stop")
-    r = served.post("/v1/completions", {**body, "ignore_eos": True}).json()["choices"][0]
+    r = served.post("/v1/completions", {**body, "ignore_eos": True}).json()
+    # end-of-text generated 5 times, counted, but no text: vLLM's skip_special_tokens (default true)
+    got = (r["choices"][0]["text"], r["choices"][0]["finish_reason"], r["usage"]["completion_tokens"])
+    assert got == ("", "length", 5)
+    pieces, _ = _stream_pieces(served, "/v1/completions", {**body, "ignore_eos": True})
+    assert "".join(pieces) == ""
+    r = served.post("/v1/completions", {**body, "ignore_eos": True, "skip_special_tokens": False}).json()["choices"][0]
     assert (r["text"], r["finish_reason"]) == (served.tok.decode([served.tok.eot] * 5), "length")
     r = served.post("/v1/completions", {**body, "min_tokens": 3, "logit_bias": {eot: 100, str(forced): 50}}).json()
     assert (r["choices"][0]["text"], r["choices"][0]["finish_reason"]) == (served.tok.decode([forced] * 3), "stop")

@@ -161,6 +161,8 @@ class _Sampling(_Strict):
     stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     ignore_eos: bool = False
     min_tokens: Annotated[int, Field(ge=0)] = 0
+    # vLLM's default: a special token that is not a stop (end-of-text with ignore_eos) adds no text.
+    skip_special_tokens: bool = True
 
 
 class CompletionRequest(_Sampling):
@@ -293,6 +295,7 @@ class _Choice:
     request: EngineRequest
     stream: TextStream
     stop_ids: tuple[int, ...]
+    hidden_ids: tuple[int, ...] = ()  # generated, counted, but adding no text (skip_special_tokens)
     text: str = ""
     tokens: int = 0
     finish_reason: str | None = None
@@ -453,6 +456,7 @@ class _Server:
             raise APIError(400, f"min_tokens ({req.min_tokens}) must not exceed max_tokens ({min(max_tokens)})",
                            param="min_tokens")
         logit_bias = _logit_bias(req, self.vocab_size)
+        hidden_ids = (self.tokenizer.eot,) if self.tokenizer.eot is not None and req.skip_special_tokens else ()
         choices: list[_Choice] = []
         try:
             for i, ids in enumerate(prompts):
@@ -467,7 +471,8 @@ class _Server:
                         presence_penalty=float(req.presence_penalty), frequency_penalty=float(req.frequency_penalty),
                         min_tokens=req.min_tokens)
                     r = self.engine.submit(ids, params)
-                    choices.append(_Choice(len(choices), i, r, TextStream(self.tokenizer, stop), stop_ids))
+                    choices.append(_Choice(len(choices), i, r, TextStream(self.tokenizer, stop), stop_ids,
+                                           hidden_ids))
         except QueueFullError as e:
             for c in choices:
                 c.request.cancel()
@@ -544,6 +549,8 @@ class _Server:
                         c.logprobs.append(ev)
                     if ev.token in c.stop_ids:
                         c.finish_reason = "stop"  # the engine ends the request itself
+                        continue
+                    if ev.token in c.hidden_ids:
                         continue
                     piece = c.stream.push(ev.token)
                     if c.stream.stopped:
