@@ -11,10 +11,13 @@ it, fused AdamW, gradient clipping at 1.0) on one fixed random batch, every case
 weights and each in a fresh process (so peak memory is per case): ours eager and ``torch.compile``d
 (as ``gpt2 train --compile`` does it: ``compile_mode`` auto, CUDA graphs on one GPU),
 HF ``GPT2LMHeadModel`` (sdpa) eager, and nanoGPT's ``GPT`` compiled (its vocabulary padded to
-50,304 as nanoGPT does, the extra rows zero). ``--levers`` adds ours compiled without CUDA graphs,
-with 512 MiB loss chunks, with FlashAttention-2, with the plain full-logits loss, without the
-padded head, with inductor's coordinate-descent tuning, with clipping + AdamW compiled, and with
-max-autotune (to see what each lever pays), and nanoGPT compiled with CUDA graphs and eager. Time on an H200 (measured
+50,304 as nanoGPT does, the extra rows zero). On CUDA our loss's softmax and gradient run in the
+fused Triton kernel (``model.LOSS_KERNEL``; each row's note says which code ran). ``--levers``
+adds ours compiled and eager with the loss as torch ops instead (``inductor loss``, ``torch
+loss``), ours compiled without CUDA graphs, with 512 MiB loss chunks, with FlashAttention-2, with
+the plain full-logits loss, without the padded head, with inductor's coordinate-descent tuning,
+with clipping + AdamW compiled, and with max-autotune (to see what each lever pays), and nanoGPT
+compiled with CUDA graphs and eager (``--cases`` may name any of them). Time on an H200 (measured
 2026-11-26): about 40 s per case (compilation and process start dominate; ~2.7 minutes for the
 four default cases), 3.5 minutes for the recipe section (ours 88 s, nanoGPT's 120 s), 2.5 for
 ``decode`` (three CUDA-graph captures).
@@ -175,6 +178,8 @@ def run_step_case(spec: dict[str, Any]) -> dict[str, Any]:
             model_module.VOCAB_PAD_MULTIPLE = 1
         if spec.get("loss_chunk_mib"):
             model_module.LOSS_CHUNK_BYTES = spec["loss_chunk_mib"] * 2**20
+        if spec.get("loss_kernel"):  # a lever: "torch" = the loss as torch ops (inductor's kernels when compiled)
+            model_module.LOSS_KERNEL = spec["loss_kernel"]
     elif impl == "hf":
         from bench_train import hf_model_from
 
@@ -282,9 +287,12 @@ def run_step_case(spec: dict[str, Any]) -> dict[str, Any]:
             sync()
         print(f"--- profile: {spec['impl']} {'compiled' if spec['compile'] else 'eager'}, {spec['profile']} steps\n"
               + profile_table(steps, device), flush=True)
+    # Which code computed our loss's softmax and gradient: the fused Triton kernel or torch ops.
+    loss_kernel = (("triton" if model_module._use_loss_kernel(device) else "torch")
+                   if impl == "ours" and lever != "plain-loss" else None)
     return {"tok_s": median(rates), "tok_s_min": min(rates), "tok_s_max": max(rates),
             "flops_per_token": flops_per_token, "peak_mem_gib": peak_mem, "first_loss": float(first_loss),
-            "last_loss": float(last_loss), "first_step_s": first_step_s,
+            "last_loss": float(last_loss), "first_step_s": first_step_s, "loss_kernel": loss_kernel,
             "max_logit_diff_vs_ours": parity if impl != "ours" else 0.0}
 
 
@@ -588,9 +596,16 @@ def run_recipe_nanogpt(nanogpt: Path, data: Path, work: Path, device: str, tiny:
 # --- driver --------------------------------------------------------------------------------------
 def step_cases(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
     compiled = [] if args.no_compile else [True]
+    levers = args.levers or bool(args.cases)  # --cases may name lever cases without --levers
     cases = [("ours compiled", {"impl": "ours", "compile": True})] if compiled else []
     cases.append(("ours eager", {"impl": "ours", "compile": False}))
-    if args.levers and compiled:
+    if levers:
+        # The loss as torch ops instead of the fused Triton kernel (the default on CUDA with Triton):
+        # inductor's two kernels compiled, three chunks with fp32 copies eager.
+        if compiled:
+            cases.append(("ours compiled, inductor loss", {"impl": "ours", "compile": True, "loss_kernel": "torch"}))
+        cases.append(("ours eager, torch loss", {"impl": "ours", "compile": False, "loss_kernel": "torch"}))
+    if levers and compiled:
         cases += [("ours compiled, no CUDA graphs", {"impl": "ours", "compile": True, "compile_mode": "default"}),
                   ("ours compiled, 512 MiB loss chunks", {"impl": "ours", "compile": True, "loss_chunk_mib": 512}),
                   ("ours compiled, FlashAttention", {"impl": "ours", "compile": True, "sdpa": "flash"}),
@@ -605,10 +620,10 @@ def step_cases(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
     if args.nanogpt:
         if compiled:
             cases.append(("nanoGPT compiled", {"impl": "nanogpt", "compile": True}))
-        if args.levers and compiled:
+        if levers and compiled:
             cases.append(("nanoGPT compiled, CUDA graphs",
                           {"impl": "nanogpt", "compile": True, "compile_mode": "reduce-overhead"}))
-        if args.levers or not compiled:  # issue 11's table has no nanoGPT eager row; it costs time
+        if levers or not compiled:  # issue 11's table has no nanoGPT eager row; it costs time
             cases.append(("nanoGPT eager", {"impl": "nanogpt", "compile": False}))
     return cases
 
@@ -632,7 +647,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="decode section: timed calls per case (default 3)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="print each case's top kernels (torch.profiler) over N training steps / one decode call")
-    p.add_argument("--cases", default=None, help="only the cases whose names are listed ('; '-separated)")
+    p.add_argument("--cases", default=None, help="only the cases whose names are listed ('; '-separated; "
+                   "--levers' cases included)")
     p.add_argument("--levers", action="store_true", help="also ours compiled with the plain loss / unpadded head")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile cases")
     p.add_argument("--tiny", action="store_true", help="tiny shapes and a 20-step recipe: checks the harness")
@@ -670,6 +686,8 @@ def step_section(args: argparse.Namespace, common: dict[str, Any], batch_size: i
         else:
             row["mfu_pct"] = 100 * result["tok_s"] * result["flops_per_token"] / peak
             row["note"] = f"first step {result['first_step_s']:.1f} s"
+            if result.get("loss_kernel"):
+                row["note"] += f", loss: {'Triton kernel' if result['loss_kernel'] == 'triton' else 'torch ops'}"
         rows.append(row)
         print(f"  {name}: " + (row["note"] if "error" in result else f"{row['tok_s']:,.0f} tokens/s"), flush=True)
     reference = next((r for r in rows if r["case"] == "nanoGPT compiled" and "tok_s" in r), None)

@@ -16,6 +16,12 @@ _SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 if "GPT2MODEL_DATA" not in os.environ and _SHARED.is_dir():
     os.environ["GPT2MODEL_DATA"] = str(_SHARED)
 
+# Triton (where installed) has no CPU backend; its interpreter runs kernels on CPU tensors, which is
+# how tests/test_loss_kernel.py checks the fused loss kernel without a GPU. It takes effect only if
+# set before triton's first import (gpt2model imports it when present), so it is set here.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Two cores: don't let each test oversubscribe them.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -53,6 +53,24 @@ def test_gpu_bench_runs_on_cpu_with_tiny_shapes(tmp_path: Path, data_dir: Path, 
     assert recipe["nanoGPT"]["best_val"] == round(math.log(65), 4), recipe["nanoGPT"]
 
 
+def test_gpu_bench_loss_kernel_lever_cases(tmp_path: Path, run_script) -> None:
+    """``--cases`` picks lever cases without ``--levers``; the torch-loss lever sets model.LOSS_KERNEL
+    in its case process, and each row says which loss code ran (on a CPU the torch ops either way;
+    on CUDA the default case reports the Triton kernel)."""
+    out = tmp_path / "gpu.json"
+    proc = run_script(
+        [sys.executable, str(ROOT / "bench" / "gpu.py"), "--device", "cpu", "--tiny", "--no-compile",
+         "--only", "step", "--cases", "ours eager; ours eager, torch loss", "--out", str(out)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {row["case"]: row for row in json.loads(out.read_text())["step"]}
+    assert set(rows) == {"ours eager", "ours eager, torch loss"}
+    assert rows["ours eager"]["loss_kernel"] == rows["ours eager, torch loss"]["loss_kernel"] == "torch"
+    assert rows["ours eager, torch loss"]["note"].endswith("loss: torch ops")
+    assert rows["ours eager"]["first_loss"] == rows["ours eager, torch loss"]["first_loss"]
+
+
 def _decode_rows(tmp_path: Path, data_dir: Path, run_script, *extra: str) -> tuple[dict, str]:
     out = tmp_path / "decode.json"
     env = {**os.environ, "GPT2MODEL_DATA": str(data_dir), "OMP_NUM_THREADS": "1"}

@@ -159,3 +159,22 @@ def test_a_swapped_in_head_computes_its_own_logits() -> None:
     model.lm_head = HalvedHead(model.lm_head)
     x, y = torch.randint(0, 40, (2, 8)), torch.randint(0, 40, (2, 8))
     torch.testing.assert_close(model(x, targets=y), next_token_loss(model(x), y))
+
+
+def test_loss_kernel_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``model.LOSS_KERNEL``: "auto" takes the Triton kernel on CUDA only, and only where Triton is
+    installed; asking for it without Triton, or for an unknown kernel, is a clear error."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(model_module, "losskernel", object())  # as where Triton is installed
+    assert model_module._use_loss_kernel(cuda) and not model_module._use_loss_kernel(cpu)
+    monkeypatch.setattr(model_module, "losskernel", None)  # no Triton
+    assert not model_module._use_loss_kernel(cuda)
+    x, w, t = torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,))
+    monkeypatch.setattr(model_module, "LOSS_KERNEL", "triton")
+    with pytest.raises(RuntimeError, match=r"needs Triton \(pip install triton\)"):
+        linear_cross_entropy(x, w, t)
+    monkeypatch.setattr(model_module, "LOSS_KERNEL", "torch")
+    torch.testing.assert_close(linear_cross_entropy(x, w, t), _plain(x, w, t))
+    monkeypatch.setattr(model_module, "LOSS_KERNEL", "fast")
+    with pytest.raises(ValueError, match="LOSS_KERNEL must be 'auto', 'triton' or 'torch', got 'fast'"):
+        linear_cross_entropy(x, w, t)

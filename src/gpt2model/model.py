@@ -9,7 +9,8 @@ The KV cache lives here too because attention reads and writes it. Generation (`
 drives it: ``setup_cache`` once, then a prefill forward over the prompt and one-token decode
 forwards, each told which cache slots (``input_pos``) it writes.
 
-Imports flow one way: ``model.py`` imports only ``config.py``; ``checkpoint.py`` and
+Imports flow one way: ``model.py`` imports only ``config.py`` (and ``losskernel.py``, the training
+loss's Triton kernel, where Triton is installed); ``checkpoint.py`` and
 ``generate.py`` import ``model.py``. The conveniences ``GPT.from_pretrained``/``save_pretrained``
 (``checkpoint.py``) and ``GPT.generate``/``stream`` (``generate.py``) forward to those modules,
 importing them when called, so the user-facing API lives on the model while the code lives where
@@ -28,6 +29,11 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from .config import GPTconfig
+
+try:  # the fused cross-entropy kernel needs Triton (CUDA builds of torch ship it)
+    from . import losskernel
+except ImportError:  # CPU-only installs: the loss runs as torch ops
+    losskernel = None
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -278,17 +284,26 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: i
 # their fp32 upcast, the log-softmax saved for backward). ``linear_cross_entropy`` instead runs the
 # head in chunks of rows whose logits stay under this many bytes, and computes the head's gradients
 # chunk by chunk during the forward pass (the same three matmuls as the plain path, no recompute).
-# A chunk's bytes are counted as they exist: under torch.compile the softmax and its gradient fuse
-# into two passes over the logits in the matmul's dtype (nothing fp32 is stored), so only those
-# count; eager ops also store the fp32 upcast (when the matmul's dtype is not fp32). At the GPT-2
-# shape that is one chunk compiled and three eager (H200, compiled step: 486,502 tokens/s against
-# 458,005 with the earlier seven fp32 chunks of 512 MiB and a scatter; docs/benchmarks.md).
+# A chunk's bytes are counted as they exist: the fused Triton kernel (``LOSS_KERNEL``) overwrites
+# the logits with their gradient, and under torch.compile the torch ops fuse into two passes over
+# the logits in the matmul's dtype (nothing fp32 is stored), so only those count; eager torch ops
+# also store the fp32 upcast (when the matmul's dtype is not fp32). At the GPT-2 shape that is one
+# chunk with the kernel or compiled, three with eager torch ops (H200, compiled step: 486,502
+# tokens/s against 458,005 with the earlier seven fp32 chunks of 512 MiB and a scatter;
+# docs/benchmarks.md).
 LOSS_CHUNK_BYTES = 2 * 2**30
 # Tensor cores want matmul dimensions in multiples of 64 (nanoGPT pads GPT-2's 50,257 ids to 50,304
 # in the model). Here, on CUDA, only the head's transient training-time weight copy is padded, with
 # zero rows whose logits are left out of the softmax: the loss is exact, and the parameters, every
 # saved file and every logit a user sees keep the real vocabulary.
 VOCAB_PAD_MULTIPLE = 64
+# Which code computes each chunk's softmax, loss and gradient: "triton" is the fused kernel of
+# ``losskernel.py`` (one read and one in-place write of the logits, no fp32 copy even eager),
+# "torch" the ops in ``_chunked_loss`` (fused into two passes by inductor when compiled), "auto"
+# the kernel on CUDA when Triton is installed, else torch. The two give the same loss and
+# gradients (fp32 math; the gradient rounded once to the logits' dtype). A module setting so a
+# benchmark can compare them (bench/gpu.py's "inductor loss" case sets "torch").
+LOSS_KERNEL = "auto"
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
@@ -314,16 +329,32 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
         dtype = torch.get_autocast_dtype(device_type)
     else:
         dtype = torch.promote_types(x.dtype, weight.dtype)
+    fused = _use_loss_kernel(x.device)
     if torch.is_grad_enabled() and (x2.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(x2, weight, t, ignore_index, dtype, chunk_bytes, pad_multiple)
+        return _LinearCrossEntropy.apply(x2, weight, t, ignore_index, dtype, chunk_bytes, pad_multiple, fused)
     with torch.autocast(device_type, enabled=False):
-        return _chunked_loss(x2, weight, t, ignore_index, dtype, chunk_bytes, pad_multiple, grads=False)[0]
+        return _chunked_loss(x2, weight, t, ignore_index, dtype, chunk_bytes, pad_multiple, fused, grads=False)[0]
+
+
+def _use_loss_kernel(device: torch.device) -> bool:
+    """Whether ``LOSS_KERNEL`` picks the fused Triton kernel for logits on ``device``."""
+    if LOSS_KERNEL == "auto":
+        return device.type == "cuda" and losskernel is not None
+    if LOSS_KERNEL == "triton":
+        if losskernel is None:
+            raise RuntimeError("model.LOSS_KERNEL = 'triton' needs Triton (pip install triton); "
+                               "set it to 'auto' or 'torch' to use the torch ops")
+        return True
+    if LOSS_KERNEL == "torch":
+        return False
+    raise ValueError(f"model.LOSS_KERNEL must be 'auto', 'triton' or 'torch', got {LOSS_KERNEL!r}")
 
 
 def _chunked_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                  dtype: torch.dtype, chunk_bytes: int, pad_multiple: int,
+                  dtype: torch.dtype, chunk_bytes: int, pad_multiple: int, fused: bool,
                   grads: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Mean loss and, if ``grads``, its fp32 gradients with respect to ``x`` (N, d) and ``weight`` (V, d)."""
+    """Mean loss and, if ``grads``, its fp32 gradients with respect to ``x`` (N, d) and ``weight`` (V, d);
+    ``fused``: each chunk's softmax, loss and gradient by ``losskernel``'s Triton kernel."""
     N, d = x.shape
     V = weight.size(0)
     Vp = -(-V // pad_multiple) * pad_multiple if pad_multiple > 1 else V
@@ -331,45 +362,24 @@ def _chunked_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
     if Vp != V:
         w = torch.cat([w, w.new_zeros(Vp - V, d)])  # zero rows; their logits are sliced off below
     xc = x.to(dtype)
-    valid = targets != ignore_index
-    safe_targets = torch.where(valid, targets, 0)
     # Equal chunks of rows, each under chunk_bytes (see LOSS_CHUNK_BYTES for what counts).
     itemsize = torch.finfo(dtype).bits // 8
-    compiling = torch.compiler.is_compiling()
-    per_logit = itemsize if compiling or dtype == torch.float32 else itemsize + 4
+    per_logit = itemsize if fused or torch.compiler.is_compiling() or dtype == torch.float32 else itemsize + 4
     n_chunks = max(1, -(-N * Vp * per_logit // chunk_bytes))
     rows = -(-N // n_chunks)
     total = torch.zeros((), dtype=torch.float32, device=x.device)
     grad_x = torch.empty(N, d, dtype=torch.float32, device=x.device) if grads else None
     grad_w = None
-    columns = torch.arange(Vp, device=x.device) if compiling else None
     for start in range(0, N, rows):
         end = min(start + rows, N)
         logits = xc[start:end] @ w.t()  # (n, Vp) in the compute dtype
-        g = logits.float()  # (the same tensor when that is fp32)
-        real = g[:, :V]
-        lse = torch.logsumexp(real, dim=-1)
-        tgt, ok = safe_targets[start:end], valid[start:end]
-        picked = real.gather(1, tgt[:, None]).squeeze(1)
-        total += torch.where(ok, lse - picked, 0.0).sum()
+        loss_sum, g = _rows_loss(logits, targets[start:end], V, ignore_index, fused, grads)
+        total += loss_sum
         if grads:
-            # d(sum of losses)/d(logits) = softmax - one_hot, zero on ignored rows and padded columns.
-            # In place, so that eager keeps one fp32 copy. Left unnormalised (entries in [-1, 1]) so
-            # that fp16/bf16 matmuls keep their precision; the 1/count is applied in fp32 below.
-            g = g.sub_(lse[:, None]).exp_()
-            if Vp != V:
-                g[:, V:] = 0.0
-            if compiling:
-                # A comparison, not a scatter: a scatter splits inductor's fused pass in two, with
-                # the fp32 gradient stored in between (measured on an H200: 2.5x the bytes).
-                g.sub_((columns == tgt[:, None]).to(g.dtype))
-            else:
-                g.scatter_add_(1, tgt[:, None], torch.full_like(tgt[:, None], -1, dtype=g.dtype))
-            g = g.mul_(ok[:, None]).to(dtype)
             grad_x[start:end] = g @ w
             part = (g.t() @ xc[start:end]).float()
             grad_w = part if grad_w is None else grad_w.add_(part)
-    count = valid.sum()
+    count = (targets != ignore_index).sum()
     loss = total / count
     if grads:
         scale = 1.0 / count.float()
@@ -377,15 +387,49 @@ def _chunked_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
     return loss, None, None
 
 
+def _rows_loss(logits: torch.Tensor, targets: torch.Tensor, n_real: int, ignore_index: int, fused: bool,
+               grads: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Summed fp32 cross-entropy of the rows of ``logits`` (n, Vp) against ``targets`` (n,) over
+    their first ``n_real`` columns (``ignore_index`` rows count 0) and, if ``grads``, its gradient
+    with respect to the logits, in their dtype: ``softmax - onehot``, zero on ignored rows and
+    padded columns, left unnormalised (entries in [-1, 1]) so that fp16/bf16 matmuls keep their
+    precision (the 1/count is applied in fp32 by the caller). ``fused``: ``losskernel``'s Triton
+    kernel, which writes the gradient over the logits; else torch ops (eager: in place on one
+    fp32 copy; compiled: inductor fuses them into two passes over the logits)."""
+    if fused:
+        losses = losskernel.cross_entropy_rows_(logits, targets, n_real, ignore_index, grads)
+        return losses.sum(), (logits if grads else None)
+    ok = targets != ignore_index
+    tgt = torch.where(ok, targets, 0)
+    g = logits.float()  # (the same tensor when that is fp32)
+    real = g[:, :n_real]
+    lse = torch.logsumexp(real, dim=-1)
+    picked = real.gather(1, tgt[:, None]).squeeze(1)
+    loss_sum = torch.where(ok, lse - picked, 0.0).sum()
+    if not grads:
+        return loss_sum, None
+    g = g.sub_(lse[:, None]).exp_()
+    if g.size(1) != n_real:
+        g[:, n_real:] = 0.0
+    if torch.compiler.is_compiling():
+        # A comparison, not a scatter: a scatter splits inductor's fused pass in two, with the
+        # fp32 gradient stored in between (measured on an H200: 2.5x the bytes).
+        columns = torch.arange(g.size(1), device=g.device)
+        g.sub_((columns == tgt[:, None]).to(g.dtype))
+    else:
+        g.scatter_add_(1, tgt[:, None], torch.full_like(tgt[:, None], -1, dtype=g.dtype))
+    return loss_sum, g.mul_(ok[:, None]).to(logits.dtype)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Autograd wrapper of ``_chunked_loss``: gradients computed in forward, scaled in backward."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                dtype: torch.dtype, chunk_bytes: int, pad_multiple: int) -> torch.Tensor:
+                dtype: torch.dtype, chunk_bytes: int, pad_multiple: int, fused: bool) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
             loss, grad_x, grad_w = _chunked_loss(x, weight, targets, ignore_index, dtype, chunk_bytes,
-                                                 pad_multiple, grads=True)
+                                                 pad_multiple, fused, grads=True)
         ctx.save_for_backward(grad_x, grad_w)
         ctx.dtypes = (x.dtype, weight.dtype)
         return loss
@@ -394,7 +438,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grad_x, grad_w = ctx.saved_tensors
         x_dtype, w_dtype = ctx.dtypes
-        return ((grad_x * grad_loss).to(x_dtype), (grad_w * grad_loss).to(w_dtype), None, None, None, None, None)
+        return ((grad_x * grad_loss).to(x_dtype), (grad_w * grad_loss).to(w_dtype), None, None, None, None, None,
+                None)
 
 
 class GPT(nn.Module):
