@@ -4,6 +4,7 @@ shakespeare_char recipe, ours beside HF transformers and, when its files are giv
     python bench/gpu.py                                    # one CUDA GPU: sections step and recipe
     python bench/gpu.py --nanogpt ~/nanoGPT/model.py       # adds nanoGPT's model (and its train.py); ~6 min
     python bench/gpu.py --only decode                      # issue 10's decode table (~2.5 min)
+    python bench/gpu.py --only loss                        # the loss kernel's configurations alone (~30 s)
     python bench/gpu.py --device cpu --tiny                # the harness end to end on tiny shapes (a test)
 
 Section ``step``: training steps of the 124M shape (batch 16 x 1024, bf16 autocast where the GPU has
@@ -44,6 +45,11 @@ its first token) and the time to that first token (setup + prefill), the first c
 tokens equal our eager ones (and a seeded sampled run, for the compiled step). Each case runs in a
 fresh process. ``--profile 1`` adds the kernel table of the compiled case's batch-1 call and the
 runtime calls (CUDA: kernel launches, copies, graph launches) or aten ops (CPU) it ran per token.
+
+Section ``loss``: the training loss's pass over the step's logits alone (16,384 x 50,304 bf16 on
+the GPT-2 shape), inductor's compiled torch ops against the fused Triton kernel in several block
+and warp configurations (``LOSS_KERNEL_CONFIGS``): ms, bandwidth and the difference from
+inductor's result, in one process (about 30 s on a GPU: no model, one compilation).
 
 Results print as tables and go to ``bench/results/gpu-<time>.json`` (or ``--out``), rewritten after
 each section so an interrupted run keeps what it measured.
@@ -88,6 +94,10 @@ STEP_COLUMNS = [("case", "case"), ("tok_s", "tokens/s"), ("mfu_pct", "MFU %"), (
 DECODE_COLUMNS = [("case", "case"), ("batch", "batch"), ("tok_s", "tokens/s"), ("vs_eager", "vs ours eager"),
                   ("vs_hf", "vs HF"), ("decode_ms", "decode ms/token"), ("first_token_ms", "first token ms"),
                   ("first_call_s", "first call s"), ("same_greedy", "greedy = eager"), ("note", "note")]
+LOSS_COLUMNS = [("case", "case"), ("ms", "ms per call"), ("gb_s", "GB/s (logits read + written once)"),
+                ("vs_inductor", "vs inductor"), ("note", "note")]
+# (columns per block, warps) of the fused loss kernel timed by --only loss; the first is losskernel's default.
+LOSS_KERNEL_CONFIGS = [(8192, 16), (4096, 8), (8192, 32), (16384, 32), (32768, 32)]
 RECIPE_COLUMNS = [("impl", "trainer"), ("best_val", "best val loss"), ("train_s", "training s"),
                   ("wall_s", "wall s (process)"), ("note", "note")]
 
@@ -296,9 +306,70 @@ def run_step_case(spec: dict[str, Any]) -> dict[str, Any]:
             "max_logit_diff_vs_ours": parity if impl != "ours" else 0.0}
 
 
+def run_loss_case(spec: dict[str, Any]) -> dict[str, Any]:
+    """The training loss's pass over the logits alone, at the step's shape (batch x seq rows of the
+    padded vocabulary, in the compute dtype): the torch ops compiled by inductor (``LOSS_KERNEL =
+    "torch"``) and the fused Triton kernel in each of ``LOSS_KERNEL_CONFIGS``. Per case: ms per call,
+    the bandwidth of one read and one write of the logits, and (kernel) the largest difference from
+    inductor's loss and gradient. Cheap (no model), so configurations can be compared in one run."""
+    import torch
+
+    import gpt2model.model as model_module
+
+    device = torch.device(spec["device"])
+    dtype = getattr(torch, spec["dtype"])
+    n_rows = spec["batch_size"] * spec["seq_len"]
+    vocab = spec["shape"]["vocab_size"]
+    pad = model_module.VOCAB_PAD_MULTIPLE if device.type == "cuda" else 1
+    padded = -(-vocab // pad) * pad
+    torch.manual_seed(0)
+    logits = torch.randn(n_rows, padded, device=device).mul_(2).to(dtype)
+    targets = torch.randint(0, vocab, (n_rows,), device=device)
+    targets[::50] = -100
+    logits_bytes = 2 * logits.numel() * logits.element_size()
+
+    def timed(fn: Any) -> float:
+        for _ in range(2):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(spec["iters"]):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - t0) / spec["iters"] * 1e3
+
+    inductor = torch.compile(lambda lg, tg: model_module._rows_loss(lg, tg, vocab, -100, False, True))
+    # On clones: with fp32 logits the torch ops work in place on them (the model's are temporaries).
+    loss_ref, grad_ref = inductor(logits.clone(), targets)
+    work = logits.clone()
+    rows = [{"case": "inductor (torch ops compiled)", "ms": timed(lambda: inductor(work, targets))}]
+    kernel = model_module.losskernel
+    if kernel is None or (device.type == "cpu" and not kernel.INTERPRETED):
+        rows.append({"case": "Triton kernel", "note": "not run: needs Triton and a CUDA device"})
+    else:
+        work = logits.clone()  # overwritten by every call (the timing does not depend on the values)
+        for block, warps in LOSS_KERNEL_CONFIGS if device.type == "cuda" else LOSS_KERNEL_CONFIGS[:1]:
+            kernel.BLOCK, kernel.NUM_WARPS = block, warps
+            grad = logits.clone()
+            loss = kernel.cross_entropy_rows_(grad, targets, vocab, -100, True).sum()
+            diff = max(abs(loss - loss_ref).item() / abs(loss_ref).item(),
+                       (grad.float() - grad_ref.float()).abs().max().item())
+            del grad
+            ms = timed(lambda: kernel.cross_entropy_rows_(work, targets, vocab, -100, True))
+            rows.append({"case": f"Triton kernel, BLOCK {block}, {warps} warps", "ms": ms,
+                         "note": f"max diff vs inductor {diff:.1e} (loss rel., gradient abs.)"})
+    for row in rows:
+        if "ms" in row:
+            row["gb_s"] = logits_bytes / row["ms"] / 1e6
+            row["vs_inductor"] = rows[0]["ms"] / row["ms"]
+    return {"rows": rows, "rows_x_vocab": [n_rows, padded]}
+
+
 def spawn_case(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """``run_step_case(spec)`` (or ``run_decode_case`` when ``spec["section"] == "decode"``) in a fresh
-    Python process (clean GPU memory, compile caches, peak RSS)."""
+    """``run_step_case(spec)`` (or ``run_decode_case`` / ``run_loss_case`` when ``spec["section"]`` is
+    ``decode`` / ``loss``) in a fresh Python process (clean GPU memory, compile caches, peak RSS)."""
     with tempfile.TemporaryDirectory() as tmp:
         result_file = Path(tmp) / "result.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--run-case", json.dumps(spec),
@@ -637,7 +708,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nanogpt", default=None, metavar="PATH/model.py",
                    help="nanoGPT's model.py (its train.py beside it runs the recipe too)")
     p.add_argument("--only", default="step,recipe",
-                   help="sections: step, recipe, decode (comma-separated; default step,recipe: issue 11's tables)")
+                   help="sections: step, recipe, decode, loss (comma-separated; default step,recipe: issue 11's "
+                   "tables)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--iters", type=int, default=10, help="steps per timed window (default 10)")
@@ -657,9 +729,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run-case", default=None, help=argparse.SUPPRESS)
     p.add_argument("--case-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    unknown = sorted(set(args.only.split(",")) - {"step", "decode", "recipe"})
+    unknown = sorted(set(args.only.split(",")) - {"step", "decode", "recipe", "loss"})
     if unknown:
-        p.error(f"unknown section(s) {unknown}; choose from step, decode, recipe")
+        p.error(f"unknown section(s) {unknown}; choose from step, decode, recipe, loss")
     return args
 
 
@@ -718,6 +790,21 @@ def decode_section(args: argparse.Namespace, common: dict[str, Any], timeout: fl
     return rows
 
 
+def loss_section(args: argparse.Namespace, common: dict[str, Any], batch_size: int, seq_len: int,
+                 timeout: float) -> list[dict[str, Any]]:
+    spec = {**common, "section": "loss", "batch_size": batch_size, "seq_len": seq_len,
+            "iters": 2 if args.tiny else 20}
+    result = spawn_case(spec, timeout)
+    if "error" in result:
+        rows = [{"case": "loss section", "note": f"failed: {result['error'][:200]}"}]
+    else:
+        rows = result["rows"]
+    print(f"\nLoss pass alone (softmax, loss, gradient) over {batch_size * seq_len:,} x "
+          f"{result.get('rows_x_vocab', [0, '?'])[1]} {common['dtype']} logits:")
+    print(format_table(rows, LOSS_COLUMNS))
+    return rows
+
+
 def recipe_section(args: argparse.Namespace, device: Any, env: dict[str, str]) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -744,7 +831,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.run_case is not None:  # a child: one case
         spec = json.loads(args.run_case)
-        run = run_decode_case if spec.get("section") == "decode" else run_step_case
+        run = {"decode": run_decode_case, "loss": run_loss_case}.get(spec.get("section"), run_step_case)
         Path(args.case_out).write_text(json.dumps(run(spec)))
         return 0
 
@@ -785,11 +872,14 @@ def main(argv: list[str] | None = None) -> int:
             results["decode"] = decode_section(args, common, timeout)
         elif section == "recipe":
             results["recipe"] = recipe_section(args, device, env)
+        elif section == "loss":
+            results["loss"] = loss_section(args, common, batch_size, seq_len, timeout)
         path.write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(f"\nwrote {path}")
     failed = [r["case"] for r in results.get("step", []) if "error" in r]
     failed += [r["case"] for r in results.get("decode", []) if str(r.get("note", "")).startswith("failed")]
     failed += [r["impl"] for r in results.get("recipe", []) if str(r.get("note", "")).startswith("failed")]
+    failed += [r["case"] for r in results.get("loss", []) if str(r.get("note", "")).startswith("failed")]
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
         return 1

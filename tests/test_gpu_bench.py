@@ -53,22 +53,31 @@ def test_gpu_bench_runs_on_cpu_with_tiny_shapes(tmp_path: Path, data_dir: Path, 
     assert recipe["nanoGPT"]["best_val"] == round(math.log(65), 4), recipe["nanoGPT"]
 
 
-def test_gpu_bench_loss_kernel_lever_cases(tmp_path: Path, run_script) -> None:
-    """``--cases`` picks lever cases without ``--levers``; the torch-loss lever sets model.LOSS_KERNEL
-    in its case process, and each row says which loss code ran (on a CPU the torch ops either way;
-    on CUDA the default case reports the Triton kernel)."""
+def test_gpu_bench_loss_kernel_cases_and_loss_section(tmp_path: Path, run_script) -> None:
+    """The loss kernel's levers: ``--cases`` picks lever cases without ``--levers``; the torch-loss
+    case sets model.LOSS_KERNEL in its process, and each row says which loss code ran (on a CPU the
+    torch ops either way; on CUDA the default case reports the Triton kernel). The ``loss`` section
+    times the loss pass alone (inductor; the kernel only on CUDA, or in Triton's interpreter)."""
     out = tmp_path / "gpu.json"
     proc = run_script(
         [sys.executable, str(ROOT / "bench" / "gpu.py"), "--device", "cpu", "--tiny", "--no-compile",
-         "--only", "step", "--cases", "ours eager; ours eager, torch loss", "--out", str(out)],
+         "--only", "step,loss", "--cases", "ours eager; ours eager, torch loss", "--out", str(out)],
         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = {row["case"]: row for row in json.loads(out.read_text())["step"]}
+    results = json.loads(out.read_text())
+    rows = {row["case"]: row for row in results["step"]}
     assert set(rows) == {"ours eager", "ours eager, torch loss"}
     assert rows["ours eager"]["loss_kernel"] == rows["ours eager, torch loss"]["loss_kernel"] == "torch"
     assert rows["ours eager, torch loss"]["note"].endswith("loss: torch ops")
     assert rows["ours eager"]["first_loss"] == rows["ours eager, torch loss"]["first_loss"]
+    loss_rows = results["loss"]
+    assert loss_rows[0]["case"] == "inductor (torch ops compiled)" and loss_rows[0]["ms"] > 0
+    assert loss_rows[0]["gb_s"] > 0 and loss_rows[0]["vs_inductor"] == 1.0
+    assert "Loss pass alone" in proc.stdout
+    for row in loss_rows[1:]:  # the kernel's rows: run (the interpreter) and matching, or said why not
+        assert ("max diff vs inductor" in row["note"] and float(row["note"].split()[4]) < 1e-5
+                or row["note"] == "not run: needs Triton and a CUDA device"), row
 
 
 def _decode_rows(tmp_path: Path, data_dir: Path, run_script, *extra: str) -> tuple[dict, str]:

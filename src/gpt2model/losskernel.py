@@ -20,8 +20,6 @@ another: slow, but the same code), which is how the tests check it on machines w
 (tests/conftest.py sets it there). ``model.LOSS_KERNEL = "auto"`` never picks the kernel on CPU.
 """
 
-from __future__ import annotations
-
 import torch
 import triton
 import triton.language as tl
@@ -77,6 +75,8 @@ def _cross_entropy_rows_kernel(logits_ptr, row_stride, targets_ptr, losses_ptr, 
 INTERPRETED = not isinstance(_cross_entropy_rows_kernel, triton.runtime.jit.JITFunction)
 
 
+# (No ``from __future__ import annotations`` here: torch.library reads the op's schema from the real
+# annotation objects.)
 @triton_op("gpt2model::cross_entropy_rows_", mutates_args={"logits"})
 def cross_entropy_rows_(logits: torch.Tensor, targets: torch.Tensor, n_real: int, ignore_index: int,
                         grad: bool) -> torch.Tensor:
