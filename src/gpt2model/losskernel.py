@@ -48,12 +48,15 @@ def _cross_entropy_rows_kernel(logits_ptr, row_stride, targets_ptr, losses_ptr, 
                 tl.store(x_ptr + c, tl.zeros([BLOCK], dtype=x_ptr.dtype.element_ty), mask=c < n_padded)
         return
     # Pass 1: max and sum of exp(x - max) over the real columns, the sum rescaled whenever the
-    # running max grows (fp32 throughout).
+    # running max grows (fp32 throughout). Loads are masked by the padded width (a multiple of 64
+    # on CUDA, which Triton sees divisible by 16, so the loads stay vectorised) and the padded
+    # columns dropped by value. evict_last: keep the row in L2 for pass 2.
     m = tl.full([], float("-inf"), tl.float32)
     s = tl.zeros([], tl.float32)
-    for start in range(0, n_cols, BLOCK):
+    for start in range(0, n_padded, BLOCK):
         c = start + cols
-        x = tl.load(x_ptr + c, mask=c < n_cols, other=float("-inf")).to(tl.float32)
+        x = tl.load(x_ptr + c, mask=c < n_padded, other=float("-inf"), eviction_policy="evict_last")
+        x = tl.where(c < n_cols, x.to(tl.float32), float("-inf"))
         m_new = tl.maximum(m, tl.max(x, axis=0))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
         m = m_new
@@ -66,9 +69,10 @@ def _cross_entropy_rows_kernel(logits_ptr, row_stride, targets_ptr, losses_ptr, 
         # Pass 2: the row (mostly still in L2) becomes softmax - onehot, zero past the real columns.
         for start in range(0, n_padded, BLOCK):
             c = start + cols
-            x = tl.load(x_ptr + c, mask=c < n_cols, other=float("-inf")).to(tl.float32)
-            g = tl.exp(x - lse) - tl.where(c == target, 1.0, 0.0)
-            tl.store(x_ptr + c, g.to(x_ptr.dtype.element_ty), mask=c < n_padded)
+            mask = c < n_padded
+            x = tl.load(x_ptr + c, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+            g = tl.where(c < n_cols, tl.exp(x - lse) - tl.where(c == target, 1.0, 0.0), 0.0)
+            tl.store(x_ptr + c, g.to(x_ptr.dtype.element_ty), mask=mask)
 
 
 # Whether @triton.jit made interpreter functions (TRITON_INTERPRET=1): then the kernel takes CPU tensors.
