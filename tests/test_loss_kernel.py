@@ -93,9 +93,9 @@ def test_kernel_matches_the_torch_ops(monkeypatch: pytest.MonkeyPatch, dtype: to
 
 
 @needs_kernel_here
-def test_kernel_honours_a_custom_ignore_index_and_rejects_strided_rows() -> None:
+def test_kernel_honours_a_custom_ignore_index_and_strided_targets_and_rejects_strided_rows() -> None:
     logits = _logits(6, 64, 50, torch.float32)
-    targets = torch.tensor([3, 7, 7, 0, 49, 7], device=DEVICE)
+    targets = torch.tensor([3, 1, 7, 1, 7, 1, 0, 1, 49, 1, 7, 1], device=DEVICE)[::2]  # a view with stride 2
     losses_ref, grad_ref = _reference(logits, targets, 50, ignore_index=7)
     losses = losskernel.cross_entropy_rows_(logits, targets, 50, 7, True)
     torch.testing.assert_close(losses, losses_ref, rtol=1e-6, atol=1e-5)

@@ -34,11 +34,11 @@ NUM_WARPS = 16
 
 
 @triton.jit
-def _cross_entropy_rows_kernel(logits_ptr, row_stride, targets_ptr, losses_ptr, n_cols, n_padded, ignore_index,
-                               GRAD: tl.constexpr, BLOCK: tl.constexpr):
+def _cross_entropy_rows_kernel(logits_ptr, row_stride, targets_ptr, target_stride, losses_ptr, n_cols, n_padded,
+                               ignore_index, GRAD: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_ptr = logits_ptr + row * row_stride
-    target = tl.load(targets_ptr + row)
+    target = tl.load(targets_ptr + row * target_stride)
     cols = tl.arange(0, BLOCK)
     if target == ignore_index:  # counts for nothing: zero loss, zero gradient
         tl.store(losses_ptr + row, 0.0)
@@ -47,20 +47,21 @@ def _cross_entropy_rows_kernel(logits_ptr, row_stride, targets_ptr, losses_ptr, 
                 c = start + cols
                 tl.store(x_ptr + c, tl.zeros([BLOCK], dtype=x_ptr.dtype.element_ty), mask=c < n_padded)
         return
-    # Pass 1: max and sum of exp(x - max) over the real columns, the sum rescaled whenever the
-    # running max grows (fp32 throughout). Loads are masked by the padded width (a multiple of 64
-    # on CUDA, which Triton sees divisible by 16, so the loads stay vectorised) and the padded
-    # columns dropped by value. evict_last: keep the row in L2 for pass 2.
+    # Pass 1: max and sum of exp(x - max) over the real columns, fp32. The running max is a scalar
+    # (one block-wide reduction per iteration); the sums stay per lane, rescaled when the max grows,
+    # and are added up once at the end. Loads are masked by the padded width (a multiple of 64 on
+    # CUDA, which Triton sees divisible by 16, so they stay vectorised) and the padded columns
+    # dropped by value. evict_last: keep the row in L2 for pass 2.
     m = tl.full([], float("-inf"), tl.float32)
-    s = tl.zeros([], tl.float32)
+    acc = tl.zeros([BLOCK], tl.float32)
     for start in range(0, n_padded, BLOCK):
         c = start + cols
         x = tl.load(x_ptr + c, mask=c < n_padded, other=float("-inf"), eviction_policy="evict_last")
         x = tl.where(c < n_cols, x.to(tl.float32), float("-inf"))
         m_new = tl.maximum(m, tl.max(x, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        acc = acc * tl.exp(m - m_new) + tl.exp(x - m_new)
         m = m_new
-    lse = m + tl.log(s)
+    lse = m + tl.log(tl.sum(acc, axis=0))
     # An out-of-range target reads nothing (its row gets no -1); the model checks ids elsewhere.
     in_range = (target >= 0) & (target < n_cols)
     picked = tl.load(x_ptr + target, mask=in_range, other=0.0).to(tl.float32)
@@ -102,7 +103,7 @@ def cross_entropy_rows_(logits: torch.Tensor, targets: torch.Tensor, n_real: int
             raise RuntimeError("Triton kernels run on CPU tensors only in Triton's interpreter: set "
                                "TRITON_INTERPRET=1 before the first import of triton, or use CUDA tensors")
         wrap_triton(_cross_entropy_rows_kernel)[(n_rows,)](
-            logits, logits.stride(0), targets, losses, n_real, n_padded, ignore_index,
+            logits, logits.stride(0), targets, targets.stride(0), losses, n_real, n_padded, ignore_index,
             GRAD=grad, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return losses
 
