@@ -178,3 +178,29 @@ def test_loss_kernel_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(model_module, "LOSS_KERNEL", "fast")
     with pytest.raises(ValueError, match="LOSS_KERNEL must be 'auto', 'triton' or 'torch', got 'fast'"):
         linear_cross_entropy(x, w, t)
+
+
+@pytest.mark.parametrize(("triton_init", "warning"), [
+    ("raise ImportError('no triton here')", None),  # CPU-only installs: silently the torch ops
+    ("raise RuntimeError('0 active drivers')", "the fused loss kernel could not be loaded (RuntimeError: 0 active "
+                                                "drivers); the training loss runs as torch ops"),
+])
+def test_model_loads_without_a_working_triton(tmp_path: Any, triton_init: str, warning: str | None) -> None:
+    """A missing Triton leaves the torch ops; a broken one too, with a warning, rather than making
+    ``import gpt2model`` fail (a fresh process: the module imports the kernel when it loads)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "triton").mkdir()
+    (tmp_path / "triton" / "__init__.py").write_text(triton_init + "\n")
+    code = ("import warnings; warnings.simplefilter('always')\n"
+            "import gpt2model.model as m\n"
+            "assert m.losskernel is None and not m._use_loss_kernel(__import__('torch').device('cuda'))\n")
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), src])}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    if warning is None:
+        assert "fused loss kernel" not in proc.stderr
+    else:
+        assert warning in proc.stderr

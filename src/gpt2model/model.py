@@ -20,6 +20,7 @@ it belongs and no import cycle exists at module load.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,10 @@ from .config import GPTconfig
 try:  # the fused cross-entropy kernel needs Triton (CUDA builds of torch ship it)
     from . import losskernel
 except ImportError:  # CPU-only installs: the loss runs as torch ops
+    losskernel = None
+except Exception as e:  # a Triton that fails to load must not take the model down with it
+    warnings.warn(f"the fused loss kernel could not be loaded ({type(e).__name__}: {e}); the training loss "
+                  f"runs as torch ops (check that triton matches this torch)", stacklevel=1)
     losskernel = None
 
 if TYPE_CHECKING:
