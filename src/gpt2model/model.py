@@ -320,6 +320,8 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     in the autocast dtype when autocast is on (as ``nn.Linear`` would), else in ``weight``'s dtype.
     When gradients are needed, the chunks' gradients are summed in fp32 during this call and only
     scaled by the incoming gradient in backward, so no chunk's logits outlive its loop iteration.
+    On CUDA each chunk's softmax, loss and gradient run in ``losskernel``'s fused Triton kernel
+    (``LOSS_KERNEL``), which overwrites the chunk's logits with their gradient.
     ``chunk_bytes`` defaults to ``LOSS_CHUNK_BYTES``; ``pad_multiple`` to ``VOCAB_PAD_MULTIPLE`` on CUDA
     and 1 elsewhere (CPU BLAS gains nothing from it and would pay for the extra rows).
     """
