@@ -17,6 +17,7 @@ from gpt2model import GPT, GPTconfig
 from gpt2model.generate import generate
 from gpt2model.quantize import (
     INT8_KERNEL_MAX_ROWS,
+    INT8_ROWS_MIN_ROWS,
     Int8Linear,
     _in_decode_order,
     is_quantized,
@@ -50,28 +51,85 @@ def test_int8_linear_matches_its_dequantized_weight_and_the_float_layer(rows: in
     x = torch.randn(rows, in_features)
     y = qlin(x)
     assert y.dtype == torch.float32 and y.shape == (rows, 96)
-    # Against the exact product with the dequantized weight: only the bf16 activations of the
-    # CPU kernel (relative 2^-9) separate them.
-    exact = F.linear(x, qlin.dequantize(), lin.bias)
-    assert (y - exact).abs().max() <= 1e-2 * exact.abs().max()
-    # Against the float layer: int8 rounding of the weights, about 1% relative at most.
+    exact = F.linear(x, qlin.dequantize(), lin.bias).detach()
     ref = lin(x).detach()
-    assert (y - ref).norm() / ref.norm() < 0.01
+    if INT8_ROWS_MIN_ROWS <= rows <= INT8_KERNEL_MAX_ROWS:
+        # FBGEMM's int8 x int8 GEMM: each row's activations on a 7-bit grid of step 2 * max|x| / 127,
+        # so each is off by at most half a step and each output by at most that times sum |w|.
+        bound = x.abs().amax(dim=1, keepdim=True) / 127 * qlin.dequantize().abs().sum(dim=1)
+        assert torch.all((y - exact).abs() <= bound * (1 + 1e-4) + 1e-5)
+        assert (y - exact).abs().max() > 1e-4  # ... and they are quantized (not a float path)
+        assert (y - ref).norm() / ref.norm() < 0.03  # the weights' and the activations' rounding
+    else:
+        # Against the exact product with the dequantized weight: only the bf16 activations of the
+        # CPU kernel (relative 2^-9) separate them.
+        assert (y - exact).abs().max() <= 1e-2 * exact.abs().max()
+        # Against the float layer: int8 rounding of the weights, about 1% relative at most.
+        assert (y - ref).norm() / ref.norm() < 0.01
     # 3-D input (batch, time, features) and bf16 activations keep their shape and dtype.
     y3 = qlin(x.view(1, rows, in_features).bfloat16())
     assert y3.dtype == torch.bfloat16 and y3.shape == (1, rows, 96)
     assert (y3.float().view(rows, 96) - exact).abs().max() <= 3e-2 * exact.abs().max()
 
 
-def test_int8_cpu_kernel_is_the_path_for_decode_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_int8_cpu_kernels_by_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One row: ``_weight_int8pack_mm`` (eager); 2..16 rows: FBGEMM's int8 x int8 GEMM; more
+    rows (a prefill): dequantize + GEMM."""
+    import gpt2model.quantize as quantize_module
+
     calls = []
-    real = torch._weight_int8pack_mm
-    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append(a[0].shape) or real(*a))
+    real_mm, real_packed = torch._weight_int8pack_mm, quantize_module._fbgemm_packed
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append(("int8pack", *a[0].shape)) or real_mm(*a))
+    monkeypatch.setattr(quantize_module, "_fbgemm_packed", lambda *a: calls.append(("fbgemm",)) or real_packed(*a))
     qlin = Int8Linear.from_linear(nn.Linear(32, 16, bias=False))
+    qlin(torch.randn(1, 1, 32))
+    assert calls == [("int8pack", 1, 32)]
     qlin(torch.randn(2, 1, 32))
-    assert calls == [(2, 32)]
+    qlin(torch.randn(1, INT8_KERNEL_MAX_ROWS, 32))
+    assert calls[1:] == [("fbgemm",), ("fbgemm",)]
     qlin(torch.randn(1, INT8_KERNEL_MAX_ROWS + 1, 32))  # a prefill: dequantize + GEMM
-    assert len(calls) == 1
+    assert len(calls) == 3
+
+
+def test_int8_rows_kernel_gives_each_row_the_same_bits_alone_or_in_any_batch() -> None:
+    """FBGEMM scales the activations of a whole call by one range; each row's grid must be its own,
+    or a request's tokens would depend on its neighbours' values (the engine batches requests)."""
+    torch.manual_seed(4)
+    qlin = Int8Linear.from_linear(nn.Linear(64, 40))
+    x = torch.randn(6, 64) * torch.logspace(-3, 3, 6)[:, None]  # rows of very different ranges
+    x[2] = 0.0  # and an all-zero row
+    together = qlin(x)
+    compiled = torch.compile(qlin, fullgraph=True, dynamic=False)
+    for r in range(6):
+        for neighbours in (torch.randn(1, 64) * 1e4, torch.randn(7, 64) * 1e-4, x[:max(r, 1)]):
+            batch = torch.cat([neighbours, x[r:r + 1], neighbours])
+            assert torch.equal(qlin(batch)[len(neighbours)], together[r])
+        assert torch.equal(compiled(torch.cat([x[r:r + 1], x[r:r + 1] * 100]))[0], together[r])
+    assert torch.equal(together[2], qlin.bias)
+
+
+def test_int8_rows_kernel_packs_each_weight_once_and_follows_changes() -> None:
+    import copy
+    import gc
+
+    from gpt2model.quantize import _INT8_PACKED
+
+    torch.manual_seed(5)
+    lin = nn.Linear(64, 24)
+    qlin = Int8Linear.from_linear(lin)
+    x = torch.randn(3, 64)
+    y = qlin(x)
+    entry = _INT8_PACKED[id(qlin.weight)]
+    assert torch.equal(qlin(x), y) and _INT8_PACKED[id(qlin.weight)] is entry  # packed once, reused
+    twin = copy.deepcopy(qlin)  # its own weight tensors: packed for itself
+    assert torch.equal(twin(x), y) and id(twin.weight) in _INT8_PACKED
+    with torch.no_grad():
+        qlin.weight.neg_()  # an in-place change: the next call packs the new weight
+    assert torch.allclose(qlin(x), -(y - qlin.bias) + qlin.bias, atol=1e-5)
+    twin_key = id(twin.weight)
+    del twin
+    gc.collect()
+    assert twin_key not in _INT8_PACKED  # the packed copy went with its weight
 
 
 def test_int8_decode_linear_adds_its_bias_without_a_separate_cast() -> None:
@@ -217,6 +275,21 @@ def test_int8_bf16_decode_step_compiles() -> None:
         compiled = generate(model, prompt, 6, temperature=0, compile=True)
     assert not [w for w in caught if "decode step failed" in str(w.message)]
     assert torch.equal(compiled, generate(model, prompt, 6, temperature=0))
+
+
+def test_compiled_int8_batch_decode_runs_the_int8_rows_kernel_in_its_one_graph() -> None:
+    """A compiled decode step of a few rows calls FBGEMM's GEMM as an op inside the one graph
+    (no fallback to eager) and gives the eager tokens, which are each row's tokens alone."""
+    model = spiky(SMALL).quantize("int8")
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, SMALL.vocab_size, (4, 3), generator=g)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = generate(model, prompt, 8, temperature=0, compile=True)
+    assert not [w for w in caught if "decode step failed" in str(w.message)]
+    assert torch.equal(compiled, generate(model, prompt, 8, temperature=0))
+    alone = torch.cat([generate(model, prompt[i:i + 1].repeat(2, 1), 8, temperature=0)[:1] for i in range(4)])
+    assert torch.equal(compiled, alone)
 
 
 # --- the decode layout -------------------------------------------------------------------------------
