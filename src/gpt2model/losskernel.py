@@ -26,13 +26,14 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 # Columns per loop iteration and warps per program (one program per row). At 50,304 bf16 columns
-# 8192 columns take 7 iterations per pass (16 per thread at 16 warps, two 16-byte loads each):
-# few block-wide reductions and little masked waste in the last block. Compiled for sm_90 it uses
-# 64 registers, no spills: two rows in flight per SM, ~26 MB of rows on 132 SMs, which stay in
-# the 50 MB L2 until pass 2. Module settings (read when the op runs or is traced) so a benchmark
-# can try others (bench/gpu.py --only loss).
-BLOCK = 8192
-NUM_WARPS = 16
+# 4096 columns take 13 iterations per pass (16 per thread at 8 warps, two 16-byte loads each).
+# Compiled for sm_90 it uses 48 registers, no spills: five rows in flight per SM. Measured on an
+# H200 (torch 2.11, 16,384 x 50,304 bf16, the whole loss pass): 4096/8 1.28 ms (2.57 TB/s of
+# logits read + written once), 8192/16 1.45, 8192/32 1.48, 16384/32 1.81, 32768/32 2.03;
+# inductor's two kernels 2.58 ms. Module settings (read when the op runs or is traced) so a
+# benchmark can try others (bench/gpu.py --only loss).
+BLOCK = 4096
+NUM_WARPS = 8
 
 
 @triton.jit
