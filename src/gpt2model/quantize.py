@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -256,34 +257,45 @@ class Int8Linear(nn.Module):
 # without VNNI a pair of 8-bit products overflows vpmaddubsw's int16 sums (measured: an 8-bit
 # activation grid is off by 0.07 on outputs of std 0.4, the 7-bit one by 0.018).
 _FBGEMM_INT8 = "fbgemm" in torch.backends.quantized.supported_engines
-# id(weight) -> (weak reference to the weight, (its version, the scales' address and version), packed)
-_INT8_PACKED: dict[int, tuple[weakref.ref, tuple[int, int, int], object]] = {}
+# FBGEMM's packed weights: id(weight) -> (weak reference to the weight, the state it was packed
+# in, the packed copy). Kept beside the weights, not on the layers, so that the ops below (all a
+# compiled graph can call) find them from the weight tensor alone.
+_FBGEMM_PACKED: dict[int, tuple[weakref.ref, tuple[int, ...], object]] = {}
+
+
+def _packed_copy(weight: torch.Tensor, state: tuple[int, ...], pack: Callable[[], object]) -> object:
+    """The packed copy of ``weight`` made by ``pack()``, made at the first call and kept while the
+    weight lives and ``state`` (versions and addresses of what it was made from:
+    ``Tensor._version`` counts in-place writes) is unchanged. Another copy of the weights in
+    memory, for the layers that run these kernels."""
+    key = id(weight)
+    entry = _FBGEMM_PACKED.get(key)
+    if entry is not None and entry[0]() is weight and entry[1] == state:
+        return entry[2]
+    packed = pack()
+    if entry is None or entry[0]() is not weight:
+        weakref.finalize(weight, _FBGEMM_PACKED.pop, key, None)  # the packed copy goes with the weight
+    _FBGEMM_PACKED[key] = (weakref.ref(weight), state, packed)
+    return packed
 
 
 def _fbgemm_packed(weight: torch.Tensor, scales: torch.Tensor, interleaved: bool) -> object:
     """FBGEMM's packed copy of an int8 ``weight`` ``(out, in)`` (stored :func:`_interleave`-d when
-    ``interleaved``) with per-row ``scales``: made at the first call and kept while the weight
-    lives and neither tensor changed (``Tensor._version`` counts in-place writes). One more copy
-    of the int8 weights in memory, for the layers that run steps of several rows."""
-    key, state = id(weight), (weight._version, scales.data_ptr(), scales._version)
-    entry = _INT8_PACKED.get(key)
-    if entry is not None and entry[0]() is weight and entry[1] == state:
-        return entry[2]
-    q = _deinterleave(weight) if interleaved else weight
-    engine = torch.backends.quantized.engine
-    with warnings.catch_warnings():  # quantized tensors are deprecated in torch 2.13; the packed
-        warnings.simplefilter("ignore", UserWarning)  # weight is their one use here
-        qweight = torch._make_per_channel_quantized_tensor(
-            q.contiguous(), scales.double(), torch.zeros(q.size(0), dtype=torch.long), 0)
-        try:
-            torch.backends.quantized.engine = "fbgemm"  # pack for FBGEMM, whatever the default engine
-            packed = torch.ops.quantized.linear_prepack(qweight, None)
-        finally:
-            torch.backends.quantized.engine = engine
-    if entry is None or entry[0]() is not weight:
-        weakref.finalize(weight, _INT8_PACKED.pop, key, None)  # the packed copy goes with the weight
-    _INT8_PACKED[key] = (weakref.ref(weight), state, packed)
-    return packed
+    ``interleaved``) with per-row ``scales`` (see :func:`_packed_copy`)."""
+    def pack() -> object:
+        q = _deinterleave(weight) if interleaved else weight
+        engine = torch.backends.quantized.engine
+        with warnings.catch_warnings():  # quantized tensors are deprecated in torch 2.13; the packed
+            warnings.simplefilter("ignore", UserWarning)  # weight is their one use here
+            qweight = torch._make_per_channel_quantized_tensor(
+                q.contiguous(), scales.double(), torch.zeros(q.size(0), dtype=torch.long), 0)
+            try:
+                torch.backends.quantized.engine = "fbgemm"  # pack for FBGEMM, whatever the default engine
+                return torch.ops.quantized.linear_prepack(qweight, None)
+            finally:
+                torch.backends.quantized.engine = engine
+
+    return _packed_copy(weight, (weight._version, scales.data_ptr(), scales._version), pack)
 
 
 _LIBRARY = torch.library.Library("gpt2model", "DEF")  # the op below, for torch.compile
@@ -325,7 +337,8 @@ def int8_rows_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor
     amax = x.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     span = x.new_zeros(1, in_features)
     span[0, 0], span[0, -1] = 1.0, -1.0
-    y = torch.ops.gpt2model.int8_gemm_fbgemm(torch.cat([x / amax, span]), weight, scales, interleaved)
+    gemm = torch.ops.gpt2model.int8_gemm_fbgemm if torch.compiler.is_compiling() else _int8_gemm_fbgemm
+    y = gemm(torch.cat([x / amax, span]), weight, scales, interleaved)
     y = y[:rows] * amax
     return y if bias is None else y + bias.float()
 
@@ -340,6 +353,31 @@ _ATEN_FP16_GEMM = hasattr(torch, "fbgemm_linear_fp16_weight_fp32_activation") an
     hasattr(torch, "fbgemm_pack_gemm_matrix_fp16")
 
 
+def _fp16_gemm_fbgemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ weight.T + bias`` in fp32 by FBGEMM's fp16-weight GEMM (``x`` fp32 ``(rows, in)``,
+    ``weight`` fp16, ``bias`` fp32 or None), on the weight's packed copy (:func:`_packed_copy`)."""
+    def pack() -> object:
+        if not _ATEN_FP16_GEMM:
+            return torch.ops.quantized.linear_prepack_fp16(weight.float(), None)
+        with warnings.catch_warnings():  # deprecated in torch 2.13 (see _ATEN_FP16_GEMM); warned once, here
+            warnings.simplefilter("ignore", UserWarning)
+            packed = torch.fbgemm_pack_gemm_matrix_fp16(weight.float())
+            torch.fbgemm_linear_fp16_weight_fp32_activation(torch.zeros(1, weight.size(1)), packed, None)
+        return packed
+
+    packed = _packed_copy(weight, (weight._version, weight.data_ptr()), pack)
+    if _ATEN_FP16_GEMM:
+        return torch.fbgemm_linear_fp16_weight_fp32_activation(x, packed, bias)
+    y = torch.ops.quantized.linear_dynamic_fp16(x, packed)
+    return y if bias is None else y + bias
+
+
+_LIBRARY.define("fp16_gemm_fbgemm(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+_LIBRARY.impl("fp16_gemm_fbgemm", _fp16_gemm_fbgemm, "CPU")
+torch.library.register_fake("gpt2model::fp16_gemm_fbgemm", lib=_LIBRARY)(
+    lambda x, weight, bias: x.new_empty(x.size(0), weight.size(0)))
+
+
 class Fp16Linear(nn.Module):
     """``y = x @ w.T + bias`` with the weight ``w`` stored in float16 and everything else in
     float32 (activations, accumulation, bias, output): llama.cpp's ``f16`` on a CPU. A drop-in,
@@ -351,11 +389,12 @@ class Fp16Linear(nn.Module):
     1 thread: the 50,257-row head at 8 rows 5.7 ms vs 9.8 ms oneDNN-packed fp32; whole decode step
     at 8 rows 15.2 vs 22.0 ms, at 1 row 7.4 vs 10.3; a 40-token prefill 19.6 vs 25.3). The
     rounding is the weights' alone (relative 2^-11; logits within ~6e-4 of fp32): no activation
-    is quantized, so a row's result depends on no other row's values (FBGEMM's W8A8 int8 GEMM, 2.4
-    ms for that head, scales the activations per batch: a request's tokens would depend on its
-    neighbours). Elsewhere (CUDA, or inside ``torch.compile``) it computes
-    ``F.linear`` with the weight widened to the input's dtype. Buffers: ``weight`` fp16
-    ``(out, in)``, ``bias`` (or None); the packed copy is rebuilt when the weight changes.
+    is quantized, so a row's result depends on no other row's values (FBGEMM's W8A8 int8 GEMM
+    scales the activations per call; :func:`int8_rows_linear` gives each row its own scale).
+    Inside ``torch.compile`` the same GEMM runs as an op (``gpt2model::fp16_gemm_fbgemm``), except
+    for one-row steps (:func:`half_gemv`); on other devices (CUDA) it computes ``F.linear`` with the
+    weight widened to the input's dtype. Buffers: ``weight`` fp16 ``(out, in)``, ``bias`` (or
+    None); the packed copy (:func:`_packed_copy`) is rebuilt when the weight changes.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
@@ -365,7 +404,6 @@ class Fp16Linear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight", weight.detach().to(torch.float16).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
-        self._packed: tuple[int, int, object] | None = None  # (weight version, data pointer, FBGEMM's packed weight)
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Fp16Linear:
@@ -376,34 +414,16 @@ class Fp16Linear(nn.Module):
     def from_linear(cls, linear: nn.Linear) -> Fp16Linear:
         return cls.from_weight(linear.weight, linear.bias)
 
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_packed"] = None  # FBGEMM's packed weight: rebuilt from ``weight`` on first use
-        return state
-
-    def _fbgemm_weight(self) -> object:
-        w = self.weight
-        if self._packed is None or self._packed[:2] != (w._version, w.data_ptr()):
-            if _ATEN_FP16_GEMM:
-                with warnings.catch_warnings():  # deprecated in torch 2.13 (see _ATEN_FP16_GEMM); warned once, here
-                    warnings.simplefilter("ignore", UserWarning)
-                    packed = torch.fbgemm_pack_gemm_matrix_fp16(w.float())
-                    torch.fbgemm_linear_fp16_weight_fp32_activation(torch.zeros(1, w.size(1)), packed, None)
-            else:
-                bias = None if self.bias is None else self.bias.float()
-                packed = torch.ops.quantized.linear_prepack_fp16(w.float(), bias)
-            self._packed = (w._version, w.data_ptr(), packed)
-        return self._packed[2]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and torch.compiler.is_compiling() and x.numel() == self.in_features:
-            return half_gemv(x, self.weight, self.bias)  # a compiled one-row decode step: inductor's fp16 GEMV
-        if x.device.type != "cpu" or torch.compiler.is_compiling():
+        if x.device.type != "cpu":
             return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        if _ATEN_FP16_GEMM:
-            y = torch.fbgemm_linear_fp16_weight_fp32_activation(x.float(), self._fbgemm_weight(), self.bias)
-            return y.to(x.dtype)
-        y = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, self.in_features).float(), self._fbgemm_weight())
+        if torch.compiler.is_compiling() and x.numel() == self.in_features:
+            return half_gemv(x, self.weight, self.bias)  # a compiled one-row decode step: inductor's fp16 GEMV
+        # FBGEMM's fp16 GEMM, eagerly or (as an op) inside a compiled step of several rows, where
+        # ``F.linear`` of the weight widened to fp32 would widen the whole weight every step (80
+        # ms per 8-row step of the 6x384 BPE model; 12 with the op).
+        gemm = torch.ops.gpt2model.fp16_gemm_fbgemm if torch.compiler.is_compiling() else _fp16_gemm_fbgemm
+        y = gemm(x.reshape(-1, self.in_features).float(), self.weight, self.bias)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
