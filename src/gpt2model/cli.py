@@ -198,6 +198,11 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
     p.add_argument("--top-p", type=_finite_float, default=None, help="nucleus sampling: smallest set with this total "
                    "probability, in (0, 1]")
+    p.add_argument("--repetition-penalty", type=_finite_float, default=1.0,
+                   help="divide positive (multiply negative) logits of tokens already in the prompt or the sample by "
+                   "this, > 0; 1 = off (default), 1.1-1.3 typical (HF/vLLM/llama.cpp's repetition penalty)")
+    p.add_argument("--min-p", type=_finite_float, default=None,
+                   help="keep only tokens at least this fraction as likely as the most likely one, in [0, 1]")
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", type=_non_empty,
                    help="stop a sample when its text contains TEXT (not printed); repeatable")
@@ -214,11 +219,13 @@ def _run_sample(args: argparse.Namespace) -> int:
 
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
-    check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                        repetition_penalty=args.repetition_penalty, min_p=args.min_p)
     model, tokenizer = _load(args)
     text = read_text_file(args.prompt_file, "--prompt-file") if args.prompt_file is not None else args.prompt
     prompt, prompt_ids = prompt_ids_for(tokenizer, text)
-    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eot_id=tokenizer.eot,
+    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   repetition_penalty=args.repetition_penalty, min_p=args.min_p, eot_id=tokenizer.eot,
                    compile=args.compile, stop_strings=args.stop)
     separator = "---------------"
     if args.stream:

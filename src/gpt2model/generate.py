@@ -244,7 +244,8 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
 def sample_logits(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0,
                   top_k: int | torch.Tensor | None = None, top_p: float | torch.Tensor | None = None,
                   generator: torch.Generator | None = None, *, seed: int | torch.Tensor | None = None,
-                  step: int | torch.Tensor = 0, bias: torch.Tensor | None = None) -> torch.Tensor:
+                  step: int | torch.Tensor = 0, bias: torch.Tensor | None = None,
+                  penalty: torch.Tensor | None = None, min_p: float | torch.Tensor | None = None) -> torch.Tensor:
     """Draw one token id per row from ``logits`` ``(B, vocab)``; returns ``(B,)`` int64.
 
     ``temperature == 0`` is greedy (exact argmax; ``top_k``/``top_p`` are then irrelevant).
@@ -261,7 +262,13 @@ def sample_logits(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0,
     ``step`` (int or ``(B,)``) is the index of the token being drawn, so successive draws differ.
     Without ``seed`` one is drawn from ``generator`` (or torch's global generator). ``bias``
     (``(B, vocab)``, optional) is added to the logits before anything else, greedy rows included:
-    the serving engine's ``logit_bias`` and presence/frequency penalties.
+    the serving engine's ``logit_bias`` and presence/frequency penalties. ``penalty`` (``(B, vocab)``
+    factors, optional: 1 for unseen tokens, the repetition penalty ``p > 0`` for tokens already in
+    the sequence) is applied first, to the raw logits, as HF's ``RepetitionPenaltyLogitsProcessor``:
+    a logit ``x`` becomes ``x * p`` when ``x < 0``, else ``x / p``. ``min_p`` (a number or ``(B,)``,
+    in ``[0, 1]``, 0 = off; HF's ``MinPLogitsWarper``, after ``top_k``/``top_p`` as HF orders them)
+    keeps the tokens whose probability is at least ``min_p`` times the row's largest, i.e. whose
+    scaled logit is at least the row's maximum + ``log(min_p)``; greedy rows ignore it.
 
     Eager code never sorts the whole vocabulary unless it must: ``top_k`` takes a top-k selection,
     and ``top_p`` looks for each row's nucleus among its ``NUCLEUS_CANDIDATES`` most likely tokens
@@ -271,6 +278,8 @@ def sample_logits(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0,
     reads) sort. All paths give the same tokens.
     """
     logits = logits.float()  # bf16 has too few mantissa bits for a faithful softmax/cumsum
+    if penalty is not None:  # (x * 1 == x / 1 == x: unseen tokens keep their logit exactly)
+        logits = torch.where(logits < 0, logits * penalty, logits / penalty)
     if bias is not None:
         logits = logits + bias
     B, V = logits.shape
@@ -292,6 +301,16 @@ def sample_logits(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0,
     if candidates is None and (top_k is not None or nucleus):
         scaled, candidates = _filter(scaled, top_k, top_p if nucleus else None, greedy if per_row_t else None,
                                      NUCLEUS_CANDIDATES if eager else None)
+    if min_p is not None and (isinstance(min_p, torch.Tensor) or min_p > 0):
+        # The threshold depends only on the row's maximum, which top-k/top-p always keep: filter
+        # the candidates when there are some (their largest is the row's), else the whole row.
+        log_min_p = torch.log(_per_row(min_p, B, device).float())[:, None]  # 0 -> -inf: keeps all
+        if candidates is not None:
+            values = candidates[0]
+            values = values.masked_fill(values < values.amax(dim=-1, keepdim=True) + log_min_p, float("-inf"))
+            candidates = (values, candidates[1])
+        else:
+            scaled = scaled.masked_fill(scaled < scaled.amax(dim=-1, keepdim=True) + log_min_p, float("-inf"))
     if seed is None:
         seed = new_seed(generator)
     seeds = row_seeds(seed, B, device) if not isinstance(seed, torch.Tensor) else seed.to(device)
@@ -415,7 +434,8 @@ def _nucleus(probs: torch.Tensor, top_p: torch.Tensor, budget: int | None
     return threshold, (sorted_probs, ids) if complete else None
 
 
-def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None, *,
+                        repetition_penalty: float = 1.0, min_p: float | None = None) -> None:
     """Raise a ``ValueError`` naming the fix for any out-of-range sampling setting."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
@@ -427,6 +447,13 @@ def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | No
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
                               or not 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be in (0, 1] (or None for no nucleus filter), got {top_p!r}")
+    if isinstance(repetition_penalty, bool) or not isinstance(repetition_penalty, (int, float)) \
+            or not 0.0 < repetition_penalty < math.inf:
+        raise ValueError(f"repetition_penalty must be a finite number > 0 (1 = no penalty; HF and vLLM use "
+                         f"e.g. 1.1-1.3), got {repetition_penalty!r}")
+    if min_p is not None and (isinstance(min_p, bool) or not isinstance(min_p, (int, float))
+                              or not 0.0 <= min_p <= 1.0):
+        raise ValueError(f"min_p must be in [0, 1] (0 or None for no min-p filter), got {min_p!r}")
 
 
 # --- the forwards: prefill and the one decode step ------------------------------------------------
@@ -448,14 +475,17 @@ def decode_one_token(model: GPT, token: torch.Tensor, input_pos: torch.Tensor, m
 def decode_step(model: GPT, token: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor,
                 position_ids: torch.Tensor, temperature: float | torch.Tensor, top_k: int | torch.Tensor | None,
                 top_p: float | torch.Tensor | None, seeds: torch.Tensor,
-                steps: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                steps: torch.Tensor, bias: torch.Tensor | None = None, *, penalty: torch.Tensor | None = None,
+                min_p: float | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The one decode step of :func:`stream` and the serving engine: feed ``token`` ``(B, 1)``
-    and draw the next token of every row with :func:`sample_logits` (``bias``: its logit bias);
+    and draw the next token of every row with :func:`sample_logits` (``bias``, ``penalty``,
+    ``min_p``: its logit bias, repetition-penalty factors and min-p);
     returns ``(next (B,), logits (B, V))``, the logits as the model gave them. Sampling sits
     inside the step so a compiled (CUDA-graph) step needs no host sync per token except reading
     the token."""
     logits = decode_one_token(model, token, input_pos, mask, position_ids)
-    return sample_logits(logits, temperature, top_k, top_p, seed=seeds, step=steps, bias=bias), logits
+    return sample_logits(logits, temperature, top_k, top_p, seed=seeds, step=steps, bias=bias, penalty=penalty,
+                         min_p=min_p), logits
 
 
 # Inductor options of the CPU decode step (see :func:`compiled_decode_step`). Not ``freezing``
@@ -601,25 +631,29 @@ def base_seed(seed: int | None, generator: torch.Generator | None) -> int:
 # --- the loop ------------------------------------------------------------------------------------
 def stream(model: GPT, input_ids: torch.Tensor | Sequence[Sequence[int]], max_new_tokens: int, *,
            temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-           seed: int | None = None, generator: torch.Generator | None = None, eot_id: int | None = None,
+           repetition_penalty: float = 1.0, min_p: float | None = None, seed: int | None = None,
+           generator: torch.Generator | None = None, eot_id: int | None = None,
            stop_strings: Sequence[str] | None = None, tokenizer: Decoder | None = None,
            compile: bool = False, _views: bool = False) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, ``(B,)`` int64 on the model's device, as it is produced.
 
     ``input_ids`` is a ``(B, T)`` tensor or a list of prompts (lists of ids) of any lengths.
-    Sampling: see :func:`sample_logits`. Row ``i`` draws with seed ``seed + i``, so a row gives
-    the same tokens alone (seeded ``seed + i``) or in any batch, on any device (for the same
-    logits). ``generator`` (deprecated) seeds from a ``torch.Generator``; with neither, a seed is
-    drawn from torch's global generator. A row is finished when it produces ``eot_id`` or when its
-    text (one :class:`TextStream` per row, decoded with ``tokenizer``) completes one of
-    ``stop_strings``; finished rows keep yielding ``eot_id`` (0 when there is none) and the loop
-    ends when every row is finished or after ``max_new_tokens`` steps. ``compile=True`` compiles
-    the decode step (:func:`compiled_decode_step`; falls back to eager with a warning where that
-    fails). Windows: see the module docstring. The model's KV cache is in use until the iterator
-    ends or is closed: one generation per model at a time. (``_views``, for :func:`generate`:
-    yield views of the step buffers, valid until the next generation on the model.)
+    Sampling: see :func:`sample_logits`; ``repetition_penalty`` (> 0, 1 = off) penalizes every token
+    of the row's prompt (padding excluded) and of its continuation so far, as HF's ``generate``
+    and vLLM do; ``min_p`` (in [0, 1], None or 0 = off) is HF's min-p filter. Row ``i`` draws
+    with seed ``seed + i``, so a row gives the same tokens alone (seeded ``seed + i``) or in any
+    batch, on any device (for the same logits). ``generator`` (deprecated) seeds from a
+    ``torch.Generator``; with neither, a seed is drawn from torch's global generator. A row is
+    finished when it produces ``eot_id`` or when its text (one :class:`TextStream` per row, decoded
+    with ``tokenizer``) completes one of ``stop_strings``; finished rows keep yielding ``eot_id`` (0
+    when there is none) and the loop ends when every row is finished or after ``max_new_tokens``
+    steps. ``compile=True`` compiles the decode step (:func:`compiled_decode_step`; falls back to
+    eager with a warning where that fails). Windows: see the module docstring. The model's KV cache
+    is in use until the iterator ends or is closed: one generation per model at a time. (``_views``,
+    for :func:`generate`: yield views of the step buffers, valid until the next generation on the model.)
     """
-    check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty=repetition_penalty,
+                        min_p=min_p)
     stops = list(stop_strings or [])
     if stops and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer (anything with .decode(ids) -> str) to read the text")
@@ -637,18 +671,31 @@ def stream(model: GPT, input_ids: torch.Tensor | Sequence[Sequence[int]], max_ne
         prompt, prompt_valid = prompt[:, -C:], prompt_valid[:, -C:]
     texts = [TextStream(tokenizer, stops) for _ in range(prompt.size(0))] if stops else None
     # Everything above runs at the call; the loop below runs as the caller iterates.
-    return _steps(model, prompt, prompt_valid, max_new_tokens, _Sampling(temperature, top_k, top_p), seeds,
-                  eot_id, texts, compile, not _views)
+    sampling = _Sampling(temperature, top_k, top_p, repetition_penalty, min_p)
+    return _steps(model, prompt, prompt_valid, max_new_tokens, sampling, seeds, eot_id, texts, compile, not _views)
 
 
 class _Sampling:
     """One generation's sampling settings (numbers: the same for every row)."""
 
-    def __init__(self, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    def __init__(self, temperature: float, top_k: int | None, top_p: float | None,
+                 repetition_penalty: float = 1.0, min_p: float | None = None) -> None:
         self.args = (temperature, top_k, top_p)
+        self.repetition_penalty = float(repetition_penalty)
+        self.min_p = float(min_p) if min_p else None  # 0: off, the same graph as without
 
-    def sample(self, logits: torch.Tensor, seeds: torch.Tensor, step: int) -> torch.Tensor:
-        return sample_logits(logits, *self.args, seed=seeds, step=step)
+    def step_kwargs(self, bufs: _Buffers) -> dict[str, Any]:
+        """The keyword arguments of :func:`generation_step` beyond ``self.args``: none when both
+        settings are off, so the step (and its compiled graph) is exactly the one without them."""
+        kwargs: dict[str, Any] = {}
+        if bufs.penalty is not None:
+            kwargs.update(penalty=bufs.penalty, repeat=bufs.repeat)
+        if self.min_p is not None:
+            kwargs["min_p"] = self.min_p
+        return kwargs
+
+    def sample(self, logits: torch.Tensor, bufs: _Buffers, step: int) -> torch.Tensor:
+        return sample_logits(logits, *self.args, seed=bufs.seeds, step=step, penalty=bufs.penalty, min_p=self.min_p)
 
 
 class _Buffers:
@@ -673,8 +720,29 @@ class _Buffers:
         self.eot = torch.full((1,), -1, dtype=torch.long, device=device)  # -1: no end-of-text id
         self.finished = torch.zeros(1, dtype=torch.bool, device=device)  # every row done
         self.caches: list[Any] | None = None  # the KV caches, kept between generations (CUDA graphs)
+        # Repetition penalty (made by ``use_penalty`` when a generation asks for one): the factor
+        # of every token id per row ``(B, V)`` (1: not in the row yet) and the penalty ``(B, 1)``.
+        self.penalty: torch.Tensor | None = None
+        self.repeat: torch.Tensor | None = None
         for t in self.tensors():
             torch._dynamo.mark_static_address(t)
+
+    def use_penalty(self, penalty: float, prompt: torch.Tensor, prompt_valid: torch.Tensor, vocab_size: int) -> None:
+        """Set up the repetition-penalty factors: ``penalty`` for every id of each row's prompt
+        (its valid, unpadded tokens), 1 elsewhere; ``penalty == 1``: none (``self.penalty`` None)."""
+        if penalty == 1.0:
+            self.penalty = self.repeat = None
+            return
+        B, device = prompt.size(0), prompt.device
+        if self.penalty is None or self.penalty.shape != (B, vocab_size):
+            self.penalty = torch.empty(B, vocab_size, device=device)
+            self.repeat = torch.empty(B, 1, device=device)
+            torch._dynamo.mark_static_address(self.penalty)
+            torch._dynamo.mark_static_address(self.repeat)
+        assert self.repeat is not None
+        self.repeat.fill_(penalty)
+        seen = torch.zeros(B, vocab_size, device=device).scatter_add_(1, prompt, prompt_valid.float())
+        torch.where(seen > 0, self.repeat, torch.ones_like(self.repeat), out=self.penalty)
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """The arguments of :func:`generation_step` after the model, in order."""
@@ -682,33 +750,40 @@ class _Buffers:
 
 
 def _record(out: torch.Tensor, step: torch.Tensor, done: torch.Tensor, eot: torch.Tensor, finished: torch.Tensor,
-            token: torch.Tensor) -> None:
+            token: torch.Tensor, penalty: torch.Tensor | None = None, repeat: torch.Tensor | None = None) -> None:
     """Store new token ``step`` ``(1,)`` of every row ``(B,)`` in ``out``: rows already finished get
     the end-of-text id (0 without one), a row that drew the end-of-text id is finished, and
-    ``finished`` says whether every row is."""
+    ``finished`` says whether every row is. With a repetition penalty, the token's factor in
+    ``penalty`` ``(B, V)`` becomes the row's ``repeat`` ``(B, 1)``."""
     token = torch.where(done, eot.clamp(min=0), token)
     out.index_copy_(1, step, token[:, None])
+    if penalty is not None:
+        penalty.scatter_(1, token[:, None], repeat)
     done |= token == eot
     finished.copy_(done.all().view(1))
 
 
 def generation_step(model: GPT, out: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, counters: torch.Tensor,
                     seeds: torch.Tensor, done: torch.Tensor, eot: torch.Tensor, finished: torch.Tensor,
-                    length: int | None, temperature: float, top_k: int | None, top_p: float | None) -> None:
+                    length: int | None, temperature: float, top_k: int | None, top_p: float | None, *,
+                    penalty: torch.Tensor | None = None, repeat: torch.Tensor | None = None,
+                    min_p: float | None = None) -> None:
     """One token of :func:`stream`'s loop, bookkeeping included, on the buffers of
     :class:`_Buffers`: feed the last new token at cache slot ``counters[0]`` and position ``pos``,
     draw the next one with :func:`decode_step` (sampling step ``counters[1]``), store it in
     ``out`` (:func:`_record`) and advance the slot, the positions and the step, all in place, so
     that compiled it is one graph (under CUDA graphs one replay) that reads nothing from the host
     and needs nothing done around it. ``length``: attend to the first ``length`` cache slots only
-    (eager: the filled ones); None: all of them (one static shape for every step)."""
+    (eager: the filled ones); None: all of them (one static shape for every step). ``penalty``,
+    ``repeat``: the repetition-penalty buffers of :class:`_Buffers` (updated in place too);
+    ``min_p``: see :func:`sample_logits`."""
     slot, step = counters[0:1], counters[1:2]
     mask.index_fill_(3, slot, 0.0)  # the slot written now becomes visible
     token = out.index_select(1, step - 1)  # (B, 1): the newest token
     visible = mask if length is None else mask[..., :length]
     nxt, _ = decode_step(model, token, slot, visible, pos, temperature, top_k, top_p, seeds,
-                         step.expand(out.size(0)))
-    _record(out, step, done, eot, finished, nxt)
+                         step.expand(out.size(0)), penalty=penalty, min_p=min_p)
+    _record(out, step, done, eot, finished, nxt, penalty, repeat)
     pos.add_(1)
     counters.add_(1)
 
@@ -719,7 +794,7 @@ class _Window:
     the attention mask is one additive float buffer in the model's dtype, updated in place."""
 
     def __init__(self, model: GPT, prompt: torch.Tensor, prompt_valid: torch.Tensor, bufs: _Buffers,
-                 seeds: torch.Tensor, eot_id: int | None) -> None:
+                 seeds: torch.Tensor, eot_id: int | None, repetition_penalty: float = 1.0) -> None:
         self.model, self.bufs = model, bufs
         self.prompt, self.prompt_valid = prompt, prompt_valid
         self.P = prompt.size(1)
@@ -728,6 +803,7 @@ class _Window:
         bufs.seeds.copy_(seeds)
         bufs.done.zero_()
         bufs.eot.fill_(-1 if eot_id is None else eot_id)
+        bufs.use_penalty(repetition_penalty, prompt, prompt_valid, model.config.vocab_size)
 
     @property
     def n(self) -> int:
@@ -760,11 +836,11 @@ class _Window:
 
     def refill(self, start: int, sampling: _Sampling) -> None:
         """Prefill the window from ``start``, draw the next token from its last logits and store it."""
-        token = sampling.sample(self.fill(start), self.bufs.seeds, self.k)
+        token = sampling.sample(self.fill(start), self.bufs, self.k)
         b = self.bufs
         b.counters[0].fill_(self.n - start)  # (fills: a copy from host memory would sync the device)
         b.counters[1].fill_(self.k)
-        _record(b.out, b.counters[1:2], b.done, b.eot, b.finished, token)
+        _record(b.out, b.counters[1:2], b.done, b.eot, b.finished, token, b.penalty, b.repeat)
         b.counters[1:2].add_(1)
         self.k += 1
 
@@ -772,9 +848,10 @@ class _Window:
         """Feed the newest token of every row and draw and store the next one."""
         if compiled:  # the full, static-shape mask: one graph serves every step
             torch.compiler.cudagraph_mark_step_begin()
-            step_fn(self.model, *self.bufs.tensors(), None, *sampling.args)
+            step_fn(self.model, *self.bufs.tensors(), None, *sampling.args, **sampling.step_kwargs(self.bufs))
         else:  # attend to the filled slots only (O(filled) per token)
-            step_fn(self.model, *self.bufs.tensors(), self.n - self.start, *sampling.args)
+            step_fn(self.model, *self.bufs.tensors(), self.n - self.start, *sampling.args,
+                    **sampling.step_kwargs(self.bufs))
         self.k += 1
 
 
@@ -849,7 +926,7 @@ def _steps(model: GPT, prompt: torch.Tensor, prompt_valid: torch.Tensor, max_new
     kept = step_fn is not generation_step and model.device.type in KEEP_STEP_BUFFERS_ON
     capacity = 1 << (max_new_tokens - 1).bit_length() if kept else max_new_tokens
     bufs = _buffers(model, B, max_len, capacity, kept)
-    window = _Window(model, prompt, prompt_valid, bufs, seeds, eot_id)
+    window = _Window(model, prompt, prompt_valid, bufs, seeds, eot_id, sampling.repetition_penalty)
     # Stopping at eot on an asynchronous device (no stop strings: their check needs every token's
     # value at once): whether every row is done is read one step late, so the device is never idle.
     late = _LateFlag(bufs.finished) if eot_id is not None and texts is None and \
