@@ -69,7 +69,8 @@ def alone(model: GPT, prompt: list[int], p: SamplingParams) -> list[int]:
     engine holds the model's KV cache while it runs)."""
     eot = p.stop_token_ids[0] if p.stop_token_ids else None
     out = generate(_REFERENCE[id(model)], [prompt], p.max_tokens, temperature=p.temperature, top_k=p.top_k,
-                   top_p=p.top_p, seed=p.seed, eot_id=eot)[0][len(prompt):]
+                   top_p=p.top_p, seed=p.seed, eot_id=eot, repetition_penalty=p.repetition_penalty,
+                   min_p=p.min_p)[0][len(prompt):]
     return out[:-1] if p.stop_token_ids and out and out[-1] == p.stop_token_ids[0] else out
 
 
@@ -515,6 +516,13 @@ def test_compiled_engine_matches_generate(model: GPT) -> None:
         reqs = [eng.submit([1, 2, 3], params[0]), eng.submit([4], params[1])]
         for r, prompt, p in zip(reqs, ([1, 2, 3], [4]), params, strict=True):
             assert [e.token for e in collect(r)[0]] == alone(model, prompt, p)
+        # HF/vLLM's repetition_penalty and min_p through the compiled step (per-slot tensors), beside a plain row.
+        penalized = SamplingParams(max_tokens=20, temperature=0, repetition_penalty=1.3)
+        for other in (SamplingParams(max_tokens=20, seed=9, min_p=0.1, repetition_penalty=1.2), params[0]):
+            reqs = [eng.submit([1, 2, 3], penalized), eng.submit([4], other)]
+            for r, prompt, p in zip(reqs, ([1, 2, 3], [4]), (penalized, other), strict=True):
+                assert [e.token for e in collect(r)[0]] == alone(model, prompt, p)
+        assert eng.compile  # no fall back to eager
     finally:
         eng.shutdown(timeout=5)
 
@@ -701,3 +709,37 @@ def test_min_tokens_holds_back_the_stop_tokens(engine: Engine) -> None:
     assert tokens_of(engine.submit([1], p0)) == []  # without min_tokens the stop token comes first
     with pytest.raises(ValueError, match="min_tokens"):
         engine.submit([1], SamplingParams(max_tokens=3, temperature=0, min_tokens=4))
+
+
+def test_repetition_penalty_and_min_p_give_what_generate_gives_alone_and_batched(engine: Engine, model: GPT) -> None:
+    """HF/vLLM's ``repetition_penalty`` (over the prompt and the generated tokens) and ``min_p``:
+    each request gets what ``generate`` gives it with the same settings, alone (one after the other
+    in slot 0, which must forget its penalties) or batched beside others, through the prefill's
+    first token, the mixed forward and the decode step."""
+    reference = _REFERENCE[id(model)]
+    greedy = SamplingParams(max_tokens=30, temperature=0, repetition_penalty=1.3)
+    sampled = SamplingParams(max_tokens=25, temperature=0.9, top_k=30, seed=11, min_p=0.2, repetition_penalty=1.15)
+    min_p_only = SamplingParams(max_tokens=20, temperature=1.2, seed=4, min_p=0.3)
+    plain = SamplingParams(max_tokens=20, temperature=0)
+    jobs = [([1, 2, 3, 1, 2], greedy), ([4, 5], sampled), ([6], min_p_only), ([6, 7], plain)]
+    want = [alone(model, prompt, p) for prompt, p in jobs]
+    # The settings change the tokens (else this test could not tell).
+    assert want[0] != generate(reference, [[1, 2, 3, 1, 2]], 30, temperature=0)[0][5:]
+    assert want[1] != alone(model, [4, 5], SamplingParams(max_tokens=25, temperature=0.9, top_k=30, seed=11))
+    assert want[2] != alone(model, [6], SamplingParams(max_tokens=20, temperature=1.2, seed=4))
+    for (prompt, p), w in zip(jobs, want, strict=True):
+        assert tokens_of(engine.submit(prompt, p)) == w
+    for order in ([0, 1, 2, 3], [3, 2, 1, 0], [1, 3, 0, 2]):  # 4 requests, 3 slots: one joins a running batch
+        requests = {i: engine.submit(*jobs[i]) for i in order}
+        assert {i: tokens_of(r) for i, r in requests.items()} == dict(enumerate(want)), order
+    first = engine.submit(*jobs[1])
+    head = [e.token for e in collect(first, 3)[0]]  # decoding: the next prompts go through its steps' forwards
+    mixed = engine.stats()["mixed_steps"]
+    rest = [engine.submit(*jobs[i]) for i in (0, 2)]
+    assert [tokens_of(r) for r in rest] == [want[0], want[2]]
+    assert head + tokens_of(first) == want[1]
+    assert engine.stats()["mixed_steps"] > mixed
+    for fields, fragment in ((dict(repetition_penalty=0.0), "repetition_penalty"), (dict(min_p=1.5), "min_p"),
+                             (dict(min_p=float("nan")), "min_p")):
+        with pytest.raises(ValueError, match=fragment):
+            engine.submit([1], SamplingParams(max_tokens=2, **fields))

@@ -270,6 +270,10 @@ def test_client_disconnect_mid_stream_frees_the_slot(served):
     (b'{"prompt": "x", "stop_token_ids": [50257]}', 400, "stop_token_ids", None),
     (b'{"prompt": "x", "max_tokens": 3, "min_tokens": 4}', 400, "min_tokens", None),
     (b'{"prompt": "x", "presence_penalty": "high"}', 400, "presence_penalty", "invalid_value"),
+    (b'{"prompt": "x", "repetition_penalty": 0}', 400, "repetition_penalty", "invalid_value"),
+    (b'{"prompt": "x", "repetition_penalty": -1.2}', 400, "repetition_penalty", "invalid_value"),
+    (b'{"prompt": "x", "min_p": 1.5}', 400, "min_p", "invalid_value"),
+    (b'{"prompt": "x", "min_p": -0.1}', 400, "min_p", "invalid_value"),
     (b'{"prompt": "x", "best_of": 3}', 400, "best_of", "unsupported_value"),
     (b'{"prompt": "x", "mirostat": 2}', 400, "mirostat", "unsupported_field"),
     (b'{"prompt": "x", "stream_options": {"include_usage": true}}', 400, "stream_options", None),
@@ -321,6 +325,35 @@ def test_logit_bias_and_penalties_through_the_openai_client(served, client):
     assert (r["choices"][0]["text"], r["choices"][0]["finish_reason"]) == (served.tok.decode([forced] * 3), "stop")
     r = served.post("/v1/completions", {**body, "logit_bias": {str(forced): 100}, "stop_token_ids": [forced]})
     assert (r.json()["choices"][0]["text"], r.json()["choices"][0]["finish_reason"]) == ("", "stop")
+
+
+def test_repetition_penalty_and_min_p_through_the_openai_client(served, client):
+    """vLLM's extensions (the openai client sends them in ``extra_body``) reach the engine: the
+    completion is what ``generate`` gives with the same settings; in chat, min_p=1 keeps only the
+    most likely token, so sampling at temperature 1.5 gives the greedy text."""
+    from gpt2model.generate import generate
+
+    ids = served.tok.encode("To be, or not to be")
+    eot = served.tok.eot
+    plain = client.completions.create(model="tiny", prompt=ids, max_tokens=20, temperature=0).choices[0].text
+    for kw, extra in ((dict(temperature=0), {"repetition_penalty": 1.3}),
+                      (dict(temperature=1.0, seed=3), {"min_p": 0.3, "repetition_penalty": 1.1})):
+        got = client.completions.create(model="tiny", prompt=ids, max_tokens=20, extra_body=extra, **kw)
+        want = generate(served.ref, [ids], 20, eot_id=eot, **kw, **extra)[0][len(ids):]
+        assert got.choices[0].text == served.text(want), extra
+    assert got.choices[0].text != plain
+    assert client.completions.create(model="tiny", prompt=ids, max_tokens=20, temperature=0,
+                                     extra_body={"repetition_penalty": 1.3}).choices[0].text != plain
+    messages = [{"role": "user", "content": "Hello there"}]
+    chat = client.chat.completions.create
+    greedy = chat(model="tiny", messages=messages, max_tokens=10, temperature=0).choices[0].message.content
+    penalized = chat(model="tiny", messages=messages, max_tokens=10, temperature=0,
+                     extra_body={"repetition_penalty": 1.3}).choices[0].message.content
+    hot = chat(model="tiny", messages=messages, max_tokens=10, temperature=1.5, seed=1,
+               extra_body={"repetition_penalty": 1.3, "min_p": 1.0}).choices[0].message.content
+    assert hot == penalized != greedy
+    r = served.post("/v1/chat/completions", {"messages": messages, "min_p": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "min_p"
 
 
 def test_bad_chat_requests(served):

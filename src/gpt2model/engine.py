@@ -91,7 +91,12 @@ class SamplingParams:
     token ``j`` becomes ``logit + logit_bias[j] - presence_penalty * (c[j] > 0) -
     frequency_penalty * c[j]``, ``c[j]`` counting ``j`` among the tokens this request generated so
     far (the prompt does not count, as in vLLM); greedy rows too. Logprobs stay those of the raw
-    logits. ``min_tokens`` (vLLM's): the ``stop_token_ids`` cannot be drawn before that many tokens."""
+    logits. ``min_tokens`` (vLLM's): the ``stop_token_ids`` cannot be drawn before that many tokens.
+    ``repetition_penalty`` (> 0, 1 = off) and ``min_p`` (in [0, 1], 0 = off) are HF's and vLLM's:
+    the raw logit of every token in the prompt or generated so far is divided by the penalty when
+    positive, multiplied when negative (greedy rows too); after temperature, top-k and top-p only
+    tokens at least ``min_p`` times as likely as the most likely one stay (see
+    :func:`gpt2model.generate.sample_logits`)."""
 
     max_tokens: int
     temperature: float = 1.0
@@ -105,6 +110,8 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     min_tokens: int = 0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
 
     def penalized(self) -> bool:
         """Whether the logits get a bias (``logit_bias``, a penalty, ``min_tokens``) before each draw."""
@@ -250,7 +257,7 @@ def _set_all(events: list[asyncio.Event]) -> None:
 class _Slot:
     """A request's cache row: ``pos`` is the next cache position to write (= tokens in the row;
     while ``decoding`` is False, the prompt tokens prefilled so far). ``sampled`` / ``top_k`` /
-    ``top_p``: the row's settings, also in the engine's per-slot tensors once it decodes."""
+    ``top_p`` / ``min_p``: the row's settings, also in the engine's per-slot tensors once it decodes."""
 
     request: Request
     pos: int = 0
@@ -260,6 +267,7 @@ class _Slot:
     sampled: bool = False
     top_k: int | None = None
     top_p: float | None = None
+    min_p: float | None = None
     prompt_events: list[TokenEvent] | None = None  # prompt logprobs gathered chunk by chunk
     seen: set[int] | None = None  # tokens generated so far, for the presence penalty
 
@@ -379,7 +387,8 @@ class Engine:
         check_token_ids(torch.tensor(prompt, dtype=torch.long), cfg.vocab_size, ndim=1, name="the prompt")
         if isinstance(params.max_tokens, bool) or not isinstance(params.max_tokens, int) or params.max_tokens < 0:
             raise ValueError(f"max_tokens must be an integer >= 0 (0: prompt only), got {params.max_tokens!r}")
-        check_sampling_args(params.max_tokens, params.temperature, params.top_k, params.top_p)
+        check_sampling_args(params.max_tokens, params.temperature, params.top_k, params.top_p,
+                            repetition_penalty=params.repetition_penalty, min_p=params.min_p)
         if len(prompt) + params.max_tokens > cfg.context_length:
             raise ValueError(f"the prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
                              f"model's context length {cfg.context_length}: shorten the prompt or lower max_tokens")
@@ -461,6 +470,7 @@ class Engine:
         self._temperature = torch.zeros(B, device=device)
         self._top_k = torch.zeros(B, dtype=torch.long, device=device)  # <= 0: no top-k filter
         self._top_p = torch.ones(B, device=device)  # >= 1: no nucleus filter
+        self._min_p = torch.zeros(B, device=device)  # 0: no min-p filter
         self._seeds = torch.zeros(B, dtype=torch.long, device=device)
         self._steps = torch.zeros(B, dtype=torch.long, device=device)
         # Rows with a logit bias or penalties (SamplingParams.penalized) add their row of this
@@ -468,6 +478,11 @@ class Engine:
         # penalties change one entry per generated token, so no counts are rebuilt per step.
         self._bias: torch.Tensor | None = None
         self._biased: set[int] = set()
+        # Rows with a repetition penalty: their row of these (B, V) factors (the penalty at the ids
+        # of the prompt and of each generated token, 1 elsewhere) scales the raw logits before each
+        # draw; made at the first such request, a row reset to 1 when its slot frees.
+        self._penalty: torch.Tensor | None = None
+        self._repeating: set[int] = set()
         self._step_fn = step_for(m, self.compile)
         self.compile = self._step_fn is not decode_step
         # Warm up (and compile) with a one-token request in slot 0, then forget it.
@@ -640,14 +655,16 @@ class Engine:
             self._install(b, slot)
         rows = logits[done] if len(done) < logits.size(0) else logits
         bias = self._bias_of([group[i][0] for i in done])
+        penalty = self._penalty_of([group[i][0] for i in done])
         if len(slots) == 1:
             p, seed = slots[0].request.params, slots[0].seed  # type: ignore[union-attr]
-            tokens = sample_logits(rows, p.temperature, p.top_k, p.top_p, seed=seed, step=0, bias=bias).tolist()
+            tokens = sample_logits(rows, p.temperature, p.top_k, p.top_p, seed=seed, step=0, bias=bias,
+                                   penalty=penalty, min_p=slots[0].min_p).tolist()  # type: ignore[union-attr]
         else:
             index = torch.tensor([group[i][0] for i in done], device=rows.device)
-            temperature, top_k, top_p = self._sampling_args(slots, lambda t: t[index])
+            temperature, top_k, top_p, min_p = self._sampling_args(slots, lambda t: t[index])
             tokens = sample_logits(rows, temperature, top_k, top_p, seed=self._seeds[index], step=0,
-                                   bias=bias).tolist()
+                                   bias=bias, penalty=penalty, min_p=min_p).tolist()
         for j, (i, token) in enumerate(zip(done, tokens, strict=True)):
             b = group[i][0]
             slot = self._slots[b]
@@ -667,9 +684,11 @@ class Engine:
         slot.sampled = p.temperature > 0
         slot.top_k = p.top_k if slot.sampled else None
         slot.top_p = p.top_p if slot.sampled and p.top_p is not None and p.top_p < 1.0 else None
+        slot.min_p = float(p.min_p) if slot.sampled and p.min_p > 0 else None
         self._temperature[b] = float(p.temperature)
         self._top_k[b] = slot.top_k or 0
         self._top_p[b] = 1.0 if slot.top_p is None else float(slot.top_p)
+        self._min_p[b] = slot.min_p or 0.0
         self._seeds[b:b + 1] = seed_tensor([slot.seed], self._seeds.device)
         self._steps[b] = 1  # the first token (step 0) came from the prefill
         if p.penalized():
@@ -683,6 +702,12 @@ class Engine:
                 self._bias[b, list(p.stop_token_ids)] = float("-inf")  # lifted in _deliver
             slot.seen = set()
             self._biased.add(b)
+        if p.repetition_penalty != 1.0:
+            if self._penalty is None:
+                self._penalty = torch.ones(self.max_batch, self.model.config.vocab_size, device=self._seeds.device)
+            ids = torch.tensor(slot.request.prompt_ids, device=self._penalty.device)
+            self._penalty[b].fill_(1.0).index_fill_(0, ids, float(p.repetition_penalty))
+            self._repeating.add(b)
 
     def _bias_of(self, rows: Sequence[int] | slice) -> torch.Tensor | None:
         """The logit bias of cache rows ``rows`` (a slice ``:hi`` or indices), or None when no
@@ -693,9 +718,18 @@ class Engine:
             return self._bias[rows] if any(b < rows.stop for b in self._biased) else None
         return self._bias[list(rows)] if self._biased.intersection(rows) else None
 
+    def _penalty_of(self, rows: Sequence[int] | slice) -> torch.Tensor | None:
+        """The repetition-penalty factors of cache rows ``rows`` (as :meth:`_bias_of`), or None
+        when no row among them has a penalty (the path, and graph, without one)."""
+        if not self._repeating:
+            return None
+        if isinstance(rows, slice):
+            return self._penalty[rows] if any(b < rows.stop for b in self._repeating) else None  # type: ignore[index]
+        return self._penalty[list(rows)] if self._repeating.intersection(rows) else None  # type: ignore[index]
+
     def _sampling_args(self, slots: Sequence[_Slot | None], rows: Callable[[torch.Tensor], torch.Tensor],
-                       compiled: bool = False) -> tuple[Any, Any, Any]:
-        """``(temperature, top_k, top_p)`` for sampling the rows ``slots`` (free rows: None), whose
+                       compiled: bool = False) -> tuple[Any, Any, Any, Any]:
+        """``(temperature, top_k, top_p, min_p)`` for sampling the rows ``slots`` (free rows: None), whose
         per-slot tensors ``rows(tensor)`` selects. A batch of greedy rows passes
         ``temperature=0`` (argmax only: no random bits over the vocabulary), and a setting all
         sampled rows share is passed as one number (the cheaper whole-batch path of
@@ -704,12 +738,14 @@ class Engine:
         sampled = [s for s in slots if s is not None and s.sampled]
         if compiled:
             return (rows(self._temperature), rows(self._top_k) if any(s.top_k for s in sampled) else None,
-                    rows(self._top_p) if any(s.top_p for s in sampled) else None)
+                    rows(self._top_p) if any(s.top_p for s in sampled) else None,
+                    rows(self._min_p) if any(s.min_p for s in sampled) else None)
         if not sampled:
-            return 0.0, None, None
-        top_k, top_p = {s.top_k for s in sampled}, {s.top_p for s in sampled}
+            return 0.0, None, None, None
+        top_k, top_p, min_p = {s.top_k for s in sampled}, {s.top_p for s in sampled}, {s.min_p for s in sampled}
         return (rows(self._temperature), top_k.pop() if len(top_k) == 1 else rows(self._top_k),
-                top_p.pop() if len(top_p) == 1 else rows(self._top_p))
+                top_p.pop() if len(top_p) == 1 else rows(self._top_p),
+                min_p.pop() if len(min_p) == 1 else rows(self._min_p))
 
     def _drop_cancelled(self) -> None:
         for b, slot in enumerate(self._slots):
@@ -787,8 +823,10 @@ class Engine:
         self._mask[:hi].scatter_(3, pos.view(hi, 1, 1, 1), 0.0)  # the slot written now becomes visible
         L = self._mask.size(-1) if self.compile else max(pos_host) + 1
         decoding = [s if s is not None and s.decoding else None for s in rows] if not greedy_only else []
-        temperature, top_k, top_p = self._sampling_args(decoding, lambda t: t[:hi], self.compile)
+        temperature, top_k, top_p, min_p = self._sampling_args(decoding, lambda t: t[:hi], self.compile)
         bias = self._bias_of(slice(0, hi))
+        # Keyword arguments only when some row uses them: without, exactly the step (and graph) before them.
+        extra = {k: v for k, v in (("penalty", self._penalty_of(slice(0, hi))), ("min_p", min_p)) if v is not None}
         if group:
             ids_p, pos_p, mask_p, rows_p = self._prefill_inputs(group)
             parts = [Part(hi, 1, pos, self._mask[:hi, :, :, :L], 0),
@@ -797,14 +835,14 @@ class Engine:
             out = self.model(ids, parts=parts)[0]  # (hi + chunks, V)
             logits, prompt_logits = out[:hi], out[hi:]
             nxt = sample_logits(logits, temperature, top_k, top_p, seed=self._seeds[:hi], step=self._steps[:hi],
-                                bias=bias)
+                                bias=bias, **extra)
             self._tokens[:hi, 0] = nxt
             self._steps[:hi] += 1
             return nxt.tolist(), logits, prompt_logits
-        run = run_compiled_step if self.compile else (lambda fn, *args: fn(*args))
+        run = run_compiled_step if self.compile else (lambda fn, *args, **kwargs: fn(*args, **kwargs))
         try:
             nxt, logits = run(self._step_fn, self.model, self._tokens[:hi], pos, self._mask[:hi, :, :, :L], pos,
-                              temperature, top_k, top_p, self._seeds[:hi], self._steps[:hi], bias)
+                              temperature, top_k, top_p, self._seeds[:hi], self._steps[:hi], bias, **extra)
         except Exception as e:
             if not self.compile:
                 raise
@@ -841,6 +879,8 @@ class Engine:
             assert self._bias is not None
             self._bias[b, token] -= p.frequency_penalty + (p.presence_penalty if token not in slot.seen else 0.0)
             slot.seen.add(token)
+        if b in self._repeating:  # the next draws penalize this token too (HF/vLLM: prompt + generated)
+            self._penalty[b, token] = float(p.repetition_penalty)  # type: ignore[index]
         if slot.generated >= p.max_tokens:
             self._free(b, FinishEvent("length"))
 
@@ -855,10 +895,13 @@ class Engine:
         self._mask[b, ..., 0] = 0.0
         if hasattr(self, "_temperature"):
             self._temperature[b] = 0.0  # a free row is greedy, unfiltered
-            self._top_k[b], self._top_p[b] = 0, 1.0
+            self._top_k[b], self._top_p[b], self._min_p[b] = 0, 1.0, 0.0
         if b in self._biased:
             self._biased.discard(b)
             self._bias[b].zero_()  # type: ignore[index]
+        if b in self._repeating:
+            self._repeating.discard(b)
+            self._penalty[b].fill_(1.0)  # type: ignore[index]
         with self._wake:
             self._running -= 1
             self._free_slots += 1

@@ -581,13 +581,14 @@ def _cudagraph_thread_state() -> None:
     torch._C._stash_obj_in_tls("tree_manager_locks", trees.local.tree_manager_locks)
 
 
-def run_compiled_step(step_fn: Callable[..., tuple[torch.Tensor, ...]], *args: Any) -> tuple[torch.Tensor, ...]:
+def run_compiled_step(step_fn: Callable[..., tuple[torch.Tensor, ...]], *args: Any,
+                      **kwargs: Any) -> tuple[torch.Tensor, ...]:
     """Call a compiled step. Under CUDA graphs the outputs live in the graph's memory, which the
     next replay overwrites: mark the new step and copy the outputs out (two tiny copies)."""
     _cudagraph_thread_state()
     torch.compiler.cudagraph_mark_step_begin()
     # Only CUDA graphs reuse output memory; a CPU step returns fresh tensors (no copy of the logits).
-    return tuple(t.clone() if t.is_cuda else t for t in step_fn(*args))
+    return tuple(t.clone() if t.is_cuda else t for t in step_fn(*args, **kwargs))
 
 
 # --- input handling ----------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ Endpoints (see the README's "Serving" section for every field):
 Every error has OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``. A field we do not
 support is a 400 naming it (never silently ignored); OpenAI fields whose value changes nothing
 (``best_of: 1`` ...) are accepted, since many clients always send them. ``logit_bias``,
-``presence_penalty`` and ``frequency_penalty`` work as OpenAI's (see ``engine.SamplingParams``).
+``presence_penalty`` and ``frequency_penalty`` work as OpenAI's, ``repetition_penalty`` and ``min_p``
+as vLLM's (see ``engine.SamplingParams``).
 
 The web stack (FastAPI, uvicorn, prometheus_client) is the optional extra ``gpt2model[serve]``;
 nothing else in the package imports this module.
@@ -163,6 +164,9 @@ class _Sampling(_Strict):
     min_tokens: Annotated[int, Field(ge=0)] = 0
     # vLLM's default: a special token that is not a stop (end-of-text with ignore_eos) adds no text.
     skip_special_tokens: bool = True
+    # vLLM's (and HF's, llama.cpp's) sampling extensions: over the prompt and the generated tokens; 1 / 0 = off.
+    repetition_penalty: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] = 1.0
+    min_p: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] = 0.0
 
 
 class CompletionRequest(_Sampling):
@@ -469,7 +473,8 @@ class _Server:
                         seed=None if req.seed is None else req.seed + j, logprobs=logprobs,
                         stop_token_ids=stop_ids, prompt_logprobs=prompt_logprobs, logit_bias=logit_bias,
                         presence_penalty=float(req.presence_penalty), frequency_penalty=float(req.frequency_penalty),
-                        min_tokens=req.min_tokens)
+                        min_tokens=req.min_tokens, repetition_penalty=float(req.repetition_penalty),
+                        min_p=float(req.min_p))
                     r = self.engine.submit(ids, params)
                     choices.append(_Choice(len(choices), i, r, TextStream(self.tokenizer, stop), stop_ids,
                                            hidden_ids))
