@@ -282,3 +282,64 @@ def test_sample_cli_flags(tmp_path, capsys) -> None:
                             (["--min-p", "2"], "min_p must be in")):
         assert main([*args, *extra]) == 2
         assert fragment in capsys.readouterr().err
+
+
+# --- CUDA (run by the lead on a GPU; skipped elsewhere) ---------------------------------------------------------
+def _cuda_model() -> GPT:
+    torch.manual_seed(0)
+    return spiky(GPT(GPTconfig(context_length=128, vocab_size=50, n_layer=2, n_head=2, d_model=32)), std=0.15).cuda()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the CUDA-graph decode step)")
+def test_cuda_graph_generate_with_penalty_and_min_p_is_one_replay_per_token() -> None:
+    """With a repetition penalty and min_p the CUDA-graph step is still one graph replay per token
+    (the penalty factors are updated inside it: no kernel, copy or sync outside), and the tokens
+    are eager's."""
+    model = _cuda_model()
+    prompts = [[1, 2, 3, 4, 5], [6], [7, 8, 9]]
+    kw = dict(seed=3, top_k=20, repetition_penalty=1.3, min_p=0.1)
+    eager = generate(model, prompts, 40, **kw)
+    assert eager != generate(model, prompts, 40, seed=3, top_k=20)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="torch.compile of the decode step failed")
+        assert generate(model, prompts, 40, compile=True, **kw) == eager
+        it = stream(model, prompts, 40, compile=True, _views=True, **kw)
+        for _ in range(5):
+            next(it)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(20):
+                next(it)
+            torch.cuda.synchronize()
+        list(it)
+    names = [e.name for e in prof.events()]
+    assert sum(n.startswith("cudaGraphLaunch") for n in names) == 20, sorted(set(names))
+    assert [n for n in names if n.startswith(("cudaLaunchKernel", "cuLaunchKernel", "cudaMemset"))] == []
+    assert names.count("cudaStreamSynchronize") == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the CUDA-graph decode step)")
+def test_cuda_graph_engine_with_penalty_and_min_p_matches_generate() -> None:
+    import copy
+
+    from gpt2model.engine import Engine, FinishEvent, SamplingParams
+
+    model = _cuda_model()
+    reference = copy.deepcopy(model)
+    jobs = [([1, 2, 3, 1, 2], SamplingParams(max_tokens=30, temperature=0, repetition_penalty=1.3)),
+            ([4, 5], SamplingParams(max_tokens=30, temperature=0.9, seed=11, min_p=0.2, repetition_penalty=1.15)),
+            ([6], SamplingParams(max_tokens=30, temperature=0))]
+    want = [generate(reference, [prompt], p.max_tokens, temperature=p.temperature, seed=p.seed, min_p=p.min_p,
+                     repetition_penalty=p.repetition_penalty)[0][len(prompt):] for prompt, p in jobs]
+    eng = Engine(model, max_batch=2, compile=True)
+    eng.start()
+    assert eng.ready.wait(600)
+    try:
+        for order in ([0, 1, 2], [2, 1, 0]):
+            requests = {i: eng.submit(*jobs[i]) for i in order}
+            got = {i: [e.token for e in r.events() if not isinstance(e, FinishEvent)] for i, r in requests.items()}
+            assert got == dict(enumerate(want)), order
+        assert eng.compile  # no fall back to eager
+    finally:
+        eng.shutdown(timeout=5)
