@@ -335,12 +335,30 @@ def int8_rows_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor
     rows, in_features = x.shape
     x = x.detach().float()
     amax = x.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    span = x.new_zeros(1, in_features)
-    span[0, 0], span[0, -1] = 1.0, -1.0
-    gemm = torch.ops.gpt2model.int8_gemm_fbgemm if torch.compiler.is_compiling() else _int8_gemm_fbgemm
-    y = gemm(torch.cat([x / amax, span]), weight, scales, interleaved)
-    y = y[:rows] * amax
+    if torch.compiler.is_compiling():
+        gemm, span = torch.ops.gpt2model.int8_gemm_fbgemm, _span_row(in_features, x.device)
+    else:  # (eagerly each op is a dispatch: the constant row is made once)
+        gemm, span = _int8_gemm_fbgemm, _cached_span_row(in_features, x.device)
+    y = gemm(torch.cat([x / amax, span]), weight, scales, interleaved)[:rows]
+    y = y * amax
     return y if bias is None else y + bias.float()
+
+
+_SPAN_ROWS: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _span_row(in_features: int, device: torch.device) -> torch.Tensor:
+    """``(1, in_features)``: +1, zeros, -1 (see :func:`int8_rows_linear`)."""
+    span = torch.zeros(1, in_features, device=device)
+    span[0, 0], span[0, -1] = 1.0, -1.0
+    return span
+
+
+def _cached_span_row(in_features: int, device: torch.device) -> torch.Tensor:
+    key = (in_features, device)
+    if key not in _SPAN_ROWS:
+        _SPAN_ROWS[key] = _span_row(in_features, device)
+    return _SPAN_ROWS[key]
 
 
 # Fp16Linear's CPU GEMM: FBGEMM's fp16-weight kernel through aten's plain op pair
