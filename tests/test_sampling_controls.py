@@ -164,6 +164,16 @@ def test_repetition_penalty_is_hf_formula() -> None:
     assert sample_logits(logits * torch.tensor([[1, 1, 1, 1.7]]), 0, penalty=pen).tolist() == [3]  # 1.7 > 1.6
     penalized = RepetitionPenaltyLogitsProcessor(1.25)(torch.tensor([[0, 1, 2]]), logits.clone())
     assert torch.equal(penalized, torch.tensor([[1.6, -2.5, 0.0, 1.0]]))
+    # Bit for bit HF's values on random logits (zeros and infinities included), per-row penalties above and below 1.
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 500, generator=g) * 4
+    x[0, :5], x[1, :3] = 0.0, torch.tensor([float("inf"), float("-inf"), -0.0])
+    seen = [torch.randint(0, 500, (60,), generator=g).tolist() + list(range(6)) for _ in range(4)]
+    penalties = [1.3, 0.7, 2.0, 1.0001]
+    hf = torch.cat([RepetitionPenaltyLogitsProcessor(p)(torch.tensor([s]), x[b:b + 1].clone())
+                    for b, (s, p) in enumerate(zip(seen, penalties, strict=True))])
+    ours = gen_mod._penalize(x, factors(seen, penalties, 500))
+    assert torch.equal(ours, hf) and not torch.equal(ours, x)
     # Sampling draws from the penalized distribution: logits (3, 2), token 0 seen with penalty 50 -> (0.06, 2).
     drawn = sample_logits(torch.tensor([[3.0, 2.0]]).expand(4000, -1), seed=1, penalty=torch.tensor([[50.0, 1.0]]))
     assert abs((drawn == 0).float().mean().item() - torch.tensor([0.06, 2.0]).softmax(0)[0].item()) < 0.02
