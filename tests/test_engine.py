@@ -739,6 +739,8 @@ def test_repetition_penalty_and_min_p_give_what_generate_gives_alone_and_batched
     assert [tokens_of(r) for r in rest] == [want[0], want[2]]
     assert head + tokens_of(first) == want[1]
     assert engine.stats()["mixed_steps"] > mixed
+    assert tokens_of(engine.submit([6], SamplingParams(max_tokens=20, temperature=1.2, seed=4, min_p=None))) \
+        == alone(model, [6], SamplingParams(max_tokens=20, temperature=1.2, seed=4))  # None: off, as in generate()
     for fields, fragment in ((dict(repetition_penalty=0.0), "repetition_penalty"), (dict(min_p=1.5), "min_p"),
                              (dict(min_p=float("nan")), "min_p")):
         with pytest.raises(ValueError, match=fragment):

@@ -111,7 +111,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     min_tokens: int = 0
     repetition_penalty: float = 1.0
-    min_p: float = 0.0
+    min_p: float | None = 0.0
 
     def penalized(self) -> bool:
         """Whether the logits get a bias (``logit_bias``, a penalty, ``min_tokens``) before each draw."""
@@ -684,7 +684,7 @@ class Engine:
         slot.sampled = p.temperature > 0
         slot.top_k = p.top_k if slot.sampled else None
         slot.top_p = p.top_p if slot.sampled and p.top_p is not None and p.top_p < 1.0 else None
-        slot.min_p = float(p.min_p) if slot.sampled and p.min_p > 0 else None
+        slot.min_p = float(p.min_p) if slot.sampled and p.min_p else None  # (None, as generate() takes, is 0)
         self._temperature[b] = float(p.temperature)
         self._top_k[b] = slot.top_k or 0
         self._top_p[b] = 1.0 if slot.top_p is None else float(slot.top_p)
