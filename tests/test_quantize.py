@@ -53,7 +53,7 @@ def test_int8_linear_matches_its_dequantized_weight_and_the_float_layer(rows: in
     assert y.dtype == torch.float32 and y.shape == (rows, 96)
     exact = F.linear(x, qlin.dequantize(), lin.bias).detach()
     ref = lin(x).detach()
-    if INT8_ROWS_MIN_ROWS <= rows <= INT8_KERNEL_MAX_ROWS:
+    if rows >= INT8_ROWS_MIN_ROWS:
         # FBGEMM's int8 x int8 GEMM: each row's activations on a 7-bit grid of step 2 * max|x| / 127,
         # so each is off by at most half a step and each output by at most that times sum |w|.
         bound = x.abs().amax(dim=1, keepdim=True) / 127 * qlin.dequantize().abs().sum(dim=1)
@@ -73,8 +73,8 @@ def test_int8_linear_matches_its_dequantized_weight_and_the_float_layer(rows: in
 
 
 def test_int8_cpu_kernels_by_rows(monkeypatch: pytest.MonkeyPatch) -> None:
-    """One row: ``_weight_int8pack_mm`` (eager); 2..16 rows: FBGEMM's int8 x int8 GEMM; more
-    rows (a prefill): dequantize + GEMM."""
+    """One row: ``_weight_int8pack_mm`` (eager); more rows (batched steps, prefills): FBGEMM's
+    int8 x int8 GEMM."""
     import gpt2model.quantize as quantize_module
 
     calls = []
@@ -85,10 +85,8 @@ def test_int8_cpu_kernels_by_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     qlin(torch.randn(1, 1, 32))
     assert calls == [("int8pack", 1, 32)]
     qlin(torch.randn(2, 1, 32))
-    qlin(torch.randn(1, INT8_KERNEL_MAX_ROWS, 32))
+    qlin(torch.randn(1, 200, 32))  # a prefill
     assert calls[1:] == [("fbgemm",), ("fbgemm",)]
-    qlin(torch.randn(1, INT8_KERNEL_MAX_ROWS + 1, 32))  # a prefill: dequantize + GEMM
-    assert len(calls) == 3
 
 
 def test_int8_rows_kernel_gives_each_row_the_same_bits_alone_or_in_any_batch() -> None:
@@ -263,10 +261,14 @@ def test_int8_model_generates_batched_and_in_bf16() -> None:
     assert [len(r) for r in generate(model, prompt, 10, seed=0)] == [13, 15]
 
 
-def test_int8_bf16_decode_step_compiles() -> None:
+def test_int8_bf16_decode_step_compiles(monkeypatch: pytest.MonkeyPatch) -> None:
     # torch.compile pattern-matches gpt-fast's ``linear(x, q.to(bf16)) * scales`` as weight-only
     # int8 and its lowering failed on bf16 activations: every compiled int8 decode on CUDA fell back
-    # to eager (22 tokens/s on an H200). On a CPU that path is taken by rows past the kernel's limit.
+    # to eager (22 tokens/s on an H200). On a CPU that path is taken, without FBGEMM, by rows past
+    # the kernel's limit.
+    from gpt2model import quantize as quantize_module
+
+    monkeypatch.setattr(quantize_module, "_FBGEMM_INT8", False)
     model = spiky(SMALL).to(torch.bfloat16).quantize("int8")
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, SMALL.vocab_size, (INT8_KERNEL_MAX_ROWS + 1, 3), generator=g)

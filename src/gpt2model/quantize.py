@@ -28,9 +28,10 @@ bandwidth and the matmul kernel's layout, not FLOPs. Two mechanisms live here, b
 The int8 matmul: on CPU, eagerly, ``torch._weight_int8pack_mm`` (PyTorch's int8-weight kernel,
 also what torchao uses there) with bf16 activations — its fp32-activation path is ~10x slower, so
 the activations are cast to bf16 around it (relative error ~2^-9, well under int8's own). It is a
-per-row kernel: steps of 2-16 rows (batched decode, the serving engine's steps, short prompts)
+per-row kernel: inputs of 2 rows or more (batched decode, the serving engine's steps, prefills)
 multiply int8 by int8 in FBGEMM's GEMM instead (:func:`int8_rows_linear`, eager and compiled: 2.3x
-faster compiled 8-row decode steps), and for more rows (a prefill) dequantize-then-GEMM wins.
+faster compiled 8-row decode steps, 1.5-2.2x faster prefills); without FBGEMM, steps of up to 16
+rows use ``_weight_int8pack_mm`` and longer inputs dequantize, then multiply.
 Inside ``torch.compile`` (``compile=True``) a one-row CPU decode step uses an int8 GEMV that
 inductor generates from :meth:`Int8Linear._compiled_gemv` (1 byte read per weight, fp32
 activations and accumulation): ~1.6x ``_weight_int8pack_mm`` on the 124M head, and the reason a
@@ -67,9 +68,10 @@ HEAD_MIN_SHARE = 0.1
 # (measured at 16 rows: 2.2 vs 4.9 ms for 2,304 x 768, 56 vs 352 ms for the 50,257 x 768 head;
 # 1,536 x 384 ties), so decode steps of up to 16 rows use it and longer prefills dequantize.
 INT8_KERNEL_MAX_ROWS = 16
-# On a CPU with FBGEMM, steps of this many rows up to ``INT8_KERNEL_MAX_ROWS`` multiply int8 by
-# int8 instead (:func:`int8_rows_linear`): 2.3x faster whole decode steps at 8 rows; at one row
-# its fixed cost per call (~20 us) loses to the kernels above (see :func:`int8_rows_linear`).
+# On a CPU with FBGEMM, inputs of at least this many rows (decode steps of several rows,
+# prefills) multiply int8 by int8 instead (:func:`int8_rows_linear`): 2.3x faster whole decode
+# steps at 8 rows, 1.5-2.2x faster prefills than dequantize + GEMM; at one row its fixed cost per
+# call (~20 us) loses to the kernels above (see :func:`int8_rows_linear`).
 INT8_ROWS_MIN_ROWS = 2
 # Inside torch.compile on a CPU, up to this many rows use :meth:`Int8Linear._compiled_gemv`
 # (inductor's int8 GEMV; it reads the weight once per row, so it is for single-row decode steps).
@@ -183,7 +185,7 @@ class Int8Linear(nn.Module):
             y = self._compiled_gemv(x2)
         elif not on_cpu and 0 < rows <= COMPILED_REDUCTION_MAX_ROWS and torch.compiler.is_compiling():
             y = self._compiled_reduction(_in_decode_order(x2) if self.interleaved else x2)
-        elif on_cpu and INT8_ROWS_MIN_ROWS <= rows <= INT8_KERNEL_MAX_ROWS and _FBGEMM_INT8:
+        elif on_cpu and rows >= INT8_ROWS_MIN_ROWS and _FBGEMM_INT8:
             y = int8_rows_linear(x2, self.weight, self.scales, self.interleaved, self.bias)
             return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         elif (on_cpu and 0 < rows <= INT8_KERNEL_MAX_ROWS and self.in_features % 8 == 0
@@ -330,8 +332,10 @@ def int8_rows_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor
 
     Measured (2-core AVX2 EPYC, 1 thread, 6x384 BPE model, whole decode steps, interleaved): at 8
     rows 16.9 -> 7.3 ms compiled, 18.3 -> 9.5 ms eager (the head 50,257 x 384: 8.2 ms with
-    ``_weight_int8pack_mm``, 2.4 with FBGEMM); at one row FBGEMM is slower (a fixed ~20 us per call:
-    4.3 vs 3.2 ms per compiled step), so one-row steps keep the kernels of :class:`Int8Linear`."""
+    ``_weight_int8pack_mm``, 2.4 with FBGEMM); prefills (time to the first token, eager) of 64 /
+    200 tokens 34 / 85 -> 23 / 55 ms, on the 124M shape 242 / 555 -> 109 / 319 ms (against
+    dequantize + GEMM); at one row FBGEMM is slower (a fixed ~20 us per call: 4.3 vs 3.2 ms per
+    compiled step), so one-row steps keep the kernels of :class:`Int8Linear`."""
     rows, in_features = x.shape
     x = x.detach().float()
     amax = x.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
