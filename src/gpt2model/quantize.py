@@ -28,10 +28,11 @@ bandwidth and the matmul kernel's layout, not FLOPs. Two mechanisms live here, b
 The int8 matmul: on CPU, eagerly, ``torch._weight_int8pack_mm`` (PyTorch's int8-weight kernel,
 also what torchao uses there) with bf16 activations — its fp32-activation path is ~10x slower, so
 the activations are cast to bf16 around it (relative error ~2^-9, well under int8's own). It is a
-per-row kernel: inputs of 2 rows or more (batched decode, the serving engine's steps, prefills)
-multiply int8 by int8 in FBGEMM's GEMM instead (:func:`int8_rows_linear`, eager and compiled: 2.3x
-faster compiled 8-row decode steps, 1.5-2.2x faster prefills); without FBGEMM, steps of up to 16
-rows use ``_weight_int8pack_mm`` and longer inputs dequantize, then multiply.
+per-row kernel: with FBGEMM (x86 builds) every eager input and every compiled step of several rows
+(batched decode, the serving engine's steps, prefills) multiplies int8 by int8 in FBGEMM's GEMM
+instead (:func:`int8_rows_linear`: 2.3x faster compiled 8-row decode steps, 1.5-2.2x faster
+prefills; one row computed the same way alone or batched); without FBGEMM, steps of up to 16 rows
+use ``_weight_int8pack_mm`` and longer inputs dequantize, then multiply.
 Inside ``torch.compile`` (``compile=True``) a one-row CPU decode step uses an int8 GEMV that
 inductor generates from :meth:`Int8Linear._compiled_gemv` (1 byte read per weight, fp32
 activations and accumulation): ~1.6x ``_weight_int8pack_mm`` on the 124M head, and the reason a
@@ -68,11 +69,15 @@ HEAD_MIN_SHARE = 0.1
 # (measured at 16 rows: 2.2 vs 4.9 ms for 2,304 x 768, 56 vs 352 ms for the 50,257 x 768 head;
 # 1,536 x 384 ties), so decode steps of up to 16 rows use it and longer prefills dequantize.
 INT8_KERNEL_MAX_ROWS = 16
-# On a CPU with FBGEMM, inputs of at least this many rows (decode steps of several rows,
-# prefills) multiply int8 by int8 instead (:func:`int8_rows_linear`): 2.3x faster whole decode
-# steps at 8 rows, 1.5-2.2x faster prefills than dequantize + GEMM; at one row its fixed cost per
-# call (~20 us) loses to the kernels above (see :func:`int8_rows_linear`).
-INT8_ROWS_MIN_ROWS = 2
+# On a CPU with FBGEMM, eager inputs of any number of rows and compiled ones of more than
+# ``COMPILED_GEMV_MAX_ROWS`` multiply int8 by int8 instead (:func:`int8_rows_linear`): 2.3x
+# faster whole decode steps at 8 rows, 1.5-2.2x faster prefills than dequantize + GEMM. At one
+# row eagerly it is ~9% slower than ``_weight_int8pack_mm`` (a fixed ~20 us per call: 6x384 BPE
+# step 7.1 vs 6.5 ms) but taken anyway: every eager forward and every compiled step of several
+# rows then computes a row the same way, whatever the other rows, so the serving engine's seeded
+# requests get the same tokens alone or batched (a one-row kernel for one-row steps broke that).
+# Only a compiled one-row step (``generate``'s batch 1) runs inductor's GEMV.
+INT8_ROWS_MIN_ROWS = 1
 # Inside torch.compile on a CPU, up to this many rows use :meth:`Int8Linear._compiled_gemv`
 # (inductor's int8 GEMV; it reads the weight once per row, so it is for single-row decode steps).
 COMPILED_GEMV_MAX_ROWS = 1
@@ -335,7 +340,7 @@ def int8_rows_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor
     ``_weight_int8pack_mm``, 2.4 with FBGEMM); prefills (time to the first token, eager) of 64 /
     200 tokens 34 / 85 -> 23 / 55 ms, on the 124M shape 242 / 555 -> 109 / 319 ms (against
     dequantize + GEMM); at one row FBGEMM is slower (a fixed ~20 us per call: 4.3 vs 3.2 ms per
-    compiled step), so one-row steps keep the kernels of :class:`Int8Linear`."""
+    compiled step), so compiled one-row steps keep inductor's GEMV (:class:`Int8Linear`)."""
     rows, in_features = x.shape
     x = x.detach().float()
     amax = x.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
