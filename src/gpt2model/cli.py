@@ -166,7 +166,9 @@ def _add_device_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=WEIGHT_DTYPES, default="float32",
                    help="weights dtype (default: float32); int8: weight-only int8 linears quantized at load "
                         "(float32 everywhere else), the fastest one-row decode on CPU; f16: float16 weights, "
-                        "float32 math (CPU, FBGEMM), the fastest batched decode and serving on CPU")
+                        "float32 math (CPU, FBGEMM), the fastest batched decode and serving on CPU; "
+                        "int8-dynamic: int8 weights and per-row int8 activations (CPU, FBGEMM): faster "
+                        "batched int8 decode and prefill, less accurate than int8")
 
 
 def _load(args: argparse.Namespace):  # noqa: ANN202 - (GPT, tokenizer)

@@ -28,11 +28,10 @@ bandwidth and the matmul kernel's layout, not FLOPs. Two mechanisms live here, b
 The int8 matmul: on CPU, eagerly, ``torch._weight_int8pack_mm`` (PyTorch's int8-weight kernel,
 also what torchao uses there) with bf16 activations — its fp32-activation path is ~10x slower, so
 the activations are cast to bf16 around it (relative error ~2^-9, well under int8's own). It is a
-per-row kernel: with FBGEMM (x86 builds) every eager input and every compiled step of several rows
-(batched decode, the serving engine's steps, prefills) multiplies int8 by int8 in FBGEMM's GEMM
-instead (:func:`int8_rows_linear`: 2.3x faster compiled 8-row decode steps, 1.5-2.2x faster
-prefills; one row computed the same way alone or batched); without FBGEMM, steps of up to 16 rows
-use ``_weight_int8pack_mm`` and longer inputs dequantize, then multiply.
+per-row kernel: steps of up to 16 rows use it, longer inputs (prefills) dequantize, then multiply.
+The opt-in ``"int8-dynamic"`` mode quantizes the activations too, per row, and multiplies int8 by
+int8 in FBGEMM's GEMM (:func:`int8_rows_linear`: 2.3x faster compiled 8-row decode steps, 1.5-2.2x
+faster prefills, less accurate: see ``QUANTIZATION_MODES``' comment).
 Inside ``torch.compile`` (``compile=True``) a one-row CPU decode step uses an int8 GEMV that
 inductor generates from :meth:`Int8Linear._compiled_gemv` (1 byte read per weight, fp32
 activations and accumulation): ~1.6x ``_weight_int8pack_mm`` on the 124M head, and the reason a
@@ -58,7 +57,7 @@ from torch.nn import functional as F
 if TYPE_CHECKING:
     from .model import GPT
 
-QUANTIZATION_MODES = ("int8", "f16")
+QUANTIZATION_MODES = ("int8", "int8-dynamic", "f16")
 # What ``--dtype`` accepts where a saved model is run (sample, eval, serve): float dtypes, or a
 # quantization applied after loading in float32.
 WEIGHT_DTYPES = ("float32", "bfloat16", "float16", *QUANTIZATION_MODES)
@@ -69,15 +68,16 @@ HEAD_MIN_SHARE = 0.1
 # (measured at 16 rows: 2.2 vs 4.9 ms for 2,304 x 768, 56 vs 352 ms for the 50,257 x 768 head;
 # 1,536 x 384 ties), so decode steps of up to 16 rows use it and longer prefills dequantize.
 INT8_KERNEL_MAX_ROWS = 16
-# On a CPU with FBGEMM, eager inputs of any number of rows and compiled ones of more than
-# ``COMPILED_GEMV_MAX_ROWS`` multiply int8 by int8 instead (:func:`int8_rows_linear`): 2.3x
-# faster whole decode steps at 8 rows, 1.5-2.2x faster prefills than dequantize + GEMM. At one
-# row eagerly it is ~9% slower than ``_weight_int8pack_mm`` (a fixed ~20 us per call: 6x384 BPE
-# step 7.1 vs 6.5 ms) but taken anyway: every eager forward and every compiled step of several
-# rows then computes a row the same way, whatever the other rows, so the serving engine's seeded
-# requests get the same tokens alone or batched (a one-row kernel for one-row steps broke that).
-# Only a compiled one-row step (``generate``'s batch 1) runs inductor's GEMV.
-INT8_ROWS_MIN_ROWS = 1
+# ``"int8-dynamic"`` (an opt-in mode, CPU with FBGEMM): int8 weights as ``"int8"``, and the activations
+# quantized too, per row and per call, so that every eager input (one row, a batched step, a
+# prefill) and every compiled step of more than ``COMPILED_GEMV_MAX_ROWS`` rows multiplies int8 by
+# int8 in FBGEMM's GEMM (:func:`int8_rows_linear`): 2.3x faster whole decode steps at 8 rows and
+# 1.5-2.2x faster prefills than ``"int8"`` on a 2-core AVX2 EPYC (6x384 BPE and 124M shapes), and a
+# row gets the same bits alone or batched. The price is accuracy: one 7-bit grid per row over all
+# of a layer's inputs is LLM.int8()'s "vector-wise absmax" scheme, which real GPT-2-class models'
+# outlier feature channels hurt (measured on a 4 x 384 model, one decode step, logits' relative
+# error against fp32: 0.049 against ``"int8"``'s 0.020; with 3 channels of every LayerNorm weight
+# at 20x, 0.102 against 0.017). Hence weight-only ``"int8"`` is the default.
 # Inside torch.compile on a CPU, up to this many rows use :meth:`Int8Linear._compiled_gemv`
 # (inductor's int8 GEMV; it reads the weight once per row, so it is for single-row decode steps).
 COMPILED_GEMV_MAX_ROWS = 1
@@ -150,12 +150,14 @@ class Int8Linear(nn.Module):
     weight in the usual order.
     """
 
-    def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
+                 dynamic: bool = False) -> None:
         super().__init__()
         if q.dtype != torch.int8 or q.dim() != 2 or scales.shape != (q.size(0),):
             raise ValueError(f"Int8Linear needs an int8 (out, in) weight and (out,) scales, got {q.dtype} "
                              f"{tuple(q.shape)} and {tuple(scales.shape)}")
         self.out_features, self.in_features = q.shape
+        self.dynamic = dynamic  # int8 activations too, per row (``quantize("int8-dynamic")``, CPU)
         # The interleaved layout serves the CPU decode kernels; elsewhere (CUDA) the plain order.
         self.interleaved = self.in_features % 4 == 0 and q.device.type == "cpu"
         self.register_buffer("weight", (_interleave(q) if self.interleaved else q).contiguous())
@@ -165,14 +167,14 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales_bf16", self.scales.to(torch.bfloat16), persistent=False)
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Linear:
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, dynamic: bool = False) -> Int8Linear:
         """Quantize a float ``(out, in)`` weight (and keep ``bias`` as it is)."""
         q, scales = quantize_int8(weight)
-        return cls(q, scales.to(weight.device), bias)
+        return cls(q, scales.to(weight.device), bias, dynamic)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
-        return cls.from_weight(linear.weight, linear.bias)
+    def from_linear(cls, linear: nn.Linear, dynamic: bool = False) -> Int8Linear:
+        return cls.from_weight(linear.weight, linear.bias, dynamic)
 
     def int8_weight(self) -> torch.Tensor:
         """The int8 weight ``q`` ``(out, in)`` in input-feature order."""
@@ -190,7 +192,7 @@ class Int8Linear(nn.Module):
             y = self._compiled_gemv(x2)
         elif not on_cpu and 0 < rows <= COMPILED_REDUCTION_MAX_ROWS and torch.compiler.is_compiling():
             y = self._compiled_reduction(_in_decode_order(x2) if self.interleaved else x2)
-        elif on_cpu and rows >= INT8_ROWS_MIN_ROWS and _FBGEMM_INT8:
+        elif on_cpu and self.dynamic and _FBGEMM_INT8:
             y = int8_rows_linear(x2, self.weight, self.scales, self.interleaved, self.bias)
             return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         elif (on_cpu and 0 < rows <= INT8_KERNEL_MAX_ROWS and self.in_features % 8 == 0
@@ -254,7 +256,8 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, int8 per-output-channel")
+                f"bias={self.bias is not None}, int8 per-output-channel"
+                + (", int8 activations per row" if self.dynamic else ""))
 
 
 # --- FBGEMM's int8 x int8 GEMM for decode steps of a few rows (CPU) -------------------------------
@@ -521,8 +524,10 @@ def quantize(model: GPT, mode: str = "int8", head: bool | None = None) -> GPT:
     """Quantize ``model`` in place (every linear of the blocks and, see ``head``, the LM head) and
     return it.
 
-    ``mode``: ``"int8"`` (weight-only, per-output-channel symmetric; see :class:`Int8Linear`) or
-    ``"f16"`` (float16 weights, float32 math, for CPUs: see :class:`Fp16Linear`; needs PyTorch's
+    ``mode``: ``"int8"`` (weight-only, per-output-channel symmetric; see :class:`Int8Linear`),
+    ``"int8-dynamic"`` (the same weights, and int8 activations per row on a CPU: faster batched
+    steps and prefills, less accurate; see ``QUANTIZATION_MODES``' comment) or ``"f16"`` (float16
+    weights, float32 math, for CPUs: see :class:`Fp16Linear`; needs PyTorch's
     FBGEMM, i.e. an x86 build, and a float32 model on the CPU).
     ``head``: quantize the LM head too (``True``), keep it in the model's float dtype (``False``),
     or ``None`` (default): quantize it where it holds at least ``HEAD_MIN_SHARE`` of the linear
@@ -545,7 +550,15 @@ def quantize(model: GPT, mode: str = "int8", head: bool | None = None) -> GPT:
         if "fbgemm" not in torch.backends.quantized.supported_engines:
             raise ValueError("f16 needs PyTorch's FBGEMM fp16 kernels (x86 builds), which this PyTorch lacks: "
                              "use float32 or int8")
-    make = Int8Linear if mode == "int8" else Fp16Linear
+    if mode == "int8-dynamic" and (model.device.type != "cpu" or not _FBGEMM_INT8):
+        raise ValueError(f"int8-dynamic (int8 activations in FBGEMM's GEMM) is a CPU format for x86 builds of "
+                         f"PyTorch, got a model on {model.device}"
+                         f"{'' if _FBGEMM_INT8 else ' and a PyTorch without FBGEMM'}: use int8 (weight-only)")
+    def make(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+        if mode == "f16":
+            return Fp16Linear.from_weight(weight, bias)
+        return Int8Linear.from_weight(weight, bias, dynamic=mode == "int8-dynamic")
+
     model.eval()
     body = 0
     for block in model.transformer.h:
@@ -553,14 +566,14 @@ def quantize(model: GPT, mode: str = "int8", head: bool | None = None) -> GPT:
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
                     body += child.weight.numel()
-                    setattr(parent, name, make.from_linear(child))
+                    setattr(parent, name, make(child.weight, child.bias))
     if head is None:
         head_size = model.lm_head.weight.numel()
         head = head_size >= HEAD_MIN_SHARE * (head_size + body)
     if head:
         # The head is tied to the token embedding: quantize a copy for the head and leave the
         # embedding (a lookup, one row per token) in full precision.
-        model.lm_head = make.from_weight(model.lm_head.weight, model.lm_head.bias)
+        model.lm_head = make(model.lm_head.weight, model.lm_head.bias)
     return model
 
 
