@@ -263,10 +263,11 @@ class Int8Linear(nn.Module):
 # --- FBGEMM's int8 x int8 GEMM for decode steps of a few rows (CPU) -------------------------------
 # FBGEMM (PyTorch's x86 quantized backend) multiplies uint8 activations by int8 weights with
 # vpmaddubsw / vpmaddwd: the int8 x int8 path llama.cpp's q8_0 takes, which no inductor loop can
-# emit. Its activations are quantized per call, and 7-bit ([0, 127], ``reduce_range``): on AVX2
-# without VNNI a pair of 8-bit products overflows vpmaddubsw's int16 sums (measured: an 8-bit
-# activation grid is off by 0.07 on outputs of std 0.4, the 7-bit one by 0.018).
-_FBGEMM_INT8 = "fbgemm" in torch.backends.quantized.supported_engines
+# emit. It quantizes the activations per call to uint8 over their range, and on AVX2 without VNNI
+# a pair of full 8-bit products overflows vpmaddubsw's int16 sums (measured: an 8-bit activation
+# grid is off by 0.07 on outputs of std 0.4); :func:`int8_rows_linear` keeps them to [0, 128].
+_FBGEMM_INT8 = "fbgemm" in torch.backends.quantized.supported_engines and \
+    hasattr(torch, "fbgemm_linear_int8_weight_fp32_activation") and hasattr(torch, "fbgemm_pack_quantized_matrix")
 # FBGEMM's packed weights: id(weight) -> (weak reference to the weight, the state it was packed
 # in, the packed copy). Kept beside the weights, not on the layers, so that the ops below (all a
 # compiled graph can call) find them from the weight tensor alone.
@@ -289,23 +290,22 @@ def _packed_copy(weight: torch.Tensor, state: tuple[int, ...], pack: Callable[[]
     return packed
 
 
-def _fbgemm_packed(weight: torch.Tensor, scales: torch.Tensor, interleaved: bool) -> object:
+def _fbgemm_packed(weight: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """FBGEMM's packed copy of an int8 ``weight`` ``(out, in)`` (stored :func:`_interleave`-d when
-    ``interleaved``) with per-row ``scales`` (see :func:`_packed_copy`)."""
-    def pack() -> object:
-        q = _deinterleave(weight) if interleaved else weight
-        engine = torch.backends.quantized.engine
-        with warnings.catch_warnings():  # quantized tensors are deprecated in torch 2.13; the packed
-            warnings.simplefilter("ignore", UserWarning)  # weight is their one use here
-            qweight = torch._make_per_channel_quantized_tensor(
-                q.contiguous(), scales.double(), torch.zeros(q.size(0), dtype=torch.long), 0)
-            try:
-                torch.backends.quantized.engine = "fbgemm"  # pack for FBGEMM, whatever the default engine
-                return torch.ops.quantized.linear_prepack(qweight, None)
-            finally:
-                torch.backends.quantized.engine = engine
+    ``interleaved``), its rows' sums and a zero bias: the arguments of
+    ``torch.fbgemm_linear_int8_weight_fp32_activation`` (see :func:`_packed_copy`)."""
+    def pack() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q = (_deinterleave(weight) if interleaved else weight).contiguous()
+        with warnings.catch_warnings():  # deprecated in torch 2.13 (like Fp16Linear's pair); warned once, here
+            warnings.simplefilter("ignore", UserWarning)
+            packed = torch.fbgemm_pack_quantized_matrix(q)
+            row_sums = q.sum(dim=1, dtype=torch.int32)
+            zeros = torch.zeros(q.size(0))
+            torch.fbgemm_linear_int8_weight_fp32_activation(torch.zeros(1, q.size(1)), q, packed, row_sums, 1.0, 0,
+                                                            zeros)
+        return packed, row_sums, zeros
 
-    return _packed_copy(weight, (weight._version, scales.data_ptr(), scales._version), pack)
+    return _packed_copy(weight, (weight._version,), pack)
 
 
 _LIBRARY = torch.library.Library("gpt2model", "DEF")  # the op below, for torch.compile
@@ -313,7 +313,12 @@ _LIBRARY.define("int8_gemm_fbgemm(Tensor x, Tensor weight, Tensor scales, bool i
 
 
 def _int8_gemm_fbgemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    return torch.ops.quantized.linear_dynamic(x, _fbgemm_packed(weight, scales, interleaved), True)
+    # The aten op rather than ``torch.ops.quantized.linear_dynamic`` (per-channel scales, but a
+    # TorchScript-class call: 121 vs 55 us per one-row 1152 x 384 call, 172 vs 99 at 8 rows). It
+    # takes one weight scale: 1, and the rows' scales multiply its output. (``weight`` gives it
+    # the shape only.)
+    packed, row_sums, zeros = _fbgemm_packed(weight, interleaved)
+    return torch.fbgemm_linear_int8_weight_fp32_activation(x, weight, packed, row_sums, 1.0, 0, zeros).mul_(scales)
 
 
 _LIBRARY.impl("int8_gemm_fbgemm", _int8_gemm_fbgemm, "CPU")
@@ -330,11 +335,13 @@ def int8_rows_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor
     ``gpt2model::int8_gemm_fbgemm``).
 
     Each row's activations are quantized on their own grid: the row is divided by its absolute
-    maximum and FBGEMM quantizes the rows together with one extra row holding +1 and -1, so its
-    per-call range is always [-1, 1], whatever the other rows hold (FBGEMM scales the whole call
+    maximum and FBGEMM quantizes the rows together with one extra row holding +3 and -1, so its
+    per-call range is always [-1, 3], whatever the other rows hold (FBGEMM scales the whole call
     by one range: without this a request's tokens would depend on its neighbours' values); the
-    products are multiplied back by each row's maximum. So a row's result is bit-for-bit the same
-    alone or in any batch (tested), on a 7-bit grid of its own range (~1.5% relative error of the
+    products are multiplied back by each row's maximum. On that range's 8-bit grid (step 4/255,
+    zero at 64) a row's values land in [0, 128], so no pair of products overflows vpmaddubsw's
+    int16 sums (128 * 127 * 2 < 2^15). So a row's result is bit-for-bit the same alone or in any
+    batch (tested), on a 7-bit grid of its own range (~1.5% relative error of the
     product on random data, on top of the weights' int8 rounding; decode-path perplexity of a
     trained character model within 0.01% of fp32, greedy tokens unchanged).
 
@@ -360,9 +367,9 @@ _SPAN_ROWS: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
 def _span_row(in_features: int, device: torch.device) -> torch.Tensor:
-    """``(1, in_features)``: +1, zeros, -1 (see :func:`int8_rows_linear`)."""
+    """``(1, in_features)``: +3, zeros, -1 (see :func:`int8_rows_linear`)."""
     span = torch.zeros(1, in_features, device=device)
-    span[0, 0], span[0, -1] = 1.0, -1.0
+    span[0, 0], span[0, -1] = 3.0, -1.0
     return span
 
 
