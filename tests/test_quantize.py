@@ -291,8 +291,7 @@ def test_int8_model_generates_batched_and_in_bf16() -> None:
     model.quantize("int8")
     out = generate(model, prompt, 40, temperature=0)
     assert [len(r) for r in out] == [43, 45]
-    # (Row 1's 10th token is a near tie in fp32: top-2 logits 2.1572 and 2.1562.)
-    assert out[0][:8] == fp32[0][:8] and out[1][:9] == fp32[1][:9]
+    assert out[0][:8] == fp32[0][:8] and out[1][:10] == fp32[1][:10]
     model.to(torch.bfloat16)
     assert [len(r) for r in generate(model, prompt, 10, seed=0)] == [13, 15]
 
