@@ -910,6 +910,19 @@ def test_cuda_graph_decode_matches_eager_across_the_sliding_window() -> None:
         assert compiled == eager
 
 
+def profiled_steps(it: Iterator[torch.Tensor], n: int = 20) -> list[str]:
+    """The profiler's event names (CPU and CUDA) over the next ``n`` tokens of a CUDA ``stream``
+    iterator ``it``, synced before and after; the rest of ``it`` is then drained."""
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            next(it)
+        torch.cuda.synchronize()
+    list(it)
+    return [e.name for e in prof.events()]
+
+
 def _cuda_graph_nodes() -> int:
     """How many CUDA graphs torch's CUDA-graph trees have recorded on this device (all functions)."""
     import torch._inductor.cudagraph_trees as trees
@@ -951,14 +964,7 @@ def test_cuda_graph_generate_is_one_replay_per_token_and_records_once() -> None:
             it = stream(model, prompts, 60, temperature=0, compile=True, _views=True, eot_id=eot_id)
             for _ in range(5):
                 next(it)
-            torch.cuda.synchronize()
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                    torch.profiler.ProfilerActivity.CUDA]) as prof:
-                for _ in range(20):
-                    next(it)
-                torch.cuda.synchronize()
-            list(it)
-            profiles.append([e.name for e in prof.events()])
+            profiles.append(profiled_steps(it))
     assert counters["inductor"]["cudagraph_skips"] == skips, "torch skipped CUDA graphs for the step"
     for names, copies in zip(profiles, (0, 20), strict=True):
         launches = [n for n in names if n.startswith(("cudaLaunchKernel", "cuLaunchKernel", "cudaMemset"))]

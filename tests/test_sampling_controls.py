@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from test_generate import profiled_steps, spiky  # (tests/ is on sys.path: pytest's default import mode)
 
 from gpt2model import GPT, GPTconfig
 from gpt2model import generate as gen_mod
@@ -22,17 +23,6 @@ from transformers.generation.logits_process import (  # noqa: E402
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
-
-
-def spiky(model: GPT, std: float, seed: int = 0) -> GPT:
-    """Weights re-drawn with ``std`` (as tests/test_generate.py does): a small std gives a model
-    whose greedy continuation repeats a few tokens, where a repetition penalty matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "ln" not in name:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model.eval()
 
 
 def factors(seen: list[list[int]], penalty: list[float], V: int) -> torch.Tensor:
@@ -316,14 +306,7 @@ def test_cuda_graph_generate_with_penalty_and_min_p_is_one_replay_per_token() ->
         it = stream(model, prompts, 40, compile=True, _views=True, **kw)
         for _ in range(5):
             next(it)
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(20):
-                next(it)
-            torch.cuda.synchronize()
-        list(it)
-    names = [e.name for e in prof.events()]
+        names = profiled_steps(it)
     assert sum(n.startswith("cudaGraphLaunch") for n in names) == 20, sorted(set(names))
     assert [n for n in names if n.startswith(("cudaLaunchKernel", "cuLaunchKernel", "cudaMemset"))] == []
     assert names.count("cudaStreamSynchronize") == 0
