@@ -272,6 +272,15 @@ class _Slot:
     seen: set[int] | None = None  # tokens generated so far, for the presence penalty
 
 
+def _rows_in_use(table: torch.Tensor | None, in_use: set[int], rows: Sequence[int] | slice) -> torch.Tensor | None:
+    """Rows ``rows`` (a slice ``:hi`` or indices) of a per-slot ``table`` whose rows ``in_use`` hold
+    something, or None when none of ``rows`` is in use (the sampling path, and graph, without it)."""
+    if not in_use or table is None:
+        return None
+    if isinstance(rows, slice):
+        return table[rows] if any(b < rows.stop for b in in_use) else None
+    return table[list(rows)] if in_use.intersection(rows) else None
+
 class Engine:
     """Continuous batching for one model (see the module docstring). ``start()`` spawns the
     inference thread; ``ready`` is set once it has warmed up."""
@@ -712,20 +721,12 @@ class Engine:
     def _bias_of(self, rows: Sequence[int] | slice) -> torch.Tensor | None:
         """The logit bias of cache rows ``rows`` (a slice ``:hi`` or indices), or None when no
         row among them has one (the unbiased sampling path, and graph)."""
-        if not self._biased:
-            return None
-        if isinstance(rows, slice):
-            return self._bias[rows] if any(b < rows.stop for b in self._biased) else None
-        return self._bias[list(rows)] if self._biased.intersection(rows) else None
+        return _rows_in_use(self._bias, self._biased, rows)
 
     def _penalty_of(self, rows: Sequence[int] | slice) -> torch.Tensor | None:
         """The repetition-penalty factors of cache rows ``rows`` (as :meth:`_bias_of`), or None
         when no row among them has a penalty (the path, and graph, without one)."""
-        if not self._repeating:
-            return None
-        if isinstance(rows, slice):
-            return self._penalty[rows] if any(b < rows.stop for b in self._repeating) else None  # type: ignore[index]
-        return self._penalty[list(rows)] if self._repeating.intersection(rows) else None  # type: ignore[index]
+        return _rows_in_use(self._penalty, self._repeating, rows)
 
     def _sampling_args(self, slots: Sequence[_Slot | None], rows: Callable[[torch.Tensor], torch.Tensor],
                        compiled: bool = False) -> tuple[Any, Any, Any, Any]:
