@@ -279,6 +279,9 @@ def test_client_disconnect_mid_stream_frees_the_slot(served):
     (b'{"prompt": "x", "stream_options": {"include_usage": true}}', 400, "stream_options", None),
     (b'{"prompt": "x", "stop": ["ok", ""]}', 400, "stop", "invalid_value"),
     (b'{"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}', 400, "stop", "invalid_value"),
+    (b'{"prompt": "x", "logit_bias": {"\xd9\xa1": 5}}', 400, "logit_bias", None),  # Arabic-Indic "1": not an id
+    (b'{"prompt": "x", "response_format": {"type": "json_object"}}', 400, "response_format", "unsupported_value"),
+    (b'{"prompt": null}', 400, "prompt", "invalid_value"),
     (b'{"prompt": "x", "model": "gpt-4"}', 404, "model", "model_not_found"),
     (b'{"prompt": "' + b"a" * (1 << 20) + b'"}', 413, None, "request_too_large"),
 ])
@@ -288,6 +291,48 @@ def test_bad_requests_get_openai_errors_naming_the_problem(served, body, status,
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["message"]
     assert err["param"] == param and (code is None or err["code"] == code)
+
+
+def test_null_optional_fields_mean_their_defaults_as_in_openais_spec(served, client):
+    """OpenAI's spec marks the optional fields nullable and openai-python sends an explicit None as
+    null: null must mean the default, not a 400. (max_tokens null keeps its meaning: up to the context.)"""
+    ids = served.tok.encode("Hello")
+    nulls = dict(temperature=None, top_p=None, n=None, stream=None, presence_penalty=None, frequency_penalty=None,
+                 echo=None, best_of=None, logprobs=None, seed=None, stop=None, suffix=None, user=None)
+    r = client.completions.create(model="tiny", prompt="Hello", max_tokens=4, **nulls,
+                                  extra_body=dict(top_k=None, min_p=None, repetition_penalty=None, min_tokens=None,
+                                                  ignore_eos=None, skip_special_tokens=None, stop_token_ids=None))
+    assert len(r.choices) == 1 and r.choices[0].logprobs is None and r.usage.completion_tokens == 4
+    greedy = served.post("/v1/completions", {"prompt": "Hello", "max_tokens": 4, "temperature": 0, "top_p": None,
+                                             "presence_penalty": None, "repetition_penalty": None}).json()
+    assert greedy["choices"][0]["text"] == served.text(served.greedy(ids, 4))
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi", "name": None}],
+                                          max_tokens=2, temperature=None, logprobs=None, top_logprobs=None,
+                                          max_completion_tokens=None, n=None, stream=None,
+                                          response_format={"type": "text"})  # OpenAI's default format: a no-op
+    assert chat.choices[0].logprobs is None and chat.usage.completion_tokens == 2
+
+
+def test_top_k_beyond_the_vocabulary_keeps_every_token_instead_of_failing(served):
+    """A top_k larger than int64 reached the engine's per-row tensor and failed the request with a 500."""
+    for top_k in (10**20, 60000):
+        r = served.post("/v1/completions", {"prompt": "Hi", "max_tokens": 3, "seed": 3, "top_k": top_k})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == served.post(
+            "/v1/completions", {"prompt": "Hi", "max_tokens": 3, "seed": 3}).json()["choices"][0]["text"]
+
+
+def test_chat_logprobs_bytes_are_the_tokens_own_bytes(served, client):
+    """A byte-level token holding part of a character has text U+FFFD; its ``bytes`` must be its
+    own UTF-8 bytes (what OpenAI's field is for: joining split characters), not U+FFFD's."""
+    first, second = served.tok.encode("\U0001F44D")  # one emoji: 4 bytes over 2 tokens
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=2,
+                                          temperature=0, logprobs=True, top_logprobs=1,
+                                          logit_bias={str(first): 100})
+    content = chat.choices[0].logprobs.content
+    assert content[0].token == "\ufffd" and content[0].bytes == list(served.tok.token_bytes(first))
+    assert bytes(content[0].bytes + list(served.tok.token_bytes(second))) == "\U0001F44D".encode()
+    assert all(e.bytes == list(e.token.encode()) for e in content[1:] if "\ufffd" not in e.token)
 
 
 def test_logit_bias_and_penalties_through_the_openai_client(served, client):

@@ -127,6 +127,25 @@ def test_gpt2_equals_tiktoken_on_mixed_text(tiktoken_gpt2):
     assert [a.tolist() for a in batch] == [tok.encode(MIXED), tok.encode("abc"), []]
 
 
+def test_token_bytes_join_to_the_texts_bytes_and_bad_ids_are_value_errors(tiktoken_gpt2, trained_bpe):
+    """``token_bytes`` (the server's chat-logprob ``bytes``) gives each token's own bytes, also for
+    tokens holding part of a character; the bytes of an encoding join to the text's UTF-8."""
+    gpt2 = GPT2Tokenizer()
+    for tok in (gpt2, trained_bpe, CharTokenizer(MIXED)):
+        ids = tok.encode(MIXED)
+        assert b"".join(tok.token_bytes(i) for i in ids) == MIXED.encode("utf-8")
+    assert [gpt2.token_bytes(i) for i in gpt2.encode(MIXED)] == [tiktoken_gpt2.decode_single_token_bytes(i)
+                                                                  for i in gpt2.encode(MIXED)]
+    assert gpt2.token_bytes(gpt2.eot) == trained_bpe.token_bytes(trained_bpe.eot) == b"<|endoftext|>"
+    for tok in (gpt2, trained_bpe):
+        with pytest.raises(ValueError, match="outside"):
+            tok.token_bytes(tok.vocab_size)
+    # decode of ids outside the vocabulary: a ValueError naming them (tiktoken raises KeyError/OverflowError)
+    for bad in ([50257], [-1], [15496, 10**20]):
+        with pytest.raises(ValueError, match=r"outside the GPT-2 vocabulary"):
+            gpt2.decode(bad)
+
+
 def test_gpt2_save_load_and_hf_folders(tmp_path, data_dir):
     tok = GPT2Tokenizer()
     tok.save(tmp_path / "ours")

@@ -691,7 +691,8 @@ class Engine:
         """Write row ``b``'s sampling settings into the per-slot tensors (at admission)."""
         p = slot.request.params
         slot.sampled = p.temperature > 0
-        slot.top_k = p.top_k if slot.sampled else None
+        # k >= V keeps every token (as generate's top_k does): clamped, so a huge k fits the int64 row.
+        slot.top_k = min(p.top_k, self.model.config.vocab_size) if slot.sampled and p.top_k is not None else None
         slot.top_p = p.top_p if slot.sampled and p.top_p is not None and p.top_p < 1.0 else None
         slot.min_p = float(p.min_p) if slot.sampled and p.min_p else None  # (None, as generate() takes, is 0)
         self._temperature[b] = float(p.temperature)

@@ -32,7 +32,7 @@ import torch
 
 from .checkpoint import resolve_model_dir
 from .fileio import atomic_path
-from .tokenizer import SPEC_FILE, BPETokenizer, CharTokenizer, GPT2Tokenizer, load_tokenizer
+from .tokenizer import SPEC_FILE, BPETokenizer, CharTokenizer, GPT2Tokenizer, byte_to_unicode, load_tokenizer
 
 if TYPE_CHECKING:
     from .model import GPT
@@ -81,22 +81,9 @@ def gguf_tensors(model: GPT) -> dict[str, np.ndarray]:
     return out
 
 
-def _byte_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map (the alphabet of vocab.json)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs, strict=True)}
-
-
 def _char_vocab(tok: CharTokenizer) -> tuple[list[str], list[str]]:
     """A character vocabulary as a merge-built byte-level BPE: tokens and merges."""
-    b2u = _byte_to_unicode()
+    b2u = byte_to_unicode()
     tokens, merges, seen = [], [], set()
     for ch in tok.chars:
         pieces = [b2u[b] for b in ch.encode("utf-8")]

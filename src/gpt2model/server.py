@@ -39,7 +39,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
 import prometheus_client
 import uvicorn
@@ -47,7 +47,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .engine import Engine, FinishEvent, PromptEvent, QueueFullError, SamplingParams, TokenEvent
 from .generate import TextStream
@@ -128,6 +128,20 @@ class _Strict(BaseModel):
     # field is an error that names it, never silently ignored.
     model_config = ConfigDict(strict=True, extra="forbid")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        # OpenAI's spec marks its optional fields nullable and clients send null for "not set"
+        # (openai-python sends `temperature=None` as null; vLLM's fields are Optional): an optional
+        # field given null takes its default. Fields where null means something (max_tokens: up to
+        # the context) and required fields keep it.
+        if isinstance(data, dict):
+            fields = cls.model_fields
+            return {k: v for k, v in data.items()
+                    if v is not None or k not in fields or fields[k].is_required()
+                    or type(None) in get_args(fields[k].annotation)}
+        return data
+
 
 class StreamOptions(_Strict):
     include_usage: bool = False
@@ -167,6 +181,8 @@ class _Sampling(_Strict):
     # vLLM's (and HF's, llama.cpp's) sampling extensions: over the prompt and the generated tokens; 1 / 0 = off.
     repetition_penalty: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] = 1.0
     min_p: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] = 0.0
+    # {"type": "text"} is OpenAI's default (clients send it); JSON modes are a 400 (_check_noops).
+    response_format: dict[str, Any] | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -221,7 +237,7 @@ def _logit_bias(req: _Sampling, vocab_size: int) -> dict[int, float] | None:
         return None
     bias = {}
     for key, value in req.logit_bias.items():
-        token = int(key) if key.isdigit() else -1
+        token = int(key) if key.isascii() and key.isdigit() else -1  # not "١" (int() reads any digits)
         if not 0 <= token < vocab_size:
             raise APIError(400, f"logit_bias keys must be token ids in [0, {vocab_size}) written as strings, "
                            f"got {key!r}", param="logit_bias")
@@ -238,6 +254,11 @@ def _check_noops(req: _Sampling) -> None:
         if req.suffix:
             raise APIError(400, "suffix (insertion) is not supported by GPT-2", param="suffix",
                            code="unsupported_value")
+    if req.response_format is not None and req.response_format.get("type") != "text":
+        kind = req.response_format.get("type")
+        raise APIError(400, f"response_format {{'type': {kind!r}}} is not supported: this server cannot constrain "
+                            f"the output (only {{'type': 'text'}}, the default)", param="response_format",
+                       code="unsupported_value")
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options is only allowed with stream=true", param="stream_options")
 
@@ -599,7 +620,9 @@ class _Server:
     def chat_logprobs(self, evs: list[TokenEvent]) -> dict[str, Any]:
         def entry(token: int, lp: float) -> dict[str, Any]:
             text = self.token_text(token)
-            return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+            # The token's own bytes (part of a character for some byte-level tokens, whose text is then
+            # U+FFFD), as OpenAI gives them, so a client can join a split character back.
+            return {"token": text, "logprob": lp, "bytes": list(self.tokenizer.token_bytes(token))}
 
         return {"content": [{**entry(ev.token, ev.logprob), "top_logprobs": [entry(t, lp) for t, lp in
                                                                              (ev.top_logprobs or [])]}

@@ -69,6 +69,11 @@ class Tokenizer(Protocol):
         """``encode`` of many texts, on all cores where the tokenizer can, as integer arrays."""
         ...
 
+    def token_bytes(self, token: int) -> bytes:
+        """The UTF-8 bytes one token stands for: part of a character for some byte-level BPE tokens,
+        whose ``decode([token])`` is then U+FFFD (OpenAI's chat logprobs report these bytes)."""
+        ...
+
     def spec(self) -> dict[str, Any]:
         """What ``tokenizer_spec.json`` stores to rebuild this tokenizer (``load_tokenizer``)."""
         ...
@@ -155,6 +160,9 @@ class CharTokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
         return [self._encode_array(t) for t in texts]
+
+    def token_bytes(self, token: int) -> bytes:
+        return self.decode([token]).encode("utf-8")
 
     def spec(self) -> dict[str, Any]:
         return {"type": "char", "vocab_size": self.vocab_size, "chars": self.chars, "unknown": self.unknown}
@@ -246,7 +254,17 @@ class GPT2Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         # errors="replace": a slice of ids can end inside a multi-byte character (e.g. while
         # streaming); whole encodings always decode exactly.
-        return self._enc.decode(list(map(int, ids)), errors="replace")
+        ids = list(map(int, ids))
+        try:
+            return self._enc.decode(ids, errors="replace")
+        except (KeyError, OverflowError):  # tiktoken's "Invalid token" / a negative id
+            bad = [i for i in ids if not 0 <= i < self.vocab_size][:5]
+            raise ValueError(f"ids {bad} are outside the GPT-2 vocabulary [0, {self.vocab_size})") from None
+
+    def token_bytes(self, token: int) -> bytes:
+        if not 0 <= int(token) < self.vocab_size:
+            raise ValueError(f"id {token} is outside the GPT-2 vocabulary [0, {self.vocab_size})")
+        return self._enc.decode_single_token_bytes(int(token))
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
         # tiktoken's Rust core releases the GIL, so threads use every core; encode_to_numpy avoids
@@ -277,6 +295,23 @@ class GPT2Tokenizer:
 
 
 # --- a new byte-level BPE -------------------------------------------------------------------------
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map (the alphabet of vocab.json and of
+    byte-level BPE token strings)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs, strict=True)}
+
+
+_UNICODE_TO_BYTE = {c: b for b, c in byte_to_unicode().items()}
+
+
 class BPETokenizer:
     """A byte-level BPE trained on your corpus with HF ``tokenizers``.
 
@@ -332,6 +367,14 @@ class BPETokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(map(int, ids)), skip_special_tokens=False)
+
+    def token_bytes(self, token: int) -> bytes:
+        piece = self._tok.id_to_token(int(token))
+        if piece is None:
+            raise ValueError(f"id {token} is outside this BPE's vocabulary [0, {self.vocab_size})")
+        if piece == EOT_TEXT:
+            return piece.encode("utf-8")
+        return bytes(_UNICODE_TO_BYTE[c] for c in piece)  # the byte-level alphabet, back to bytes
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
         # encode_batch runs on all cores (Rayon) on the Rust side.
