@@ -95,3 +95,36 @@ def test_sampling_options_refuse_nan(model_dir: Path, option: str, capsys) -> No
     with pytest.raises(SystemExit):
         main(["sample", "--model", str(model_dir), option, "nan"])
     assert "is not a finite number" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_bad_or_busy_port_before_loading_the_model(model_dir: Path, monkeypatch, capsys) -> None:
+    """--port 99999 aborted the process inside asyncio (a C++ 'terminate called' and exit 134); a
+    port in use failed only after the model had loaded, in uvicorn's words."""
+    import socket
+
+    import gpt2model.cli as cli
+
+    pytest.importorskip("uvicorn")
+    with pytest.raises(SystemExit):
+        main(["serve", "--model", str(model_dir), "--port", "99999"])
+    assert "port must be in [1, 65535], got 99999" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("loaded the model before checking the port"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--model", str(model_dir), "--port", str(port), "--device", "cpu"]) == 2
+    assert f"port {port} on 127.0.0.1 is already in use" in capsys.readouterr().err
+    assert main(["serve", "--model", str(model_dir), "--host", "no-such-host.invalid", "--device", "cpu"]) == 2
+    assert "--host no-such-host.invalid: cannot resolve it" in capsys.readouterr().err
+
+
+def test_export_to_a_folder_and_eval_of_an_empty_text_are_clear_errors(model_dir: Path, tmp_path: Path,
+                                                                        capsys) -> None:
+    # Was an IsADirectoryError traceback (from the final rename, after the whole export).
+    assert main(["export", str(model_dir), "--gguf", str(tmp_path)]) == 2
+    assert f"--gguf {tmp_path} is a folder; give a file name" in capsys.readouterr().err
+    (tmp_path / "empty.txt").write_text("")
+    # Was "ids has no tokens (empty prompt): give at least one (e.g. the tokenizer's end-of-text id)".
+    assert main(["eval", "--model", str(model_dir), "--text", str(tmp_path / "empty.txt"), "--device", "cpu"]) == 2
+    assert f"--text {tmp_path / 'empty.txt'} is empty: there is nothing to score" in capsys.readouterr().err

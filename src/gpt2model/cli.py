@@ -292,6 +292,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.text is not None:
         ids = tokenizer.encode(read_text_file(args.text, "--text"))
         source = args.text
+        if not ids:
+            raise ValueError(f"--text {args.text} is empty: there is nothing to score")
     else:
         from .data import open_dataset
 
@@ -339,7 +341,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="a model folder (ours or HF GPT-2) or a hub name (gpt2, ...)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
                    "only; 0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--port", type=_port, default=8000, help="port (default: 8000)")
     _add_device_options(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start)")
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV-cache slots; default 8)")
@@ -362,6 +364,40 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_serve)
 
 
+def _port(text: str) -> int:
+    """argparse type for --port: a TCP port number."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port: {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be in [1, 65535], got {port}")
+    return port
+
+
+def _check_listen(host: str, port: int) -> None:
+    """Fail before loading the model (seconds to minutes) if the server could not listen on
+    ``host:port``: the port is taken, or the host is not an address of this machine."""
+    import errno
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host}: cannot resolve it ({e.strerror}); give an address such as 127.0.0.1 or "
+                         f"0.0.0.0") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a TIME_WAIT port is free
+        try:
+            sock.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise ValueError(f"port {port} on {host} is already in use (another server?): stop it or pass "
+                                 f"another --port") from None
+            raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}; check --host and --port") from None
+
+
 def _run_serve(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
@@ -377,6 +413,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--request-timeout must be >= 0 seconds, got {args.request_timeout}")
     if args.chat_template is not None and not Path(args.chat_template).is_file():
         raise FileNotFoundError(f"--chat-template {args.chat_template}: no such file")
+    _check_listen(args.host, args.port)
     model, tokenizer = _load(args)
     name = args.model_name or Path(args.model).expanduser().name or str(args.model)
     api_key = args.api_key if args.api_key is not None else os.environ.get("GPT2MODEL_API_KEY") or None
@@ -405,6 +442,8 @@ def _run_export(args: argparse.Namespace) -> int:
 
     from .export import export_gguf
 
+    if Path(args.gguf).is_dir():
+        raise ValueError(f"--gguf {args.gguf} is a folder; give a file name, e.g. {Path(args.gguf) / 'model.gguf'}")
     out = export_gguf(args.model, args.gguf, args.dtype)
     print(f"wrote {out} ({args.dtype}, {Path(out).stat().st_size / 2**20:.1f} MiB)")
     return 0
