@@ -156,3 +156,38 @@ def test_saving_the_same_weights_writes_the_same_bytes(tmp_path: Path) -> None:
         model.save_pretrained(tmp_path / str(i))
         blobs.add((tmp_path / str(i) / "model.safetensors").read_bytes())
     assert len(blobs) == 1
+
+
+def test_sharded_hf_folders_load(tmp_path: Path) -> None:
+    """HF's save_pretrained(max_shard_size=...) writes shards and an index (transformers 4's 5 GB
+    default shards gpt2-xl in fp32): it was 'has no model.safetensors: not a complete model folder'."""
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    ours = GPT(GPTconfig(n_layer=2, n_head=2, d_model=32, context_length=16, vocab_size=50)).eval()
+    ours.save_pretrained(tmp_path / "plain")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "plain")
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "sharded").glob("model-*-of-*.safetensors"))) > 1
+    # transformers 4's pytorch_model.bin shards (transformers 5 writes safetensors only): written here
+    old = tmp_path / "bin"
+    old.mkdir()
+    (old / "config.json").write_bytes((tmp_path / "plain" / "config.json").read_bytes())
+    state = {k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    names = sorted(state)
+    weight_map = {}
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2:])):
+        shard = f"pytorch_model-0000{i + 1}-of-00002.bin"
+        torch.save({k: state[k] for k in part}, old / shard)
+        weight_map.update(dict.fromkeys(part, shard))
+    (old / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    ids = torch.randint(0, 50, (2, 16))
+    with torch.no_grad():
+        want = ours(ids)
+        for folder in (tmp_path / "sharded", old):
+            assert torch.equal(GPT.from_pretrained(folder)(ids), want)
+    next((tmp_path / "sharded").glob("model-00001-of-*")).unlink()
+    with pytest.raises(CheckpointError, match="is missing"):
+        GPT.from_pretrained(tmp_path / "sharded")

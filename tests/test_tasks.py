@@ -310,6 +310,14 @@ def test_length_normalisation_prefers_the_longer_answer(tmp_path, gpt2_tokenizer
         assert lls == pytest.approx([-n * math.log(tok.vocab_size) for n in ntok], rel=1e-6)
 
 
+def test_multiple_choice_label_true_is_not_label_1(tmp_path, gpt2_tokenizer) -> None:
+    """JSON true is a Python int: it was scored as label 1 instead of being refused."""
+    path = tmp_path / "mc.jsonl"
+    path.write_text(json.dumps({"context": "Pick:", "choices": ["a", "b"], "label": True}) + "\n")
+    with pytest.raises(ValueError, match=r"item 1: field 'label' must be a int, got True"):
+        run_task(_Oracle(gpt2_tokenizer.vocab_size, {}), gpt2_tokenizer, "multiple_choice", mc_file=path)
+
+
 def test_a_tokenizer_without_end_of_text(fixtures_data, tmp_path) -> None:
     """A character-level model (no end-of-text token) on text8: the first character conditions
     the rest and is not scored; multiple choice still works (its contexts are never empty)."""

@@ -27,6 +27,9 @@ from .model import GPT
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 LEGACY_WEIGHTS_FILE = "pytorch_model.bin"
+# HF's sharded layout (save_pretrained(max_shard_size=...); transformers 4's 5 GB default shards
+# gpt2-xl in fp32): an index naming the file of each tensor.
+SHARD_INDEX_FILES = (WEIGHTS_FILE + ".index.json", LEGACY_WEIGHTS_FILE + ".index.json")
 
 
 class CheckpointError(ValueError):
@@ -204,8 +207,9 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, "vocab.json",
-                                                             "merges.txt", "tokenizer.json"]))
+        return Path(snapshot_download(repo, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, SHARD_INDEX_FILES[0],
+                                                             "model-*.safetensors", "vocab.json", "merges.txt",
+                                                             "tokenizer.json"]))
     except Exception as e:
         raise CheckpointError(f"could not get {name!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
                               f"Without a network, download the folder elsewhere (config.json and "
@@ -228,12 +232,8 @@ def load_model(name_or_path: str | Path, *, context_length: int | None = None, d
         config.context_length = context_length
     if dropout is not None:
         config = GPTconfig.from_dict({**config.to_dict(), "dropout": dropout})
-    weights = directory / WEIGHTS_FILE
-    if not weights.is_file() and (directory / LEGACY_WEIGHTS_FILE).is_file():
-        weights = directory / LEGACY_WEIGHTS_FILE
-    if not weights.is_file():
-        raise CheckpointError(f"{directory} has no {WEIGHTS_FILE}: it is not a complete model folder")
-    state = state_dict_from_hf(load_tensors(weights), config)
+    weights, tensors = _read_weights(directory)
+    state = state_dict_from_hf(tensors, config)
     model = GPT(config)
     expected = {k: v.shape for k, v in model.state_dict().items() if k != "lm_head.weight"}
     missing = sorted(set(expected) - set(state))
@@ -247,6 +247,32 @@ def load_model(name_or_path: str | Path, *, context_length: int | None = None, d
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
     return model.eval()
+
+
+def _read_weights(directory: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The weights file of a model folder (``model.safetensors``, else ``pytorch_model.bin``, else
+    HF's sharded files through their index) and its tensors."""
+    for name in (WEIGHTS_FILE, LEGACY_WEIGHTS_FILE):
+        if (directory / name).is_file():
+            return directory / name, load_tensors(directory / name)
+    for name in SHARD_INDEX_FILES:
+        index = directory / name
+        if not index.is_file():
+            continue
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index} has no 'weight_map' of tensor names to files; the file is damaged")
+        tensors: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            if not isinstance(shard, str) or Path(shard).name != shard:
+                raise CheckpointError(f"{index} names {shard!r} as a shard: shards must be files of that folder")
+            tensors.update(load_tensors(directory / shard))
+        missing = sorted(set(weight_map) - set(tensors))
+        if missing:
+            raise CheckpointError(f"the shards named by {index} lack tensors it lists, e.g. {missing[:3]}; a shard "
+                                  f"is missing or from another save")
+        return index, tensors
+    raise CheckpointError(f"{directory} has no {WEIGHTS_FILE}: it is not a complete model folder")
 
 
 def load_model_and_tokenizer(name_or_path: str | Path, *, device: str | torch.device | None = None,

@@ -118,8 +118,9 @@ def _read_jsonl(path: Path, limit: int | None) -> list[dict[str, Any]]:
 
 def _need(doc: dict[str, Any], keys: dict[str, type], where: str) -> None:
     for key, kind in keys.items():
-        if not isinstance(doc.get(key), kind):
-            raise ValueError(f"{where}: field {key!r} must be a {kind.__name__}, got {doc.get(key)!r}")
+        value = doc.get(key)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):  # true is no label
+            raise ValueError(f"{where}: field {key!r} must be a {kind.__name__}, got {value!r}")
 
 
 def hellaswag_preprocess(text: str) -> str:
