@@ -282,6 +282,9 @@ def test_client_disconnect_mid_stream_frees_the_slot(served):
     (b'{"prompt": "x", "logit_bias": {"\xd9\xa1": 5}}', 400, "logit_bias", None),  # Arabic-Indic "1": not an id
     (b'{"prompt": "x", "response_format": {"type": "json_object"}}', 400, "response_format", "unsupported_value"),
     (b'{"prompt": null}', 400, "prompt", "invalid_value"),
+    # more completions than the engine holds (4 slots + 4 queued) would be a 429 on every retry
+    (json.dumps({"prompt": ["a"] * 3, "n": 3}).encode(), 400, "n", None),
+    (json.dumps({"prompt": ["a"] * 9}).encode(), 400, "prompt", None),
     (b'{"prompt": "x", "model": "gpt-4"}', 404, "model", "model_not_found"),
     (b'{"prompt": "' + b"a" * (1 << 20) + b'"}', 413, None, "request_too_large"),
 ])

@@ -481,6 +481,14 @@ class _Server:
             raise APIError(400, f"min_tokens ({req.min_tokens}) must not exceed max_tokens ({min(max_tokens)})",
                            param="min_tokens")
         logit_bias = _logit_bias(req, self.vocab_size)
+        # Every choice is one engine request: more than the engine ever holds (slots + queue) would be
+        # a 429 on every retry, forever.
+        most = self.engine.max_batch + self.engine.max_queue
+        if len(prompts) * req.n > most:
+            raise APIError(400, f"this request asks for {len(prompts) * req.n} completions ({len(prompts)} prompt(s) x "
+                                f"n={req.n}) but this server holds at most {most} at once (--max-batch + "
+                                f"--max-queue): send fewer prompts per request or a smaller n",
+                           param="n" if req.n > 1 else "prompt")
         hidden_ids = (self.tokenizer.eot,) if self.tokenizer.eot is not None and req.skip_special_tokens else ()
         choices: list[_Choice] = []
         try:
