@@ -143,6 +143,24 @@ def test_stop_tokens_and_logprobs(engine: Engine, model: GPT) -> None:
     assert all(e.logprob is not None and e.top_logprobs == [] for e in tokens)
 
 
+def test_logprobs_of_a_vocabulary_smaller_than_k_list_every_token() -> None:
+    """logprobs=5 on a 3-token vocabulary failed the request ("selected index k out of range", an
+    HTTP 500); it lists the 3 tokens, as vLLM does."""
+    torch.manual_seed(0)
+    eng = Engine(GPT(GPTconfig(context_length=16, vocab_size=3, n_layer=1, n_head=1, d_model=8)).eval(),
+                 max_batch=2, max_queue=2)
+    eng.start()
+    try:
+        assert eng.ready.wait(60)
+        events = list(eng.submit([1, 2], SamplingParams(max_tokens=3, logprobs=5, prompt_logprobs=5, seed=0)).events())
+        assert isinstance(events[-1], FinishEvent) and events[-1].reason == "length"
+        assert len(events[0].tokens[0].top_logprobs) == 3  # the prompt's
+        assert [len(e.top_logprobs) for e in events[1:-1]] == [3, 3, 3]
+        assert all(sorted(t for t, _ in e.top_logprobs) == [0, 1, 2] for e in events[1:-1])
+    finally:
+        eng.shutdown(timeout=5)
+
+
 def test_prompt_logprobs_come_first_from_the_same_prefill(engine: Engine, model: GPT) -> None:
     prompt, params = [4, 4, 2, 9, 1], SamplingParams(max_tokens=6, temperature=0, prompt_logprobs=2)
     events = list(engine.submit(prompt, params).events())

@@ -242,6 +242,7 @@ def _logprob_events(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list[
     ``k`` most likely tokens with theirs."""
     logp = logits.float().log_softmax(dim=-1)
     chosen = logp.gather(1, tokens.to(logp.device).view(-1, 1))[:, 0].tolist()
+    k = min(k, logp.size(-1))  # a vocabulary smaller than k (a tiny char model) has fewer to list
     top = logp.topk(k, dim=-1) if k else None
     values, ids = (top.values.tolist(), top.indices.tolist()) if top is not None else ([[]] * len(chosen),) * 2
     return [TokenEvent(int(t), lp, list(zip(i, v, strict=True)))
