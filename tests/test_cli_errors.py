@@ -128,3 +128,33 @@ def test_export_to_a_folder_and_eval_of_an_empty_text_are_clear_errors(model_dir
     # Was "ids has no tokens (empty prompt): give at least one (e.g. the tokenizer's end-of-text id)".
     assert main(["eval", "--model", str(model_dir), "--text", str(tmp_path / "empty.txt"), "--device", "cpu"]) == 2
     assert f"--text {tmp_path / 'empty.txt'} is empty: there is nothing to score" in capsys.readouterr().err
+
+
+def test_eval_refuses_a_dataset_tokenized_for_another_model(model_dir: Path, tmp_path: Path, capsys) -> None:
+    """A dataset prepared with another tokenizer was scored silently, its ids read as the model's
+    tokens (a GPT-2 model on a char dataset gave a 'perplexity'); and --batch-size 0 meant the default."""
+    (tmp_path / "other.txt").write_text("zyxw vutsr " * 50)
+    assert main(["prepare", str(tmp_path / "other.txt"), "--out", str(tmp_path / "other"), "--tokenizer", "char",
+                 "--quiet"]) == 0
+    (tmp_path / "same.txt").write_text(TEXT * 5)
+    assert main(["prepare", str(tmp_path / "same.txt"), "--out", str(tmp_path / "same"), "--tokenizer",
+                 str(model_dir), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--model", str(model_dir), "--data", str(tmp_path / "other"), "--device", "cpu",
+                 "--no-progress"]) == 2
+    assert "was tokenized with CharTokenizer(vocab_size=10), not with the model's tokenizer" in capsys.readouterr().err
+    assert main(["eval", "--model", str(model_dir), "--data", str(tmp_path / "same"), "--device", "cpu",
+                 "--no-progress"]) == 0
+    assert main(["eval", "--model", str(model_dir), "--data", str(tmp_path / "same"), "--batch-size", "0"]) == 2
+    assert "--batch-size must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_same_ids_compares_what_each_id_means(data_dir: Path, tmp_path: Path) -> None:
+    from gpt2model.tokenizer import GPT2Tokenizer, load_tokenizer, same_ids
+
+    gpt2 = GPT2Tokenizer()
+    gpt2.save(tmp_path / "copy")
+    assert same_ids(gpt2, load_tokenizer(tmp_path / "copy"))  # other files, same vocabulary
+    assert not same_ids(gpt2, CharTokenizer.from_text(TEXT))
+    assert same_ids(CharTokenizer("abc"), CharTokenizer("cba")) and not same_ids(CharTokenizer("abc"),
+                                                                                 CharTokenizer("abd"))

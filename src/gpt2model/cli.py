@@ -286,6 +286,9 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     if args.json is not None and Path(args.json).is_dir():  # fail now, not after a long evaluation
         raise ValueError(f"--json {args.json} is a folder; give a file name, e.g. {Path(args.json) / 'eval.json'}")
+    for name in ("batch_size", "stride"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:  # 0 would silently mean the default
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.task:
         return _run_eval_tasks(args)
     model, tokenizer = _load(args)
@@ -296,8 +299,13 @@ def _run_eval(args: argparse.Namespace) -> int:
             raise ValueError(f"--text {args.text} is empty: there is nothing to score")
     else:
         from .data import open_dataset
+        from .tokenizer import same_ids
 
         dataset = open_dataset(args.data)
+        if not same_ids(dataset.tokenizer(), tokenizer):
+            raise ValueError(f"--data {args.data} was tokenized with {dataset.tokenizer()!r}, not with the model's "
+                             f"tokenizer ({tokenizer!r}): its ids would be read as other tokens. Prepare the text "
+                             f"with 'gpt2 prepare ... --tokenizer {args.model}', or score the raw text with --text")
         tokenizer = dataset.tokenizer()
         ids = dataset.split(args.split)
         source = f"{args.data} ({args.split})"

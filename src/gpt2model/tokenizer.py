@@ -393,6 +393,16 @@ class BPETokenizer:
         return f"BPETokenizer(vocab_size={self.vocab_size})"
 
 
+def same_ids(a: Tokenizer, b: Tokenizer) -> bool:
+    """Whether every token id means the same bytes under both tokenizers, so that ids encoded by
+    one are read correctly by a model trained with the other (a dataset's vs a model's)."""
+    if a.vocab_size != b.vocab_size or type(a) is not type(b):
+        return False
+    if isinstance(a, CharTokenizer) and isinstance(b, CharTokenizer):
+        return a.chars == b.chars
+    return all(a.token_bytes(i) == b.token_bytes(i) for i in range(a.vocab_size))
+
+
 # --- loading --------------------------------------------------------------------------------------
 def load_tokenizer(name_or_path: str | Path) -> CharTokenizer | GPT2Tokenizer | BPETokenizer:
     """``"gpt2"`` -> OpenAI's GPT-2 BPE; a folder written by some tokenizer's ``save()`` (a dataset
