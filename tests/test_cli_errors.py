@@ -158,3 +158,26 @@ def test_same_ids_compares_what_each_id_means(data_dir: Path, tmp_path: Path) ->
     assert not same_ids(gpt2, CharTokenizer.from_text(TEXT))
     assert same_ids(CharTokenizer("abc"), CharTokenizer("cba")) and not same_ids(CharTokenizer("abc"),
                                                                                  CharTokenizer("abd"))
+
+
+def test_paths_the_os_refuses_are_one_line_errors(model_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """A file where a folder must be (or a path without permission) was a FileExistsError /
+    NotADirectoryError / PermissionError traceback; --json under a file failed after the evaluation."""
+    import gpt2model.fileio as fileio
+
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT * 5)
+    assert main(["prepare", str(text), "--out", str(text / "sub"), "--tokenizer", "char", "--quiet"]) == 2
+    assert main(["sample", "--model", str(model_dir), "--prompt-file", str(text / "p.txt"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("(a file stands where a folder is needed)") == 2 and "Traceback" not in err
+    assert main(["eval", "--model", str(model_dir), "--text", str(text), "--json", str(text / "x" / "r.json"),
+                 "--device", "cpu"]) == 2
+    assert f"{text} is a file, so the file cannot be written there" in capsys.readouterr().err
+
+    def denied(path, what="file"):  # as for a user without read permission (the tests may run as root)
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(fileio, "read_text_file", denied)
+    assert main(["sample", "--model", str(model_dir), "--prompt-file", str(text), "--device", "cpu"]) == 2
+    assert f"Permission denied: {text} (no permission: pick a path you may use" in capsys.readouterr().err

@@ -286,6 +286,12 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     if args.json is not None and Path(args.json).is_dir():  # fail now, not after a long evaluation
         raise ValueError(f"--json {args.json} is a folder; give a file name, e.g. {Path(args.json) / 'eval.json'}")
+    if args.json is not None:
+        parent = Path(args.json).expanduser().absolute().parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise ValueError(f"--json {args.json}: {parent} is a file, so the file cannot be written there")
     for name in ("batch_size", "stride"):
         if getattr(args, name) is not None and getattr(args, name) < 1:  # 0 would silently mean the default
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -485,6 +491,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         # Errors of the user's input: one clear line, no traceback.
         print(f"gpt2 {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.filename is None:
+            raise
+        # A path the OS refused (no permission, a file where a folder must be, ...): one line naming it.
+        where = str(e.filename) + (f" -> {e.filename2}" if e.filename2 is not None else "")
+        hints = {FileExistsError: "a file stands where a folder is needed",
+                 NotADirectoryError: "a file stands where a folder is needed",
+                 IsADirectoryError: "a folder stands where a file is needed",
+                 PermissionError: "no permission: pick a path you may use, or fix its permissions"}
+        hint = hints.get(type(e), "check the path")
+        print(f"gpt2 {args.command}: error: {e.strerror or e}: {where} ({hint})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"gpt2 {args.command}: interrupted", file=sys.stderr)
