@@ -140,10 +140,12 @@ def test_token_bytes_join_to_the_texts_bytes_and_bad_ids_are_value_errors(tiktok
     for tok in (gpt2, trained_bpe):
         with pytest.raises(ValueError, match="outside"):
             tok.token_bytes(tok.vocab_size)
-    # decode of ids outside the vocabulary: a ValueError naming them (tiktoken raises KeyError/OverflowError)
-    for bad in ([50257], [-1], [15496, 10**20]):
-        with pytest.raises(ValueError, match=r"outside the GPT-2 vocabulary"):
-            gpt2.decode(bad)
+    # decode of ids outside the vocabulary: a ValueError naming them (tiktoken raised KeyError/OverflowError,
+    # HF's BPE dropped them silently, the char tokenizer read -1 as its last character)
+    for tok in (gpt2, trained_bpe, CharTokenizer("abc")):
+        for bad in ([tok.vocab_size], [-1], [1, 10**20]):
+            with pytest.raises(ValueError, match=r"are outside (the|this) .*vocabulary"):
+                tok.decode(bad)
 
 
 def test_gpt2_save_load_and_hf_folders(tmp_path, data_dir):

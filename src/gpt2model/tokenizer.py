@@ -152,11 +152,11 @@ class CharTokenizer:
         return self._encode_array(text).tolist()
 
     def decode(self, ids: Sequence[int]) -> str:
-        try:
-            return "".join(self.chars[i] for i in ids)
-        except IndexError:
-            bad = [int(i) for i in ids if not 0 <= int(i) < self.vocab_size][:5]
-            raise ValueError(f"ids {bad} are outside the character vocabulary [0, {self.vocab_size})") from None
+        ids = list(map(int, ids))
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):  # -1 would index the last character
+            bad = [i for i in ids if not 0 <= i < self.vocab_size][:5]
+            raise ValueError(f"ids {bad} are outside the character vocabulary [0, {self.vocab_size})")
+        return "".join(self.chars[i] for i in ids)
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
         return [self._encode_array(t) for t in texts]
@@ -366,7 +366,11 @@ class BPETokenizer:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode(list(map(int, ids)), skip_special_tokens=False)
+        ids = list(map(int, ids))
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):  # HF's decode drops unknown ids silently
+            bad = [i for i in ids if not 0 <= i < self.vocab_size][:5]
+            raise ValueError(f"ids {bad} are outside this BPE's vocabulary [0, {self.vocab_size})")
+        return self._tok.decode(ids, skip_special_tokens=False)
 
     def token_bytes(self, token: int) -> bytes:
         piece = self._tok.id_to_token(int(token))
