@@ -62,8 +62,8 @@ def test_int8_linear_matches_its_dequantized_weight_and_the_float_layer(rows: in
         assert (y - exact).abs().max() > 1e-4  # ... and they are quantized (not a float path)
         assert (y - ref).norm() / ref.norm() < 0.03  # the weights' and the activations' rounding
     else:
-        # Against the exact product with the dequantized weight: only the bf16 activations of the
-        # CPU kernel (relative 2^-9) separate them.
+        # Against the exact product with the dequantized weight: only the activations' rounding
+        # (a 15-bit grid per row in our kernel, bf16 (relative 2^-9) in torch's) separates them.
         assert (y - exact).abs().max() <= 1e-2 * exact.abs().max()
         # Against the float layer: int8 rounding of the weights, about 1% relative at most.
         assert (y - ref).norm() / ref.norm() < 0.01
@@ -74,10 +74,12 @@ def test_int8_linear_matches_its_dequantized_weight_and_the_float_layer(rows: in
 
 
 def test_int8_cpu_kernels_by_rows(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Weight-only int8: up to 16 rows take ``_weight_int8pack_mm``, more dequantize + GEMM;
-    ``dynamic`` (int8-dynamic): every eager input (one row, a batched step, a prefill) takes
-    FBGEMM's int8 x int8 GEMM, and without FBGEMM the weight-only kernels."""
+    """Weight-only int8: up to 16 rows take our AVX2 kernel (cpukernels.py) where it is built,
+    else ``_weight_int8pack_mm``, more dequantize + GEMM; ``dynamic`` (int8-dynamic): every eager
+    input (one row, a batched step, a prefill) takes FBGEMM's int8 x int8 GEMM, and without FBGEMM
+    the weight-only kernels."""
     import gpt2model.quantize as quantize_module
+    from gpt2model import cpukernels
 
     calls = []
     real_mm, real_packed = torch._weight_int8pack_mm, quantize_module._fbgemm_packed
@@ -85,6 +87,13 @@ def test_int8_cpu_kernels_by_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(quantize_module, "_fbgemm_packed", lambda *a: calls.append(("fbgemm",)) or real_packed(*a))
     lin = nn.Linear(32, 16, bias=False)
     qlin, dyn = Int8Linear.from_linear(lin), Int8Linear.from_linear(lin, dynamic=True)
+    assert qlin.use_kernel == cpukernels.enabled() and not dyn.use_kernel
+    if qlin.use_kernel:
+        before = cpukernels.calls()
+        for rows in (1, INT8_KERNEL_MAX_ROWS, INT8_KERNEL_MAX_ROWS + 1):
+            qlin(torch.randn(1, rows, 32))
+        assert cpukernels.calls() - before == 2 and calls == []
+    qlin.use_kernel = False  # torch's kernels: what runs where ours cannot be built
     weight_only = [("int8pack", 1, 32), ("int8pack", INT8_KERNEL_MAX_ROWS, 32)]
     for rows in (1, INT8_KERNEL_MAX_ROWS, INT8_KERNEL_MAX_ROWS + 1):
         qlin(torch.randn(1, rows, 32))
@@ -181,6 +190,7 @@ def test_int8_decode_linear_adds_its_bias_without_a_separate_cast(monkeypatch: p
     monkeypatch.setattr(quantize_module, "_FBGEMM_INT8", False)  # the kernel of CPUs without FBGEMM
     torch.manual_seed(2)
     qlin = Int8Linear.from_linear(nn.Linear(64, 48))
+    qlin.use_kernel = False  # torch's kernel (where ours cannot be built)
     x = torch.randn(1, 1, 64)
     with Ops() as ops:
         y = qlin(x)
@@ -204,9 +214,14 @@ def test_int8_weight_is_stored_interleaved_and_every_path_computes_the_same_prod
     assert not odd.interleaved and torch.equal(odd.weight, quantize_int8(odd.dequantize())[0])
     x = torch.randn(1, 64)
     exact = F.linear(x, qlin.dequantize(), lin.bias)
-    # Inside torch.compile on a CPU one row takes inductor's int8 GEMV: fp32 activations and fp32
-    # accumulation, so it is the exact product up to summation order (the eager kernel rounds the
-    # activations to bf16, ~1e-3 relative).
+    # Our kernel (eager and compiled): activations on a 15-bit grid per row, integer products.
+    if qlin.use_kernel:
+        assert (qlin(x) - exact).abs().max() <= 1e-4 * exact.abs().max()
+        assert (torch.compile(qlin, fullgraph=True, dynamic=False)(x) - exact).abs().max() <= 1e-4 * exact.abs().max()
+    # Without it, inside torch.compile on a CPU one row takes inductor's int8 GEMV: fp32
+    # activations and fp32 accumulation, so it is the exact product up to summation order (the
+    # eager kernel rounds the activations to bf16, ~1e-3 relative).
+    qlin.use_kernel = False
     compiled = torch.compile(qlin, fullgraph=True, dynamic=False)(x)
     assert (compiled - exact).abs().max() <= 1e-5 * exact.abs().max()
     assert (qlin(x) - exact).abs().max() > 1e-5 * exact.abs().max()
