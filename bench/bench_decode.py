@@ -16,12 +16,21 @@ shapes, at ``--rows`` rows) in every weight layout and kernel torch offers for e
 weight cycled through enough copies to stream from memory as a decode step does:
 
     python bench/bench_decode.py --matmuls [--rows 1,8,16] [--shapes bpe-6x384,gpt2-124M]
+
+``--llama-bench [PATH]`` instead compares our compiled batch-1 decode of the bpe-6x384 model with
+llama.cpp's on the same weights (fp32 vs f32, bf16 vs f16, int8 vs q8_0), the two interleaved per
+dtype over ``--repeats`` rounds; with ``--threads 1`` both are CPU time per token:
+
+    flock /work/wt/.bench.lock python bench/bench_decode.py --llama-bench --threads 1 --dtypes fp32,bf16,int8
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -132,7 +141,14 @@ def matmul_methods(dtype: str, W: Any, rows: int) -> dict[str, Any]:
     def pack_mm(x: Any, q: Any) -> Any:
         return torch._weight_int8pack_mm(_in_decode_order(x, torch.bfloat16), q.weight, q.scales_bf16)
 
+    from gpt2model import cpukernels
+
+    ours = {}
+    if cpukernels.load():
+        ours["our AVX2 kernel (cpukernels)"] = (int8, lambda x, q: torch.ops.gpt2model_kernels.int8_linear(
+            x, q.weight, q.scales, None, q.interleaved))
     return {
+        **ours,
         "_weight_int8pack_mm (bf16 x)": (int8, pack_mm),
         "_weight_int8pack_mm (fp32 x)": (int8, lambda x, q: torch._weight_int8pack_mm(
             _in_decode_order(x), q.weight, q.scales)),
@@ -196,6 +212,70 @@ def bench_matmuls(args: Any, clock: Any) -> list[dict[str, Any]]:
     return rows_out
 
 
+# Our weights dtype -> llama.cpp's matching GGUF type (bf16 against f16: both 2-byte weights).
+LLAMA_PEERS = {"fp32": "f32", "bf16": "f16", "int8": "q8_0"}
+
+
+def find_llama_bench() -> str | None:
+    """``$LLAMA_BENCH``, ``$LLAMA_CPP_DIR/build/bin/llama-bench``, or ``llama-bench`` on the PATH."""
+    if os.environ.get("LLAMA_BENCH"):
+        return os.environ["LLAMA_BENCH"]
+    built = Path(os.environ.get("LLAMA_CPP_DIR", "/nonexistent")) / "build" / "bin" / "llama-bench"
+    return str(built) if built.exists() else shutil.which("llama-bench")
+
+
+def llama_per_token_ms(binary: str, gguf: Path, threads: int, tokens: int) -> float:
+    """llama.cpp's decode time per token (``llama-bench -p 0``: no prompt), measured like ours:
+    with one thread the children's CPU time of a run of ``tokens + 1`` tokens minus a run of one,
+    over ``tokens`` (robust to other jobs on the machine, as our process time is); with more
+    threads llama-bench's own wall-clock figure."""
+    import resource
+
+    def once(n: int) -> tuple[float, float]:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        out = subprocess.run([binary, "-m", str(gguf), "-p", "0", "-n", str(n), "-t", str(threads), "-r", "1",
+                              "-o", "json"], capture_output=True, text=True, timeout=600, check=True)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+        return cpu, 1e3 / float(json.loads(out.stdout)[0]["avg_ts"])
+
+    if threads > 1:
+        return once(tokens)[1]
+    return (once(tokens + 1)[0] - once(1)[0]) / tokens * 1e3
+
+
+def bench_against_llama(args: Any, clock: Any) -> list[dict[str, Any]]:
+    """Batch-1 decode of the bpe-6x384 model (random init, seed 0), ours compiled against llama.cpp
+    on the same weights (GGUF f32 / f16 / q8_0), interleaved over ``--repeats`` rounds, medians."""
+    import tempfile
+    from statistics import median
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_generate import _export_ggufs
+
+    dtypes = args.dtypes.split(",")
+    models = {d: build(SHAPES["bpe-6x384"], d) for d in dtypes}
+    ours: dict[str, list[float]] = {d: [] for d in dtypes}
+    theirs: dict[str, list[float]] = {d: [] for d in dtypes}
+    with tempfile.TemporaryDirectory() as tmp:
+        ggufs = _export_ggufs("bpe", tuple(LLAMA_PEERS[d] for d in dtypes), Path(tmp))
+        for d in dtypes:
+            per_token_ms(models[d], 2, 1, True, clock)  # compile once, outside the rounds
+        for r in range(args.repeats):
+            for d in dtypes:
+                ours[d].append(per_token_ms(models[d], args.tokens, 1, True, clock)[0])
+                theirs[d].append(llama_per_token_ms(args.llama_bench, ggufs[LLAMA_PEERS[d]], args.threads,
+                                                    args.tokens))
+                print(f"  round {r + 1}: ours {d} {ours[d][-1]:.2f} ms, llama.cpp {LLAMA_PEERS[d]} "
+                      f"{theirs[d][-1]:.2f} ms", file=sys.stderr, flush=True)
+    rows = []
+    for d in dtypes:
+        a, b = median(ours[d]), median(theirs[d])
+        rows.append(dict(shape="bpe-6x384", dtype=d, peer=f"llama.cpp {LLAMA_PEERS[d]}", threads=args.threads,
+                         ours_ms=a, llama_ms=b, speed_ratio=b / a, ours_all=ours[d], llama_all=theirs[d]))
+    return rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=1)
@@ -207,6 +287,10 @@ def main() -> int:
     p.add_argument("--out", default=None, help="JSON file (default: bench/results/decode.json)")
     p.add_argument("--matmuls", action="store_true", help="time the decode matmuls alone in every layout")
     p.add_argument("--rows", default="1,8,16", help="with --matmuls: comma-separated row counts")
+    p.add_argument("--llama-bench", nargs="?", const=find_llama_bench() or "", default=None, metavar="PATH",
+                   help="instead: ours compiled vs llama.cpp (fp32 vs f32, bf16 vs f16, int8 vs q8_0) on the "
+                        "bpe-6x384 model at batch 1, interleaved over --repeats rounds (default binary: "
+                        "$LLAMA_BENCH, $LLAMA_CPP_DIR/build/bin/llama-bench, or on the PATH)")
     args = p.parse_args()
 
     import torch
@@ -220,6 +304,19 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     clock = time.process_time if args.threads == 1 else time.perf_counter
     bandwidth = read_bandwidth_gbs(clock)
+    if args.llama_bench is not None:
+        if not args.llama_bench:
+            p.error("no llama-bench found: pass --llama-bench PATH or set LLAMA_CPP_DIR")
+        rows = bench_against_llama(args, clock)
+        print(f"\nread bandwidth {bandwidth:.1f} GB/s ({args.threads} thread(s)); torch {torch.__version__}; "
+              f"load {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
+        print(f"{'dtype':>5} {'ours ms':>8} {'peer':>15} {'peer ms':>8} {'ours/peer speed':>15}")
+        for r in rows:
+            print(f"{r['dtype']:>5} {r['ours_ms']:8.2f} {r['peer']:>15} {r['llama_ms']:8.2f} {r['speed_ratio']:15.3f}")
+        out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / "decode_llama.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(dict(bandwidth_gbs=bandwidth, rows=rows), indent=2))
+        return 0
     if args.matmuls:
         result = bench_matmuls(args, clock)
         print(f"\nread bandwidth {bandwidth:.1f} GB/s ({args.threads} thread(s)); torch {torch.__version__}")
