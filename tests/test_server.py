@@ -612,6 +612,55 @@ def test_custom_chat_template(model_dir, tmp_path):
     assert r.json()["tokens"] == load_tokenizer(model_dir).encode("<user>Hi<assistant>")
 
 
+# Templates as HF models ship them (tokenizer_config.json's chat_template): ChatML; Llama-2's shape with
+# bos/eos tokens, raise_exception and whitespace that trim_blocks/lstrip_blocks remove; one testing an
+# absent key (undefined = false in HF's Jinja) with loop controls. Each ends with a newline, as files do.
+HF_TEMPLATES = [
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + "
+    "'\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}\n",
+    "{% if messages[0]['role'] == 'system' %}\n    {% set system = messages[0]['content'] %}\n"
+    "    {% set messages = messages[1:] %}\n{% else %}\n    {% set system = '' %}\n{% endif %}\n"
+    "{% for message in messages %}\n    {% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}\n"
+    "        {{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}\n"
+    "    {% endif %}\n    {% if message['role'] == 'user' %}\n"
+    "        {{ bos_token + '[INST] ' + (('<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n') if loop.first and system "
+    "else '') + message['content'] + ' [/INST]' }}\n    {% else %}\n"
+    "        {{ ' ' + message['content'] + ' ' + eos_token }}\n    {% endif %}\n{% endfor %}\n",
+    "{% for m in messages %}{% if m.role == 'system' %}{% continue %}{% endif %}{% if m.name %}{{ m.name }}"
+    "{% else %}{{ m.role }}{% endif %}: {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}bot:"
+    "{% endif %}\n",
+]
+
+
+@pytest.mark.parametrize("template", HF_TEMPLATES)
+def test_chat_templates_render_as_transformers_renders_them(model_dir, template):
+    """A template written for HF (or vLLM, which renders with HF) failed here (bos_token /
+    raise_exception undefined, StrictUndefined on an absent key) or rendered other whitespace
+    (no trim_blocks/lstrip_blocks, the file's trailing newline kept). The ids must be those of
+    transformers' apply_chat_template on the same folder's tokenizer ({{ eos_token }} = the
+    end-of-text id); "<|endoftext|>" typed in a message stays text."""
+    from fastapi.testclient import TestClient
+
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.GPT2TokenizerFast.from_pretrained(model_dir)
+    engine = Engine(GPT.from_pretrained(model_dir), max_batch=1, max_queue=1)
+    client = TestClient(create_app(engine, load_tokenizer(model_dir), ServerConfig(model_name="m",
+                                                                                    chat_template=template)))
+    chats = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+              {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Héllo 👍 again", "name": "bo"}],
+             [{"role": "user", "content": "One\n\ntwo "}]]
+    for messages in chats:
+        r = client.post("/tokenize", json={"messages": messages})
+        assert r.status_code == 200, r.text
+        want = hf.apply_chat_template(messages, chat_template=template, add_generation_prompt=True, tokenize=True)
+        assert r.json()["tokens"] == list(getattr(want, "input_ids", want))
+    if "raise_exception" in template:
+        r = client.post("/tokenize", json={"messages": [{"role": "assistant", "content": "x"}]})
+        assert r.status_code == 400 and "roles must alternate" in r.json()["error"]["message"]
+        ids = client.post("/tokenize", json={"messages": [{"role": "user", "content": "<|endoftext|>"}]}).json()
+        assert ids["tokens"].count(hf.eos_token_id) == 1  # the template's bos_token only
+
+
 def test_char_model_rejects_characters_outside_its_vocabulary(tmp_path):
     from fastapi.testclient import TestClient
 

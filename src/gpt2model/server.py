@@ -334,6 +334,7 @@ class _Server:
 
     def __init__(self, engine: Engine, tokenizer: Any, config: ServerConfig) -> None:
         import jinja2
+        import jinja2.ext
         import jinja2.sandbox
 
         self.engine, self.tokenizer, self.config = engine, tokenizer, config
@@ -342,7 +343,27 @@ class _Server:
         self.metrics = _Metrics(engine)
         self.shutting_down = False
         self.start_error: str | None = None
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+        # HF's chat-template environment (transformers' _compile_jinja_template), so that a template
+        # written for HF (or vLLM, which renders with HF) gives the same prompt here: trim_blocks and
+        # lstrip_blocks, loop controls, raise_exception, strftime_now, a tojson that keeps non-ASCII
+        # text, and the tokenizer's special tokens as variables (see chat_ids).
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                           extensions=[jinja2.ext.loopcontrols])
+
+        def raise_exception(message: str) -> None:
+            raise jinja2.TemplateError(message)
+
+        def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+                   sort_keys: bool = False) -> str:
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+        env.filters["tojson"] = tojson
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
+        # What a template's {{ eos_token }} (and bos/unk: all end-of-text in GPT-2) renders to: a
+        # string no message can contain, which chat_ids turns into the end-of-text id, while the
+        # text "<|endoftext|>" inside a message stays text (as everywhere in this package).
+        self._special = f"\x00{uuid.uuid4().hex}\x00"
         try:
             self.template = env.from_string(config.chat_template)
         except jinja2.TemplateError as e:
@@ -442,11 +463,24 @@ class _Server:
             content = m.content if isinstance(m.content, str) or m.content is None \
                 else "".join(p.text for p in m.content)
             role = "system" if m.role == "developer" else m.role
-            msgs.append({"role": role, "content": content or "", "name": m.name})
+            msgs.append({"role": role, "content": content or "", **({"name": m.name} if m.name is not None else {})})
+        special = {} if self.tokenizer.eot is None else dict.fromkeys(("bos_token", "eos_token", "unk_token"),
+                                                                      self._special)
         try:
-            return self.template.render(messages=msgs, add_generation_prompt=add_generation_prompt)
+            return self.template.render(messages=msgs, add_generation_prompt=add_generation_prompt, tools=None,
+                                        documents=None, **special)
         except jinja2.TemplateError as e:
             raise APIError(400, f"the chat template failed on these messages: {e}", param="messages") from None
+
+    def chat_ids(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+        """The messages through the chat template, as token ids: the template's special tokens
+        ({{ eos_token }} ...) are the end-of-text id, the messages' text is text."""
+        ids: list[int] = []
+        for i, piece in enumerate(self.render_chat(messages, add_generation_prompt).split(self._special)):
+            if i:
+                ids.append(self.tokenizer.eot)
+            ids += self.encode(piece, "messages") if piece else []
+        return ids
 
     def max_tokens_for(self, prompt_len: int, asked: int | None, param: str, prompt_param: str) -> int:
         room = self.context_length - prompt_len
@@ -775,8 +809,8 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig) -> FastAPI:
         req: TokenizeRequest = server.parse(TokenizeRequest, await server.read_json(request))
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of 'prompt' or 'messages'", param="prompt")
-        text = req.prompt if req.prompt is not None else server.render_chat(req.messages, req.add_generation_prompt)
-        ids = server.encode(text, "prompt" if req.prompt is not None else "messages")
+        ids = server.encode(req.prompt, "prompt") if req.prompt is not None \
+            else server.chat_ids(req.messages, req.add_generation_prompt)
         return {"tokens": ids, "count": len(ids), "max_model_len": server.context_length}
 
     @app.post("/detokenize")
@@ -852,7 +886,7 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig) -> FastAPI:
             raise APIError(400, "max_tokens and max_completion_tokens disagree: give one", param="max_tokens")
         asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        prompts = [server.encode(server.render_chat(req.messages), "messages")]
+        prompts = [server.chat_ids(req.messages)]
         if not prompts[0]:
             raise APIError(400, "the messages render to an empty prompt", param="messages")
         max_tokens = [server.max_tokens_for(len(prompts[0]), asked, param, "messages")]
