@@ -148,6 +148,23 @@ def test_token_bytes_join_to_the_texts_bytes_and_bad_ids_are_value_errors(tiktok
                 tok.decode(bad)
 
 
+def test_allowed_special_reads_endoftext_as_tiktoken_does(tiktoken_gpt2, trained_bpe):
+    """tiktoken's ``allowed_special``: "<|endoftext|>" in the text becomes the end-of-text id (the
+    default stays: ordinary text). The trained BPE splits the same way (HF tokenizers with its
+    special token enabled)."""
+    gpt2 = GPT2Tokenizer()
+    for text in ("a<|endoftext|>b", "<|endoftext|>", " x <|endoftext|><|endoftext|>\n<|endoftext", MIXED):
+        for allowed in ("all", {"<|endoftext|>"}):
+            assert gpt2.encode(text, allowed_special=allowed) == tiktoken_gpt2.encode(text, allowed_special=allowed)
+        assert gpt2.encode(text, allowed_special=set()) == gpt2.encode(text) == tiktoken_gpt2.encode_ordinary(text)
+        ids = trained_bpe.encode(text, allowed_special="all")
+        assert ids.count(trained_bpe.eot) == text.count("<|endoftext|>")
+        assert trained_bpe.decode(ids) == text
+    with pytest.raises(ValueError, match="allowed_special must be"):
+        gpt2.encode("x", allowed_special="none")
+    assert CharTokenizer("ab").encode("ab", allowed_special="all") == [0, 1]
+
+
 def test_gpt2_save_load_and_hf_folders(tmp_path, data_dir):
     tok = GPT2Tokenizer()
     tok.save(tmp_path / "ours")

@@ -15,6 +15,8 @@ Every tokenizer has ``name``, ``vocab_size``, ``eot`` (the end-of-text id, or ``
 ``<|endoftext|>`` in user text: ``encode`` treats the literal string as ordinary text (tiktoken's
 ``disallowed_special=()``), so text can never inject the special token; document boundaries get the
 ``eot`` id appended explicitly by the caller (``gpt2 prepare`` does this between files).
+``encode(text, allowed_special="all")`` (or ``{"<|endoftext|>"}``) reads it as the ``eot`` id instead,
+as tiktoken's argument of that name does.
 ``decode`` turns the ``eot`` id back into the string ``"<|endoftext|>"``.
 """
 
@@ -27,7 +29,7 @@ import os
 import shutil
 import threading
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence, Set
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -57,8 +59,9 @@ class Tokenizer(Protocol):
     vocab_size: int
     eot: int | None
 
-    def encode(self, text: str) -> list[int]:
-        """Text -> token ids (special-token text such as ``<|endoftext|>`` is ordinary text here)."""
+    def encode(self, text: str, *, allowed_special: Set[str] | str = frozenset()) -> list[int]:
+        """Text -> token ids. Special-token text such as ``<|endoftext|>`` is ordinary text unless
+        named in ``allowed_special`` (or ``"all"``), as tiktoken's argument of that name."""
         ...
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -88,6 +91,26 @@ def _write_spec(directory: str | Path, spec: dict[str, Any]) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write_json(directory / SPEC_FILE, {"format_version": 1, **spec})
     return directory
+
+
+def _allows_eot(allowed_special: Set[str] | str) -> bool:
+    if isinstance(allowed_special, str):
+        if allowed_special != "all":
+            raise ValueError(f"allowed_special must be a set of special-token strings or 'all', got "
+                             f"{allowed_special!r}")
+        return True
+    return EOT_TEXT in allowed_special
+
+
+def _split_on_eot(text: str, encode: Any, eot: int) -> list[int]:
+    """``text`` with each ``<|endoftext|>`` as the ``eot`` id and the text between encoded alone,
+    as tiktoken's ``encode(text, allowed_special=...)`` does."""
+    ids: list[int] = []
+    for i, piece in enumerate(text.split(EOT_TEXT)):
+        if i:
+            ids.append(eot)
+        ids += encode(piece)
+    return ids
 
 
 class UnknownCharError(ValueError):
@@ -148,8 +171,8 @@ class CharTokenizer:
             ids[bad] = self._stoi[self.unknown]
         return ids
 
-    def encode(self, text: str) -> list[int]:
-        return self._encode_array(text).tolist()
+    def encode(self, text: str, *, allowed_special: Set[str] | str = frozenset()) -> list[int]:
+        return self._encode_array(text).tolist()  # no special tokens: allowed_special changes nothing
 
     def decode(self, ids: Sequence[int]) -> str:
         ids = list(map(int, ids))
@@ -247,8 +270,11 @@ class GPT2Tokenizer:
         """The ``(vocab.json, merges.txt)`` pair this tokenizer was built from (GGUF export reads them)."""
         return self._files
 
-    def encode(self, text: str) -> list[int]:
-        # disallowed_special=(): "<|endoftext|>" in user text is ordinary text, never the eot id.
+    def encode(self, text: str, *, allowed_special: Set[str] | str = frozenset()) -> list[int]:
+        # By default "<|endoftext|>" in user text is ordinary text, never the eot id (tiktoken's
+        # encode_ordinary; its plain encode() would raise instead).
+        if _allows_eot(allowed_special):
+            return _split_on_eot(text, self._enc.encode_ordinary, self._enc.eot_token)
         return self._enc.encode_ordinary(text)
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -362,7 +388,9 @@ class BPETokenizer:
         except Exception as e:  # the Rust side raises a bare Exception for bad JSON
             raise ValueError(f"cannot read tokenizer file {path}: {e}") from None
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, *, allowed_special: Set[str] | str = frozenset()) -> list[int]:
+        if _allows_eot(allowed_special) and self.eot is not None:
+            return _split_on_eot(text, lambda t: self._tok.encode(t, add_special_tokens=False).ids, self.eot)
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int]) -> str:
