@@ -191,3 +191,26 @@ def test_sharded_hf_folders_load(tmp_path: Path) -> None:
     next((tmp_path / "sharded").glob("model-00001-of-*")).unlink()
     with pytest.raises(CheckpointError, match="is missing"):
         GPT.from_pretrained(tmp_path / "sharded")
+
+
+@pytest.mark.parametrize("cfg", [dict(vocab_size=7, context_length=1, n_layer=1, n_head=1, d_model=8),
+                                 dict(vocab_size=3, context_length=5, n_layer=3, n_head=4, d_model=12)])
+def test_extreme_shapes_round_trip_through_transformers(tmp_path: Path, cfg: dict) -> None:
+    """Context 1 and a 3-token vocabulary with 3-wide heads: our folder loads in transformers'
+    GPT2LMHeadModel with fp32 logits within 1e-5, greedy tokens equal, and loads back with identical weights."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    ours = GPT(GPTconfig(**cfg)).eval()
+    ours.save_pretrained(tmp_path)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, cfg["vocab_size"], (2, cfg["context_length"]))
+    with torch.no_grad():
+        want = ours(ids)
+        assert (hf(ids).logits - want).abs().max() <= 1e-5
+        back = GPT.from_pretrained(tmp_path)
+        assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), ours.state_dict().values(),
+                                                      strict=True))
+    if cfg["context_length"] > 1:
+        new = cfg["context_length"] - 1
+        assert torch.equal(ours.generate(ids[:, :1], new, temperature=0),
+                           hf.generate(ids[:, :1], max_new_tokens=new, do_sample=False, pad_token_id=0))
