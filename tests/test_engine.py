@@ -161,6 +161,20 @@ def test_logprobs_of_a_vocabulary_smaller_than_k_list_every_token() -> None:
         eng.shutdown(timeout=5)
 
 
+def test_prompts_as_id_arrays_and_tensors(engine: Engine) -> None:
+    """encode_batch gives uint32 arrays and generate takes tensors: a 1-D integer array or tensor is a
+    prompt too (it was 'must be a list of token ids'); floats and 2-D stay errors."""
+    import numpy as np
+
+    params = SamplingParams(max_tokens=4, temperature=0)
+    want = [e.token for e in collect(engine.submit([4, 4, 2], params))[0]]
+    for prompt in (np.array([4, 4, 2], dtype=np.uint32), torch.tensor([4, 4, 2]), (4, 4, 2)):
+        assert [e.token for e in collect(engine.submit(prompt, params))[0]] == want
+    for bad in (torch.tensor([4.0, 2.0]), torch.tensor([[4, 2]]), np.array([4.5])):
+        with pytest.raises(ValueError, match="list of token ids"):
+            engine.submit(bad, params)
+
+
 def test_prompt_logprobs_come_first_from_the_same_prefill(engine: Engine, model: GPT) -> None:
     prompt, params = [4, 4, 2, 9, 1], SamplingParams(max_tokens=6, temperature=0, prompt_logprobs=2)
     events = list(engine.submit(prompt, params).events())

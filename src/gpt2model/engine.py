@@ -51,6 +51,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from .generate import (
@@ -390,6 +391,9 @@ class Engine:
         cfg = self.model.config
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if (isinstance(prompt_ids, torch.Tensor) and prompt_ids.ndim == 1 and not prompt_ids.is_floating_point()) \
+                or (isinstance(prompt_ids, np.ndarray) and prompt_ids.ndim == 1 and prompt_ids.dtype.kind in "iu"):
+            prompt_ids = prompt_ids.tolist()  # what encode_batch (uint32 arrays) and a (T,) id tensor hold
         if isinstance(prompt_ids, (str, bytes)) or not isinstance(prompt_ids, Sequence) \
                 or any(isinstance(t, bool) or not isinstance(t, int) for t in prompt_ids):
             raise ValueError("the prompt must be a list of token ids (integers); encode text with the tokenizer")
