@@ -181,3 +181,19 @@ def test_paths_the_os_refuses_are_one_line_errors(model_dir: Path, tmp_path: Pat
     monkeypatch.setattr(fileio, "read_text_file", denied)
     assert main(["sample", "--model", str(model_dir), "--prompt-file", str(text), "--device", "cpu"]) == 2
     assert f"Permission denied: {text} (no permission: pick a path you may use" in capsys.readouterr().err
+
+
+def test_sample_piped_into_head_stops_quietly(model_dir: Path) -> None:
+    """`gpt2 sample ... | head -c 1` was a BrokenPipeError traceback once head had left."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "gpt2model", "sample", "--model", str(model_dir), "--device",
+                             "cpu", "--num-samples", "200", "--max-new-tokens", "30", "--stream"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdout.read(1)
+    proc.stdout.close()  # as head does
+    err = proc.stderr.read().decode()
+    assert proc.wait(60) == 141 and "Traceback" not in err and "BrokenPipe" not in err, err

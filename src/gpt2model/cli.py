@@ -492,6 +492,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Errors of the user's input: one clear line, no traceback.
         print(f"gpt2 {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader left (`gpt2 sample ... | head`): stop quietly, as Unix tools do. stdout goes to
+        # /dev/null so that Python's flush at exit does not fail on the closed pipe again.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by the broken pipe
     except OSError as e:
         if e.filename is None:
             raise
