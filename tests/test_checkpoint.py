@@ -214,3 +214,22 @@ def test_extreme_shapes_round_trip_through_transformers(tmp_path: Path, cfg: dic
         new = cfg["context_length"] - 1
         assert torch.equal(ours.generate(ids[:, :1], new, temperature=0),
                            hf.generate(ids[:, :1], max_new_tokens=new, do_sample=False, pad_token_id=0))
+
+
+def test_hf_config_json_missing_keys_or_not_an_object(tmp_path: Path) -> None:
+    """A HF config.json without n_positions was a KeyError traceback; transformers reads GPT2Config's
+    default (1024) for it, and so do we. A config.json that is not an object was an AttributeError."""
+    import json
+
+    torch.manual_seed(0)
+    GPT(GPTconfig(context_length=1024, vocab_size=11, n_layer=1, n_head=1, d_model=8)).save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    for key in ("gpt2model", "n_positions", "n_ctx"):
+        raw.pop(key)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    assert GPT.from_pretrained(tmp_path).config.context_length == 1024
+    transformers = pytest.importorskip("transformers")
+    assert transformers.GPT2Config.from_pretrained(tmp_path).n_positions == 1024
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="holds a JSON list, not a GPT-2 config object"):
+        GPT.from_pretrained(tmp_path)

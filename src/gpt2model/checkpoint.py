@@ -224,7 +224,7 @@ def load_model(name_or_path: str | Path, *, context_length: int | None = None, d
     stored value (useful for fine-tuning).
     """
     directory = resolve_model_dir(name_or_path)
-    config = config_from_hf(read_json(directory / CONFIG_FILE))
+    config = _read_config(directory / CONFIG_FILE)
     if context_length is not None:
         if not 0 < context_length <= config.context_length:
             raise CheckpointError(f"context_length={context_length} must be in [1, {config.context_length}] "
@@ -247,6 +247,22 @@ def load_model(name_or_path: str | Path, *, context_length: int | None = None, d
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
     return model.eval()
+
+
+# transformers' GPT2Config defaults: what it reads for a key a config.json leaves out.
+HF_GPT2_DEFAULTS = {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12}
+
+
+def _read_config(path: Path) -> GPTconfig:
+    raw = read_json(path)
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(raw).__name__}, not a GPT-2 config object")
+    if "gpt2model" not in raw:  # a HF config: missing keys mean GPT2Config's defaults, as transformers reads it
+        raw = {**HF_GPT2_DEFAULTS, **raw}
+    try:
+        return config_from_hf(raw)
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} is not a valid config ({type(e).__name__}: {e}); re-save the model") from None
 
 
 def _read_weights(directory: Path) -> tuple[Path, dict[str, torch.Tensor]]:
