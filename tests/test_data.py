@@ -315,6 +315,9 @@ def test_open_dataset_detects_partial_or_mismatched_folder(tmp_path):
     (out / "meta.json").write_text("{")
     with pytest.raises(ValueError, match="not valid JSON"):
         open_dataset(out)
+    (out / "meta.json").write_text("[1]")  # was an AttributeError traceback
+    with pytest.raises(ValueError, match="holds a JSON list, not a dataset's metadata object"):
+        open_dataset(out)
     (out / "meta.json").unlink()
     with pytest.raises(ValueError, match="meta.json is missing .*interrupted"):
         open_dataset(out)

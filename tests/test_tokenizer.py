@@ -221,3 +221,11 @@ def test_load_tokenizer_errors(tmp_path):
     (tmp_path / "tokenizer_spec.json").write_text('{"type": "char", "chars": "abc", "vocab_size": 4}')
     with pytest.raises(ValueError, match="inconsistent"):
         load_tokenizer(tmp_path)
+    # were AttributeError / KeyError / TypeError tracebacks
+    (tmp_path / "tokenizer_spec.json").write_text('["char"]')
+    with pytest.raises(ValueError, match="holds a JSON list, not a tokenizer spec object"):
+        load_tokenizer(tmp_path)
+    for spec in ('{"type": "char"}', '{"type": "char", "chars": 5}'):
+        (tmp_path / "tokenizer_spec.json").write_text(spec)
+        with pytest.raises(ValueError, match="a char tokenizer spec needs 'chars'"):
+            load_tokenizer(tmp_path)

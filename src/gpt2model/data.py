@@ -449,6 +449,9 @@ def open_dataset(directory: str | Path) -> TokenDataset:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{meta_path} is not valid JSON ({e}); re-run 'gpt2 prepare'") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path} holds a JSON {type(meta).__name__}, not a dataset's metadata object; re-run "
+                         f"'gpt2 prepare'")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(f"{meta_path} has format_version={version!r}; this gpt2model reads version "

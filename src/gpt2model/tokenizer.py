@@ -455,8 +455,14 @@ def load_tokenizer(name_or_path: str | Path) -> CharTokenizer | GPT2Tokenizer | 
             spec = json.loads(spec_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{spec_path} is not valid JSON ({e}); the file is corrupt or truncated") from None
+        if not isinstance(spec, dict):
+            raise ValueError(f"{spec_path} holds a JSON {type(spec).__name__}, not a tokenizer spec object; the file "
+                             f"is damaged")
         kind = spec.get("type")
         if kind == "char":
+            if not isinstance(spec.get("chars"), str) or not isinstance(spec.get("unknown"), (str, type(None))):
+                raise ValueError(f"{spec_path}: a char tokenizer spec needs 'chars' (a string) and 'unknown' (a "
+                                 f"character or null); the file is damaged")
             tok: CharTokenizer | GPT2Tokenizer | BPETokenizer = CharTokenizer(spec["chars"], spec.get("unknown"))
         elif kind == "gpt2":
             tok = GPT2Tokenizer(path / "vocab.json", path / "merges.txt")
