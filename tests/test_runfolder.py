@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import signal
 import subprocess
@@ -17,14 +18,18 @@ import pytest
 import torch
 
 from gpt2model import GPT
+from gpt2model.checkpoint import CheckpointError
 from gpt2model.cli import main
 from gpt2model.config import TrainConfig
 from gpt2model.data import prepare_dataset
 from gpt2model.fileio import FolderBusyError, FolderLock, replace_dir
 from gpt2model.runfolder import (
+    BEST_DIR,
+    BEST_INFO_FILE,
     LOCK_FILE,
     METRICS_FILE,
     TRAINING_STATE_FILE,
+    best_so_far,
     load_training_state,
     lock_run_folder,
 )
@@ -226,3 +231,20 @@ def test_a_step_that_will_take_very_long_is_announced(dataset: Path, tmp_path: P
     monkeypatch.setattr(train_module, "measure_matmul_peak", lambda dtype, device: 1e3)  # a very slow device
     train(tiny(dataset, tmp_path / "out", max_steps=1, eval_interval=1))
     assert "warning: one optimizer step needs at least" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content", ['[1.5]', '{"step": 10}', '{"val_loss": "low"}', '{"val_loss": NaN}'])
+def test_a_damaged_best_json_stops_the_resume_with_the_fix(tmp_path: Path, content: str) -> None:
+    (tmp_path / BEST_DIR).mkdir()
+    (tmp_path / BEST_DIR / BEST_INFO_FILE).write_text(content)
+    with pytest.raises(CheckpointError, match="damaged.*move the .*best folder aside"):
+        best_so_far(tmp_path, {"best_val_loss": 2.0})
+
+
+def test_best_so_far_trusts_the_lower_of_the_state_and_best_json(tmp_path: Path) -> None:
+    assert best_so_far(tmp_path, None) == math.inf
+    assert best_so_far(tmp_path, {"best_val_loss": 2.0}) == 2.0  # no best/ yet
+    (tmp_path / BEST_DIR).mkdir()
+    (tmp_path / BEST_DIR / BEST_INFO_FILE).write_text('{"step": 10, "val_loss": 1.5}')
+    assert best_so_far(tmp_path, {"best_val_loss": 2.0}) == 1.5  # killed between best/ and the state
+    assert best_so_far(tmp_path, {"best_val_loss": 1.0}) == 1.0

@@ -240,5 +240,13 @@ def best_so_far(out: Path, state: dict[str, Any] | None) -> float:
     best = float(state["best_val_loss"]) if state is not None else math.inf
     info = out / BEST_DIR / BEST_INFO_FILE
     if state is not None and info.is_file():
-        best = min(best, float(read_json(info)["val_loss"]))
+        # best/ is written whole and swapped in, so a bad best.json was damaged afterwards. Refuse
+        # rather than guess: a wrong "best so far" would let a worse model overwrite best/.
+        loss = read_json(info)
+        loss = loss.get("val_loss") if isinstance(loss, dict) else None
+        if isinstance(loss, bool) or not isinstance(loss, (int, float)) or math.isnan(loss):
+            raise CheckpointError(f"{info} is damaged (no numeric 'val_loss'); restore it, or move the "
+                                  f"{out / BEST_DIR} folder aside to resume (best/ is then rewritten by the "
+                                  f"next evaluation that beats the training state's best)")
+        best = min(best, float(loss))
     return best
