@@ -117,6 +117,11 @@ def test_serve_refuses_a_bad_or_busy_port_before_loading_the_model(model_dir: Pa
     assert f"port {port} on 127.0.0.1 is already in use" in capsys.readouterr().err
     assert main(["serve", "--model", str(model_dir), "--host", "no-such-host.invalid", "--device", "cpu"]) == 2
     assert "--host no-such-host.invalid: cannot resolve it" in capsys.readouterr().err
+    # TEST-NET-1 is no machine's address: asyncio skips such addresses (EADDRNOTAVAIL), so "localhost"
+    # without IPv6 is fine, but a host with no address here is not
+    assert main(["serve", "--model", str(model_dir), "--host", "192.0.2.1", "--device", "cpu"]) == 2
+    assert "cannot listen on 192.0.2.1:8000: no address of it is on this machine" in capsys.readouterr().err
+    cli._check_listen("localhost", 0)
 
 
 def test_export_to_a_folder_and_eval_of_an_empty_text_are_clear_errors(model_dir: Path, tmp_path: Path,

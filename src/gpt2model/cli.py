@@ -400,16 +400,25 @@ def _check_listen(host: str, port: int) -> None:
     except socket.gaierror as e:
         raise ValueError(f"--host {host}: cannot resolve it ({e.strerror}); give an address such as 127.0.0.1 or "
                          f"0.0.0.0") from None
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a TIME_WAIT port is free
-        try:
-            sock.bind(address)
-        except OSError as e:
-            if e.errno == errno.EADDRINUSE:
-                raise ValueError(f"port {port} on {host} is already in use (another server?): stop it or pass "
-                                 f"another --port") from None
-            raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}; check --host and --port") from None
+    # As asyncio's create_server (what uvicorn runs) binds them: every address of the host, skipping
+    # those of a family the machine does not have (EADDRNOTAVAIL, e.g. "localhost" -> ::1 without IPv6).
+    error: OSError | None = None
+    bound = 0
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a TIME_WAIT port is free
+            try:
+                sock.bind(address)
+                bound += 1
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    raise ValueError(f"port {port} on {host} is already in use (another server?): stop it or pass "
+                                     f"another --port") from None
+                if e.errno != errno.EADDRNOTAVAIL:
+                    error = error or e
+    if error is not None or not bound:
+        why = error.strerror if error is not None else "no address of it is on this machine"
+        raise ValueError(f"cannot listen on {host}:{port}: {why}; check --host and --port")
 
 
 def _run_serve(args: argparse.Namespace) -> int:
