@@ -202,3 +202,29 @@ def test_sample_piped_into_head_stops_quietly(model_dir: Path) -> None:
     proc.stdout.close()  # as head does
     err = proc.stderr.read().decode()
     assert proc.wait(60) == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_fine_tuning_refuses_a_dataset_tokenized_for_another_model(model_dir: Path, tmp_path: Path, monkeypatch,
+                                                                    capsys) -> None:
+    """`train --init-from M --data D` trained silently when D's ids came from another tokenizer (a
+    char dataset for a GPT-2 model: every id is in range, each means another token)."""
+    import types
+
+    import gpt2model.train as train_mod
+
+    (tmp_path / "other.txt").write_text("zyxw vutsr " * 50)
+    (tmp_path / "same.txt").write_text(TEXT * 5)
+    assert main(["prepare", str(tmp_path / "other.txt"), "--out", str(tmp_path / "other"), "--tokenizer", "char",
+                 "--quiet"]) == 0
+    assert main(["prepare", str(tmp_path / "same.txt"), "--out", str(tmp_path / "same"), "--tokenizer",
+                 str(model_dir), "--quiet"]) == 0
+    ran = []
+    monkeypatch.setattr(train_mod, "train", lambda cfg: ran.append(cfg) or types.SimpleNamespace(step=0,
+                                                                                               best_val_loss=0.0))
+    capsys.readouterr()
+    assert main(["train", "--data", str(tmp_path / "other"), "--out", str(tmp_path / "run"), "--init-from",
+                 str(model_dir)]) == 2
+    assert "was tokenized with CharTokenizer(vocab_size=10), not with the tokenizer of --init-from" in \
+        capsys.readouterr().err and not ran
+    assert main(["train", "--data", str(tmp_path / "same"), "--out", str(tmp_path / "run"), "--init-from",
+                 str(model_dir)]) == 0 and len(ran) == 1
