@@ -181,3 +181,54 @@ def test_kernel_build_is_cached_and_renamed_into_place(monkeypatch: pytest.Monke
     out = calls[0][calls[0].index("-o") + 1]
     assert out != str(target) and ".tmp" in out and not os.path.exists(out)
     assert sorted(p.name for p in target.parent.iterdir()) == [target.name]
+
+
+@needs_kernels
+@pytest.mark.parametrize("in_features,out_features", [(12, 5), (100, 37), (384, 1153)])
+def test_f32_kernel_is_the_float_product_on_odd_shapes(in_features: int, out_features: int) -> None:
+    """The fp32 GEMV: in not a multiple of 8 (a tail loop), out not a multiple of the 4-row block,
+    1..3 rows, a strided input, with and without a bias: the float64 product within fp32 rounding."""
+    torch.manual_seed(in_features)
+    lin = nn.Linear(in_features, out_features, bias=in_features != 100)
+    for rows in (1, 2, 3):
+        x = torch.randn(rows, 2 * in_features)[:, :in_features]
+        y = torch.ops.gpt2model_kernels.f32_linear(x, lin.weight.detach(), lin.bias)
+        exact = x.double() @ lin.weight.double().T + (0 if lin.bias is None else lin.bias.double())
+        bound = 1e-6 * (x.double().abs() @ lin.weight.double().abs().T) + 1e-6
+        assert y.dtype == torch.float32 and torch.all((y.double() - exact).abs() <= bound)
+        for r in range(rows):  # a row's bits do not depend on the other rows
+            assert torch.equal(torch.ops.gpt2model_kernels.f32_linear(x[r:r + 1], lin.weight.detach(), lin.bias)[0],
+                               y[r])
+
+
+@needs_kernels
+def test_fp32_one_row_decode_runs_the_f32_kernel_on_row_major_body_weights() -> None:
+    """A one-row fp32 cache keeps the blocks' weights row-major for our GEMV (the big head stays
+    column-major, MKL's faster layout); compiled and eager steps call it for every block linear
+    and give the same greedy tokens; a forward with autograd never does."""
+    from gpt2model import GPT
+    from gpt2model.quantize import F32_KERNEL_MAX_OUT
+
+    cfg = GPTconfig(context_length=64, vocab_size=F32_KERNEL_MAX_OUT + 100, n_layer=2, n_head=2, d_model=32)
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    prompt = torch.tensor([[5, 6, 7]])
+    before = cpukernels.calls()
+    eager = generate(model, prompt, 21, temperature=0)
+    assert cpukernels.calls() - before >= 20 * 2 * 4
+    model.setup_cache(1, 32)
+    assert model.transformer.h[0].mlp.c_fc.weight.is_contiguous()
+    assert not model.lm_head.weight.is_contiguous()  # column-major: MKL's GEMV
+    model.clear_cache()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*decode step failed")
+        before = cpukernels.calls()
+        assert torch.equal(generate(model, prompt, 21, temperature=0, compile=True), eager)
+        assert cpukernels.calls() - before >= 20 * 2 * 4
+    model.train()  # row-major everywhere again (restore_layout): a one-row no-grad call runs all 9 linears on it
+    before = cpukernels.calls()
+    with torch.no_grad():
+        model(prompt[:, :1])
+    assert cpukernels.calls() - before == 2 * 4 + 1
+    model(prompt[:, :1]).sum().backward()  # autograd: torch's matmuls
+    assert cpukernels.calls() - before == 2 * 4 + 1

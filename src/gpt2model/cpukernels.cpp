@@ -193,12 +193,90 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
+// (8 streams measured no faster than 4 here: 50,257 x 384 3.65 vs 3.66-3.78 ms.)
+constexpr int64_t F32_STREAMS = STREAMS;
+// fp32 GEMV: y[m, o] = sum_i x[m, i] * w[o, i] (+ bias), a block of 4 rows (one per quarter of the
+// weight's rows: 4 streams) against up to 2 activation rows at a time, 8-wide FMA accumulators.
+template <int NM>
+inline void f32_block(const float* const* xr, const float* const* w, int64_t in, float (*acc)[F32_STREAMS]) {
+  __m256 s[NM][F32_STREAMS];
+  for (int m = 0; m < NM; ++m)
+    for (int r = 0; r < F32_STREAMS; ++r) s[m][r] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= in; k += 8) {
+    __m256 a[NM];
+    for (int m = 0; m < NM; ++m) a[m] = _mm256_loadu_ps(xr[m] + k);
+    for (int r = 0; r < F32_STREAMS; ++r) {
+      const __m256 wr = _mm256_loadu_ps(w[r] + k);
+      for (int m = 0; m < NM; ++m) s[m][r] = _mm256_fmadd_ps(wr, a[m], s[m][r]);
+    }
+  }
+  for (int m = 0; m < NM; ++m)
+    for (int r = 0; r < F32_STREAMS; ++r) {
+      alignas(32) float lanes[8];
+      _mm256_store_ps(lanes, s[m][r]);
+      float t = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+      for (int64_t j = k; j < in; ++j) t += xr[m][j] * w[r][j];
+      acc[m][r] = t;
+    }
+}
+
+at::Tensor f32_linear(const at::Tensor& x_in, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  g_calls.fetch_add(1, std::memory_order_relaxed);
+  TORCH_CHECK(x_in.dim() == 2 && weight.dim() == 2 && x_in.size(1) == weight.size(1), "f32_linear: shapes");
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.is_contiguous() && x_in.scalar_type() == at::kFloat,
+              "f32_linear: fp32 x and a contiguous fp32 weight");
+  const at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
+  const int64_t rows = x.size(0), in = x.size(1), out = weight.size(0);
+  at::Tensor y = at::empty({rows, out}, x.options());
+  const float* bp = nullptr;
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    b = bias->scalar_type() == at::kFloat && bias->is_contiguous() ? *bias : bias->to(at::kFloat).contiguous();
+    bp = b.data_ptr<float>();
+  }
+  const float* wp = weight.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  const int64_t xs = x.stride(0);
+  float* yp = y.data_ptr<float>();
+  const int64_t nb = out / F32_STREAMS;
+  auto block = [&](const float* const* w, const int64_t* o, int nr) {
+    for (int64_t m = 0; m < rows; m += 2) {
+      const int nm = rows - m >= 2 ? 2 : 1;
+      const float* xr[2] = {xp + m * xs, xp + (m + nm - 1) * xs};
+      float acc[2][F32_STREAMS];
+      if (nm == 2) f32_block<2>(xr, w, in, acc); else f32_block<1>(xr, w, in, acc);
+      for (int mm = 0; mm < nm; ++mm)
+        for (int r = 0; r < nr; ++r) yp[(m + mm) * out + o[r]] = acc[mm][r] + (bp ? bp[o[r]] : 0.f);
+    }
+  };
+  const int64_t grain = std::max<int64_t>(1, (256 * 1024) / (F32_STREAMS * in * 4));
+  at::parallel_for(0, nb, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      int64_t o[F32_STREAMS];
+      const float* w[F32_STREAMS];
+      for (int r = 0; r < F32_STREAMS; ++r) { o[r] = r * nb + blk; w[r] = wp + o[r] * in; }
+      block(w, o, F32_STREAMS);
+    }
+  });
+  for (int64_t r0 = nb * F32_STREAMS; r0 < out; ++r0) {
+    // The last out % 4 rows: the same arithmetic with the block's other rows repeating this one.
+    int64_t o[F32_STREAMS];
+    const float* w[F32_STREAMS];
+    for (int r = 0; r < F32_STREAMS; ++r) { o[r] = r0; w[r] = wp + r0 * in; }
+    block(w, o, 1);
+  }
+  return y;
+}
+
 int64_t calls() { return g_calls.load(); }
 
 }  // namespace
 
 TORCH_LIBRARY(gpt2model_kernels, m) {
   m.def("int8_linear(Tensor x, Tensor weight, Tensor scales, Tensor? bias, bool interleaved) -> Tensor");
+  m.def("f32_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("calls() -> int", calls);
+  m.impl("f32_linear", c10::DispatchKey::CPU, TORCH_FN(f32_linear));
   m.impl("int8_linear", c10::DispatchKey::CPU, TORCH_FN(int8_linear));
 }

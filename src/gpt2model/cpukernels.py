@@ -5,7 +5,9 @@ few rows on x86 CPUs with AVX2 + FMA (each activation row on its own 15-bit inte
 int16 products summed exactly in integers, 4 weight streams; the source's header says why).
 :class:`~gpt2model.quantize.Int8Linear` calls it for CPU inputs of up to ``KERNEL_MAX_ROWS`` rows,
 eagerly and inside ``torch.compile`` (an op with a fake implementation: the compiled step stays
-one graph, and inductor's C++ wrapper calls it through the dispatcher).
+one graph, and inductor's C++ wrapper calls it through the dispatcher). And
+``gpt2model_kernels::f32_linear``, an fp32 GEMV on row-major weights (4 streams, FMA) that
+``model.linear`` runs for one-row fp32 decode steps (see ``quantize.F32_KERNEL_MAX_OUT``).
 
 How it is built (decided by measuring, 2-core AVX2 EPYC, torch 2.13, g++ 12):
 
@@ -159,4 +161,8 @@ def _register_fakes() -> None:
     @torch.library.register_fake("gpt2model_kernels::int8_linear")
     def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
           interleaved: bool) -> torch.Tensor:
+        return x.new_empty(x.size(0), weight.size(0))
+
+    @torch.library.register_fake("gpt2model_kernels::f32_linear")
+    def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return x.new_empty(x.size(0), weight.size(0))

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from . import cpukernels
 from .config import GPTconfig
 
 try:  # the fused cross-entropy kernel needs Triton (CUDA builds of torch ship it)
@@ -132,12 +133,20 @@ def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)`` for the model's linear layers; inside a compiled CPU decode step of one row, a
     half-precision ``nn.Linear`` runs as the GEMV inductor generates from
     :func:`gpt2model.quantize.half_gemv` (fp32 arithmetic, 2 bytes read per weight) instead of
-    PyTorch's bf16 kernel, which is slower than fp32 on CPUs without native bf16 arithmetic."""
-    if torch.compiler.is_compiling() and x.device.type == "cpu" and type(layer) is nn.Linear \
-            and layer.weight.dtype in (torch.bfloat16, torch.float16) and x.numel() == x.size(-1):
-        from .quantize import half_gemv
+    PyTorch's bf16 kernel, which is slower than fp32 on CPUs without native bf16 arithmetic; an fp32
+    one on one row without autograd, stored row-major, runs our AVX2 GEMV
+    (:mod:`gpt2model.cpukernels`, where it is built; see ``quantize.F32_KERNEL_MAX_OUT``)."""
+    if x.device.type == "cpu" and type(layer) is nn.Linear and x.numel() == x.size(-1):
+        if torch.compiler.is_compiling() and layer.weight.dtype in (torch.bfloat16, torch.float16):
+            from .quantize import half_gemv
 
-        return half_gemv(x, layer.weight, layer.bias)
+            return half_gemv(x, layer.weight, layer.bias)
+        if layer.weight.dtype == torch.float32 and x.dtype == torch.float32 and layer.weight.is_contiguous() \
+                and not torch.is_grad_enabled() and cpukernels.enabled():
+            # One row, no autograd, a row-major fp32 weight (quantize.prepare_decode keeps the
+            # blocks' weights so for one-row caches): our fp32 GEMV, eagerly and compiled (an op).
+            y = torch.ops.gpt2model_kernels.f32_linear(x.reshape(1, x.size(-1)), layer.weight, layer.bias)
+            return y.view(*x.shape[:-1], layer.out_features)
     return layer(x)
 
 
