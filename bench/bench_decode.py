@@ -19,7 +19,8 @@ weight cycled through enough copies to stream from memory as a decode step does:
 
 ``--llama-bench [PATH]`` instead compares our compiled batch-1 decode of the bpe-6x384 model with
 llama.cpp's on the same weights (fp32 vs f32, bf16 vs f16, int8 vs q8_0), the two interleaved per
-dtype over ``--repeats`` rounds; with ``--threads 1`` both are CPU time per token:
+dtype over ``--repeats`` rounds, and ours with torch's kernels only (without gpt2model.cpukernels);
+with ``--threads 1`` all are CPU time per token:
 
     flock /work/wt/.bench.lock python bench/bench_decode.py --llama-bench --threads 1 --dtypes fp32,bf16,int8
 """
@@ -27,6 +28,7 @@ dtype over ``--repeats`` rounds; with ``--threads 1`` both are CPU time per toke
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -244,35 +246,70 @@ def llama_per_token_ms(binary: str, gguf: Path, threads: int, tokens: int) -> fl
     return (once(tokens + 1)[0] - once(1)[0]) / tokens * 1e3
 
 
+@contextlib.contextmanager
+def torch_kernels_only(model: Any) -> Any:
+    """Within: ``model`` decodes with torch's kernels, as where ours (gpt2model.cpukernels) are not
+    built (the int8 layers' ``use_kernel`` off, the fp32 layout and GEMV choice as without them)."""
+    from gpt2model import cpukernels
+    from gpt2model.quantize import Int8Linear
+
+    saved = dict(cpukernels._state)
+    layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    flags = [m.use_kernel for m in layers]
+    cpukernels._state["ok"] = False
+    for m in layers:
+        m.use_kernel = False
+    try:
+        yield
+    finally:
+        cpukernels._state.clear()
+        cpukernels._state.update(saved)
+        for m, flag in zip(layers, flags, strict=True):
+            m.use_kernel = flag
+
+
 def bench_against_llama(args: Any, clock: Any) -> list[dict[str, Any]]:
     """Batch-1 decode of the bpe-6x384 model (random init, seed 0), ours compiled against llama.cpp
-    on the same weights (GGUF f32 / f16 / q8_0), interleaved over ``--repeats`` rounds, medians."""
+    on the same weights (GGUF f32 / f16 / q8_0), and ours with torch's kernels only (without
+    gpt2model.cpukernels), all interleaved over ``--repeats`` rounds; medians."""
     import tempfile
     from statistics import median
+
+    from gpt2model import cpukernels
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_generate import _export_ggufs
 
     dtypes = args.dtypes.split(",")
     models = {d: build(SHAPES["bpe-6x384"], d) for d in dtypes}
+    with_kernels = cpukernels.load()
     ours: dict[str, list[float]] = {d: [] for d in dtypes}
+    plain: dict[str, list[float]] = {d: [] for d in dtypes}
     theirs: dict[str, list[float]] = {d: [] for d in dtypes}
     with tempfile.TemporaryDirectory() as tmp:
         ggufs = _export_ggufs("bpe", tuple(LLAMA_PEERS[d] for d in dtypes), Path(tmp))
         for d in dtypes:
             per_token_ms(models[d], 2, 1, True, clock)  # compile once, outside the rounds
+            if with_kernels:
+                with torch_kernels_only(models[d]):
+                    per_token_ms(models[d], 2, 1, True, clock)
         for r in range(args.repeats):
             for d in dtypes:
                 ours[d].append(per_token_ms(models[d], args.tokens, 1, True, clock)[0])
+                if with_kernels:
+                    with torch_kernels_only(models[d]):
+                        plain[d].append(per_token_ms(models[d], args.tokens, 1, True, clock)[0])
                 theirs[d].append(llama_per_token_ms(args.llama_bench, ggufs[LLAMA_PEERS[d]], args.threads,
                                                     args.tokens))
-                print(f"  round {r + 1}: ours {d} {ours[d][-1]:.2f} ms, llama.cpp {LLAMA_PEERS[d]} "
-                      f"{theirs[d][-1]:.2f} ms", file=sys.stderr, flush=True)
+                print(f"  round {r + 1}: ours {d} {ours[d][-1]:.2f} ms"
+                      + (f" (torch's kernels only {plain[d][-1]:.2f})" if plain[d] else "")
+                      + f", llama.cpp {LLAMA_PEERS[d]} {theirs[d][-1]:.2f} ms", file=sys.stderr, flush=True)
     rows = []
     for d in dtypes:
         a, b = median(ours[d]), median(theirs[d])
         rows.append(dict(shape="bpe-6x384", dtype=d, peer=f"llama.cpp {LLAMA_PEERS[d]}", threads=args.threads,
-                         ours_ms=a, llama_ms=b, speed_ratio=b / a, ours_all=ours[d], llama_all=theirs[d]))
+                         ours_ms=a, llama_ms=b, speed_ratio=b / a, ours_all=ours[d], llama_all=theirs[d],
+                         torch_kernels_ms=median(plain[d]) if plain[d] else None, torch_kernels_all=plain[d]))
     return rows
 
 
@@ -310,9 +347,12 @@ def main() -> int:
         rows = bench_against_llama(args, clock)
         print(f"\nread bandwidth {bandwidth:.1f} GB/s ({args.threads} thread(s)); torch {torch.__version__}; "
               f"load {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
-        print(f"{'dtype':>5} {'ours ms':>8} {'peer':>15} {'peer ms':>8} {'ours/peer speed':>15}")
+        print(f"{'dtype':>5} {'ours ms':>8} {'peer':>15} {'peer ms':>8} {'ours/peer speed':>15} "
+              f"{'torch kernels ms':>16} {'their/peer speed':>16}")
         for r in rows:
-            print(f"{r['dtype']:>5} {r['ours_ms']:8.2f} {r['peer']:>15} {r['llama_ms']:8.2f} {r['speed_ratio']:15.3f}")
+            tk = r["torch_kernels_ms"]
+            print(f"{r['dtype']:>5} {r['ours_ms']:8.2f} {r['peer']:>15} {r['llama_ms']:8.2f} {r['speed_ratio']:15.3f} "
+                  + (f"{tk:16.2f} {r['llama_ms'] / tk:16.3f}" if tk else f"{'-':>16} {'-':>16}"))
         out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / "decode_llama.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(dict(bandwidth_gbs=bandwidth, rows=rows), indent=2))

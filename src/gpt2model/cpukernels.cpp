@@ -51,28 +51,78 @@ inline int64_t hsum_epi32(__m256i v) {
   return s;
 }
 
-// acc[m][r] += dot(xq rows m (NM of them), weight rows w[r] (NR of them)) over [k0, k1), k1 - k0 <= CHUNK.
+inline __m256i madd16(const int8_t* w, __m256i x) {  // 16 int8 weights x 16 int16 activations -> 8 int32 pair sums
+  return _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))), x);
+}
+
+inline __m256i load16(const int16_t* x) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)); }
+
+inline int64_t tail(const int16_t* x, const int8_t* w, int64_t k, int64_t k1) {  // the last < 16 inputs
+  int64_t t = 0;
+  for (; k < k1; ++k) t += int64_t(x[k]) * int64_t(w[k]);
+  return t;
+}
+
+// acc[m][r] += dot(xq row m, weight row r) over [k0, k1), k1 - k0 <= CHUNK, for NM (1 or 2)
+// activation rows and NR (1 or 4) weight rows. The accumulators are named variables, not an
+// array, and the file is built with -O2, not -O3 (cpukernels.CXX_FLAGS): g++ 12 -O3 kept an array
+// of them on the stack in one build (a store and a load per multiply-add: the 50,257 x 384 head
+// 1.2 -> 2.0 ms) and spilled one of the 2-row loop's 8 accumulators with named ones (8-row head
+// 6.0 -> 8.2 ms); -O2 keeps all in registers (checked in the disassembly).
 template <int NM, int NR>
 inline void dot_chunk(const int16_t* const* xq, const int8_t* const* w, int64_t k0, int64_t k1,
                       int64_t (*acc)[STREAMS]) {
-  __m256i s[NM][NR];
-  for (int m = 0; m < NM; ++m)
-    for (int r = 0; r < NR; ++r) s[m][r] = _mm256_setzero_si256();
+  static_assert((NM == 1 || NM == 2) && (NR == 1 || NR == 4));
+  const int16_t* x0 = xq[0];
+  const int16_t* x1 = xq[NM - 1];
+  const int8_t* w0 = w[0];
+  const int8_t* w1 = w[NR > 1 ? 1 : 0];
+  const int8_t* w2 = w[NR > 1 ? 2 : 0];
+  const int8_t* w3 = w[NR > 1 ? 3 : 0];
+  const __m256i z = _mm256_setzero_si256();
+  __m256i s00 = z, s01 = z, s02 = z, s03 = z, s10 = z, s11 = z, s12 = z, s13 = z;
   int64_t k = k0;
   for (; k + 16 <= k1; k += 16) {
-    __m256i a[NM];
-    for (int m = 0; m < NM; ++m) a[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[m] + k));
-    for (int r = 0; r < NR; ++r) {
-      const __m256i wr = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[r] + k)));
-      for (int m = 0; m < NM; ++m) s[m][r] = _mm256_add_epi32(s[m][r], _mm256_madd_epi16(wr, a[m]));
+    const __m256i a0 = load16(x0 + k);
+    if constexpr (NM == 1) {
+      s00 = _mm256_add_epi32(s00, madd16(w0 + k, a0));
+      if constexpr (NR == 4) {
+        s01 = _mm256_add_epi32(s01, madd16(w1 + k, a0));
+        s02 = _mm256_add_epi32(s02, madd16(w2 + k, a0));
+        s03 = _mm256_add_epi32(s03, madd16(w3 + k, a0));
+      }
+    } else {
+      const __m256i a1 = load16(x1 + k);
+      __m256i v = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w0 + k)));
+      s00 = _mm256_add_epi32(s00, _mm256_madd_epi16(v, a0));
+      s10 = _mm256_add_epi32(s10, _mm256_madd_epi16(v, a1));
+      if constexpr (NR == 4) {
+        v = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w1 + k)));
+        s01 = _mm256_add_epi32(s01, _mm256_madd_epi16(v, a0));
+        s11 = _mm256_add_epi32(s11, _mm256_madd_epi16(v, a1));
+        v = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w2 + k)));
+        s02 = _mm256_add_epi32(s02, _mm256_madd_epi16(v, a0));
+        s12 = _mm256_add_epi32(s12, _mm256_madd_epi16(v, a1));
+        v = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w3 + k)));
+        s03 = _mm256_add_epi32(s03, _mm256_madd_epi16(v, a0));
+        s13 = _mm256_add_epi32(s13, _mm256_madd_epi16(v, a1));
+      }
     }
   }
-  for (int m = 0; m < NM; ++m)
-    for (int r = 0; r < NR; ++r) {
-      int64_t t = hsum_epi32(s[m][r]);
-      for (int64_t j = k; j < k1; ++j) t += int64_t(xq[m][j]) * int64_t(w[r][j]);  // the tail: < 16 inputs
-      acc[m][r] += t;
+  acc[0][0] += hsum_epi32(s00) + tail(x0, w0, k, k1);
+  if constexpr (NR == 4) {
+    acc[0][1] += hsum_epi32(s01) + tail(x0, w1, k, k1);
+    acc[0][2] += hsum_epi32(s02) + tail(x0, w2, k, k1);
+    acc[0][3] += hsum_epi32(s03) + tail(x0, w3, k, k1);
+  }
+  if constexpr (NM == 2) {
+    acc[1][0] += hsum_epi32(s10) + tail(x1, w0, k, k1);
+    if constexpr (NR == 4) {
+      acc[1][1] += hsum_epi32(s11) + tail(x1, w1, k, k1);
+      acc[1][2] += hsum_epi32(s12) + tail(x1, w2, k, k1);
+      acc[1][3] += hsum_epi32(s13) + tail(x1, w3, k, k1);
     }
+  }
 }
 
 // y rows of NR weight rows (w, their output indices o) for every activation row.
@@ -197,26 +247,50 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
 constexpr int64_t F32_STREAMS = STREAMS;
 // fp32 GEMV: y[m, o] = sum_i x[m, i] * w[o, i] (+ bias), a block of 4 rows (one per quarter of the
 // weight's rows: 4 streams) against up to 2 activation rows at a time, 8-wide FMA accumulators.
+inline float hsum_ps(__m256 v) {  // a fixed order: the same bits for a row whatever the call
+  alignas(32) float l[8];
+  _mm256_store_ps(l, v);
+  return ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]));
+}
+
+// (Named accumulators, not an array, for the reason given at dot_chunk.)
 template <int NM>
 inline void f32_block(const float* const* xr, const float* const* w, int64_t in, float (*acc)[F32_STREAMS]) {
-  __m256 s[NM][F32_STREAMS];
-  for (int m = 0; m < NM; ++m)
-    for (int r = 0; r < F32_STREAMS; ++r) s[m][r] = _mm256_setzero_ps();
+  static_assert(F32_STREAMS == 4 && (NM == 1 || NM == 2));
+  const float *x0 = xr[0], *x1 = xr[NM - 1], *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
+  const __m256 z = _mm256_setzero_ps();
+  __m256 s00 = z, s01 = z, s02 = z, s03 = z, s10 = z, s11 = z, s12 = z, s13 = z;
   int64_t k = 0;
   for (; k + 8 <= in; k += 8) {
-    __m256 a[NM];
-    for (int m = 0; m < NM; ++m) a[m] = _mm256_loadu_ps(xr[m] + k);
-    for (int r = 0; r < F32_STREAMS; ++r) {
-      const __m256 wr = _mm256_loadu_ps(w[r] + k);
-      for (int m = 0; m < NM; ++m) s[m][r] = _mm256_fmadd_ps(wr, a[m], s[m][r]);
+    const __m256 a0 = _mm256_loadu_ps(x0 + k);
+    if constexpr (NM == 1) {
+      s00 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + k), a0, s00);
+      s01 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + k), a0, s01);
+      s02 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + k), a0, s02);
+      s03 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + k), a0, s03);
+    } else {
+      const __m256 a1 = _mm256_loadu_ps(x1 + k);
+      __m256 v = _mm256_loadu_ps(w0 + k);
+      s00 = _mm256_fmadd_ps(v, a0, s00);
+      s10 = _mm256_fmadd_ps(v, a1, s10);
+      v = _mm256_loadu_ps(w1 + k);
+      s01 = _mm256_fmadd_ps(v, a0, s01);
+      s11 = _mm256_fmadd_ps(v, a1, s11);
+      v = _mm256_loadu_ps(w2 + k);
+      s02 = _mm256_fmadd_ps(v, a0, s02);
+      s12 = _mm256_fmadd_ps(v, a1, s12);
+      v = _mm256_loadu_ps(w3 + k);
+      s03 = _mm256_fmadd_ps(v, a0, s03);
+      s13 = _mm256_fmadd_ps(v, a1, s13);
     }
   }
+  const __m256 s[2][4] = {{s00, s01, s02, s03}, {s10, s11, s12, s13}};
+  const float* wr[4] = {w0, w1, w2, w3};
+  const float* xm[2] = {x0, x1};
   for (int m = 0; m < NM; ++m)
-    for (int r = 0; r < F32_STREAMS; ++r) {
-      alignas(32) float lanes[8];
-      _mm256_store_ps(lanes, s[m][r]);
-      float t = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
-      for (int64_t j = k; j < in; ++j) t += xr[m][j] * w[r][j];
+    for (int r = 0; r < 4; ++r) {
+      float t = hsum_ps(s[m][r]);
+      for (int64_t j = k; j < in; ++j) t += xm[m][j] * wr[r][j];
       acc[m][r] = t;
     }
 }

@@ -690,7 +690,9 @@ def prepare_decode(model: GPT, batch_size: int = 1) -> None:
     and ``GPT.train()`` call the two). Measured per matrix, rows and dtype (``python
     bench/bench_decode.py --matmuls``, README):
 
-    * fp32 on CPU: every linear weight is re-laid column-major in place (values, shape,
+    * fp32 on CPU, a one-row cache, our kernels built: the blocks' weights stay row-major for
+      our fp32 GEMV (``F32_KERNEL_MAX_OUT``), the head (>= that many rows) goes column-major.
+    * fp32 on CPU otherwise: every linear weight is re-laid column-major in place (values, shape,
       ``Parameter`` and the tie to the embedding unchanged; only the strides move; no second
       copy): 1.7x faster for the 50,257-row head at one row, 1.1-1.5x for the widening body
       matrices (QKV, MLP up), measured one by one streaming from memory; a narrowing matrix (the
