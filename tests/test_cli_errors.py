@@ -13,6 +13,7 @@ from safetensors import safe_open
 from gpt2model import GPT, GPTconfig
 from gpt2model.checkpoint import CheckpointError
 from gpt2model.cli import main
+from gpt2model.config import TrainConfig
 from gpt2model.tokenizer import CharTokenizer
 
 TEXT = "To be, or not to be, that is the question.\n" * 4
@@ -219,12 +220,15 @@ def test_fine_tuning_refuses_a_dataset_tokenized_for_another_model(model_dir: Pa
     assert main(["prepare", str(tmp_path / "same.txt"), "--out", str(tmp_path / "same"), "--tokenizer",
                  str(model_dir), "--quiet"]) == 0
     ran = []
-    monkeypatch.setattr(train_mod, "train", lambda cfg: ran.append(cfg) or types.SimpleNamespace(step=0,
-                                                                                               best_val_loss=0.0))
+    # The check is train()'s (the Python API too), before any training: stub out only the loop.
+    monkeypatch.setattr(train_mod, "_train", lambda cfg, *a: ran.append(cfg) or types.SimpleNamespace(
+        step=0, best_val_loss=0.0))
     capsys.readouterr()
     assert main(["train", "--data", str(tmp_path / "other"), "--out", str(tmp_path / "run"), "--init-from",
                  str(model_dir)]) == 2
     assert "was tokenized with CharTokenizer(vocab_size=10), not with the tokenizer of --init-from" in \
         capsys.readouterr().err and not ran
+    with pytest.raises(ValueError, match="not with the tokenizer of --init-from"):
+        train_mod.train(TrainConfig(data=str(tmp_path / "other"), out=str(tmp_path / "run2"), init_from=str(model_dir)))
     assert main(["train", "--data", str(tmp_path / "same"), "--out", str(tmp_path / "run"), "--init-from",
                  str(model_dir)]) == 0 and len(ran) == 1

@@ -138,8 +138,6 @@ def _run_train(args: argparse.Namespace) -> int:
 
     options = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config")}
     cfg = TrainConfig.load(getattr(args, "config", None), **options)
-    if cfg.init_from != "scratch" and not cfg.resume:
-        _check_init_tokenizer(cfg.data, cfg.init_from)
     try:
         result = train(cfg)
     except NonFiniteLossError as e:
@@ -157,31 +155,6 @@ def _run_train(args: argparse.Namespace) -> int:
         return 1
     print(f"trained to step {result.step}; best val loss {result.best_val_loss:.4f}; model in {cfg.out}")
     return 0
-
-
-def _check_init_tokenizer(data: str, init_from: str) -> None:
-    """Fine-tuning reads the dataset's ids as the loaded model's tokens: refuse a dataset prepared
-    with another tokenizer (a char dataset for GPT-2 trained silently: its ids are in range)."""
-    from pathlib import Path
-
-    from .data import open_dataset
-    from .tokenizer import GPT2_VOCAB_SIZE, load_tokenizer, same_ids
-
-    if not Path(data).expanduser().is_dir() or not Path(init_from).expanduser().is_dir():
-        return  # train() names a missing dataset; a hub name is GPT-2's, checked by vocabulary size there
-    try:
-        model_tok = load_tokenizer(init_from)
-    except FileNotFoundError:  # a HF folder without tokenizer files: GPT-2's, where the vocabulary is
-        from .checkpoint import CONFIG_FILE, read_json
-
-        if int(read_json(Path(init_from) / CONFIG_FILE).get("vocab_size", 0)) < GPT2_VOCAB_SIZE:
-            return
-        model_tok = load_tokenizer("gpt2")
-    data_tok = open_dataset(data).tokenizer()
-    if not same_ids(data_tok, model_tok):
-        raise ValueError(f"--data {data} was tokenized with {data_tok!r}, not with the tokenizer of --init-from "
-                         f"{init_from} ({model_tok!r}): the model would read its ids as other tokens. Prepare the "
-                         f"text with 'gpt2 prepare ... --tokenizer {init_from}'")
 
 
 # --- sample ---------------------------------------------------------------------------------------

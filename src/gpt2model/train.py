@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoint import save_model
+from .checkpoint import CONFIG_FILE, read_json, save_model
 from .config import MODEL_FIELDS, GPTconfig, TrainConfig
 from .data import BatchSampler, eval_batches, open_dataset
 from .device import DeviceSetup, measure_matmul_peak, setup_device
@@ -169,6 +169,26 @@ def _check_data(data: Any, context_length: int, data_dir: str) -> None:
                              f"more data")
 
 
+def _check_init_tokenizer(data: str, init_from: str) -> None:
+    """Fine-tuning reads the dataset's ids as the loaded model's tokens: refuse a dataset prepared
+    with another tokenizer (a char dataset for GPT-2 trained silently: its ids are in range)."""
+    from .tokenizer import GPT2_VOCAB_SIZE, load_tokenizer, same_ids
+
+    if not Path(data).expanduser().is_dir() or not Path(init_from).expanduser().is_dir():
+        return  # check_paths() names a missing dataset; a hub name is GPT-2's, checked by vocabulary size there
+    try:
+        model_tok = load_tokenizer(init_from)
+    except FileNotFoundError:  # a HF folder without tokenizer files: GPT-2's, where the vocabulary is
+        if int(read_json(Path(init_from) / CONFIG_FILE).get("vocab_size", 0)) < GPT2_VOCAB_SIZE:
+            return
+        model_tok = load_tokenizer("gpt2")
+    data_tok = open_dataset(data).tokenizer()
+    if not same_ids(data_tok, model_tok):
+        raise ValueError(f"--data {data} was tokenized with {data_tok!r}, not with the tokenizer of --init-from "
+                         f"{init_from} ({model_tok!r}): the model would read its ids as other tokens. Prepare the "
+                         f"text with 'gpt2 prepare ... --tokenizer {init_from}'")
+
+
 # --- the loop -------------------------------------------------------------------------------------
 @dataclass
 class TrainResult:
@@ -183,6 +203,8 @@ class TrainResult:
 def train(cfg: TrainConfig) -> TrainResult:
     """Train (or resume, or fine-tune) a GPT as ``cfg`` says, writing everything into ``cfg.out``."""
     cfg.check_paths()
+    if cfg.init_from != "scratch" and not cfg.resume:
+        _check_init_tokenizer(cfg.data, cfg.init_from)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     setup = setup_device(cfg.device, cfg.dtype, tf32=True)  # TF32 is fine for gradient steps
