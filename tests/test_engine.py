@@ -161,6 +161,22 @@ def test_logprobs_of_a_vocabulary_smaller_than_k_list_every_token() -> None:
         eng.shutdown(timeout=5)
 
 
+def test_tiny_temperatures_are_greedy_everywhere(engine: Engine, model: GPT) -> None:
+    """temperature=1e-40 (or 1e-300: 0 in fp32) divided the logits into inf/NaN and drew garbage
+    (token 0/1 every step through the server); below 1e-5 it is greedy, as vLLM does, in
+    sample_logits (one number or per row), generate() and the engine alike."""
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * 20
+    for t in (1e-6, 1e-40, 1e-300):
+        assert torch.equal(sample_logits(logits, t, seed=1), logits.argmax(-1))
+        per_row = torch.tensor([t, 0.0, 1.0])
+        drawn = sample_logits(logits, per_row, top_k=torch.tensor([5, 0, 0]), seed=1)
+        assert drawn[:2].tolist() == logits[:2].argmax(-1).tolist()
+    greedy = alone(model, [4, 4, 2], SamplingParams(max_tokens=8, temperature=0))
+    tiny = SamplingParams(max_tokens=8, temperature=1e-40, top_p=0.5, seed=3)
+    assert alone(model, [4, 4, 2], tiny) == greedy
+    assert [e.token for e in collect(engine.submit([4, 4, 2], tiny))[0]] == greedy
+
+
 def test_prompts_as_id_arrays_and_tensors(engine: Engine) -> None:
     """encode_batch gives uint32 arrays and generate takes tensors: a 1-D integer array or tensor is a
     prompt too (it was 'must be a list of token ids'); floats and 2-D stay errors."""

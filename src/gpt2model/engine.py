@@ -55,6 +55,7 @@ import numpy as np
 import torch
 
 from .generate import (
+    GREEDY_TEMPERATURE,
     check_sampling_args,
     decode_step,
     new_seed,
@@ -695,7 +696,7 @@ class Engine:
     def _install(self, b: int, slot: _Slot) -> None:
         """Write row ``b``'s sampling settings into the per-slot tensors (at admission)."""
         p = slot.request.params
-        slot.sampled = p.temperature > 0
+        slot.sampled = p.temperature >= GREEDY_TEMPERATURE  # below: greedy, as sample_logits draws it
         # k >= V keeps every token (as generate's top_k does): clamped, so a huge k fits the int64 row.
         slot.top_k = min(p.top_k, self.model.config.vocab_size) if slot.sampled and p.top_k is not None else None
         slot.top_p = p.top_p if slot.sampled and p.top_p is not None and p.top_p < 1.0 else None

@@ -241,6 +241,12 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     return window.argmax(dim=-1) + start
 
 
+# Temperatures below this are greedy, as in vLLM (its _SAMPLING_EPS): dividing fp32 logits by a
+# smaller one can overflow to inf (1e-40 drew garbage: inf - inf is NaN), and at such temperatures
+# the draw is the argmax anyway except for near-exact ties.
+GREEDY_TEMPERATURE = 1e-5
+
+
 def sample_logits(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0,
                   top_k: int | torch.Tensor | None = None, top_p: float | torch.Tensor | None = None,
                   generator: torch.Generator | None = None, *, seed: int | torch.Tensor | None = None,
@@ -248,7 +254,8 @@ def sample_logits(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0,
                   penalty: torch.Tensor | None = None, min_p: float | torch.Tensor | None = None) -> torch.Tensor:
     """Draw one token id per row from ``logits`` ``(B, vocab)``; returns ``(B,)`` int64.
 
-    ``temperature == 0`` is greedy (exact argmax; ``top_k``/``top_p`` are then irrelevant).
+    ``temperature == 0`` is greedy (exact argmax; ``top_k``/``top_p`` are then irrelevant), and so is
+    any temperature below ``GREEDY_TEMPERATURE`` (1e-5, as vLLM).
     Otherwise the logits are divided by ``temperature``, ``top_k`` keeps the k largest logits (all
     tokens tied with the k-th stay), and ``top_p`` (nucleus) keeps the smallest set of most likely
     tokens whose total probability reaches ``top_p`` (always at least the most likely one; tokens
@@ -283,13 +290,13 @@ def sample_logits(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0,
     if bias is not None:
         logits = logits + bias
     B, V = logits.shape
-    if not isinstance(temperature, torch.Tensor) and temperature == 0:
+    if not isinstance(temperature, torch.Tensor) and temperature < GREEDY_TEMPERATURE:
         return argmax_rows(logits)
     device = logits.device
     per_row_t = isinstance(temperature, torch.Tensor)
-    if per_row_t:  # rows at temperature 0 are greedy
+    if per_row_t:  # rows at temperature 0 (below GREEDY_TEMPERATURE) are greedy
         t = temperature.to(device).float()
-        greedy = t == 0
+        greedy = t < GREEDY_TEMPERATURE
         scaled = logits / torch.where(greedy, torch.ones_like(t), t)[:, None]
     else:  # (x / 1 == x exactly; the same fp32 division as the per-row case otherwise)
         scaled = logits if temperature == 1 else logits / _per_row(temperature, B, device).float()[:, None]
