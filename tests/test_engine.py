@@ -353,6 +353,7 @@ def test_queue_full_and_bad_requests(model: GPT) -> None:
         ([1], SamplingParams(max_tokens=3, logprobs=99), "logprobs must be"),
         ([1], SamplingParams(max_tokens=3, stop_token_ids=(77,)), "stop_token_ids"),
         ([1], SamplingParams(max_tokens=3, seed="x"), "seed must be"),  # type: ignore[arg-type]
+        ([1], SamplingParams(max_tokens=3, repetition_penalty=1e300), "a float32 number"),  # failed the request
     ]:
         with pytest.raises(ValueError, match=fragment):
             eng.submit(prompt, params)

@@ -272,6 +272,8 @@ def test_client_disconnect_mid_stream_frees_the_slot(served):
     (b'{"prompt": "x", "presence_penalty": "high"}', 400, "presence_penalty", "invalid_value"),
     (b'{"prompt": "x", "repetition_penalty": 0}', 400, "repetition_penalty", "invalid_value"),
     (b'{"prompt": "x", "repetition_penalty": -1.2}', 400, "repetition_penalty", "invalid_value"),
+    (b'{"prompt": "x", "repetition_penalty": 1e300}', 400, "repetition_penalty", "invalid_value"),  # was a 500
+    (b'{"prompt": "x", "repetition_penalty": 1e-300}', 400, "repetition_penalty", "invalid_value"),
     (b'{"prompt": "x", "min_p": 1.5}', 400, "min_p", "invalid_value"),
     (b'{"prompt": "x", "min_p": -0.1}', 400, "min_p", "invalid_value"),
     (b'{"prompt": "x", "best_of": 3}', 400, "best_of", "unsupported_value"),

@@ -179,7 +179,9 @@ class _Sampling(_Strict):
     # vLLM's default: a special token that is not a stop (end-of-text with ignore_eos) adds no text.
     skip_special_tokens: bool = True
     # vLLM's (and HF's, llama.cpp's) sampling extensions: over the prompt and the generated tokens; 1 / 0 = off.
-    repetition_penalty: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] = 1.0
+    # float32's range: the factor multiplies fp32 logits (1e300 overflowed into a 500)
+    repetition_penalty: Annotated[float, Field(ge=1.1754943508222875e-38, le=3.4028234663852886e38,
+                                               allow_inf_nan=False)] = 1.0
     min_p: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] = 0.0
     # {"type": "text"} is OpenAI's default (clients send it); JSON modes are a 400 (_check_noops).
     response_format: dict[str, Any] | None = None
