@@ -232,3 +232,10 @@ def test_fine_tuning_refuses_a_dataset_tokenized_for_another_model(model_dir: Pa
         train_mod.train(TrainConfig(data=str(tmp_path / "other"), out=str(tmp_path / "run2"), init_from=str(model_dir)))
     assert main(["train", "--data", str(tmp_path / "same"), "--out", str(tmp_path / "run"), "--init-from",
                  str(model_dir)]) == 0 and len(ran) == 1
+
+
+def test_sample_refuses_a_repetition_penalty_outside_float32(model_dir: Path, capsys) -> None:
+    """--repetition-penalty 1e300 was a RuntimeError traceback (the fp32 factor buffer overflowed)."""
+    assert main(["sample", "--model", str(model_dir), "--device", "cpu", "--max-new-tokens", "2",
+                 "--repetition-penalty", "1e300"]) == 2
+    assert "repetition_penalty must be in [1.175e-38, 3.403e+38]" in capsys.readouterr().err

@@ -404,10 +404,6 @@ class Engine:
             raise ValueError(f"max_tokens must be an integer >= 0 (0: prompt only), got {params.max_tokens!r}")
         check_sampling_args(params.max_tokens, params.temperature, params.top_k, params.top_p,
                             repetition_penalty=params.repetition_penalty, min_p=params.min_p)
-        f32 = torch.finfo(torch.float32)
-        if not f32.tiny <= params.repetition_penalty <= f32.max:  # it multiplies fp32 logits (1e300 -> inf)
-            raise ValueError(f"repetition_penalty must be in [{f32.tiny:.4g}, {f32.max:.4g}] (a float32 number > 0), "
-                             f"got {params.repetition_penalty!r}")
         if len(prompt) + params.max_tokens > cfg.context_length:
             raise ValueError(f"the prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
                              f"model's context length {cfg.context_length}: shorten the prompt or lower max_tokens")

@@ -467,6 +467,10 @@ def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | No
             or not 0.0 < repetition_penalty < math.inf:
         raise ValueError(f"repetition_penalty must be a finite number > 0 (1 = no penalty; HF and vLLM use "
                          f"e.g. 1.1-1.3), got {repetition_penalty!r}")
+    f32 = torch.finfo(torch.float32)
+    if not f32.tiny <= repetition_penalty <= f32.max:  # it multiplies fp32 logits: 1e300 overflowed (a crash)
+        raise ValueError(f"repetition_penalty must be in [{f32.tiny:.4g}, {f32.max:.4g}] (a float32 number > 0), "
+                         f"got {repetition_penalty!r}")
     if min_p is not None and (isinstance(min_p, bool) or not isinstance(min_p, (int, float))
                               or not 0.0 <= min_p <= 1.0):
         raise ValueError(f"min_p must be in [0, 1] (0 or None for no min-p filter), got {min_p!r}")
