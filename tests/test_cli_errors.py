@@ -161,6 +161,12 @@ def test_same_ids_compares_what_each_id_means(data_dir: Path, tmp_path: Path) ->
     gpt2 = GPT2Tokenizer()
     gpt2.save(tmp_path / "copy")
     assert same_ids(gpt2, load_tokenizer(tmp_path / "copy"))  # other files, same vocabulary
+    transformers = pytest.importorskip("transformers")
+    transformers.GPT2TokenizerFast.from_pretrained(tmp_path / "copy").backend_tokenizer.save(str(tmp_path / "t.json"))
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "t.json").rename(tmp_path / "hf" / "tokenizer.json")
+    from_json = load_tokenizer(tmp_path / "hf")  # GPT-2's vocabulary as a tokenizer.json: a BPETokenizer
+    assert type(from_json).__name__ == "BPETokenizer" and same_ids(gpt2, from_json)
     assert not same_ids(gpt2, CharTokenizer.from_text(TEXT))
     assert same_ids(CharTokenizer("abc"), CharTokenizer("cba")) and not same_ids(CharTokenizer("abc"),
                                                                                  CharTokenizer("abd"))

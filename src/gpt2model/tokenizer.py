@@ -428,10 +428,11 @@ class BPETokenizer:
 def same_ids(a: Tokenizer, b: Tokenizer) -> bool:
     """Whether every token id means the same bytes under both tokenizers, so that ids encoded by
     one are read correctly by a model trained with the other (a dataset's vs a model's)."""
-    if a.vocab_size != b.vocab_size or type(a) is not type(b):
+    if a.vocab_size != b.vocab_size or a.eot != b.eot:
         return False
     if isinstance(a, CharTokenizer) and isinstance(b, CharTokenizer):
         return a.chars == b.chars
+    # not by type: GPT-2's vocabulary read from a tokenizer.json (BPETokenizer) is GPT2Tokenizer's
     return all(a.token_bytes(i) == b.token_bytes(i) for i in range(a.vocab_size))
 
 
