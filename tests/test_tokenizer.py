@@ -183,6 +183,26 @@ def test_gpt2_save_load_and_hf_folders(tmp_path, data_dir):
     assert hf_tok(MIXED.replace("<|endoftext|>", ""))["input_ids"] == tok.encode(MIXED.replace("<|endoftext|>", ""))
 
 
+def test_a_hf_folder_with_tokens_added_to_gpt2_loads_them(tmp_path, data_dir):
+    """A GPT-2 fine-tune with an added pad token (HF: add_special_tokens + resize_token_embeddings),
+    saved by transformers 4 as the hub's GPT-2 repos are laid out: vocab.json + merges.txt with
+    GPT-2's 50,257 ids and tokenizer.json with the added one too. Reading vocab.json alone gave a
+    tokenizer that could not decode id 50257 of the 50,258-row model."""
+    transformers = pytest.importorskip("transformers")
+    GPT2Tokenizer().save(tmp_path / "ours")
+    for name, added in (("tuned", True), ("plain", False)):
+        hf = transformers.GPT2TokenizerFast.from_pretrained(str(tmp_path / "ours"))
+        if added:
+            hf.add_special_tokens({"pad_token": "[PAD]"})
+        hf.save_pretrained(str(tmp_path / name))  # transformers 5 writes tokenizer.json only
+        shutil.copy(data_dir / "gpt2" / "encoder.json", tmp_path / name / "vocab.json")
+        shutil.copy(data_dir / "gpt2" / "vocab.bpe", tmp_path / name / "merges.txt")
+    tok = load_tokenizer(tmp_path / "tuned")
+    assert tok.vocab_size == 50258 and tok.eot == 50256
+    assert tok.decode([15496, 50257]) == "Hello[PAD]" and tok.encode(MIXED) == GPT2Tokenizer().encode(MIXED)
+    assert isinstance(load_tokenizer(tmp_path / "plain"), GPT2Tokenizer)  # nothing added: tiktoken, as before
+
+
 # --- trained BPE --------------------------------------------------------------------------------------
 def test_trained_bpe_vocab_size_and_exact_round_trip(trained_bpe, tmp_path):
     tok = trained_bpe

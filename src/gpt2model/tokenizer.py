@@ -476,7 +476,14 @@ def load_tokenizer(name_or_path: str | Path) -> CharTokenizer | GPT2Tokenizer | 
                              f"{tok.vocab_size}; the folder is inconsistent")
         return tok
     if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-        return GPT2Tokenizer(path / "vocab.json", path / "merges.txt")
+        gpt2 = GPT2Tokenizer(path / "vocab.json", path / "merges.txt")
+        if (path / BPETokenizer.FILE).is_file():
+            # HF keeps tokens added to GPT-2's vocabulary (a fine-tune's pad token, ...) only in tokenizer.json,
+            # which HF's GPT2TokenizerFast reads: without them the model's extra ids could not be decoded.
+            full = BPETokenizer.from_file(path / BPETokenizer.FILE)
+            if full.vocab_size > gpt2.vocab_size:
+                return full
+        return gpt2
     if (path / BPETokenizer.FILE).is_file():
         return BPETokenizer.from_file(path / BPETokenizer.FILE)
     raise FileNotFoundError(f"{path} has no tokenizer: expected {SPEC_FILE} (written by gpt2model), or HF's "
