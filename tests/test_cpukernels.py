@@ -232,3 +232,18 @@ def test_fp32_one_row_decode_runs_the_f32_kernel_on_row_major_body_weights() -> 
     assert cpukernels.calls() - before == 2 * 4 + 1
     model(prompt[:, :1]).sum().backward()  # autograd: torch's matmuls
     assert cpukernels.calls() - before == 2 * 4 + 1
+
+
+@needs_kernels
+def test_int8_kernel_integer_sums_do_not_overflow_at_the_extremes() -> None:
+    """Every product at its largest (weights -128 or 127, activations at their grid's +-32767) over
+    two int32 chunks and a tail: still the exact sum (an int32 overflow would be off by ~2^32)."""
+    in_features = 2 * 4096 + 12
+    for value in (127, -128):
+        q = torch.full((5, in_features), value, dtype=torch.int8)
+        layer = Int8Linear(q, torch.full((5,), 0.5))
+        x = torch.ones(2, in_features)
+        x[1] = -1.0
+        y = kernel(x, layer)
+        expected = torch.tensor([[1.0], [-1.0]]) * (value * 0.5 * in_features)
+        assert torch.allclose(y, expected.expand(2, 5), rtol=1e-6, atol=0)

@@ -1,6 +1,6 @@
 // Decode matmuls for x86 CPUs with AVX2 + FMA: the int8 weight-only linear of a decode step's few
-// rows (1..~16). Built and loaded lazily by cpukernels.py (see its docstring for why and how);
-// registers the ops gpt2model_kernels::int8_linear and gpt2model_kernels::calls.
+// rows (1..~16) and an fp32 GEMV. Built and loaded lazily by cpukernels.py (see its docstring for
+// why and how); registers the ops gpt2model_kernels::int8_linear, ::f32_linear and ::calls.
 //
 // int8_linear(x (rows, in) fp32|bf16, weight int8 (out, in), scales fp32 (out,), bias?, interleaved)
 //   y[m, o] = sum_i x[m, i] * weight[o, i] * scales[o] (+ bias[o]), in x's dtype.
@@ -10,8 +10,8 @@
 // int16 activations exactly in integers: vpmovsxbw (16 weights to int16) + vpmaddwd (16 products
 // summed in pairs into 8 int32) + vpaddd: 16 multiply-adds per ~3 instructions, where an fp32 loop
 // needs a widening, a conversion and an FMA per 8. int32 lanes are exact while a lane holds fewer
-// than 2^31 / (2 * 127 * 32767) = 258 pairs, so the loop sums at most CHUNK inputs (128 pairs per
-// lane) before it adds the lanes into an int64: the whole dot product is exact, whatever the order,
+// than 2^31 / (2 * 128 * 32767) = 256.0 pairs (even for -128 weights), so the loop sums at most
+// CHUNK = 4,096 inputs (256 pairs per lane) before it adds the lanes into an int64: the whole dot product is exact, whatever the order,
 // so a row's result does not depend on how many rows the call has, on the blocking or on the
 // threads (the engine's "a request gets the same tokens alone or batched").
 // Weights are read as 4 concurrent sequential streams (row b of each quarter of the rows in
