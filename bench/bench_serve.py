@@ -212,7 +212,7 @@ def _engine_stats(url: str) -> dict[str, float]:
         name, _, value = line.partition(" ")
         if name.startswith("gpt2model_engine_"):
             with contextlib.suppress(ValueError):
-                stats[name.removeprefix("gpt2model_engine_")] = float(value)
+                stats[name.removeprefix("gpt2model_engine_").removesuffix("_total")] = float(value)
     return stats
 
 

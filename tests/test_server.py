@@ -327,6 +327,16 @@ def test_top_k_beyond_the_vocabulary_keeps_every_token_instead_of_failing(served
             "/v1/completions", {"prompt": "Hi", "max_tokens": 3, "seed": 3}).json()["choices"][0]["text"]
 
 
+def test_chat_text_parts_join_with_newlines_as_vllm_joins_them(served, client):
+    parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]
+    joined = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello\nthere"}],
+                                            max_tokens=5, temperature=0)
+    split = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": parts}],
+                                           max_tokens=5, temperature=0)
+    assert split.usage.prompt_tokens == joined.usage.prompt_tokens
+    assert split.choices[0].message.content == joined.choices[0].message.content
+
+
 def test_chat_logprobs_bytes_are_the_tokens_own_bytes(served, client):
     """A byte-level token holding part of a character has text U+FFFD; its ``bytes`` must be its
     own UTF-8 bytes (what OpenAI's field is for: joining split characters), not U+FFFD's."""
@@ -442,9 +452,12 @@ def test_full_queue_answers_429_with_retry_after(served):
     assert int(refused.headers["Retry-After"]) >= 1 and refused.json()["error"]["code"] == "queue_full"
 
 
-def test_api_key_guards_everything_but_health(served):
+def test_api_key_guards_the_openai_api_and_leaves_probes_open(served):
+    # vLLM's rule: the key guards /v1; health checks (GET or HEAD) and Prometheus scrapes need none.
     assert httpx.get(served.url + "/health").status_code == 200
-    for path in ("/v1/models", "/metrics"):
+    assert httpx.head(served.url + "/health").status_code == 200
+    assert httpx.get(served.url + "/metrics").status_code == 200
+    for path in ("/v1/models", "/v1"):
         assert httpx.get(served.url + path).status_code == 401
     r = httpx.post(served.url + "/v1/completions", json={"prompt": "x"}, headers={"Authorization": "Bearer wrong"})
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
@@ -588,6 +601,13 @@ def test_metrics_report_requests_tokens_and_latency_histograms(served):
     tokens = float(next(ln.split()[1] for ln in text.splitlines()
                         if ln.startswith("gpt2model_generation_tokens_total")))
     assert tokens > 0
+    # Typed for Prometheus: what only grows is a counter (rate() needs it), the limits are gauges.
+    from prometheus_client.parser import text_string_to_metric_families
+
+    types = {f.name: f.type for f in text_string_to_metric_families(text)}
+    assert types["gpt2model_engine_steps"] == types["gpt2model_engine_step_seconds"] == "counter"
+    assert types["gpt2model_engine_max_batch"] == "gauge" and types["gpt2model_requests_finished"] == "counter"
+    assert 'gpt2model_requests_finished_total{reason="length"}' in text
 
 
 def test_health_is_503_until_the_engine_has_warmed_up(model_dir):

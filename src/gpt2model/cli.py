@@ -365,8 +365,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="prompt tokens one prefill forward takes at most (waiting prompts x longest, padded); "
                    "longer prompts are prefilled in chunks between decode steps (default: 2048 on CUDA, 64 on "
                    "CPU)")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every endpoint but "
-                   "/health (default: $GPT2MODEL_API_KEY; none if unset)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on the OpenAI API (/v1/...; "
+                   "/health, /metrics and /tokenize stay open, as in vLLM) (default: $GPT2MODEL_API_KEY; "
+                   "none if unset)")
     p.add_argument("--model-name", default=None, help="the model id clients send and /v1/models lists "
                    "(default: the folder's name)")
     p.add_argument("--request-timeout", type=float, default=30.0,

@@ -307,10 +307,19 @@ class _EngineCollector:
         yield GaugeMetricFamily("gpt2model_requests_running", "Requests in a KV-cache slot", value=s["running"])
         yield GaugeMetricFamily("gpt2model_requests_queued", "Requests waiting for a slot", value=s["queued"])
         yield CounterMetricFamily("gpt2model_generation_tokens", "Tokens generated", value=s["tokens_generated"])
+        finished = CounterMetricFamily("gpt2model_requests_finished", "Requests finished, by finish reason",
+                                       labels=["reason"])
+        for reason, count in s["finished"].items():
+            finished.add_metric([reason], count)
+        yield finished
         for key, value in s.items():
-            if key not in ("running", "queued", "tokens_generated") and isinstance(value, (int, float)) \
-                    and not isinstance(value, bool):
-                yield GaugeMetricFamily(f"gpt2model_engine_{key}", f"engine.stats()['{key}']", value=value)
+            if key in ("running", "queued", "tokens_generated") or isinstance(value, bool) \
+                    or not isinstance(value, (int, float)):
+                continue
+            # The batch and queue limits are settings (gauges); every other stat only grows (counters:
+            # Prometheus' rate() and the scrape's _total suffix rely on the type).
+            family = GaugeMetricFamily if key in ("max_batch", "max_queue") else CounterMetricFamily
+            yield family(f"gpt2model_engine_{key}", f"engine.stats()['{key}']", value=value)
 
 
 @dataclass
@@ -463,7 +472,7 @@ class _Server:
         msgs = []
         for m in messages:
             content = m.content if isinstance(m.content, str) or m.content is None \
-                else "".join(p.text for p in m.content)
+                else "\n".join(p.text for p in m.content)  # vLLM's join of text parts
             role = "system" if m.role == "developer" else m.role
             msgs.append({"role": role, "content": content or "", **({"name": m.name} if m.name is not None else {})})
         special = {} if self.tokenizer.eot is None else dict.fromkeys(("bos_token", "eos_token", "unk_token"),
@@ -780,7 +789,7 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig) -> FastAPI:
         return APIError(405, f"{request.method} is not allowed on {request.url.path}",
                         code="method_not_allowed").response()
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: load balancers' and uptime checkers' probe
     async def health() -> JSONResponse:
         if server.shutting_down:
             return JSONResponse({"status": "shutting down"}, status_code=503)
@@ -934,7 +943,8 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig) -> FastAPI:
 
 
 class _AuthAndCount:
-    """ASGI middleware: the API key check (every path but /health) and response counts by status.
+    """ASGI middleware: the API key check (the OpenAI API under /v1, as vLLM does: /health, /metrics
+    and /tokenize stay open to probes and scrapers) and response counts by status.
 
     Plain ASGI rather than ``@app.middleware``: Starlette's BaseHTTPMiddleware wraps ``receive``,
     which hides client disconnects from streaming responses."""
@@ -948,7 +958,7 @@ class _AuthAndCount:
         path = scope["path"]
         label = path if path in _ROUTES else "other"
         key = self.server.config.api_key
-        if key is not None and path != "/health":
+        if key is not None and (path == "/v1" or path.startswith("/v1/")):
             auth = dict(scope["headers"]).get(b"authorization", b"")
             scheme, _, given = auth.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), key.encode()):
