@@ -1217,3 +1217,86 @@ def test_compiled_step_sets_up_cuda_graph_state_on_any_thread() -> None:
     t.start()
     t.join()
     assert seen == [(False, True, [1.0, 1.0])]
+
+
+# --- a model with more rows than its tokenizer -------------------------------------------------------
+def padded_rows(model: GPT, limit: int) -> GPT:
+    """Make rows ``>= limit`` (padding rows: a nanoGPT export's 50,304 for GPT-2's 50,257 tokens)
+    win every draw by far: ln_f puts a constant 50 in dimension 0 and only those rows read it (the
+    head is tied to wte), so their logits are ~5000 above the rest whatever the input."""
+    with torch.no_grad():
+        model.transformer.ln_f.weight[0] = 0.0
+        model.transformer.ln_f.bias[0] = 50.0
+        model.transformer.wte.weight[:limit, 0] = 0.0
+        model.transformer.wte.weight[limit:, 0] = 100.0
+    return model
+
+
+LIMIT = 40  # TINY has 50 rows: ids 40..49 are padding
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_vocab_limit_never_draws_an_id_past_the_tokenizer(compile: bool) -> None:
+    model = padded_rows(tiny(), LIMIT)
+    assert int(model(torch.tensor([[1, 2]]))[0, -1].argmax()) >= LIMIT  # model(ids) keeps every row
+    assert model(torch.tensor([[1, 2]])).size(-1) == 50
+    settings = [dict(temperature=0), dict(temperature=1.0), dict(temperature=1.5, top_k=3),
+                dict(temperature=1.0, top_p=0.9), dict(temperature=1.0, min_p=0.1),
+                dict(temperature=0.9, repetition_penalty=1.3)]
+    if compile:
+        settings = settings[:2]  # (a compiled graph per setting costs seconds; eager covers the filters)
+    for kwargs in settings:
+        # 40 new tokens > context 16: the window slides (refill prefills sample too)
+        without = generate(model, [[1, 2, 3]], 40, seed=5, compile=compile, **kwargs)[0][3:]
+        assert any(t >= LIMIT for t in without), kwargs  # the padding rows win without a limit
+        out = generate(model, [[1, 2, 3], [4]], 40, seed=5, vocab_limit=LIMIT, compile=compile, **kwargs)
+        for row in out:
+            assert len(row) > 1 and max(row) < LIMIT, kwargs
+        streamed = torch.stack(list(stream(model, torch.tensor([[1, 2, 3]]), 40, seed=5, vocab_limit=LIMIT,
+                                           compile=compile, **kwargs)), dim=1)[0].tolist()
+        assert streamed == out[0][3:], kwargs
+    # A limit that keeps every row is no limit: the same tokens.
+    assert generate(model, [[1, 2]], 8, temperature=0, vocab_limit=50) == generate(model, [[1, 2]], 8, temperature=0)
+
+
+def test_vocab_limit_draws_as_the_model_with_only_those_rows() -> None:
+    """Sampling under a limit is sampling from the first ``limit`` logits: the same ids, seed for
+    seed, as a model whose head has only those rows."""
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    logits[:, LIMIT:] = 1e4
+    for kwargs in (dict(temperature=0), dict(temperature=1.0), dict(top_k=5), dict(top_p=0.8), dict(min_p=0.2)):
+        got = sample_logits(logits, seed=7, step=3, vocab_limit=LIMIT, **kwargs)
+        assert torch.equal(got, sample_logits(logits[:, :LIMIT].contiguous(), seed=7, step=3, **kwargs)), kwargs
+    bias = torch.zeros(4, 50)
+    bias[:, 2] = 100.0
+    assert sample_logits(logits, bias=bias, vocab_limit=LIMIT).tolist() == [2] * 4  # a full-width bias is cut
+    assert sample_logits(logits, bias=bias[:, :LIMIT], vocab_limit=LIMIT).tolist() == [2] * 4
+    with pytest.raises(ValueError, match="vocab_limit must be an integer >= 1"):
+        generate(tiny(), [[1]], 2, vocab_limit=0)
+
+
+def test_sample_texts_and_stream_text_limit_to_the_tokenizer() -> None:
+    from gpt2model.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMN")  # 40 characters, the model 50 rows
+    assert tok.vocab_size == LIMIT
+    model = padded_rows(tiny(), LIMIT)
+    texts = gen_mod.sample_texts(model, tok, tok.encode("ab"), 3, 30, seed=1, temperature=1.0)
+    assert len(texts) == 3 and all(len(t) == 30 for t in texts)
+    assert len("".join(stream_text(model, tok, "ab", 30, seed=1, temperature=0))) == 30
+
+
+def test_a_huge_max_new_tokens_allocates_in_bounded_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """max_new_tokens=10**10 (run until eot) asked for an 80 GB buffer up front; now the buffer
+    starts at PREALLOCATED_NEW_TOKENS and doubles, so a long sliding-window run and a huge bound
+    work, with the same tokens as a buffer big enough from the start."""
+    model = tiny()
+    want = generate(model, [[1, 2]], 50, temperature=0.8, seed=3)
+    monkeypatch.setattr(gen_mod, "PREALLOCATED_NEW_TOKENS", 4)  # grows 4 -> 8 -> ... -> 50
+    assert generate(model, [[1, 2]], 50, temperature=0.8, seed=3) == want
+    assert generate(model, [[1, 2]], 50, temperature=0.8, seed=3, compile=True) == want
+    monkeypatch.undo()
+    it = stream(model, [[1, 2]], 10**10, temperature=0.8, seed=3)  # would raise "cannot allocate" before
+    got = [int(next(it)[0]) for _ in range(48)]
+    it.close()
+    assert [1, 2, *got] == want[0][:50]

@@ -251,8 +251,12 @@ def sample_logits(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0,
                   top_k: int | torch.Tensor | None = None, top_p: float | torch.Tensor | None = None,
                   generator: torch.Generator | None = None, *, seed: int | torch.Tensor | None = None,
                   step: int | torch.Tensor = 0, bias: torch.Tensor | None = None,
-                  penalty: torch.Tensor | None = None, min_p: float | torch.Tensor | None = None) -> torch.Tensor:
+                  penalty: torch.Tensor | None = None, min_p: float | torch.Tensor | None = None,
+                  vocab_limit: int | None = None) -> torch.Tensor:
     """Draw one token id per row from ``logits`` ``(B, vocab)``; returns ``(B,)`` int64.
+
+    ``vocab_limit``: draw only ids below it (:func:`limit_vocab`), for a model with more rows than
+    its tokenizer has tokens; ``bias``/``penalty`` may be as wide as ``logits`` or ``vocab_limit``.
 
     ``temperature == 0`` is greedy (exact argmax; ``top_k``/``top_p`` are then irrelevant), and so is
     any temperature below ``GREEDY_TEMPERATURE`` (1e-5, as vLLM).
@@ -284,6 +288,7 @@ def sample_logits(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0,
     the whole vocabulary, since a token's noise depends only on its id. Compiled graphs (no host
     reads) sort. All paths give the same tokens.
     """
+    logits, bias, penalty = (limit_vocab(t, vocab_limit) for t in (logits, bias, penalty))
     logits = logits.float()  # bf16 has too few mantissa bits for a faithful softmax/cumsum
     if penalty is not None:
         logits = _penalize(logits, penalty)
@@ -331,6 +336,26 @@ def sample_logits(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0,
     else:
         drawn = argmax_rows(scaled + _gumbel(keys, _id_hashes(V, device)))
     return torch.where(greedy, argmax_rows(logits), drawn) if per_row_t else drawn
+
+
+def limit_vocab(x: torch.Tensor | None, vocab_limit: int | None) -> Any:
+    """The first ``vocab_limit`` columns of ``x`` ``(B, V)`` (a view; ``x`` itself when None or
+    ``>= V``; None stays None): what generation draws from. A model may have more rows than its
+    tokenizer has tokens (a nanoGPT export padded to 50,304 rows for GPT-2's 50,257 tokens, HF
+    embeddings resized with ``pad_to_multiple_of``); ids past the tokenizer's cannot be decoded,
+    so generation never draws them, as vLLM and llama.cpp never emit them. The ids are a prefix:
+    a drawn id needs no remapping, and in a compiled step the slice is static."""
+    if x is None or vocab_limit is None or vocab_limit >= x.size(-1):
+        return x
+    return x[..., :vocab_limit]
+
+
+def check_vocab_limit(vocab_limit: int | None) -> None:
+    """Raise a ``ValueError`` unless ``vocab_limit`` is None or an integer >= 1."""
+    if vocab_limit is not None and (isinstance(vocab_limit, bool) or not isinstance(vocab_limit, int)
+                                    or vocab_limit < 1):
+        raise ValueError(f"vocab_limit must be an integer >= 1 (the tokenizer's vocab_size) or None, "
+                         f"got {vocab_limit!r}")
 
 
 def _penalize(logits: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
@@ -496,16 +521,18 @@ def decode_step(model: GPT, token: torch.Tensor, input_pos: torch.Tensor, mask: 
                 position_ids: torch.Tensor, temperature: float | torch.Tensor, top_k: int | torch.Tensor | None,
                 top_p: float | torch.Tensor | None, seeds: torch.Tensor,
                 steps: torch.Tensor, bias: torch.Tensor | None = None, *, penalty: torch.Tensor | None = None,
-                min_p: float | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                min_p: float | torch.Tensor | None = None,
+                vocab_limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The one decode step of :func:`stream` and the serving engine: feed ``token`` ``(B, 1)``
     and draw the next token of every row with :func:`sample_logits` (``bias``, ``penalty``,
-    ``min_p``: its logit bias, repetition-penalty factors and min-p);
-    returns ``(next (B,), logits (B, V))``, the logits as the model gave them. Sampling sits
+    ``min_p``, ``vocab_limit``: its logit bias, repetition-penalty factors, min-p and id limit);
+    returns ``(next (B,), logits (B, V))``, the logits as the model gave them (their first
+    ``vocab_limit`` columns with a limit: the ids drawn from, for logprobs). Sampling sits
     inside the step so a compiled (CUDA-graph) step needs no host sync per token except reading
     the token."""
-    logits = decode_one_token(model, token, input_pos, mask, position_ids)
+    logits = limit_vocab(decode_one_token(model, token, input_pos, mask, position_ids), vocab_limit)
     return sample_logits(logits, temperature, top_k, top_p, seed=seeds, step=steps, bias=bias, penalty=penalty,
-                         min_p=min_p), logits
+                         min_p=min_p, vocab_limit=vocab_limit), logits
 
 
 # Inductor options of the CPU decode step (see :func:`compiled_decode_step`). Not ``freezing``
@@ -655,7 +682,7 @@ def stream(model: GPT, input_ids: torch.Tensor | Sequence[Sequence[int]], max_ne
            repetition_penalty: float = 1.0, min_p: float | None = None, seed: int | None = None,
            generator: torch.Generator | None = None, eot_id: int | None = None,
            stop_strings: Sequence[str] | None = None, tokenizer: Decoder | None = None,
-           compile: bool = False, _views: bool = False) -> Iterator[torch.Tensor]:
+           compile: bool = False, vocab_limit: int | None = None, _views: bool = False) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, ``(B,)`` int64 on the model's device, as it is produced.
 
     ``input_ids`` is a ``(B, T)`` tensor or a list of prompts (lists of ids) of any lengths.
@@ -669,12 +696,15 @@ def stream(model: GPT, input_ids: torch.Tensor | Sequence[Sequence[int]], max_ne
     with ``tokenizer``) completes one of ``stop_strings``; finished rows keep yielding ``eot_id`` (0
     when there is none) and the loop ends when every row is finished or after ``max_new_tokens``
     steps. ``compile=True`` compiles the decode step (:func:`compiled_decode_step`; falls back to
-    eager with a warning where that fails). Windows: see the module docstring. The model's KV cache
+    eager with a warning where that fails). ``vocab_limit`` (the tokenizer's ``vocab_size``): never
+    draw an id >= it (:func:`limit_vocab`; :func:`stream_text` and :func:`sample_texts` set it from
+    their tokenizer). Windows: see the module docstring. The model's KV cache
     is in use until the iterator ends or is closed: one generation per model at a time. (``_views``,
     for :func:`generate`: yield views of the step buffers, valid until the next generation on the model.)
     """
     check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty=repetition_penalty,
                         min_p=min_p)
+    check_vocab_limit(vocab_limit)
     stops = list(stop_strings or [])
     if stops and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer (anything with .decode(ids) -> str) to read the text")
@@ -692,7 +722,9 @@ def stream(model: GPT, input_ids: torch.Tensor | Sequence[Sequence[int]], max_ne
         prompt, prompt_valid = prompt[:, -C:], prompt_valid[:, -C:]
     texts = [TextStream(tokenizer, stops) for _ in range(prompt.size(0))] if stops else None
     # Everything above runs at the call; the loop below runs as the caller iterates.
-    sampling = _Sampling(temperature, top_k, top_p, repetition_penalty, min_p)
+    # No limit when it keeps every row: exactly the step (and compiled graph) without one.
+    limit = vocab_limit if vocab_limit is not None and vocab_limit < V else None
+    sampling = _Sampling(temperature, top_k, top_p, repetition_penalty, min_p, limit)
     return _steps(model, prompt, prompt_valid, max_new_tokens, sampling, seeds, eot_id, texts, compile, not _views)
 
 
@@ -700,10 +732,12 @@ class _Sampling:
     """One generation's sampling settings (numbers: the same for every row)."""
 
     def __init__(self, temperature: float, top_k: int | None, top_p: float | None,
-                 repetition_penalty: float = 1.0, min_p: float | None = None) -> None:
+                 repetition_penalty: float = 1.0, min_p: float | None = None,
+                 vocab_limit: int | None = None) -> None:
         self.args = (temperature, top_k, top_p)
         self.repetition_penalty = float(repetition_penalty)
         self.min_p = float(min_p) if min_p else None  # 0: off, the same graph as without
+        self.vocab_limit = vocab_limit
 
     def step_kwargs(self, bufs: _Buffers) -> dict[str, Any]:
         """The keyword arguments of :func:`generation_step` beyond ``self.args``: none when both
@@ -713,10 +747,22 @@ class _Sampling:
             kwargs.update(penalty=bufs.penalty, repeat=bufs.repeat)
         if self.min_p is not None:
             kwargs["min_p"] = self.min_p
+        if self.vocab_limit is not None:
+            kwargs["vocab_limit"] = self.vocab_limit
         return kwargs
 
     def sample(self, logits: torch.Tensor, bufs: _Buffers, step: int) -> torch.Tensor:
-        return sample_logits(logits, *self.args, seed=bufs.seeds, step=step, penalty=bufs.penalty, min_p=self.min_p)
+        return sample_logits(logits, *self.args, seed=bufs.seeds, step=step, penalty=bufs.penalty, min_p=self.min_p,
+                             vocab_limit=self.vocab_limit)
+
+
+# The new-token buffer (int64, one row per sequence) is allocated for at most this many tokens up
+# front and doubled when full (:meth:`_Buffers.make_room`): ``max_new_tokens=10**10`` (run until
+# the end-of-text token) asked for an 80 GB buffer at once and died, while a long generation past
+# the context (the sliding window) is legitimate. 2**20 tokens is 8 MiB per row, far beyond what
+# any generation here reaches in practice, so a doubling (for a compiled step: one new graph, as
+# the buffer's shape is static in it) happens only past a million tokens.
+PREALLOCATED_NEW_TOKENS = 1 << 20
 
 
 class _Buffers:
@@ -730,7 +776,8 @@ class _Buffers:
 
     def __init__(self, B: int, max_len: int, capacity: int, dtype: torch.dtype, device: torch.device) -> None:
         self.key = (B, max_len, capacity, dtype, device)
-        self.out = torch.zeros(B, capacity, dtype=torch.long, device=device)  # the new tokens
+        self.limit = capacity  # the most new tokens; the buffer starts at most PREALLOCATED_NEW_TOKENS long
+        self.out = torch.zeros(B, min(capacity, PREALLOCATED_NEW_TOKENS), dtype=torch.long, device=device)
         # Slot s of row b is visible (0) once written and not padding; else -inf.
         self.mask = torch.full((B, 1, 1, max_len), float("-inf"), dtype=dtype, device=device)
         self.pos = torch.zeros(B, 1, dtype=torch.long, device=device)  # position of the token fed next
@@ -765,6 +812,18 @@ class _Buffers:
         seen = torch.zeros(B, vocab_size, device=device).scatter_add_(1, prompt, prompt_valid.float())
         torch.where(seen > 0, self.repeat, torch.ones_like(self.repeat), out=self.penalty)
 
+    def make_room(self, k: int) -> None:
+        """Make ``out`` hold new token ``k``: when it is full, a new buffer twice as long (up to
+        ``max_new_tokens``; see ``PREALLOCATED_NEW_TOKENS``) with the tokens so far. Views of the
+        old one (:func:`generate`'s) keep their values: it is no longer written."""
+        B, capacity = self.out.shape
+        if k < capacity:
+            return
+        out = torch.zeros(B, min(2 * capacity, max(self.limit, k + 1)), dtype=torch.long, device=self.out.device)
+        out[:, :capacity] = self.out
+        self.out = out  # (the key stays: a later generation of these shapes reuses the grown buffer)
+        torch._dynamo.mark_static_address(self.out)
+
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """The arguments of :func:`generation_step` after the model, in order."""
         return self.out, self.mask, self.pos, self.counters, self.seeds, self.done, self.eot, self.finished
@@ -788,7 +847,7 @@ def generation_step(model: GPT, out: torch.Tensor, mask: torch.Tensor, pos: torc
                     seeds: torch.Tensor, done: torch.Tensor, eot: torch.Tensor, finished: torch.Tensor,
                     length: int | None, temperature: float, top_k: int | None, top_p: float | None, *,
                     penalty: torch.Tensor | None = None, repeat: torch.Tensor | None = None,
-                    min_p: float | None = None) -> None:
+                    min_p: float | None = None, vocab_limit: int | None = None) -> None:
     """One token of :func:`stream`'s loop, bookkeeping included, on the buffers of
     :class:`_Buffers`: feed the last new token at cache slot ``counters[0]`` and position ``pos``,
     draw the next one with :func:`decode_step` (sampling step ``counters[1]``), store it in
@@ -797,13 +856,13 @@ def generation_step(model: GPT, out: torch.Tensor, mask: torch.Tensor, pos: torc
     and needs nothing done around it. ``length``: attend to the first ``length`` cache slots only
     (eager: the filled ones); None: all of them (one static shape for every step). ``penalty``,
     ``repeat``: the repetition-penalty buffers of :class:`_Buffers` (updated in place too);
-    ``min_p``: see :func:`sample_logits`."""
+    ``min_p``, ``vocab_limit``: see :func:`sample_logits`."""
     slot, step = counters[0:1], counters[1:2]
     mask.index_fill_(3, slot, 0.0)  # the slot written now becomes visible
     token = out.index_select(1, step - 1)  # (B, 1): the newest token
     visible = mask if length is None else mask[..., :length]
     nxt, _ = decode_step(model, token, slot, visible, pos, temperature, top_k, top_p, seeds,
-                         step.expand(out.size(0)), penalty=penalty, min_p=min_p)
+                         step.expand(out.size(0)), penalty=penalty, min_p=min_p, vocab_limit=vocab_limit)
     _record(out, step, done, eot, finished, nxt, penalty, repeat)
     pos.add_(1)
     counters.add_(1)
@@ -857,6 +916,7 @@ class _Window:
 
     def refill(self, start: int, sampling: _Sampling) -> None:
         """Prefill the window from ``start``, draw the next token from its last logits and store it."""
+        self.bufs.make_room(self.k)
         token = sampling.sample(self.fill(start), self.bufs, self.k)
         b = self.bufs
         b.counters[0].fill_(self.n - start)  # (fills: a copy from host memory would sync the device)
@@ -867,6 +927,7 @@ class _Window:
 
     def decode(self, step_fn: Callable[..., Any], sampling: _Sampling, compiled: bool) -> None:
         """Feed the newest token of every row and draw and store the next one."""
+        self.bufs.make_room(self.k)
         if compiled:  # the full, static-shape mask: one graph serves every step
             torch.compiler.cudagraph_mark_step_begin()
             step_fn(self.model, *self.bufs.tensors(), None, *sampling.args, **sampling.step_kwargs(self.bufs))
@@ -1065,6 +1126,7 @@ def stream_text(model: GPT, tokenizer: Any, prompt: str | Sequence[int], max_new
         prompt_ids = [int(t) for t in prompt]
     text = TextStream(tokenizer, [s for s in (stop_strings or []) if s])
     kwargs.setdefault("eot_id", getattr(tokenizer, "eot", None))
+    kwargs.setdefault("vocab_limit", getattr(tokenizer, "vocab_size", None))  # only ids it can decode
     eot_id = kwargs["eot_id"]
     for token in stream(model, [prompt_ids], max_new_tokens, **kwargs):
         t = int(token[0])
@@ -1102,6 +1164,7 @@ def sample_texts(model: GPT, tokenizer: Any, prompt_ids: Sequence[int], num_samp
         raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
     stops = [s for s in stop_strings if s]
     kwargs.setdefault("eot_id", getattr(tokenizer, "eot", None))
+    kwargs.setdefault("vocab_limit", getattr(tokenizer, "vocab_size", None))  # only ids it can decode
     eot_id = kwargs["eot_id"]
     rows = generate(model, [list(prompt_ids)] * num_samples, max_new_tokens, stop_strings=stops,
                     tokenizer=tokenizer, **kwargs)
