@@ -794,3 +794,58 @@ def test_repetition_penalty_and_min_p_give_what_generate_gives_alone_and_batched
                              (dict(min_p=float("nan")), "min_p")):
         with pytest.raises(ValueError, match=fragment):
             engine.submit([1], SamplingParams(max_tokens=2, **fields))
+
+
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])  # compiled: ~25 s
+def test_a_model_with_more_rows_than_its_tokenizer_never_emits_or_lists_the_extra_ids(model: GPT,
+                                                                                      compile: bool) -> None:
+    """vocab_limit=40 on a 50-row model whose rows 40..49 win every draw by far (a nanoGPT export
+    padded past its tokenizer): every token, logprob list and prompt logprob list stays below 40,
+    each request gets what generate(vocab_limit=40) gives alone, and ids >= 40 are refused where a
+    request names them (prompt, logit_bias as vLLM, stop ids)."""
+    limit = 40
+    m = copy.deepcopy(model)
+    with torch.no_grad():  # as test_generate.padded_rows: ln_f's dimension 0 is 50, read by rows >= 40 only
+        m.transformer.ln_f.weight[0], m.transformer.ln_f.bias[0] = 0.0, 50.0
+        m.transformer.wte.weight[:limit, 0], m.transformer.wte.weight[limit:, 0] = 0.0, 100.0
+    ref = copy.deepcopy(m)
+    eng = Engine(m, max_batch=3, compile=compile, max_prefill_tokens=8, vocab_limit=limit)
+    eng.start()
+    assert eng.ready.wait(600)
+    try:
+        params = [SamplingParams(max_tokens=12, temperature=0, logprobs=5, prompt_logprobs=5),
+                  SamplingParams(max_tokens=12, seed=3, top_k=4, logprobs=3),
+                  SamplingParams(max_tokens=12, seed=4, top_p=0.9, repetition_penalty=1.3, logit_bias={5: 2.0},
+                                 logprobs=2),
+                  SamplingParams(max_tokens=12, seed=5, min_p=0.05, presence_penalty=0.5)]
+        prompts = [[1, 2, 3], [4] * 20, [7, 8], [9]]  # 20 tokens: prefilled in chunks beside decoding rows
+        if compile:  # (a graph per combination of settings costs seconds; eager covers them all)
+            params, prompts = params[:2], prompts[:2]
+        reqs = [eng.submit(pr, p) for pr, p in zip(prompts, params, strict=True)]
+        for r, pr, p in zip(reqs, prompts, params, strict=True):
+            events = list(r.events())
+            assert isinstance(events[-1], FinishEvent) and events[-1].reason == "length"
+            tokens = [e for e in events if isinstance(e, TokenEvent)]
+            assert len(tokens) == 12 and max(e.token for e in tokens) < limit
+            for e in tokens:
+                assert all(t < limit for t, _ in e.top_logprobs or [])
+            for e in events:
+                if isinstance(e, PromptEvent):
+                    assert all(t < limit for pe in e.tokens for t, _ in pe.top_logprobs)
+            if not p.penalized():  # (generate has no logit_bias / OpenAI penalties)
+                want = generate(ref, [pr], 12, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=p.seed,
+                                repetition_penalty=p.repetition_penalty, min_p=p.min_p, vocab_limit=limit)[0]
+                assert [e.token for e in tokens] == want[len(pr):]
+        lp = [e for e in tokens if e.logprob is not None]
+        assert not lp or all(e.logprob <= 0 for e in lp)
+        assert any(t >= limit for t in generate(ref, [[1, 2, 3]], 12, temperature=0)[0][3:])  # without: drawn
+        for bad, match in ((dict(logit_bias={45: 1.0}), r"logit_bias keys must be token ids in \[0, 40\)"),
+                           (dict(stop_token_ids=(45,)), r"stop_token_ids must be token ids in \[0, 40\)")):
+            with pytest.raises(ValueError, match=match):
+                eng.submit([1], SamplingParams(max_tokens=2, **bad))
+        with pytest.raises(ValueError, match="the prompt holds token id 45, past the tokenizer's 40 tokens"):
+            eng.submit([1, 45], SamplingParams(max_tokens=2))
+        if compile:
+            assert eng.compile
+    finally:
+        eng.shutdown(timeout=5)

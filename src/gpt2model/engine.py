@@ -57,7 +57,9 @@ import torch
 from .generate import (
     GREEDY_TEMPERATURE,
     check_sampling_args,
+    check_vocab_limit,
     decode_step,
+    limit_vocab,
     new_seed,
     note_compile_failure,
     prefill,
@@ -289,8 +291,14 @@ class Engine:
     inference thread; ``ready`` is set once it has warmed up."""
 
     def __init__(self, model: GPT, *, max_batch: int = 8, max_queue: int = 64, compile: bool = False,
-                 max_prefill_tokens: int | None = None) -> None:
-        """``max_prefill_tokens``: the most prompt tokens one prefill forward takes (rows times the
+                 max_prefill_tokens: int | None = None, vocab_limit: int | None = None) -> None:
+        """``vocab_limit`` (the tokenizer's ``vocab_size``): ids the engine may draw, list in
+        logprobs and take in prompts, stop ids and logit_bias are those below it (and below the
+        model's ``vocab_size``): a model with more rows than its tokenizer (a nanoGPT export padded
+        to 50,304 rows for GPT-2's 50,257 tokens) never emits an id nobody can decode
+        (:func:`gpt2model.generate.limit_vocab`).
+
+        ``max_prefill_tokens``: the most prompt tokens one prefill forward takes (rows times the
         longest chunk, padding included); longer prompts are prefilled in chunks of that size, one
         chunk per engine iteration, so running streams wait at most one such forward per token.
         Default: 2048 on CUDA (vLLM's default budget: a prefill there costs little), 64 elsewhere
@@ -305,7 +313,11 @@ class Engine:
                                  ("max_prefill_tokens", max_prefill_tokens, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        check_vocab_limit(vocab_limit)
         self.model = model
+        V = model.config.vocab_size
+        self.vocab = V if vocab_limit is None else min(vocab_limit, V)  # the ids it draws and accepts
+        self._limit = self.vocab if self.vocab < V else None  # None: every row (the step without a slice)
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.compile = compile
@@ -390,6 +402,7 @@ class Engine:
 
     def _check(self, prompt_ids: Sequence[int], params: SamplingParams) -> list[int]:
         cfg = self.model.config
+        V = self.vocab
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         if (isinstance(prompt_ids, torch.Tensor) and prompt_ids.ndim == 1 and not prompt_ids.is_floating_point()) \
@@ -400,6 +413,9 @@ class Engine:
             raise ValueError("the prompt must be a list of token ids (integers); encode text with the tokenizer")
         prompt = [int(t) for t in prompt_ids]
         check_token_ids(torch.tensor(prompt, dtype=torch.long), cfg.vocab_size, ndim=1, name="the prompt")
+        if self._limit is not None and max(prompt) >= V:  # a padding row: no token of the tokenizer
+            raise ValueError(f"the prompt holds token id {max(prompt)}, past the tokenizer's {V} tokens (the model's "
+                             f"rows from {V} on are padding): encode the prompt with the model's tokenizer")
         if isinstance(params.max_tokens, bool) or not isinstance(params.max_tokens, int) or params.max_tokens < 0:
             raise ValueError(f"max_tokens must be an integer >= 0 (0: prompt only), got {params.max_tokens!r}")
         check_sampling_args(params.max_tokens, params.temperature, params.top_k, params.top_p,
@@ -413,9 +429,9 @@ class Engine:
             k = getattr(params, name)
             if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_LOGPROBS):
                 raise ValueError(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {k!r}")
-        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < cfg.vocab_size
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < V
                for t in params.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be token ids in [0, {cfg.vocab_size}), "
+            raise ValueError(f"stop_token_ids must be token ids in [0, {V}), "
                              f"got {params.stop_token_ids!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(params, name)
@@ -426,8 +442,9 @@ class Engine:
             raise ValueError(f"min_tokens must be an integer in [0, max_tokens={params.max_tokens}], "
                              f"got {params.min_tokens!r}")
         for t, v in (params.logit_bias or {}).items():
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < cfg.vocab_size:
-                raise ValueError(f"logit_bias keys must be token ids in [0, {cfg.vocab_size}), got {t!r}")
+            # (vLLM too refuses an out-of-vocabulary logit_bias id, rather than ignoring it)
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < V:
+                raise ValueError(f"logit_bias keys must be token ids in [0, {V}), got {t!r}")
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100.0 <= v <= 100.0:
                 raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {v!r} for token {t}")
         return prompt
@@ -585,12 +602,13 @@ class Engine:
         assert first is not None
         k = first.request.params.prompt_logprobs
         if k is not None:  # alone (see _prefill_plan): the same forward with the head at every position
-            every = self.model(ids_t, input_pos=pos_t, mask=mask, cache_row=cache_rows)[0]  # (c, V)
+            every = limit_vocab(self.model(ids_t, input_pos=pos_t, mask=mask, cache_row=cache_rows)[0],
+                                self._limit)  # (c, V)
             start, c = first.pos, group[0][1]
             n = min(c, len(first.request.prompt_ids) - 1 - start)  # positions whose next token is the prompt's
             nxt = torch.tensor(first.request.prompt_ids[start + 1:start + 1 + n], device=every.device)
             return every[-1:], _logprob_events(every[:n], nxt, k)
-        return prefill(self.model, ids_t, pos_t, mask, cache_row=cache_rows), None  # (N, V)
+        return limit_vocab(prefill(self.model, ids_t, pos_t, mask, cache_row=cache_rows), self._limit), None
 
     def _prefill_inputs(self, group: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                       int | torch.Tensor]:
@@ -698,7 +716,7 @@ class Engine:
         p = slot.request.params
         slot.sampled = p.temperature >= GREEDY_TEMPERATURE  # below: greedy, as sample_logits draws it
         # k >= V keeps every token (as generate's top_k does): clamped, so a huge k fits the int64 row.
-        slot.top_k = min(p.top_k, self.model.config.vocab_size) if slot.sampled and p.top_k is not None else None
+        slot.top_k = min(p.top_k, self.vocab) if slot.sampled and p.top_k is not None else None
         slot.top_p = p.top_p if slot.sampled and p.top_p is not None and p.top_p < 1.0 else None
         slot.min_p = float(p.min_p) if slot.sampled and p.min_p else None  # (None, as generate() takes, is 0)
         self._temperature[b] = float(p.temperature)
@@ -709,7 +727,7 @@ class Engine:
         self._steps[b] = 1  # the first token (step 0) came from the prefill
         if p.penalized():
             if self._bias is None:
-                self._bias = torch.zeros(self.max_batch, self.model.config.vocab_size, device=self._seeds.device)
+                self._bias = torch.zeros(self.max_batch, self.vocab, device=self._seeds.device)
             self._bias[b].zero_()
             if p.logit_bias:
                 ids = torch.tensor(list(p.logit_bias), device=self._bias.device)
@@ -720,7 +738,7 @@ class Engine:
             self._biased.add(b)
         if p.repetition_penalty != 1.0:
             if self._penalty is None:
-                self._penalty = torch.ones(self.max_batch, self.model.config.vocab_size, device=self._seeds.device)
+                self._penalty = torch.ones(self.max_batch, self.vocab, device=self._seeds.device)
             ids = torch.tensor(slot.request.prompt_ids, device=self._penalty.device)
             self._penalty[b].fill_(1.0).index_fill_(0, ids, float(p.repetition_penalty))
             self._repeating.add(b)
@@ -834,13 +852,14 @@ class Engine:
         temperature, top_k, top_p, min_p = self._sampling_args(decoding, lambda t: t[:hi], self.compile)
         bias = self._bias_of(slice(0, hi))
         # Keyword arguments only when some row uses them: without, exactly the step (and graph) before them.
-        extra = {k: v for k, v in (("penalty", self._penalty_of(slice(0, hi))), ("min_p", min_p)) if v is not None}
+        extra = {k: v for k, v in (("penalty", self._penalty_of(slice(0, hi))), ("min_p", min_p),
+                                   ("vocab_limit", self._limit)) if v is not None}
         if group:
             ids_p, pos_p, mask_p, rows_p = self._prefill_inputs(group)
             parts = [Part(hi, 1, pos, self._mask[:hi, :, :, :L], 0),
                      Part(ids_p.size(0), ids_p.size(1), pos_p, mask_p, rows_p)]
             ids = torch.cat([self._tokens[:hi].view(1, hi), ids_p.view(1, -1)], dim=1)
-            out = self.model(ids, parts=parts)[0]  # (hi + chunks, V)
+            out = limit_vocab(self.model(ids, parts=parts)[0], self._limit)  # (hi + chunks, V)
             logits, prompt_logits = out[:hi], out[hi:]
             nxt = sample_logits(logits, temperature, top_k, top_p, seed=self._seeds[:hi], step=self._steps[:hi],
                                 bias=bias, **extra)
