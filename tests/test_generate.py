@@ -1300,3 +1300,21 @@ def test_a_huge_max_new_tokens_allocates_in_bounded_chunks(monkeypatch: pytest.M
     got = [int(next(it)[0]) for _ in range(48)]
     it.close()
     assert [1, 2, *got] == want[0][:50]
+
+
+def test_sample_cli_on_a_model_with_more_rows_than_its_tokenizer(tmp_path, capsys) -> None:
+    """`gpt2 sample` on a model saved with 10 rows more than its tokenizer (padding rows that win
+    every draw by far) prints text; before, "ids [..] are outside the character vocabulary"."""
+    from gpt2model.cli import main
+    from gpt2model.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.from_text("abcdefghij ROMEO:\n")
+    model = padded_rows(tiny(GPTconfig(context_length=32, vocab_size=tok.vocab_size + 10, n_layer=1, n_head=2,
+                                       d_model=16)), tok.vocab_size)
+    model.save_pretrained(tmp_path / "m", tokenizer=tok)
+    args = ["sample", "--model", str(tmp_path / "m"), "--device", "cpu", "--prompt", "ROMEO:", "--max-new-tokens",
+            "40", "--seed", "3"]
+    for extra in ([], ["--stream"], ["--temperature", "0", "--num-samples", "2"], ["--top-k", "3"]):
+        assert main([*args, *extra]) == 0, extra
+        out = capsys.readouterr().out
+        assert out.startswith("ROMEO:") and len(out.split("---------------\n")[0]) == len("ROMEO:") + 40 + 1, extra

@@ -259,6 +259,9 @@ def test_client_disconnect_mid_stream_frees_the_slot(served):
     (b'{"prompt": "x", "max_tokens": 1.5}', 400, "max_tokens", "invalid_value"),
     (b'{"prompt": "x", "n": 0}', 400, "n", "invalid_value"),
     (json.dumps({"prompt": "x", "max_tokens": CTX}).encode(), 400, "max_tokens", "context_length_exceeded"),
+    # a huge bound (run until eot) is capped by the context up front: no allocation for it
+    (b'{"prompt": "x", "max_tokens": 10000000000}', 400, "max_tokens", "context_length_exceeded"),
+    (b'{"prompt": "x", "max_tokens": 100000000000000000000000000000}', 400, "max_tokens", "context_length_exceeded"),
     (json.dumps({"prompt": [1] * (CTX + 1)}).encode(), 400, "prompt", "context_length_exceeded"),
     (b'{"prompt": [99999999]}', 400, "prompt", None),
     (b'{"prompt": 5}', 400, "prompt", "invalid_value"),
@@ -757,3 +760,63 @@ def test_sigterm_finishes_running_requests_and_exits_0(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_model_with_more_rows_than_its_tokenizer_serves_only_ids_it_can_decode():
+    """A model with 10 rows more than its character tokenizer, whose padding rows win every draw by far
+    (a nanoGPT export padded past GPT-2's 50,257 tokens): completions and chat, streamed or not,
+    with logprobs, give text and only decodable ids (before: a 500 / a stream ended in an error)."""
+    from gpt2model.tokenizer import CharTokenizer
+
+    tok = CharTokenizer("\n abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ:!.,?'")
+    n = tok.vocab_size  # the model has 10 rows more
+    torch.manual_seed(0)
+    model = GPT(GPTconfig(vocab_size=n + 10, context_length=64, n_layer=1, n_head=2, d_model=32)).eval()
+    with torch.no_grad():  # as test_generate.padded_rows: ln_f's dimension 0 is 50, read by rows >= n only
+        model.transformer.ln_f.weight[0], model.transformer.ln_f.bias[0] = 0.0, 50.0
+        model.transformer.wte.weight[:n, 0], model.transformer.wte.weight[n:, 0] = 0.0, 100.0
+    with pytest.raises(ValueError, match=r"vocab_limit=tokenizer.vocab_size"):
+        create_app(Engine(model), tok, ServerConfig(model_name="m"))
+    engine = Engine(model, max_batch=2, max_queue=4, vocab_limit=tok.vocab_size)
+    engine.start()
+    assert engine.ready.wait(60)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server, thread = _start(create_app(engine, tok, ServerConfig(model_name="m")), sock)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        def ids(text: str) -> list[int]:
+            return tok.encode(text)
+
+        for path, body in (("/v1/completions", {"prompt": "ab", "logprobs": 5, "echo": True}),
+                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                     "logprobs": True, "top_logprobs": 5})):
+            for temperature in (0, 1.0):
+                body = {**body, "max_tokens": 20, "temperature": temperature, "seed": 1}
+                r = httpx.post(url + path, json=body, timeout=60)
+                assert r.status_code == 200, r.text
+                choice = r.json()["choices"][0]
+                if "text" in choice:
+                    text = choice["text"][2:]  # (echo)
+                    lp = choice["logprobs"]
+                    assert all(len(ids(t)) <= 1 for top in lp["top_logprobs"][1:] for t in top)
+                    assert len(lp["tokens"]) == 22
+                else:
+                    text = choice["message"]["content"]
+                    assert all(len(ids(t["token"])) == 1 for c in choice["logprobs"]["content"]
+                               for t in c["top_logprobs"])
+                assert len(text) == 20 and choice["finish_reason"] == "length"
+                with httpx.stream("POST", url + path, json={**body, "stream": True}, timeout=60) as s:
+                    assert s.status_code == 200
+                    events = [json.loads(ln[6:]) for ln in s.iter_lines() if ln.startswith("data: {")]
+                pieces = [c.get("text") or (c.get("delta") or {}).get("content") or ""
+                          for e in events for c in e.get("choices", [])]
+                assert "".join(pieces).endswith(text) and not any("error" in e for e in events)
+        r = httpx.post(url + "/v1/completions", json={"prompt": [1, n + 5], "max_tokens": 2}, timeout=60)
+        assert r.status_code == 400 and f"[0, {n})" in r.json()["error"]["message"]
+        r = httpx.post(url + "/v1/completions", json={"prompt": "a", "logit_bias": {str(n + 5): 5}}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        engine.shutdown(2)

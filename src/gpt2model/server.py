@@ -350,7 +350,12 @@ class _Server:
 
         self.engine, self.tokenizer, self.config = engine, tokenizer, config
         self.context_length: int = engine.model.config.context_length
-        self.vocab_size: int = engine.model.config.vocab_size
+        # The ids a request may name and the engine may draw: those the tokenizer decodes too.
+        self.vocab_size: int = engine.vocab
+        if tokenizer.vocab_size < engine.vocab:
+            raise ValueError(f"the model has {engine.vocab} token rows but its tokenizer only {tokenizer.vocab_size} "
+                             f"tokens: make the engine with Engine(model, vocab_limit=tokenizer.vocab_size) so that "
+                             f"it never draws an id the tokenizer cannot decode")
         self.metrics = _Metrics(engine)
         self.shutting_down = False
         self.start_error: str | None = None
@@ -1000,7 +1005,7 @@ def serve(model: Any, tokenizer: Any, *, host: str = "127.0.0.1", port: int = 80
     if chat_template is not None:
         template = Path(chat_template).read_text(encoding="utf-8")
     engine = Engine(model, max_batch=max_batch, max_queue=max_queue, compile=compile,
-                    max_prefill_tokens=max_prefill_tokens)
+                    max_prefill_tokens=max_prefill_tokens, vocab_limit=tokenizer.vocab_size)
     config = ServerConfig(model_name=model_name, api_key=api_key, chat_template=template,
                           request_timeout=request_timeout)
     app = create_app(engine, tokenizer, config)
