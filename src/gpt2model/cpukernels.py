@@ -7,7 +7,7 @@ int16 products summed exactly in integers, 4 weight streams; the source's header
 eagerly and inside ``torch.compile`` (an op with a fake implementation: the compiled step stays
 one graph, and inductor's C++ wrapper calls it through the dispatcher). And
 ``gpt2model_kernels::f32_linear``, an fp32 GEMV on row-major weights (4 streams, FMA) that
-``model.linear`` runs for one-row fp32 decode steps (see ``quantize.F32_KERNEL_MAX_OUT``).
+``model.linear`` runs for one-row fp32 decode steps (see ``quantize.decode_layout_is_column_major``).
 
 How it is built (decided by measuring, 2-core AVX2 EPYC, torch 2.13, g++ 12):
 

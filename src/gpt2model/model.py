@@ -135,7 +135,7 @@ def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     :func:`gpt2model.quantize.half_gemv` (fp32 arithmetic, 2 bytes read per weight) instead of
     PyTorch's bf16 kernel, which is slower than fp32 on CPUs without native bf16 arithmetic; an fp32
     one on one row without autograd, stored row-major, runs our AVX2 GEMV
-    (:mod:`gpt2model.cpukernels`, where it is built; see ``quantize.F32_KERNEL_MAX_OUT``)."""
+    (:mod:`gpt2model.cpukernels`, where it is built; see ``quantize.decode_layout_is_column_major``)."""
     if x.device.type == "cpu" and type(layer) is nn.Linear and x.numel() == x.size(-1):
         if torch.compiler.is_compiling() and layer.weight.dtype in (torch.bfloat16, torch.float16):
             from .quantize import half_gemv

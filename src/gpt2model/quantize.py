@@ -621,28 +621,25 @@ PACKED_HEAD_MIN_OUT = 16384
 NARROW_ROW_MAJOR_MAX_ROWS = 2
 
 
-# One-row fp32 CPU decode steps multiply the blocks' linears in our GEMV
-# (``gpt2model_kernels::f32_linear``, :mod:`gpt2model.cpukernels`: 4 row streams, fp32 FMA) on
-# row-major weights, which beats MKL's GEMV in either layout there (2-core AVX2 EPYC, 1 thread,
-# each weight streamed from memory, us: 1152x384 91 vs 104 column-major, 384x384 34 vs 60-62,
-# 1536x384 124 vs 145, 384x1536 115 vs 131 row-major, 2304x768 338 vs 341, 768x3072 447 vs 472);
-# matrices of this many rows or more (the LM head) stay column-major for MKL's GEMV, faster there
-# (50,257 x 384: 3.2 vs 3.66 ms).
-F32_KERNEL_MAX_OUT = 16384
-
+# One-row fp32 CPU decode steps multiply every linear in our GEMV (``gpt2model_kernels::f32_linear``,
+# :mod:`gpt2model.cpukernels`: 4 row streams, fp32 FMA) on row-major weights where the kernels are
+# built, which beats MKL's GEMV in either layout there (2-core AVX2 EPYC, 1 thread, each weight
+# streamed from memory, us: 1152x384 84-91 vs 104-127 column-major, 384x384 34-36 vs 60-71,
+# 1536x384 120-124 vs 145-174, 384x1536 111-115 vs 131-161 row-major, 2304x768 338-354 vs 341-444,
+# 768x3072 436-447 vs 472-555; the 50,257 x 384 head 3.5-3.8 ms vs 3.9-4.4 column-major).
 
 def decode_layout_is_column_major(device: torch.device, dtype: torch.dtype, shape: tuple[int, ...] | None = None,
                                   rows: int = 1) -> bool:
     """Whether a float ``nn.Linear`` weight of ``shape`` ``(out, in)`` decodes faster stored
     column-major (``W.t()`` contiguous) on ``device`` in ``dtype`` for steps of up to ``rows``
     rows: fp32 on CPU (see the module docstring), except a narrowing matrix (``out < in``) at
-    ``rows <= NARROW_ROW_MAJOR_MAX_ROWS`` and, where our CPU kernels run, every matrix of fewer
-    than ``F32_KERNEL_MAX_OUT`` rows at one row (our fp32 GEMV reads row-major). Elsewhere the
+    ``rows <= NARROW_ROW_MAJOR_MAX_ROWS`` and, where our CPU kernels run, every matrix at one row
+    (our fp32 GEMV reads row-major). Elsewhere the
     usual row-major layout (cuBLAS reads both at full speed; CPU bf16 kernels want row-major,
     4-10x faster)."""
     if device.type != "cpu" or dtype != torch.float32:
         return False
-    if shape is not None and rows <= 1 and shape[0] < F32_KERNEL_MAX_OUT and cpukernels.load():
+    if shape is not None and rows <= 1 and cpukernels.load():
         return False  # one-row steps: our fp32 GEMV (model.linear), which reads row-major weights
     return shape is None or shape[0] >= shape[1] or rows > NARROW_ROW_MAJOR_MAX_ROWS
 
@@ -690,8 +687,8 @@ def prepare_decode(model: GPT, batch_size: int = 1) -> None:
     and ``GPT.train()`` call the two). Measured per matrix, rows and dtype (``python
     bench/bench_decode.py --matmuls``, README):
 
-    * fp32 on CPU, a one-row cache, our kernels built: the blocks' weights stay row-major for
-      our fp32 GEMV (``F32_KERNEL_MAX_OUT``), the head (>= that many rows) goes column-major.
+    * fp32 on CPU, a one-row cache, our kernels built: every weight stays row-major for our fp32
+      GEMV (see the comment above ``decode_layout_is_column_major``).
     * fp32 on CPU otherwise: every linear weight is re-laid column-major in place (values, shape,
       ``Parameter`` and the tie to the embedding unchanged; only the strides move; no second
       copy): 1.7x faster for the 50,257-row head at one row, 1.1-1.5x for the widening body
