@@ -820,3 +820,10 @@ def test_a_model_with_more_rows_than_its_tokenizer_serves_only_ids_it_can_decode
         server.should_exit = True
         thread.join(10)
         engine.shutdown(2)
+
+
+def test_a_repetition_penalty_out_of_range_says_what_is_allowed(served):
+    for value in (0, -1, 1e300):
+        r = served.post("/v1/completions", {"prompt": "x", "repetition_penalty": value})
+        message = r.json()["error"]["message"]
+        assert r.status_code == 400 and "must be a number > 0 within float32's range" in message, message

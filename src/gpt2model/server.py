@@ -47,7 +47,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .engine import Engine, FinishEvent, PromptEvent, QueueFullError, SamplingParams, TokenEvent
 from .generate import TextStream
@@ -123,6 +123,12 @@ def _validation_error(e: ValidationError, body: dict[str, Any]) -> APIError:
 
 
 # --- request models -----------------------------------------------------------------------------
+def _float32_positive(x: float) -> float:
+    if not 1.1754943508222875e-38 <= x <= 3.4028234663852886e38:
+        raise ValueError("must be a number > 0 within float32's range (1.2e-38 to 3.4e38; 1 = off)")
+    return x
+
+
 class _Strict(BaseModel):
     # strict: "0.5" is not a number and true is not 1 (OpenAI rejects them too); forbid: an unknown
     # field is an error that names it, never silently ignored.
@@ -180,8 +186,7 @@ class _Sampling(_Strict):
     skip_special_tokens: bool = True
     # vLLM's (and HF's, llama.cpp's) sampling extensions: over the prompt and the generated tokens; 1 / 0 = off.
     # float32's range: the factor multiplies fp32 logits (1e300 overflowed into a 500)
-    repetition_penalty: Annotated[float, Field(ge=1.1754943508222875e-38, le=3.4028234663852886e38,
-                                               allow_inf_nan=False)] = 1.0
+    repetition_penalty: Annotated[float, Field(allow_inf_nan=False), AfterValidator(_float32_positive)] = 1.0
     min_p: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] = 0.0
     # {"type": "text"} is OpenAI's default (clients send it); JSON modes are a 400 (_check_noops).
     response_format: dict[str, Any] | None = None
