@@ -102,6 +102,12 @@ def _allows_eot(allowed_special: Set[str] | str) -> bool:
     return EOT_TEXT in allowed_special
 
 
+def _outside(ids: Sequence[int], vocab_size: int, vocabulary: str) -> ValueError:
+    """The error for ids outside ``[0, vocab_size)`` (the first 5 of them), naming ``vocabulary``."""
+    bad = [i for i in ids if not 0 <= i < vocab_size][:5]
+    return ValueError(f"ids {bad} are outside {vocabulary} [0, {vocab_size})")
+
+
 def _split_on_eot(text: str, encode: Any, eot: int) -> list[int]:
     """``text`` with each ``<|endoftext|>`` as the ``eot`` id and the text between encoded alone,
     as tiktoken's ``encode(text, allowed_special=...)`` does."""
@@ -177,8 +183,7 @@ class CharTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         ids = list(map(int, ids))
         if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):  # -1 would index the last character
-            bad = [i for i in ids if not 0 <= i < self.vocab_size][:5]
-            raise ValueError(f"ids {bad} are outside the character vocabulary [0, {self.vocab_size})")
+            raise _outside(ids, self.vocab_size, "the character vocabulary")
         return "".join(self.chars[i] for i in ids)
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
@@ -284,8 +289,7 @@ class GPT2Tokenizer:
         try:
             return self._enc.decode(ids, errors="replace")
         except (KeyError, OverflowError):  # tiktoken's "Invalid token" / a negative id
-            bad = [i for i in ids if not 0 <= i < self.vocab_size][:5]
-            raise ValueError(f"ids {bad} are outside the GPT-2 vocabulary [0, {self.vocab_size})") from None
+            raise _outside(ids, self.vocab_size, "the GPT-2 vocabulary") from None
 
     def token_bytes(self, token: int) -> bytes:
         if not 0 <= int(token) < self.vocab_size:
@@ -396,8 +400,7 @@ class BPETokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         ids = list(map(int, ids))
         if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):  # HF's decode drops unknown ids silently
-            bad = [i for i in ids if not 0 <= i < self.vocab_size][:5]
-            raise ValueError(f"ids {bad} are outside this BPE's vocabulary [0, {self.vocab_size})")
+            raise _outside(ids, self.vocab_size, "this BPE's vocabulary")
         return self._tok.decode(ids, skip_special_tokens=False)
 
     def token_bytes(self, token: int) -> bytes:
