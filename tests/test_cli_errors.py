@@ -245,3 +245,51 @@ def test_sample_refuses_a_repetition_penalty_outside_float32(model_dir: Path, ca
     assert main(["sample", "--model", str(model_dir), "--device", "cpu", "--max-new-tokens", "2",
                  "--repetition-penalty", "1e300"]) == 2
     assert "repetition_penalty must be in [1.175e-38, 3.403e+38]" in capsys.readouterr().err
+
+
+def test_text_files_with_a_byte_order_mark_read_as_their_text(model_dir: Path, tmp_path: Path, capsys) -> None:
+    """`gpt2 eval --text` / `sample --prompt-file` on a file saved with a UTF-8 BOM: the BOM was
+    scored (eval) or sampled from as part of the prompt; now the text is the file without it."""
+    plain, marked = tmp_path / "plain.txt", tmp_path / "bom.txt"
+    plain.write_text(TEXT)
+    marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    outs = []
+    for f in (plain, marked):
+        assert main(["eval", "--model", str(model_dir), "--text", str(f), "--device", "cpu",
+                     "--json", str(tmp_path / "r.json")]) == 0
+        outs.append(json.loads((tmp_path / "r.json").read_text()))
+        capsys.readouterr()
+        assert main(["sample", "--model", str(model_dir), "--prompt-file", str(f), "--max-new-tokens", "3",
+                     "--seed", "1", "--device", "cpu"]) == 0
+        outs.append(capsys.readouterr().out)
+    assert {k: v for k, v in outs[0].items() if k != "source"} == {k: v for k, v in outs[2].items() if k != "source"}
+    assert outs[1] == outs[3] and "\ufeff" not in outs[3]
+
+
+def test_sample_reads_endoftext_in_the_prompt_as_the_special_token() -> None:
+    """As nanoGPT's sample.py (allowed_special={"<|endoftext|>"}) and HF's tokenizer read a prompt."""
+    from gpt2model.generate import prompt_ids_for
+    from gpt2model.tokenizer import GPT2_VOCAB_SIZE, load_tokenizer
+
+    try:
+        tok = load_tokenizer("gpt2")
+    except Exception as e:  # noqa: BLE001 - the GPT-2 files come from GPT2MODEL_DATA
+        pytest.skip(f"GPT-2 tokenizer files not available: {e}")
+    assert tok.vocab_size == GPT2_VOCAB_SIZE
+    text, ids = prompt_ids_for(tok, "a<|endoftext|>b")
+    assert text == "a<|endoftext|>b" and ids == tok.encode("a") + [tok.eot] + tok.encode("b")
+
+
+def test_serve_allowed_origins_reach_the_server(model_dir: Path, monkeypatch) -> None:
+    """--allowed-origins: comma-separated CORS origins (default '*', as vLLM); '' sends none."""
+    pytest.importorskip("uvicorn")
+    import gpt2model.cli as cli
+    import gpt2model.server as server
+
+    seen = []
+    monkeypatch.setattr(cli, "_check_listen", lambda host, port: None)
+    monkeypatch.setattr(server, "serve", lambda *a, **kw: seen.append(kw["allowed_origins"]) or 0)
+    for flag, want in (([], ["*"]), (["--allowed-origins", "http://a:1, http://b"], ["http://a:1", "http://b"]),
+                       (["--allowed-origins", ""], [])):
+        assert main(["serve", "--model", str(model_dir), "--device", "cpu", *flag]) == 0
+        assert seen[-1] == want

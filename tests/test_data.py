@@ -463,3 +463,20 @@ def test_disk_full_during_prepare_keeps_the_previous_dataset(tmp_path, monkeypat
         in err
     assert open_dataset(out).meta["tokenizer"]["type"] == "char"
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "char"])
+def test_a_byte_order_mark_is_no_part_of_the_text(kind, tmp_path):
+    """A UTF-8 BOM at the start of a file (Notepad writes one) marks the encoding: it was kept as a
+    token (GPT-2: 3 byte tokens; char: a vocabulary entry) at the start of that document. Every
+    file's BOM goes, a U+FEFF inside the text stays."""
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    (corpus / "a.txt").write_bytes(b"\xef\xbb\xbfHello there.\n")
+    (corpus / "b.txt").write_bytes(b"\xef\xbb\xbfSecond \xef\xbb\xbf file.\n")
+    ds = open_dataset(prepare_dataset([corpus], tmp_path / "out", tokenizer=kind, chunk_bytes=2,
+                                      progress=False))
+    text = ds.tokenizer().decode(_tokens(ds))
+    sep = "<|endoftext|>" if kind == "gpt2" else ""
+    assert text.replace(sep, "") == "Hello there.\nSecond \ufeff file.\n"
+    assert sorted(s["bytes"] for s in ds.meta["sources"]) == [16, 20]  # the files, BOMs included

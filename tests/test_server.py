@@ -474,7 +474,9 @@ def test_n_echo_logprobs_and_tokenize(served, client):
     assert [c.index for c in r.choices] == [0, 1, 2] and len({c.text for c in r.choices}) > 1
     for c in r.choices:
         assert len(c.logprobs.tokens) == len(c.logprobs.token_logprobs) == len(c.logprobs.top_logprobs)
-        assert all(len(top) == 2 for top in c.logprobs.top_logprobs)
+        # the 2 most likely and the chosen one (OpenAI: "up to logprobs+1 elements")
+        assert all(2 <= len(top) <= 3 and top[t] == lp for t, lp, top in zip(
+            c.logprobs.tokens, c.logprobs.token_logprobs, c.logprobs.top_logprobs, strict=True))
         assert all(lp <= 0 for lp in c.logprobs.token_logprobs)
     assert r.usage.completion_tokens == sum(len(c.logprobs.tokens) for c in r.choices)
     echo = client.completions.create(model="tiny", prompt="Hi there", max_tokens=4, temperature=0, echo=True)
@@ -509,7 +511,7 @@ def test_echo_with_logprobs_gives_the_prompt_logprobs_too(served, client):
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
     assert lp.token_logprobs[1:len(ids)] == pytest.approx([float(logp[i, ids[i + 1]]) for i in range(len(ids) - 1)],
                                                           abs=1e-4)
-    assert all(len(top) == 2 for top in lp.top_logprobs[1:])
+    assert all(len(top) in (2, 3) for top in lp.top_logprobs[1:])
     assert lp.text_offset == [len(served.tok.decode((ids + new)[:i])) for i in range(len(ids + new))]
     # Streamed: the first chunk carries the echo and the prompt's logprobs; the rest match too.
     chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=3, temperature=0, echo=True,
@@ -827,3 +829,87 @@ def test_a_repetition_penalty_out_of_range_says_what_is_allowed(served):
         r = served.post("/v1/completions", {"prompt": "x", "repetition_penalty": value})
         message = r.json()["error"]["message"]
         assert r.status_code == 400 and "must be a number > 0 within float32's range" in message, message
+
+
+def test_completion_logprobs_offsets_index_into_the_text_and_top_logprobs_hold_the_chosen_token(served, client):
+    """text_offset indexes into the returned text, also after a character split over two tokens
+    (before: each U+FFFD token counted one character, so every later offset was one too far, and a
+    streamed echo disagreed with the same request unstreamed); top_logprobs holds the chosen token
+    too, as OpenAI ("up to logprobs+1 elements") and vLLM give it (before: only the top k, and
+    logprobs=0 gave {}); streamed and unstreamed logprobs are the same, also for tokens that add no
+    text before a stop string (before: dropped from the stream)."""
+    prompt = "\u00e9\U0001F600 hello"  # the emoji is 4 bytes over 2 tokens
+    for body in ({"logprobs": 2, "seed": 3, "temperature": 1.0}, {"logprobs": 0, "seed": 4, "temperature": 1.0}):
+        r = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, echo=True, **body)
+        text, lp = r.choices[0].text, r.choices[0].logprobs
+        assert lp.tokens[:3] == ["\u00e9", "\ufffd", "\ufffd"] and lp.text_offset[:4] == [0, 1, 1, 2]
+        for token, offset in zip(lp.tokens, lp.text_offset, strict=True):
+            assert "\ufffd" in token or text[offset:].startswith(token), (token, offset, text)
+        assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[3 + 1] == len(prompt)
+        k = body["logprobs"]
+        assert all(top[t] == p and len(top) <= k + 1 for t, p, top in
+                   zip(lp.tokens[1:], lp.token_logprobs[1:], lp.top_logprobs[1:], strict=True))
+        chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=8, echo=True, stream=True,
+                                                **body))
+        streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+        assert "".join(c.choices[0].text for c in chunks) == text
+        for field in ("tokens", "token_logprobs", "text_offset", "top_logprobs"):
+            assert sum((getattr(x, field) for x in streamed), []) == getattr(lp, field), field
+    # A stop string that is exactly a later token's text: that token adds no text, yet is listed.
+    r = client.completions.create(model="tiny", prompt="Hi", max_tokens=8, temperature=0, logprobs=1)
+    tokens = r.choices[0].logprobs.tokens
+    k = next(i for i in range(1, 8) if tokens[i].strip() and tokens[i] not in "".join(tokens[:i]))
+    kw = dict(model="tiny", prompt="Hi", max_tokens=8, temperature=0, logprobs=1, stop=[tokens[k]])
+    whole = client.completions.create(**kw).choices[0]
+    assert whole.finish_reason == "stop" and whole.logprobs.tokens == tokens[:k + 1]
+    chunks = list(client.completions.create(stream=True, **kw))
+    assert sum((c.choices[0].logprobs.tokens for c in chunks if c.choices and c.choices[0].logprobs), []) == \
+        whole.logprobs.tokens
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=8, temperature=0, logprobs=True)
+    tokens = [t.token for t in client.chat.completions.create(**kw).choices[0].logprobs.content]
+    k = next(i for i in range(1, 8) if tokens[i].strip() and tokens[i] not in "".join(tokens[:i]))
+    whole = client.chat.completions.create(stop=[tokens[k]], **kw).choices[0]
+    assert [t.token for t in whole.logprobs.content] == tokens[:k + 1]
+    chunks = list(client.chat.completions.create(stop=[tokens[k]], stream=True, **kw))
+    assert [t.token for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content] \
+        == tokens[:k + 1]
+
+def test_endoftext_in_a_completions_prompt_is_the_special_token_as_vllm_reads_it(served, client):
+    """vLLM (HF's tokenizer) and nanoGPT's sample.py read "<|endoftext|>" in a prompt as token 50256;
+    so do /v1/completions and /tokenize's prompt (before: 7 ordinary tokens). Chat messages keep it as
+    text (see test_chat_templates_render_as_transformers_renders_them)."""
+    eot, a, b = served.tok.eot, served.tok.encode("Hello"), served.tok.encode(" world")
+    assert served.post("/tokenize", {"prompt": "Hello<|endoftext|> world"}).json()["tokens"] == a + [eot] + b
+    r = client.completions.create(model="tiny", prompt="Hello<|endoftext|> world", max_tokens=2, temperature=0,
+                                  echo=True, logprobs=0)
+    assert r.usage.prompt_tokens == 3 and r.choices[0].logprobs.tokens[:3] == ["Hello", "<|endoftext|>", " world"]
+    assert r.choices[0].text.startswith("Hello<|endoftext|> world")
+    assert r.choices[0].text[len("Hello<|endoftext|> world"):] == served.text(served.greedy(a + [eot] + b, 2))
+
+
+def test_cors_preflight_and_headers_as_vllm_sends_them(served):
+    """A web page on another origin can call the server (vLLM's default: any origin): the preflight
+    OPTIONS needs no API key, and answers (errors too) carry Access-Control-Allow-Origin (before:
+    405 on OPTIONS and no header, so browsers refused every call)."""
+    origin = {"Origin": "http://localhost:3000"}
+    pre = httpx.options(served.url + "/v1/chat/completions", headers={
+        **origin, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type"})
+    assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "*"
+    assert "POST" in pre.headers["access-control-allow-methods"]
+    assert "authorization" in pre.headers["access-control-allow-headers"].lower()
+    ok = served.post("/v1/completions", {"prompt": "x", "max_tokens": 1}, headers=origin)
+    bad = httpx.post(served.url + "/v1/completions", json={"prompt": "x"}, headers=origin)
+    assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "*"
+    assert bad.status_code == 401 and bad.headers["access-control-allow-origin"] == "*"
+
+
+def test_a_byte_order_mark_is_no_part_of_a_body_or_a_chat_template(served, tmp_path):
+    """RFC 8259 lets a JSON parser ignore a leading BOM (Windows PowerShell sends one): it was a 400.
+    A --chat-template file saved with one put U+FEFF before every chat prompt."""
+    from gpt2model.server import read_chat_template
+
+    r = served.post("/v1/completions", content=b"\xef\xbb\xbf" + json.dumps({"prompt": "x", "max_tokens": 1}).encode())
+    assert r.status_code == 200, r.text
+    (tmp_path / "t.jinja").write_bytes(b"\xef\xbb\xbf{{ messages[0].content }}")
+    assert read_chat_template(tmp_path / "t.jinja") == "{{ messages[0].content }}"

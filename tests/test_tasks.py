@@ -479,3 +479,14 @@ def test_eval_cli_errors(fixtures_data, tmp_path, tiny_gpt2, gpt2_tokenizer, cap
     assert "--mc-file" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # --task and --text exclude each other
         main(["eval", "--model", str(model_dir), "--task", "lambada", "--text", "x.txt"])
+
+
+def test_a_multiple_choice_file_with_a_byte_order_mark_is_read(tmp_path, gpt2_tokenizer) -> None:
+    """A .jsonl saved by a Windows editor starts with a UTF-8 BOM: it was 'line 1: not valid JSON'."""
+    item = {"context": "Pick:", "choices": ["a", "b"], "label": 0}
+    plain, marked = tmp_path / "plain.jsonl", tmp_path / "bom.jsonl"
+    plain.write_text(json.dumps(item) + "\n")
+    marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    oracle = _Oracle(gpt2_tokenizer.vocab_size, {})
+    assert run_task(oracle, gpt2_tokenizer, "multiple_choice", mc_file=marked).loglikelihoods == \
+        run_task(oracle, gpt2_tokenizer, "multiple_choice", mc_file=plain).loglikelihoods

@@ -376,6 +376,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chat-template", default=None, metavar="FILE",
                    help="a Jinja2 chat template (gets messages, add_generation_prompt) instead of the built-in "
                    "'User: ... / Assistant:' transcript")
+    p.add_argument("--allowed-origins", default="*", metavar="ORIGINS",
+                   help="CORS: comma-separated origins whose web pages may call the server, e.g. "
+                   "'http://localhost:3000' (default: '*', any, as vLLM; '' sends no CORS headers)")
     p.set_defaults(func=_run_serve)
 
 
@@ -445,6 +448,7 @@ def _run_serve(args: argparse.Namespace) -> int:
                  chat_template=args.chat_template, max_batch=args.max_batch, max_queue=args.max_queue,
                  compile=args.compile, request_timeout=args.request_timeout,
                  max_prefill_tokens=args.max_prefill_tokens,
+                 allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()],
                  ready=lambda url: print(f"gpt2 serve: {name!r} on {url} (OpenAI API at {url}/v1; "
                                          f"SIGTERM or Ctrl-C stops it)", flush=True))
 

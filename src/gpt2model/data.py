@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from .fileio import (
+    BOM,
     FolderLock,
     atomic_write_json,
     disk_full_names,
@@ -94,6 +95,7 @@ def _read_chunks(path: Path, chunk_bytes: int, errors: str, info: dict[str, Any]
     """Yield ``(text, raw_bytes_read)`` pieces of the UTF-8 file ``path``, cut where encoding is exact
     (see :func:`_safe_cut`). Fills ``info`` with the file's ``bytes`` and ``sha256`` when done."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors)
+    at_start = True  # a byte-order mark before the first character is dropped (no part of the text)
     sha = hashlib.sha256()
     offset = 0  # bytes read so far (for error messages)
     buf = ""
@@ -109,6 +111,8 @@ def _read_chunks(path: Path, chunk_bytes: int, errors: str, info: dict[str, Any]
                                  f"({e.reason}, byte {e.object[e.start:e.start + 1]!r}). Convert the file to "
                                  f"UTF-8, or pass errors='replace' (CLI: --errors replace) to substitute "
                                  f"U+FFFD for bad bytes") from None
+            if at_start and text:
+                text, at_start = text.removeprefix(BOM), False
             sha.update(raw)
             offset += len(raw)
             read_since_yield += len(raw)

@@ -37,6 +37,7 @@ try:
 except ImportError:  # Windows: no flock; FolderLock then only records the PID
     fcntl = None  # type: ignore[assignment]
 
+BOM = "\ufeff"  # U+FEFF at the start of a text file: a byte-order mark, no part of the text
 # ".<name>.tmp-<pid>" or ".<name>.tmp-<pid>-<random>"
 _TEMP_RE = re.compile(r"^\..+\.tmp-(\d+)(?:-[0-9a-z]+)?$")
 
@@ -253,7 +254,8 @@ class FolderLock:
 
 def read_text_file(path: str | Path, what: str = "file") -> str:
     """A UTF-8 text file's contents; a missing file or non-UTF-8 bytes are errors naming the file
-    (and the byte offset)."""
+    (and the byte offset). A byte-order mark at the start (Windows editors write one) is dropped:
+    it marks the encoding and is no part of the text (``"utf-8-sig"``)."""
     path = Path(path).expanduser()
     if path.is_dir():
         raise ValueError(f"{what} {path} is a folder; give a text file")
@@ -262,7 +264,7 @@ def read_text_file(path: str | Path, what: str = "file") -> str:
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} {path} does not exist") from None
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8").removeprefix(BOM)
     except UnicodeDecodeError as e:
         raise ValueError(f"{what} {path} is not UTF-8 text: byte offset {e.start} ({e.reason}); is it a binary "
                          f"file? Convert it to UTF-8") from None

@@ -94,6 +94,13 @@ class TextStream:
         self._pending = []
         return self._release(piece, final=False)
 
+    @property
+    def held_chars(self) -> int:
+        """Characters decoded so far but not yet returned (a possible start of a stop string): the
+        text returned so far plus this many is where the next token's text begins (the server's
+        logprobs ``text_offset``); the bytes of an unfinished character are not counted yet."""
+        return len(self._held)
+
     def flush(self) -> str:
         """The text still held back, at the end of generation (``""`` once stopped)."""
         if self.stopped:
@@ -1144,9 +1151,10 @@ def stream_text(model: GPT, tokenizer: Any, prompt: str | Sequence[int], max_new
 
 def prompt_ids_for(tokenizer: Any, prompt: str | None) -> tuple[str, list[int]]:
     """``(prompt text, ids)`` for sampling: ``None`` means the end-of-text token where the
-    tokenizer has one (the text is then ``""``), else a newline."""
+    tokenizer has one (the text is then ``""``), else a newline. "<|endoftext|>" written in the
+    prompt is the end-of-text token, as nanoGPT's sample.py and HF's tokenizer read a prompt."""
     if prompt is not None:
-        ids = tokenizer.encode(prompt)
+        ids = tokenizer.encode(prompt, allowed_special="all")
         if not ids:
             raise ValueError("the prompt is empty; give some text, or leave the prompt out for the default")
         return prompt, ids

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 import prometheus_client
 import uvicorn
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -281,6 +282,9 @@ class ServerConfig:
     chat_stop: Sequence[str] = DEFAULT_CHAT_STOP
     max_body_bytes: int = MAX_BODY_BYTES
     request_timeout: float = 30.0
+    # CORS (browsers' cross-origin requests, e.g. a web UI on another port): vLLM's default, any
+    # origin; () sends no CORS headers (browsers then refuse cross-origin calls).
+    allowed_origins: Sequence[str] = ("*",)
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -341,6 +345,9 @@ class _Choice:
     tokens: int = 0
     finish_reason: str | None = None
     logprobs: list[TokenEvent] = field(default_factory=list)
+    # Where each of ``logprobs``' tokens begins in ``text`` (a token holding the later bytes of a
+    # character split across tokens: where that character begins), for ``text_offset``.
+    offsets: list[int] = field(default_factory=list)
     last_token_at: float | None = None
     prompt_logprobs: list[TokenEvent] | None = None  # echo + logprobs: the prompt's, from the engine
 
@@ -409,7 +416,7 @@ class _Server:
         if not raw.strip():
             raise APIError(400, "the request body is empty: send a JSON object", code="invalid_json")
         try:
-            text = raw.decode("utf-8")
+            text = raw.decode("utf-8").removeprefix("\ufeff")  # a BOM, which RFC 8259 lets parsers ignore
         except UnicodeDecodeError as e:
             raise APIError(400, f"the request body is not valid UTF-8 (byte {e.start}): send JSON encoded as "
                                 f"UTF-8", code="invalid_json") from None
@@ -448,7 +455,7 @@ class _Server:
             raise APIError(400, "prompt is an empty list: give a string, strings, or token ids", param="prompt")
         out = []
         for p in prompts:
-            ids = self.encode(p, "prompt") if isinstance(p, str) else list(p)
+            ids = self.encode(p, "prompt", special=True) if isinstance(p, str) else list(p)
             if not ids and not isinstance(p, str):
                 raise APIError(400, "a prompt of token ids is empty: give at least one id", param="prompt")
             if not ids:
@@ -463,16 +470,21 @@ class _Server:
             out.append(ids)
         return out
 
-    def encode(self, text: str, param: str) -> list[int]:
+    def encode(self, text: str, param: str, special: bool = False) -> list[int]:
         """Text -> ids; text the tokenizer cannot encode (a character outside a char vocabulary, or an
-        unpaired UTF-16 surrogate such as "\\ud800", which JSON can spell but no text contains) is a 400."""
+        unpaired UTF-16 surrogate such as "\\ud800", which JSON can spell but no text contains) is a 400.
+
+        ``special``: "<|endoftext|>" written in the text is the end-of-text token, as vLLM (HF's
+        tokenizer) and nanoGPT's sample.py read a prompt: the completions ``prompt`` (and /tokenize's),
+        which its sender writes whole. Chat messages keep it as text: a message is someone's text
+        wrapped by the template, and must not end the document or forge a turn."""
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as e:
             raise APIError(400, f"{param} is not valid Unicode text: it holds an unpaired surrogate "
                                 f"{text[e.start]!r} at character {e.start} (send UTF-8 text)", param=param) from None
         try:
-            return self.tokenizer.encode(text)
+            return self.tokenizer.encode(text, allowed_special="all" if special else frozenset())
         except ValueError as e:
             raise APIError(400, f"{param} cannot be tokenized for this model: {e}", param=param) from None
 
@@ -636,6 +648,7 @@ class _Server:
                     c.tokens += 1
                     if ev.logprob is not None:
                         c.logprobs.append(ev)
+                        c.offsets.append(len(c.text) + c.stream.held_chars)
                     if ev.token in c.stop_ids:
                         c.finish_reason = "stop"  # the engine ends the request itself
                         continue
@@ -657,27 +670,43 @@ class _Server:
     def token_text(self, token: int) -> str:
         return self.tokenizer.decode([token])
 
-    def completion_logprobs(self, c: _Choice, offset: int, prompt: list[int] | None = None) -> dict[str, Any] | None:
-        """The legacy ``logprobs`` object of the choice's tokens so far, their text starting at
-        ``offset``; with ``prompt`` (echo), the prompt's tokens first, the first one with null
-        logprob and top_logprobs (nothing comes before it), as OpenAI's API gives them."""
+    def echo_text(self, prompt: list[int]) -> tuple[str, list[int]]:
+        """The prompt's text (``echo``) and where each of its tokens begins in it: decoded one token
+        at a time as generated text is, so that the offsets index into exactly this text."""
+        stream, text, offsets = TextStream(self.tokenizer), "", []
+        for t in prompt:
+            offsets.append(len(text))
+            text += stream.push(t)
+        return text + stream.flush(), offsets
+
+    def completion_logprobs(self, c: _Choice, start: int, prompt: list[int] | None = None) -> dict[str, Any] | None:
+        """The legacy ``logprobs`` object of the choice's tokens so far (then forgotten: a stream
+        sends each once), their ``text_offset`` indexing into the returned text, whose generated part
+        begins at ``start``; with ``prompt`` (echo), the prompt's tokens first, the first one with
+        null logprob and top_logprobs (nothing comes before it), as OpenAI's API gives them.
+
+        ``top_logprobs`` holds the ``logprobs`` most likely tokens and the chosen one (OpenAI: "up to
+        logprobs+1 elements"; vLLM does the same). A token holding only part of a UTF-8 character
+        reads U+FFFD in ``tokens`` and ``top_logprobs`` (as vLLM shows it: such tokens share one key
+        there), and its offset is where that character begins."""
         out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
 
-        def add(token: int, logprob: float | None, top: dict[str, float] | None) -> None:
-            nonlocal offset
-            text = self.token_text(token)
-            out["tokens"].append(text)
+        def add(token: int, logprob: float | None, top: list[tuple[int, float]] | None, offset: int) -> None:
+            out["tokens"].append(self.token_text(token))
             out["token_logprobs"].append(logprob)
-            out["top_logprobs"].append(top)
+            if top is not None:  # the chosen token last: its entry wins over another token of the same text
+                top = [*top, (token, logprob)]  # (U+FFFD: parts of characters)
+            out["top_logprobs"].append(None if top is None else {self.token_text(t): lp for t, lp in top})
             out["text_offset"].append(offset)
-            offset += len(text)
 
         if prompt is not None:
-            add(prompt[0], None, None)
-            for ev in c.prompt_logprobs or []:
-                add(ev.token, ev.logprob, {self.token_text(t): lp for t, lp in (ev.top_logprobs or [])})
-        for ev in c.logprobs:
-            add(ev.token, ev.logprob, {self.token_text(t): lp for t, lp in (ev.top_logprobs or [])})
+            _, offsets = self.echo_text(prompt)
+            add(prompt[0], None, None, offsets[0])
+            for ev, offset in zip(c.prompt_logprobs or [], offsets[1:], strict=False):
+                add(ev.token, ev.logprob, ev.top_logprobs or [], offset)
+        for ev, offset in zip(c.logprobs, c.offsets, strict=True):
+            add(ev.token, ev.logprob, ev.top_logprobs or [], start + offset)
+        c.logprobs, c.offsets = [], []
         return out if out["tokens"] else None
 
     def chat_logprobs(self, evs: list[TokenEvent]) -> dict[str, Any]:
@@ -789,6 +818,11 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig) -> FastAPI:
                         code="internal_error").response()
 
     app.add_middleware(_AuthAndCount, server=server)
+    if config.allowed_origins:
+        # Outermost (added last), as vLLM's: a browser's preflight OPTIONS carries no API key, and the
+        # CORS headers go on every answer, errors included (else the page cannot read them).
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_credentials=False,
+                           allow_methods=["*"], allow_headers=["*"])
 
     @app.exception_handler(404)
     async def _not_found(request: Request, e: Exception) -> JSONResponse:
@@ -830,7 +864,7 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig) -> FastAPI:
         req: TokenizeRequest = server.parse(TokenizeRequest, await server.read_json(request))
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of 'prompt' or 'messages'", param="prompt")
-        ids = server.encode(req.prompt, "prompt") if req.prompt is not None \
+        ids = server.encode(req.prompt, "prompt", special=True) if req.prompt is not None \
             else server.chat_ids(req.messages, req.add_generation_prompt)
         return {"tokens": ids, "count": len(ids), "max_model_len": server.context_length}
 
@@ -861,20 +895,16 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig) -> FastAPI:
                                 req.logprobs if echo_logprobs else None)
         server.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        echo = [tokenizer.decode(ids) if req.echo else "" for ids in prompts]
+        echo = [server.echo_text(ids)[0] if req.echo else "" for ids in prompts]
         base = {"id": rid, "object": "text_completion", "created": created, "model": config.model_name}
 
         if req.stream:
-            offsets = {c.index: len(echo[c.prompt_index]) for c in choices}
-
             def chunk(c: _Choice, piece: str, finish: str | None) -> dict[str, Any]:
                 lp = None
                 if not piece and finish is None:  # the prompt's logprobs arrived: the echo chunk carries them
                     piece, lp = echo[c.prompt_index], server.completion_logprobs(c, 0, prompts[c.prompt_index])
-                elif req.logprobs is not None and finish is None:
-                    lp = server.completion_logprobs(c, offsets[c.index])
-                    c.logprobs = []
-                    offsets[c.index] += len(piece)
+                elif req.logprobs is not None:  # the final chunk: of tokens that added no text (a stop)
+                    lp = server.completion_logprobs(c, len(echo[c.prompt_index]))
                 out = {**base, "choices": [{"index": c.index, "text": piece, "logprobs": lp, "finish_reason": finish}]}
                 if include_usage:
                     out["usage"] = None
@@ -891,7 +921,8 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig) -> FastAPI:
         await _collect(server, request, choices, arrived)
         return JSONResponse({**base, "choices": [
             {"index": c.index, "text": echo[c.prompt_index] + c.text,
-             "logprobs": server.completion_logprobs(c, 0, prompts[c.prompt_index] if req.echo else None)
+             "logprobs": server.completion_logprobs(c, len(echo[c.prompt_index]),
+                                                    prompts[c.prompt_index] if req.echo else None)
              if req.logprobs is not None else None,
              "finish_reason": c.finish_reason} for c in choices], "usage": server.usage(prompts, choices)})
 
@@ -926,9 +957,9 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig) -> FastAPI:
 
             def chunk(c: _Choice, piece: str, finish: str | None) -> dict[str, Any]:
                 lp = None
-                if req.logprobs and finish is None:
+                if req.logprobs and (finish is None or c.logprobs):  # (the final chunk: tokens without text)
                     lp = server.chat_logprobs(c.logprobs)
-                    c.logprobs = []
+                    c.logprobs, c.offsets = [], []
                 delta = {"content": piece} if finish is None else {}
                 out = {**base, "choices": [{"index": c.index, "delta": delta, "logprobs": lp,
                                             "finish_reason": finish}]}
@@ -990,6 +1021,12 @@ _ROUTES = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "
 
 
 # --- running it ----------------------------------------------------------------------------------
+def read_chat_template(path: str | Path) -> str:
+    """A ``--chat-template`` file's text. A byte-order mark at its start (Windows editors write one)
+    is dropped: else it would be text the template puts before every prompt."""
+    return Path(path).read_text(encoding="utf-8-sig")
+
+
 # The server process's GIL switch interval (Python's default: 5 ms). The inference thread releases
 # the GIL inside every torch op and needs it back after each one (hundreds per decode step); while
 # the HTTP thread runs Python (parsing, SSE chunks) it waits until that thread yields, at the
@@ -1000,19 +1037,18 @@ GIL_SWITCH_INTERVAL = 0.0005
 def serve(model: Any, tokenizer: Any, *, host: str = "127.0.0.1", port: int = 8000, model_name: str = "gpt2",
           api_key: str | None = None, chat_template: str | Path | None = None, max_batch: int = 8,
           max_queue: int = 64, compile: bool = False, request_timeout: float = 30.0,
-          max_prefill_tokens: int | None = None, ready: Callable[[str], None] | None = None) -> int:
+          max_prefill_tokens: int | None = None, allowed_origins: Sequence[str] = ("*",),
+          ready: Callable[[str], None] | None = None) -> int:
     """Run the server until SIGTERM/SIGINT; returns 0 after a graceful shutdown.
 
     Shutdown: stop accepting connections, let running requests finish for up to
     ``request_timeout`` seconds, then cancel the rest; exit 0."""
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
-    template = DEFAULT_CHAT_TEMPLATE
-    if chat_template is not None:
-        template = Path(chat_template).read_text(encoding="utf-8")
+    template = DEFAULT_CHAT_TEMPLATE if chat_template is None else read_chat_template(chat_template)
     engine = Engine(model, max_batch=max_batch, max_queue=max_queue, compile=compile,
                     max_prefill_tokens=max_prefill_tokens, vocab_limit=tokenizer.vocab_size)
     config = ServerConfig(model_name=model_name, api_key=api_key, chat_template=template,
-                          request_timeout=request_timeout)
+                          request_timeout=request_timeout, allowed_origins=tuple(allowed_origins))
     app = create_app(engine, tokenizer, config)
     state: _Server = app.state.server
 

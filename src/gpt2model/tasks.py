@@ -98,7 +98,7 @@ def task_file(task: str) -> Path:
 # --- documents: the official files, parsed as lm-eval's datasets parse them ------------------------
 def _read_jsonl(path: Path, limit: int | None) -> list[dict[str, Any]]:
     docs = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # (-sig: a byte-order mark is dropped)
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -353,7 +353,7 @@ def run_task(model: GPT, tokenizer: Any, task: str, *, limit: int | None = None,
 
     if task == "wikitext2":
         path = task_file(task)
-        pages = wikitext_pages(path.read_text(encoding="utf-8"))
+        pages = wikitext_pages(path.read_text(encoding="utf-8-sig"))
         if limit is not None:
             pages = pages[:limit]
         ll, ntok, _ = _rolling(model, tokenizer, [wikitext_detokenize(p) for p in pages], batch_size,
