@@ -204,3 +204,58 @@ def test_model_loads_without_a_working_triton(tmp_path: Any, triton_init: str, w
         assert "fused loss kernel" not in proc.stderr
     else:
         assert warning in proc.stderr
+
+
+def _stream_dtypes(model: GPT, x: torch.Tensor, **autocast: Any) -> set[torch.dtype]:
+    """The dtypes of the residual stream entering each block and the final LayerNorm."""
+    seen: set[torch.dtype] = set()
+    modules = [*model.transformer.h, model.transformer.ln_f]
+    hooks = [m.register_forward_pre_hook(lambda m, args: seen.add(args[0].dtype)) for m in modules]
+    try:
+        with torch.autocast("cpu", **autocast) if autocast else torch.autocast("cpu", enabled=False):
+            model(x, targets=x).backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters())  # weights and grads stay fp32
+    return seen
+
+
+def test_residual_stream_is_bf16_under_bf16_autocast_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model = GPT(GPTconfig(context_length=16, vocab_size=50, n_layer=2, n_head=2, d_model=32))
+    x = torch.randint(0, 50, (2, 16))
+    assert _stream_dtypes(model, x, dtype=torch.bfloat16) == {torch.bfloat16}
+    assert _stream_dtypes(model, x, dtype=torch.float16) == {torch.float32}  # fp16's range is too small
+    assert _stream_dtypes(model, x) == {torch.float32}  # no autocast: the weights' dtype
+    monkeypatch.setattr(model_module, "BF16_RESIDUAL", False)
+    assert _stream_dtypes(model, x, dtype=torch.bfloat16) == {torch.float32}
+
+
+def test_bf16_residual_stream_trains_to_the_same_loss(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bf16 residual stream changes rounding, not what the model learns: the same 60 AdamW steps
+    under bf16 autocast, with and without it, end at the same loss (and far below the start)."""
+    torch.manual_seed(0)
+    # A learnable stream: each sequence counts up from a random start, modulo the vocabulary.
+    data = (torch.randint(0, 64, (32, 1)) + torch.arange(33)) % 64
+
+    def train(bf16_residual: bool) -> tuple[float, float]:
+        monkeypatch.setattr(model_module, "BF16_RESIDUAL", bf16_residual)
+        torch.manual_seed(1)
+        model = GPT(GPTconfig(context_length=32, vocab_size=64, n_layer=2, n_head=2, d_model=32))
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        losses = []
+        for step in range(60):
+            batch = data[(step * 8) % 32:(step * 8) % 32 + 8]
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(batch[:, :-1], targets=batch[:, 1:])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        return losses[0], sum(losses[-10:]) / 10
+
+    start, end_bf16 = train(True)
+    _, end_fp32 = train(False)
+    assert end_bf16 < start / 4 and end_fp32 < start / 4
+    assert abs(end_bf16 - end_fp32) < 0.05 * max(end_fp32, 0.05), (end_bf16, end_fp32)

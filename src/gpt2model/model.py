@@ -318,6 +318,15 @@ VOCAB_PAD_MULTIPLE = 64
 # gradients (fp32 math; the gradient rounded once to the logits' dtype). A module setting so a
 # benchmark can compare them (bench/gpu.py's "inductor loss" case sets "torch").
 LOSS_KERNEL = "auto"
+# Under bf16 autocast (training) the residual stream is kept in bf16, as llm.c keeps it: the
+# embeddings are fp32 parameters, so otherwise every residual add, LayerNorm input and their
+# gradients move fp32 (4 bytes a value) through memory. LayerNorm still computes in fp32 (autocast
+# runs it so) and the weights, gradients and optimizer state stay fp32. Measured on an H100 (GPT-2
+# 124M, batch 16 x 1024, compiled): 475,511 -> 505,889 tokens/s and 8.37 -> 7.78 GiB peak; the
+# shakespeare_char recipe's val loss is unchanged (docs/benchmarks.md). Not for fp16: its range is
+# too small for GPT-2's large residual activations. A module setting, so a benchmark (bench/gpu.py's
+# "fp32 residual" case) or a user can turn it off.
+BF16_RESIDUAL = True
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
@@ -592,7 +601,7 @@ class GPT(nn.Module):
             if input_pos is not None:
                 raise ValueError("input_pos is only meaningful with a KV cache; call model.setup_cache() first")
             pos = torch.arange(T, device=input_ids.device) if position_ids is None else position_ids
-        x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(pos))
+        x = self._embed(input_ids, pos)
         for block in self.transformer.h:
             x = block(x, input_pos, mask, cache_row)
         x = self.transformer.ln_f(x)
@@ -607,6 +616,16 @@ class GPT(nn.Module):
         if 0 < logits_to_keep < T:
             x = x[:, -logits_to_keep:]
         return self._head(x)
+
+    def _embed(self, input_ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The residual stream's start: token + position embeddings (dropout in training), in bf16
+        under bf16 autocast (see ``BF16_RESIDUAL``), else in the embeddings' dtype."""
+        x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(pos))
+        device_type = x.device.type
+        if (BF16_RESIDUAL and torch.is_autocast_enabled(device_type)
+                and torch.get_autocast_dtype(device_type) == torch.bfloat16):
+            x = x.to(torch.bfloat16)
+        return x
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         if self._cache_len and self._packed_head is not None:
@@ -629,7 +648,7 @@ class GPT(nn.Module):
                              f"got {tuple(input_ids.shape)}")
         if position_ids is None:
             position_ids = torch.cat([p.input_pos.reshape(1, -1) for p in parts], dim=1)
-        x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(position_ids))
+        x = self._embed(input_ids, position_ids)
         for block in self.transformer.h:
             x = block(x, parts=parts)
         # Each row's last token: the index after each row of each part, minus one.
