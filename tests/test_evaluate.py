@@ -150,3 +150,22 @@ def test_eval_cli_on_a_dataset_split(tmp_path, capsys) -> None:
     assert math.isclose(result["loss"], evaluate(model.eval(), val).loss, rel_tol=1e-6)
     assert result["num_tokens"] == len(val) - 1
     assert "(val)" in capsys.readouterr().out
+
+
+def test_bits_per_byte_counts_the_bytes_of_the_scored_tokens_only() -> None:
+    """stride == context_length leaves each window's first token unscored; its bytes counted all the
+    same, so bits per byte read low (here by 1/4: context 4). Multi-byte tokens count their bytes."""
+    from gpt2model.tokenizer import CharTokenizer
+
+    text = "héllo wörld, ünïcode " * 6
+    tok = CharTokenizer.from_text(text)
+    torch.manual_seed(0)
+    model = GPT(GPTconfig(context_length=4, vocab_size=tok.vocab_size, n_layer=1, n_head=1, d_model=8)).eval()
+    ids = tok.encode(text)
+    for stride in (4, 2):
+        r = evaluate(model, ids, stride=stride, tokenizer=tok)
+        scored = {i for _, e, first in sliding_windows(len(ids), 4, stride) for i in range(first, e)}
+        assert r.num_tokens == len(scored)
+        assert r.num_bytes == sum(len(tok.decode([ids[i]]).encode()) for i in scored)
+        assert math.isclose(r.bits_per_byte, r.loss * r.num_tokens / math.log(2) / r.num_bytes, rel_tol=1e-9)
+    assert r.num_bytes == len(text[1:].encode())  # stride < context: every token after the first
