@@ -913,3 +913,18 @@ def test_a_byte_order_mark_is_no_part_of_a_body_or_a_chat_template(served, tmp_p
     assert r.status_code == 200, r.text
     (tmp_path / "t.jinja").write_bytes(b"\xef\xbb\xbf{{ messages[0].content }}")
     assert read_chat_template(tmp_path / "t.jinja") == "{{ messages[0].content }}"
+
+
+def test_echo_offsets_follow_the_decoded_prompt_even_through_invalid_utf8(served, client):
+    """Token ids that are no valid UTF-8 (a lone continuation byte, a lead byte twice, a split
+    character): the echo is the prompt's decode, and each offset is where that token's text begins
+    in it, as an incremental decoder reads the bytes."""
+    tok = served.tok
+    byte = {tok.token_bytes(i): i for i in range(256 + 1000) if len(tok.token_bytes(i)) == 1}
+    ids = [byte[b"\xff"], byte[b"\xf0"], byte[b"\x9f"], byte[b"\x98"], byte[b"\x80"], byte[b"\x80"]] + \
+        tok.encode(" ok\u00e9")
+    r = client.completions.create(model="tiny", prompt=ids, max_tokens=0, echo=True, logprobs=0)
+    text, lp = r.choices[0].text, r.choices[0].logprobs
+    assert text == tok.decode(ids) == "\ufffd\U0001F600\ufffd ok\u00e9"
+    assert lp.text_offset == [0, 1, 1, 1, 1, 2] + [3 + len(tok.decode(tok.encode(" ok\u00e9")[:i]))
+                                                   for i in range(len(tok.encode(" ok\u00e9")))]

@@ -27,6 +27,7 @@ nothing else in the package imports this module.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import hmac
 import json
@@ -671,13 +672,15 @@ class _Server:
         return self.tokenizer.decode([token])
 
     def echo_text(self, prompt: list[int]) -> tuple[str, list[int]]:
-        """The prompt's text (``echo``) and where each of its tokens begins in it: decoded one token
-        at a time as generated text is, so that the offsets index into exactly this text."""
-        stream, text, offsets = TextStream(self.tokenizer), "", []
+        """The prompt's text (``echo``: its decode, as vLLM echoes token ids) and where each of its
+        tokens begins in it: the characters an incremental UTF-8 decoder has given before the
+        token's bytes, which is how the whole decode (errors="replace") reads them too."""
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        offsets, chars = [], 0
         for t in prompt:
-            offsets.append(len(text))
-            text += stream.push(t)
-        return text + stream.flush(), offsets
+            offsets.append(chars)
+            chars += len(decoder.decode(self.tokenizer.token_bytes(t)))
+        return self.tokenizer.decode(prompt), offsets
 
     def completion_logprobs(self, c: _Choice, start: int, prompt: list[int] | None = None) -> dict[str, Any] | None:
         """The legacy ``logprobs`` object of the choice's tokens so far (then forgotten: a stream
