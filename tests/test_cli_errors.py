@@ -280,16 +280,25 @@ def test_sample_reads_endoftext_in_the_prompt_as_the_special_token() -> None:
     assert text == "a<|endoftext|>b" and ids == tok.encode("a") + [tok.eot] + tok.encode("b")
 
 
-def test_serve_allowed_origins_reach_the_server(model_dir: Path, monkeypatch) -> None:
-    """--allowed-origins: comma-separated CORS origins (default '*', as vLLM); '' sends none."""
+def test_serve_allowed_origins_and_the_folders_chat_template_reach_the_server(model_dir: Path, monkeypatch) -> None:
+    """--allowed-origins: comma-separated CORS origins (default '*', as vLLM); '' sends none. A model
+    folder's chat_template.jinja (or tokenizer_config.json's) is used unless --chat-template is given."""
     pytest.importorskip("uvicorn")
     import gpt2model.cli as cli
     import gpt2model.server as server
 
     seen = []
     monkeypatch.setattr(cli, "_check_listen", lambda host, port: None)
-    monkeypatch.setattr(server, "serve", lambda *a, **kw: seen.append(kw["allowed_origins"]) or 0)
+    monkeypatch.setattr(server, "serve", lambda *a, **kw: seen.append(kw) or 0)
     for flag, want in (([], ["*"]), (["--allowed-origins", "http://a:1, http://b"], ["http://a:1", "http://b"]),
                        (["--allowed-origins", ""], [])):
         assert main(["serve", "--model", str(model_dir), "--device", "cpu", *flag]) == 0
-        assert seen[-1] == want
+        assert seen[-1]["allowed_origins"] == want and seen[-1]["chat_template_text"] is None
+    # As vLLM: the model folder's own chat template unless --chat-template names one
+    (model_dir / "chat_template.jinja").write_text("{{ messages[0].content }}")
+    assert main(["serve", "--model", str(model_dir), "--device", "cpu"]) == 0
+    assert seen[-1]["chat_template_text"] == "{{ messages[0].content }}" and seen[-1]["chat_template"] is None
+    (model_dir.parent / "t.jinja").write_text("x")
+    assert main(["serve", "--model", str(model_dir), "--device", "cpu", "--chat-template",
+                 str(model_dir.parent / "t.jinja")]) == 0
+    assert seen[-1]["chat_template_text"] is None and seen[-1]["chat_template"] == str(model_dir.parent / "t.jinja")

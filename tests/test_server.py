@@ -928,3 +928,43 @@ def test_echo_offsets_follow_the_decoded_prompt_even_through_invalid_utf8(served
     assert text == tok.decode(ids) == "\ufffd\U0001F600\ufffd ok\u00e9"
     assert lp.text_offset == [0, 1, 1, 1, 1, 2] + [3 + len(tok.decode(tok.encode(" ok\u00e9")[:i]))
                                                    for i in range(len(tok.encode(" ok\u00e9")))]
+
+
+def test_a_chatml_fine_tune_serves_with_its_own_template_and_special_tokens(model_dir, tmp_path):
+    """A GPT-2 fine-tuned with ChatML (TRL's setup_chat_format: <|im_start|>/<|im_end|> added as special
+    tokens, the template in the saved tokenizer): its folder's template is found as vLLM finds it, and
+    the special tokens the template writes are their ids, as apply_chat_template gives them (before:
+    "<|im_start|>" became 7 ordinary tokens). A message that types one keeps it as text, and a
+    completions prompt reads it as the token (as vLLM)."""
+    from fastapi.testclient import TestClient
+
+    from gpt2model.server import find_chat_template
+
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.GPT2TokenizerFast.from_pretrained(model_dir)
+    hf.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    hf.chat_template = HF_TEMPLATES[0]
+    folder = tmp_path / "chatml"
+    hf.save_pretrained(folder)
+    assert find_chat_template(folder)[0] == HF_TEMPLATES[0]
+    tok = load_tokenizer(folder)
+    assert tok.vocab_size == 50259 and tok.special_tokens["<|im_start|>"] == 50257
+    model = GPT(GPTconfig(vocab_size=50259, context_length=64, n_layer=1, n_head=1, d_model=8))
+    client = TestClient(create_app(Engine(model, max_batch=1, max_queue=1), tok,
+                                   ServerConfig(model_name="m", chat_template=find_chat_template(folder)[0])))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi <there>"}]
+    want = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    want = list(getattr(want, "input_ids", want))
+    assert want.count(50257) == 3
+    assert client.post("/tokenize", json={"messages": messages}).json()["tokens"] == want
+    typed = client.post("/tokenize", json={"messages": [{"role": "user", "content": "x<|im_end|>"}]}).json()
+    assert typed["tokens"].count(50258) == 1  # the template's, not the typed one
+    assert client.post("/tokenize", json={"prompt": "<|im_start|>user"}).json()["tokens"] == \
+        [50257] + hf("user")["input_ids"]
+    # tokenizer_config.json's list of named templates: the "default" one
+    other = tmp_path / "named"
+    other.mkdir()
+    (other / "tokenizer_config.json").write_text(json.dumps({"chat_template": [
+        {"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]}))
+    assert find_chat_template(other) == ("D", other / "tokenizer_config.json")
+    assert find_chat_template(tmp_path) is None

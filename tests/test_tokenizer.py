@@ -183,7 +183,7 @@ def test_gpt2_save_load_and_hf_folders(tmp_path, data_dir):
     assert hf_tok(MIXED.replace("<|endoftext|>", ""))["input_ids"] == tok.encode(MIXED.replace("<|endoftext|>", ""))
 
 
-def test_a_hf_folder_with_tokens_added_to_gpt2_loads_them(tmp_path, data_dir):
+def test_a_hf_folder_with_tokens_added_to_gpt2_loads_them_and_reads_them_as_hf_does(tmp_path, data_dir):
     """A GPT-2 fine-tune with an added pad token (HF: add_special_tokens + resize_token_embeddings),
     saved by transformers 4 as the hub's GPT-2 repos are laid out: vocab.json + merges.txt with
     GPT-2's 50,257 ids and tokenizer.json with the added one too. Reading vocab.json alone gave a
@@ -201,6 +201,15 @@ def test_a_hf_folder_with_tokens_added_to_gpt2_loads_them(tmp_path, data_dir):
     assert tok.vocab_size == 50258 and tok.eot == 50256
     assert tok.decode([15496, 50257]) == "Hello[PAD]" and tok.encode(MIXED) == GPT2Tokenizer().encode(MIXED)
     assert isinstance(load_tokenizer(tmp_path / "plain"), GPT2Tokenizer)  # nothing added: tiktoken, as before
+    # Its special tokens: text by default, tokens (as HF reads them) with allowed_special="all"
+    assert tok.special_tokens == {"<|endoftext|>": 50256, "[PAD]": 50257}
+    hf = transformers.GPT2TokenizerFast.from_pretrained(str(tmp_path / "tuned"))
+    for text in ("a[PAD]b<|endoftext|> [PAD][PAD]", "[PAD", " <|endoftext|>[PAD]\n"):
+        assert tok.encode(text, allowed_special="all") == hf(text)["input_ids"], text
+        assert tok.encode(text) == GPT2Tokenizer().encode(text)
+    assert tok.encode("a[PAD]<|endoftext|>", allowed_special={"[PAD]"}) == [64, 50257] + GPT2Tokenizer().encode(
+        "<|endoftext|>")
+    assert tok.token_bytes(50257) == b"[PAD]"
 
 
 # --- trained BPE --------------------------------------------------------------------------------------

@@ -374,8 +374,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="on SIGTERM, how long running requests may take to finish before they are cancelled "
                    "(seconds, default 30)")
     p.add_argument("--chat-template", default=None, metavar="FILE",
-                   help="a Jinja2 chat template (gets messages, add_generation_prompt) instead of the built-in "
-                   "'User: ... / Assistant:' transcript")
+                   help="a Jinja2 chat template (gets messages, add_generation_prompt) instead of the model "
+                   "folder's own (chat_template.jinja or tokenizer_config.json's, as vLLM) or, without one, the "
+                   "built-in 'User: ... / Assistant:' transcript")
     p.add_argument("--allowed-origins", default="*", metavar="ORIGINS",
                    help="CORS: comma-separated origins whose web pages may call the server, e.g. "
                    "'http://localhost:3000' (default: '*', any, as vLLM; '' sends no CORS headers)")
@@ -430,7 +431,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     try:
-        from .server import serve
+        from .server import find_chat_template, serve
     except ImportError as e:
         raise ValueError(f"gpt2 serve needs the web stack: pip install 'gpt2model[serve]' ({e})") from None
     for name in ("max_batch", "max_queue", "max_prefill_tokens"):
@@ -441,11 +442,16 @@ def _run_serve(args: argparse.Namespace) -> int:
     if args.chat_template is not None and not Path(args.chat_template).is_file():
         raise FileNotFoundError(f"--chat-template {args.chat_template}: no such file")
     _check_listen(args.host, args.port)
+    # As vLLM: a HF folder's own chat template (a fine-tune's ChatML ...) unless --chat-template
+    found = find_chat_template(args.model) if args.chat_template is None and Path(args.model).is_dir() else None
     model, tokenizer = _load(args)
     name = args.model_name or Path(args.model).expanduser().name or str(args.model)
+    if found is not None:
+        print(f"gpt2 serve: chat template from {found[1]}", flush=True)
     api_key = args.api_key if args.api_key is not None else os.environ.get("GPT2MODEL_API_KEY") or None
     return serve(model, tokenizer, host=args.host, port=args.port, model_name=name, api_key=api_key,
-                 chat_template=args.chat_template, max_batch=args.max_batch, max_queue=args.max_queue,
+                 chat_template=args.chat_template, chat_template_text=found[0] if found else None,
+                 max_batch=args.max_batch, max_queue=args.max_queue,
                  compile=args.compile, request_timeout=args.request_timeout,
                  max_prefill_tokens=args.max_prefill_tokens,
                  allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()],

@@ -32,6 +32,7 @@ import contextlib
 import hmac
 import json
 import math
+import re
 import signal
 import sys
 import threading
@@ -53,6 +54,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from .engine import Engine, FinishEvent, PromptEvent, QueueFullError, SamplingParams, TokenEvent
 from .generate import TextStream
+from .tokenizer import split_special
 
 if TYPE_CHECKING:
     from .engine import Request as EngineRequest
@@ -389,10 +391,9 @@ class _Server:
         env.filters["tojson"] = tojson
         env.globals["raise_exception"] = raise_exception
         env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
-        # What a template's {{ eos_token }} (and bos/unk: all end-of-text in GPT-2) renders to: a
-        # string no message can contain, which chat_ids turns into the end-of-text id, while the
-        # text "<|endoftext|>" inside a message stays text (as everywhere in this package).
-        self._special = f"\x00{uuid.uuid4().hex}\x00"
+        # What stands in for a special token's text inside a message while the template renders
+        # (see chat_ids): digits and NULs, which no filter (trim, upper ...) changes.
+        self._nonce = str(uuid.uuid4().int)
         try:
             self.template = env.from_string(config.chat_template)
         except jinja2.TemplateError as e:
@@ -489,7 +490,9 @@ class _Server:
         except ValueError as e:
             raise APIError(400, f"{param} cannot be tokenized for this model: {e}", param=param) from None
 
-    def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                    protect: Callable[[str], str] = lambda s: s) -> str:
+        """The messages through the chat template; ``protect`` rewrites each message's text first."""
         import jinja2
 
         msgs = []
@@ -497,9 +500,11 @@ class _Server:
             content = m.content if isinstance(m.content, str) or m.content is None \
                 else "\n".join(p.text for p in m.content)  # vLLM's join of text parts
             role = "system" if m.role == "developer" else m.role
-            msgs.append({"role": role, "content": content or "", **({"name": m.name} if m.name is not None else {})})
+            msgs.append({"role": role, "content": protect(content or ""),
+                         **({"name": protect(m.name)} if m.name is not None else {})})
+        # HF's values for GPT-2 (bos, eos and unk are all end-of-text)
         special = {} if self.tokenizer.eot is None else dict.fromkeys(("bos_token", "eos_token", "unk_token"),
-                                                                      self._special)
+                                                                      self.tokenizer.decode([self.tokenizer.eot]))
         try:
             return self.template.render(messages=msgs, add_generation_prompt=add_generation_prompt, tools=None,
                                         documents=None, **special)
@@ -507,13 +512,31 @@ class _Server:
             raise APIError(400, f"the chat template failed on these messages: {e}", param="messages") from None
 
     def chat_ids(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
-        """The messages through the chat template, as token ids: the template's special tokens
-        ({{ eos_token }} ...) are the end-of-text id, the messages' text is text."""
+        """The messages through the chat template, as token ids, as transformers' apply_chat_template
+        tokenizes them: the special tokens the template writes ({{ eos_token }}, a fine-tune's
+        "<|im_start|>" ...) are their ids, the text between them is encoded piece by piece. One
+        difference, on purpose: a special token's text written inside a message stays text, so that
+        a message cannot end the document or forge a turn (HF would read it as the token)."""
+        specials = getattr(self.tokenizer, "special_tokens", {})
+        originals: list[str] = []
+
+        def protect(text: str) -> str:
+            def hide(piece: str | int) -> str:
+                if isinstance(piece, str):
+                    return piece
+                originals.append(self.tokenizer.decode([piece]))
+                return f"\x00{self._nonce}:{len(originals) - 1}\x00"
+
+            return "".join(hide(p) for p in split_special(text, specials))
+
+        rendered = self.render_chat(messages, add_generation_prompt, protect)
+        placeholder = re.compile(f"\x00{self._nonce}:(\\d+)\x00")
         ids: list[int] = []
-        for i, piece in enumerate(self.render_chat(messages, add_generation_prompt).split(self._special)):
-            if i:
-                ids.append(self.tokenizer.eot)
-            ids += self.encode(piece, "messages") if piece else []
+        for piece in split_special(rendered, specials):  # the template's own special tokens
+            if isinstance(piece, int):
+                ids.append(piece)
+            elif piece:
+                ids += self.encode(placeholder.sub(lambda m: originals[int(m.group(1))], piece), "messages")
         return ids
 
     def max_tokens_for(self, prompt_len: int, asked: int | None, param: str, prompt_param: str) -> int:
@@ -1030,6 +1053,26 @@ def read_chat_template(path: str | Path) -> str:
     return Path(path).read_text(encoding="utf-8-sig")
 
 
+def find_chat_template(model_dir: str | Path) -> tuple[str, Path] | None:
+    """The chat template a HF model folder carries, as vLLM (through transformers) finds it:
+    ``chat_template.jinja`` (transformers >= 4.43 saves it there), else ``tokenizer_config.json``'s
+    ``chat_template`` (a string, or a list of named ones: the "default"); ``(text, file)`` or None."""
+    folder = Path(model_dir).expanduser()
+    if (folder / "chat_template.jinja").is_file():
+        return read_chat_template(folder / "chat_template.jinja"), folder / "chat_template.jinja"
+    config = folder / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    try:
+        template = json.loads(config.read_text(encoding="utf-8-sig")).get("chat_template")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise ValueError(f"{config} is not a JSON object ({e}); fix the file or pass --chat-template FILE") from None
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    return (template, config) if isinstance(template, str) and template else None
+
+
 # The server process's GIL switch interval (Python's default: 5 ms). The inference thread releases
 # the GIL inside every torch op and needs it back after each one (hundreds per decode step); while
 # the HTTP thread runs Python (parsing, SSE chunks) it waits until that thread yields, at the
@@ -1041,13 +1084,18 @@ def serve(model: Any, tokenizer: Any, *, host: str = "127.0.0.1", port: int = 80
           api_key: str | None = None, chat_template: str | Path | None = None, max_batch: int = 8,
           max_queue: int = 64, compile: bool = False, request_timeout: float = 30.0,
           max_prefill_tokens: int | None = None, allowed_origins: Sequence[str] = ("*",),
+          chat_template_text: str | None = None,
           ready: Callable[[str], None] | None = None) -> int:
     """Run the server until SIGTERM/SIGINT; returns 0 after a graceful shutdown.
 
-    Shutdown: stop accepting connections, let running requests finish for up to
-    ``request_timeout`` seconds, then cancel the rest; exit 0."""
+    ``chat_template`` is a template file, ``chat_template_text`` a template itself (one of them at
+    most; neither: the built-in transcript). Shutdown: stop accepting connections, let running
+    requests finish for up to ``request_timeout`` seconds, then cancel the rest; exit 0."""
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
-    template = DEFAULT_CHAT_TEMPLATE if chat_template is None else read_chat_template(chat_template)
+    if chat_template is not None and chat_template_text is not None:
+        raise ValueError("give chat_template (a file) or chat_template_text, not both")
+    template = chat_template_text if chat_template_text is not None else \
+        DEFAULT_CHAT_TEMPLATE if chat_template is None else read_chat_template(chat_template)
     engine = Engine(model, max_batch=max_batch, max_queue=max_queue, compile=compile,
                     max_prefill_tokens=max_prefill_tokens, vocab_limit=tokenizer.vocab_size)
     config = ServerConfig(model_name=model_name, api_key=api_key, chat_template=template,

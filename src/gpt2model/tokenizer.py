@@ -16,7 +16,8 @@ Every tokenizer has ``name``, ``vocab_size``, ``eot`` (the end-of-text id, or ``
 ``disallowed_special=()``), so text can never inject the special token; document boundaries get the
 ``eot`` id appended explicitly by the caller (``gpt2 prepare`` does this between files).
 ``encode(text, allowed_special="all")`` (or ``{"<|endoftext|>"}``) reads it as the ``eot`` id instead,
-as tiktoken's argument of that name does.
+as tiktoken's argument of that name does; ``"all"`` covers every token of ``special_tokens`` (a HF
+``tokenizer.json``'s special added tokens too, e.g. a fine-tune's ``<|im_start|>``).
 ``decode`` turns the ``eot`` id back into the string ``"<|endoftext|>"``.
 """
 
@@ -26,6 +27,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import shutil
 import threading
 import warnings
@@ -58,6 +60,7 @@ class Tokenizer(Protocol):
     name: str
     vocab_size: int
     eot: int | None
+    special_tokens: dict[str, int]  # special-token text -> id: <|endoftext|>, a fine-tune's added ones
 
     def encode(self, text: str, *, allowed_special: Set[str] | str = frozenset()) -> list[int]:
         """Text -> token ids. Special-token text such as ``<|endoftext|>`` is ordinary text unless
@@ -93,13 +96,14 @@ def _write_spec(directory: str | Path, spec: dict[str, Any]) -> Path:
     return directory
 
 
-def _allows_eot(allowed_special: Set[str] | str) -> bool:
+def _allowed(allowed_special: Set[str] | str, special_tokens: dict[str, int]) -> dict[str, int]:
+    """The special tokens (text -> id) that ``allowed_special`` lets ``encode`` read as tokens."""
     if isinstance(allowed_special, str):
         if allowed_special != "all":
             raise ValueError(f"allowed_special must be a set of special-token strings or 'all', got "
                              f"{allowed_special!r}")
-        return True
-    return EOT_TEXT in allowed_special
+        return special_tokens
+    return {t: i for t, i in special_tokens.items() if t in allowed_special}
 
 
 def _outside(ids: Sequence[int], vocab_size: int, vocabulary: str) -> ValueError:
@@ -108,14 +112,28 @@ def _outside(ids: Sequence[int], vocab_size: int, vocabulary: str) -> ValueError
     return ValueError(f"ids {bad} are outside {vocabulary} [0, {vocab_size})")
 
 
-def _split_on_eot(text: str, encode: Any, eot: int) -> list[int]:
-    """``text`` with each ``<|endoftext|>`` as the ``eot`` id and the text between encoded alone,
-    as tiktoken's ``encode(text, allowed_special=...)`` does."""
+def split_special(text: str, special_tokens: dict[str, int]) -> list[str | int]:
+    """``text`` cut at each occurrence of a special token's text (the longest where several
+    match): ordinary pieces as strings, the special tokens as their ids (in order), as tiktoken's
+    ``encode(text, allowed_special=...)`` and HF's tokenizers cut text before encoding the pieces."""
+    if not special_tokens or not any(t in text for t in special_tokens):
+        return [text]
+    pattern = re.compile("|".join(re.escape(t) for t in sorted(special_tokens, key=len, reverse=True)))
+    out: list[str | int] = []
+    start = 0
+    for m in pattern.finditer(text):
+        out += [text[start:m.start()], special_tokens[m.group()]]
+        start = m.end()
+    return [*out, text[start:]]
+
+
+def _encode_special(text: str, encode: Any, special_tokens: dict[str, int]) -> list[int]:
     ids: list[int] = []
-    for i, piece in enumerate(text.split(EOT_TEXT)):
-        if i:
-            ids.append(eot)
-        ids += encode(piece)
+    for piece in split_special(text, special_tokens):
+        if isinstance(piece, int):
+            ids.append(piece)
+        elif piece:
+            ids += encode(piece)
     return ids
 
 
@@ -134,6 +152,7 @@ class CharTokenizer:
 
     name = "char"
     eot: int | None = None  # a character vocabulary has no spare symbol for end-of-text
+    special_tokens: dict[str, int] = {}  # noqa: RUF012 - none, and never changed
 
     def __init__(self, chars: str | Iterable[str], unknown: str | None = None) -> None:
         chars = "".join(sorted(set(chars)))
@@ -269,6 +288,7 @@ class GPT2Tokenizer:
                              f"pair ({type(e).__name__}: {e})") from None
         self.vocab_size: int = self._enc.n_vocab
         self.eot: int | None = self._enc.eot_token
+        self.special_tokens: dict[str, int] = {EOT_TEXT: self._enc.eot_token}
 
     @property
     def files(self) -> tuple[Path, Path]:
@@ -278,9 +298,8 @@ class GPT2Tokenizer:
     def encode(self, text: str, *, allowed_special: Set[str] | str = frozenset()) -> list[int]:
         # By default "<|endoftext|>" in user text is ordinary text, never the eot id (tiktoken's
         # encode_ordinary; its plain encode() would raise instead).
-        if _allows_eot(allowed_special):
-            return _split_on_eot(text, self._enc.encode_ordinary, self._enc.eot_token)
-        return self._enc.encode_ordinary(text)
+        allowed = _allowed(allowed_special, self.special_tokens)
+        return _encode_special(text, self._enc.encode_ordinary, allowed) if allowed else self._enc.encode_ordinary(text)
 
     def decode(self, ids: Sequence[int]) -> str:
         # errors="replace": a slice of ids can end inside a multi-byte character (e.g. while
@@ -360,6 +379,10 @@ class BPETokenizer:
         self._tok.encode_special_tokens = True
         self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
         self.eot: int | None = tokenizer.token_to_id(EOT_TEXT)
+        # Its special added tokens ("<|endoftext|>"; a fine-tune's "<|im_start|>", pad ...): text
+        # unless allowed_special names them (HF's tokenizers then still match non-special added tokens).
+        self.special_tokens: dict[str, int] = {t.content: i for i, t in tokenizer.get_added_tokens_decoder().items()
+                                               if t.special}
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> BPETokenizer:
@@ -393,8 +416,9 @@ class BPETokenizer:
             raise ValueError(f"cannot read tokenizer file {path}: {e}") from None
 
     def encode(self, text: str, *, allowed_special: Set[str] | str = frozenset()) -> list[int]:
-        if _allows_eot(allowed_special) and self.eot is not None:
-            return _split_on_eot(text, lambda t: self._tok.encode(t, add_special_tokens=False).ids, self.eot)
+        allowed = _allowed(allowed_special, self.special_tokens)
+        if allowed:
+            return _encode_special(text, lambda t: self._tok.encode(t, add_special_tokens=False).ids, allowed)
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -407,7 +431,7 @@ class BPETokenizer:
         piece = self._tok.id_to_token(int(token))
         if piece is None:
             raise ValueError(f"id {token} is outside this BPE's vocabulary [0, {self.vocab_size})")
-        if piece == EOT_TEXT:
+        if piece in self.special_tokens or piece == EOT_TEXT:  # written as text, not in the byte alphabet
             return piece.encode("utf-8")
         return bytes(_UNICODE_TO_BYTE[c] for c in piece)  # the byte-level alphabet, back to bytes
 
