@@ -298,6 +298,10 @@ def test_serve_allowed_origins_and_the_folders_chat_template_reach_the_server(mo
     (model_dir / "chat_template.jinja").write_text("{{ messages[0].content }}")
     assert main(["serve", "--model", str(model_dir), "--device", "cpu"]) == 0
     assert seen[-1]["chat_template_text"] == "{{ messages[0].content }}" and seen[-1]["chat_template"] is None
+    assert seen[-1]["eos_token_ids"] == ()  # our config.json of a char model: eos_token_id null
+    (model_dir / "generation_config.json").write_text('{"eos_token_id": 3}')
+    assert main(["serve", "--model", str(model_dir), "--device", "cpu"]) == 0
+    assert seen[-1]["eos_token_ids"] == (3,)
     (model_dir.parent / "t.jinja").write_text("x")
     assert main(["serve", "--model", str(model_dir), "--device", "cpu", "--chat-template",
                  str(model_dir.parent / "t.jinja")]) == 0

@@ -935,10 +935,11 @@ def test_a_chatml_fine_tune_serves_with_its_own_template_and_special_tokens(mode
     tokens, the template in the saved tokenizer): its folder's template is found as vLLM finds it, and
     the special tokens the template writes are their ids, as apply_chat_template gives them (before:
     "<|im_start|>" became 7 ordinary tokens). A message that types one keeps it as text, and a
-    completions prompt reads it as the token (as vLLM)."""
+    completions prompt reads it as the token (as vLLM). Its eos <|im_end|> ends a reply (before: only
+    end-of-text did, so replies ran on into the next turn), and special tokens add no text."""
     from fastapi.testclient import TestClient
 
-    from gpt2model.server import find_chat_template
+    from gpt2model.server import find_chat_template, find_eos_ids
 
     transformers = pytest.importorskip("transformers")
     hf = transformers.GPT2TokenizerFast.from_pretrained(model_dir)
@@ -961,6 +962,27 @@ def test_a_chatml_fine_tune_serves_with_its_own_template_and_special_tokens(mode
     assert typed["tokens"].count(50258) == 1  # the template's, not the typed one
     assert client.post("/tokenize", json={"prompt": "<|im_start|>user"}).json()["tokens"] == \
         [50257] + hf("user")["input_ids"]
+    # Its <|im_end|> (generation_config.json's eos, as TRL saves it) ends a reply, as in vLLM; no special
+    # token adds text (vLLM's skip_special_tokens) unless skip_special_tokens is false.
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [50258, 50256]}))
+    assert find_eos_ids(folder) == (50258, 50256) and find_eos_ids(tmp_path) == ()
+    engine = Engine(model, max_batch=1, max_queue=2)
+    engine.start()
+    try:
+        assert engine.ready.wait(60)
+        client = TestClient(create_app(engine, tok, ServerConfig(model_name="m", eos_token_ids=find_eos_ids(folder))))
+        body = {"prompt": "Hi", "max_tokens": 4, "temperature": 0}
+        r = client.post("/v1/completions", json={**body, "logit_bias": {"50258": 100}}).json()
+        assert r["choices"][0]["finish_reason"] == "stop" and r["choices"][0]["text"] == ""
+        r = client.post("/v1/completions", json={**body, "logit_bias": {"50257": 100}}).json()
+        assert r["choices"][0]["text"] == "" and r["usage"]["completion_tokens"] == 4
+        r = client.post("/v1/completions", json={**body, "logit_bias": {"50257": 100},
+                                                 "skip_special_tokens": False}).json()
+        assert r["choices"][0]["text"] == "<|im_start|>" * 4
+        r = client.post("/v1/completions", json={**body, "logit_bias": {"50258": 100}, "ignore_eos": True}).json()
+        assert r["choices"][0]["finish_reason"] == "length"
+    finally:
+        engine.shutdown(2)
     # tokenizer_config.json's list of named templates: the "default" one
     other = tmp_path / "named"
     other.mkdir()

@@ -431,7 +431,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     try:
-        from .server import find_chat_template, serve
+        from .server import find_chat_template, find_eos_ids, serve
     except ImportError as e:
         raise ValueError(f"gpt2 serve needs the web stack: pip install 'gpt2model[serve]' ({e})") from None
     for name in ("max_batch", "max_queue", "max_prefill_tokens"):
@@ -451,6 +451,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     api_key = args.api_key if args.api_key is not None else os.environ.get("GPT2MODEL_API_KEY") or None
     return serve(model, tokenizer, host=args.host, port=args.port, model_name=name, api_key=api_key,
                  chat_template=args.chat_template, chat_template_text=found[0] if found else None,
+                 eos_token_ids=find_eos_ids(args.model) if Path(args.model).is_dir() else (),
                  max_batch=args.max_batch, max_queue=args.max_queue,
                  compile=args.compile, request_timeout=args.request_timeout,
                  max_prefill_tokens=args.max_prefill_tokens,

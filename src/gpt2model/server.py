@@ -288,6 +288,9 @@ class ServerConfig:
     # CORS (browsers' cross-origin requests, e.g. a web UI on another port): vLLM's default, any
     # origin; () sends no CORS headers (browsers then refuse cross-origin calls).
     allowed_origins: Sequence[str] = ("*",)
+    # The model's end-of-sequence ids beside end-of-text (a ChatML fine-tune's <|im_end|>: its
+    # generation_config.json, see find_eos_ids): they end a choice with "stop" too, as in vLLM.
+    eos_token_ids: Sequence[int] = ()
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -562,7 +565,9 @@ class _Server:
         """One engine request per (prompt, n); all or none (a full queue cancels what got in)."""
         if self.shutting_down:
             raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
-        stop_ids = (self.tokenizer.eot,) if self.tokenizer.eot is not None and not req.ignore_eos else ()
+        eos = (self.tokenizer.eot,) if self.tokenizer.eot is not None else ()
+        eos += tuple(t for t in self.config.eos_token_ids if t not in eos and 0 <= t < self.vocab_size)
+        stop_ids = () if req.ignore_eos else eos
         for t in req.stop_token_ids or []:
             if t >= self.vocab_size:
                 raise APIError(400, f"stop_token_ids: token id {t} is out of range: ids must be in "
@@ -580,7 +585,9 @@ class _Server:
                                 f"n={req.n}) but this server holds at most {most} at once (--max-batch + "
                                 f"--max-queue): send fewer prompts per request or a smaller n",
                            param="n" if req.n > 1 else "prompt")
-        hidden_ids = (self.tokenizer.eot,) if self.tokenizer.eot is not None and req.skip_special_tokens else ()
+        # vLLM's skip_special_tokens: no special token adds text (end-of-text, a fine-tune's <|im_start|> ...)
+        hidden_ids = tuple({*eos, *getattr(self.tokenizer, "special_tokens", {}).values()}) \
+            if req.skip_special_tokens else ()
         choices: list[_Choice] = []
         try:
             for i, ids in enumerate(prompts):
@@ -1053,6 +1060,21 @@ def read_chat_template(path: str | Path) -> str:
     return Path(path).read_text(encoding="utf-8-sig")
 
 
+def find_eos_ids(model_dir: str | Path) -> tuple[int, ...]:
+    """The end-of-sequence ids a HF model folder declares (``generation_config.json``'s
+    ``eos_token_id``, else ``config.json``'s: an id or a list), which vLLM stops at."""
+    folder = Path(model_dir).expanduser()
+    for name in ("generation_config.json", "config.json"):
+        try:
+            eos = json.loads((folder / name).read_text(encoding="utf-8-sig")).get("eos_token_id")
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            continue  # absent or unreadable: config.json's problems are the model loader's to report
+        eos = [eos] if isinstance(eos, int) else eos
+        if isinstance(eos, list) and eos and all(isinstance(t, int) and not isinstance(t, bool) for t in eos):
+            return tuple(dict.fromkeys(eos))
+    return ()
+
+
 def find_chat_template(model_dir: str | Path) -> tuple[str, Path] | None:
     """The chat template a HF model folder carries, as vLLM (through transformers) finds it:
     ``chat_template.jinja`` (transformers >= 4.43 saves it there), else ``tokenizer_config.json``'s
@@ -1084,12 +1106,13 @@ def serve(model: Any, tokenizer: Any, *, host: str = "127.0.0.1", port: int = 80
           api_key: str | None = None, chat_template: str | Path | None = None, max_batch: int = 8,
           max_queue: int = 64, compile: bool = False, request_timeout: float = 30.0,
           max_prefill_tokens: int | None = None, allowed_origins: Sequence[str] = ("*",),
-          chat_template_text: str | None = None,
+          chat_template_text: str | None = None, eos_token_ids: Sequence[int] = (),
           ready: Callable[[str], None] | None = None) -> int:
     """Run the server until SIGTERM/SIGINT; returns 0 after a graceful shutdown.
 
     ``chat_template`` is a template file, ``chat_template_text`` a template itself (one of them at
-    most; neither: the built-in transcript). Shutdown: stop accepting connections, let running
+    most; neither: the built-in transcript). ``eos_token_ids``: ids beside end-of-text that end a
+    choice (``find_eos_ids``). Shutdown: stop accepting connections, let running
     requests finish for up to ``request_timeout`` seconds, then cancel the rest; exit 0."""
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     if chat_template is not None and chat_template_text is not None:
@@ -1099,7 +1122,8 @@ def serve(model: Any, tokenizer: Any, *, host: str = "127.0.0.1", port: int = 80
     engine = Engine(model, max_batch=max_batch, max_queue=max_queue, compile=compile,
                     max_prefill_tokens=max_prefill_tokens, vocab_limit=tokenizer.vocab_size)
     config = ServerConfig(model_name=model_name, api_key=api_key, chat_template=template,
-                          request_timeout=request_timeout, allowed_origins=tuple(allowed_origins))
+                          request_timeout=request_timeout, allowed_origins=tuple(allowed_origins),
+                          eos_token_ids=tuple(eos_token_ids))
     app = create_app(engine, tokenizer, config)
     state: _Server = app.state.server
 
