@@ -17,6 +17,14 @@ def test_python_dash_m_help() -> None:
     assert "usage: gpt2" in out.stdout and "info" in out.stdout
 
 
+@pytest.mark.parametrize("command", ["prepare", "info", "train", "sample", "eval", "serve", "export"])
+def test_every_command_prints_its_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # argparse formats help strings with %: a stray "%" in one makes --help a traceback.
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0 and f"usage: gpt2 {command}" in capsys.readouterr().out
+
+
 def test_info_preset(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["info", "gpt2"]) == 0
     assert "parameters: 124,439,808" in capsys.readouterr().out

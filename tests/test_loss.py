@@ -221,18 +221,18 @@ def _stream_dtypes(model: GPT, x: torch.Tensor, **autocast: Any) -> set[torch.dt
     return seen
 
 
-def test_residual_stream_is_bf16_under_bf16_autocast_only(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bf16_residual_keeps_the_stream_in_bf16_under_bf16_autocast_only() -> None:
     torch.manual_seed(0)
     model = GPT(GPTconfig(context_length=16, vocab_size=50, n_layer=2, n_head=2, d_model=32))
     x = torch.randint(0, 50, (2, 16))
+    assert _stream_dtypes(model, x, dtype=torch.bfloat16) == {torch.float32}  # the default: as nanoGPT
+    model.bf16_residual = True
     assert _stream_dtypes(model, x, dtype=torch.bfloat16) == {torch.bfloat16}
     assert _stream_dtypes(model, x, dtype=torch.float16) == {torch.float32}  # fp16's range is too small
     assert _stream_dtypes(model, x) == {torch.float32}  # no autocast: the weights' dtype
-    monkeypatch.setattr(model_module, "BF16_RESIDUAL", False)
-    assert _stream_dtypes(model, x, dtype=torch.bfloat16) == {torch.float32}
 
 
-def test_bf16_residual_stream_trains_to_the_same_loss(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bf16_residual_stream_trains_to_the_same_loss() -> None:
     """The bf16 residual stream changes rounding, not what the model learns: the same 60 AdamW steps
     under bf16 autocast, with and without it, end at the same loss (and far below the start)."""
     torch.manual_seed(0)
@@ -240,9 +240,9 @@ def test_bf16_residual_stream_trains_to_the_same_loss(monkeypatch: pytest.Monkey
     data = (torch.randint(0, 64, (32, 1)) + torch.arange(33)) % 64
 
     def train(bf16_residual: bool) -> tuple[float, float]:
-        monkeypatch.setattr(model_module, "BF16_RESIDUAL", bf16_residual)
         torch.manual_seed(1)
         model = GPT(GPTconfig(context_length=32, vocab_size=64, n_layer=2, n_head=2, d_model=32))
+        model.bf16_residual = bf16_residual
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
         losses = []
         for step in range(60):

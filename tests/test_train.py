@@ -81,6 +81,13 @@ def test_bfloat16_autocast_on_cpu_trains(dataset: Path, tmp_path: Path) -> None:
     assert result.model.dtype == torch.float32  # autocast computes in bf16, the weights stay fp32
 
 
+def test_bf16_residual_option(dataset: Path, tmp_path: Path) -> None:
+    result = train(tiny(dataset, tmp_path / "out", max_steps=2, eval_interval=2, dtype="bfloat16", bf16_residual=True))
+    assert result.model.bf16_residual and all(math.isfinite(r["train_loss"]) for r in result.metrics)
+    with pytest.raises(ValueError, match="bf16_residual .* computes in float32 .* pass --dtype bfloat16"):
+        train(tiny(dataset, tmp_path / "fp32", dtype="float32", bf16_residual=True))
+
+
 # --- resume ---------------------------------------------------------------------------------------
 def test_resume_is_bit_identical_to_an_uninterrupted_run(dataset: Path, tmp_path: Path) -> None:
     # Dropout on, so the torch RNG state must be restored too; lr_decay_steps fixes the schedule.

@@ -318,15 +318,6 @@ VOCAB_PAD_MULTIPLE = 64
 # gradients (fp32 math; the gradient rounded once to the logits' dtype). A module setting so a
 # benchmark can compare them (bench/gpu.py's "inductor loss" case sets "torch").
 LOSS_KERNEL = "auto"
-# Under bf16 autocast (training) the residual stream is kept in bf16, as llm.c keeps it: the
-# embeddings are fp32 parameters, so otherwise every residual add, LayerNorm input and their
-# gradients move fp32 (4 bytes a value) through memory. LayerNorm still computes in fp32 (autocast
-# runs it so) and the weights, gradients and optimizer state stay fp32. Measured on an H100 (GPT-2
-# 124M, batch 16 x 1024, compiled): 475,511 -> 505,889 tokens/s and 8.37 -> 7.78 GiB peak; the
-# shakespeare_char recipe's val loss is unchanged (docs/benchmarks.md). Not for fp16: its range is
-# too small for GPT-2's large residual activations. A module setting, so a benchmark (bench/gpu.py's
-# "fp32 residual" case) or a user can turn it off.
-BF16_RESIDUAL = True
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
@@ -490,6 +481,16 @@ class GPT(nn.Module):
         # Range-checking ids costs a device->host sync; the trainer turns it off once it has
         # checked the dataset (and torch.compile would graph-break on it).
         self.check_inputs = True
+        # Under bf16 autocast, keep the residual stream in bf16, as llm.c and Megatron-LM do (the
+        # trainer's bf16_residual option). The embeddings are fp32 parameters, so by default every
+        # residual add, LayerNorm input and their gradients move fp32 values through memory (as in
+        # nanoGPT). LayerNorm still computes in fp32 (autocast runs it so), and weights, gradients and
+        # optimizer state stay fp32. Measured on an H100 (GPT-2 124M, batch 16 x 1024, compiled):
+        # 475,511 -> 505,889 tokens/s, 8.37 -> 7.78 GiB; it changes the rounding, though: the
+        # shakespeare_char GPU recipe's best val loss was 1.4773 against 1.4693-1.4699 without it
+        # (docs/benchmarks.md), so it is off by default. fp16 ignores it: its range is too small for
+        # GPT-2's large residual activations.
+        self.bf16_residual = False
         self.apply(self._init_weights)
         # GPT-2 scales the init of the projections that write into the residual stream by
         # 1/sqrt(2 * n_layer): there are two such additions per block.
@@ -619,10 +620,10 @@ class GPT(nn.Module):
 
     def _embed(self, input_ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """The residual stream's start: token + position embeddings (dropout in training), in bf16
-        under bf16 autocast (see ``BF16_RESIDUAL``), else in the embeddings' dtype."""
+        under bf16 autocast with ``bf16_residual`` set, else in the embeddings' dtype."""
         x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(pos))
         device_type = x.device.type
-        if (BF16_RESIDUAL and torch.is_autocast_enabled(device_type)
+        if (self.bf16_residual and torch.is_autocast_enabled(device_type)
                 and torch.get_autocast_dtype(device_type) == torch.bfloat16):
             x = x.to(torch.bfloat16)
         return x

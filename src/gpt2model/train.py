@@ -208,6 +208,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     setup = setup_device(cfg.device, cfg.dtype, tf32=True)  # TF32 is fine for gradient steps
+    if cfg.bf16_residual and setup.dtype != torch.bfloat16:
+        raise ValueError(f"bf16_residual keeps the residual stream in bfloat16 under bf16 autocast, but this run "
+                         f"computes in {str(setup.dtype).removeprefix('torch.')} (dtype {cfg.dtype!r} on "
+                         f"{setup.device}): pass --dtype bfloat16, or leave out --bf16-residual")
     # One process (group) per run folder; only rank 0 writes, so only it holds the lock.
     lock = lock_run_folder(Path(cfg.out)) if rank == 0 else None
     try:
@@ -247,6 +251,7 @@ def _train(cfg: TrainConfig, setup: DeviceSetup, rank: int, world_size: int) -> 
     _check_data(data, T, cfg.data)
     raw_model.to(device)
     raw_model.check_inputs = False  # the dataset's ids are known to fit; skip the per-forward sync
+    raw_model.bf16_residual = cfg.bf16_residual
     tokenizer = data.tokenizer()
 
     optimizer = configure_optimizer(raw_model, cfg, device.type)
