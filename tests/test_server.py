@@ -990,3 +990,27 @@ def test_a_chatml_fine_tune_serves_with_its_own_template_and_special_tokens(mode
         {"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]}))
     assert find_chat_template(other) == ("D", other / "tokenizer_config.json")
     assert find_chat_template(tmp_path) is None
+
+
+@pytest.mark.parametrize("template", [None, *HF_TEMPLATES[:2]])
+def test_add_generation_prompt_and_continue_final_message_as_vllm_and_transformers(model_dir, template):
+    """vLLM's chat fields (transformers' apply_chat_template arguments): add_generation_prompt=false
+    leaves the assistant's turn unopened; continue_final_message continues the last message where its
+    text ends (a reply begun by the client), the ids apply_chat_template gives (before: 400 unknown field)."""
+    from fastapi.testclient import TestClient
+
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.GPT2TokenizerFast.from_pretrained(model_dir)
+    engine = Engine(GPT.from_pretrained(model_dir), max_batch=1, max_queue=1)
+    config = ServerConfig(model_name="m", **({} if template is None else {"chat_template": template}))
+    client = TestClient(create_app(engine, load_tokenizer(model_dir), config))
+    messages = [{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "I would say"}]
+    for fields in ({"add_generation_prompt": False}, {"add_generation_prompt": False, "continue_final_message": True}):
+        r = client.post("/tokenize", json={"messages": messages, **fields})
+        assert r.status_code == 200, r.text
+        want = hf.apply_chat_template(messages, chat_template=config.chat_template, tokenize=True, **fields)
+        assert r.json()["tokens"] == list(getattr(want, "input_ids", want)), fields
+    assert hf.decode(r.json()["tokens"]).endswith("I would say")
+    r = client.post("/v1/chat/completions", json={"messages": messages, "continue_final_message": True,
+                                                  "max_tokens": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "continue_final_message"

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import functools
 import hmac
 import json
 import math
@@ -223,6 +224,10 @@ class ChatRequest(_Sampling):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    # vLLM's (and transformers' apply_chat_template's): open the assistant's turn, or continue the
+    # last message (e.g. an assistant reply begun by the client) where it ends.
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
 
 class TokenizeRequest(_Strict):
@@ -230,6 +235,7 @@ class TokenizeRequest(_Strict):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
     add_special_tokens: bool = True  # vLLM's field; GPT-2 adds no special tokens either way
 
 
@@ -514,7 +520,8 @@ class _Server:
         except jinja2.TemplateError as e:
             raise APIError(400, f"the chat template failed on these messages: {e}", param="messages") from None
 
-    def chat_ids(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+    def chat_ids(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                 continue_final_message: bool = False) -> list[int]:
         """The messages through the chat template, as token ids, as transformers' apply_chat_template
         tokenizes them: the special tokens the template writes ({{ eos_token }}, a fine-tune's
         "<|im_start|>" ...) are their ids, the text between them is encoded piece by piece. One
@@ -523,6 +530,7 @@ class _Server:
         specials = getattr(self.tokenizer, "special_tokens", {})
         originals: list[str] = []
 
+        @functools.cache  # the same text, the same placeholders (continue_final_message looks for it)
         def protect(text: str) -> str:
             def hide(piece: str | int) -> str:
                 if isinstance(piece, str):
@@ -532,7 +540,21 @@ class _Server:
 
             return "".join(hide(p) for p in split_special(text, specials))
 
+        if continue_final_message and add_generation_prompt:
+            raise APIError(400, "continue_final_message and add_generation_prompt cannot both be true: set "
+                                "add_generation_prompt to false to continue the last message",
+                           param="continue_final_message")
         rendered = self.render_chat(messages, add_generation_prompt, protect)
+        if continue_final_message:
+            # transformers' rule: cut after the last occurrence of the final message's text (stripped,
+            # if the template trimmed it), dropping the end-of-turn the template wrote after it
+            last = messages[-1].content
+            final = protect(last if isinstance(last, str) else "\n".join(p.text for p in last or []))
+            at = rendered.rfind(final) if final in rendered else rendered.rfind(final.strip())
+            if not final.strip() or at < 0:
+                raise APIError(400, "continue_final_message: the last message's text is empty or the chat "
+                                    "template does not write it", param="messages")
+            rendered = rendered[:at + len(final if final in rendered else final.strip())]
         placeholder = re.compile(f"\x00{self._nonce}:(\\d+)\x00")
         ids: list[int] = []
         for piece in split_special(rendered, specials):  # the template's own special tokens
@@ -898,7 +920,7 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig) -> FastAPI:
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of 'prompt' or 'messages'", param="prompt")
         ids = server.encode(req.prompt, "prompt", special=True) if req.prompt is not None \
-            else server.chat_ids(req.messages, req.add_generation_prompt)
+            else server.chat_ids(req.messages, req.add_generation_prompt, req.continue_final_message)
         return {"tokens": ids, "count": len(ids), "max_model_len": server.context_length}
 
     @app.post("/detokenize")
@@ -971,7 +993,7 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig) -> FastAPI:
             raise APIError(400, "max_tokens and max_completion_tokens disagree: give one", param="max_tokens")
         asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        prompts = [server.chat_ids(req.messages)]
+        prompts = [server.chat_ids(req.messages, req.add_generation_prompt, req.continue_final_message)]
         if not prompts[0]:
             raise APIError(400, "the messages render to an empty prompt", param="messages")
         max_tokens = [server.max_tokens_for(len(prompts[0]), asked, param, "messages")]
