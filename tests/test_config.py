@@ -40,6 +40,20 @@ def test_json_round_trip(tmp_path) -> None:
     path = tmp_path / "c.json"
     c.to_json(path)
     assert GPTconfig.from_json(path) == c
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # saved by an editor that writes a byte-order mark
+    assert GPTconfig.from_json(path) == c
+
+
+def test_train_config_file_with_a_bom_or_not_utf8(tmp_path) -> None:
+    from gpt2model.config import TrainConfig
+
+    path = tmp_path / "r.toml"
+    path.write_bytes(b"\xef\xbb\xbfmax_steps = 7\nlr = 2e-3\n")
+    cfg = TrainConfig.load(path, data="d", out="o")
+    assert (cfg.max_steps, cfg.lr) == (7, 2e-3)
+    path.write_bytes(b"max_steps = 7\n# caf\xe9\n")  # Latin-1
+    with pytest.raises(ValueError, match="is not UTF-8 text .* save it as UTF-8"):
+        TrainConfig.load(path)
 
 
 def test_unknown_field_is_an_error() -> None:

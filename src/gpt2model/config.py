@@ -85,7 +85,7 @@ class GPTconfig:
     def from_json(cls, text_or_path: str | Path) -> GPTconfig:
         """Parse a JSON string, or read a JSON file when given a path."""
         s = str(text_or_path)
-        text = s if s.lstrip().startswith("{") else Path(s).read_text()
+        text = s if s.lstrip().startswith("{") else Path(s).read_text(encoding="utf-8-sig")  # a BOM is not JSON
         return cls.from_dict(json.loads(text))
 
     # --- presets -------------------------------------------------------------------------------
@@ -265,9 +265,12 @@ class TrainConfig:
             if not path.is_file():
                 raise FileNotFoundError(f"config file {path} not found")
             try:
-                values = tomllib.loads(path.read_text(encoding="utf-8"))
+                # utf-8-sig: an editor's byte-order mark is no part of the TOML (tomllib rejects it).
+                values = tomllib.loads(path.read_text(encoding="utf-8-sig"))
             except tomllib.TOMLDecodeError as e:
                 raise ValueError(f"{path} is not valid TOML: {e}") from None
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8") from None
             tables = [k for k, v in values.items() if isinstance(v, dict)]
             if tables:
                 raise ValueError(f"{path}: tables {tables} are not supported; write flat 'key = value' lines")
