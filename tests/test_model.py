@@ -206,3 +206,15 @@ def test_gelu_tanh_compiled_cpu_form_is_the_same_function() -> None:
     with torch.no_grad():  # inference: the sigmoid form in place, the same function
         fast = gelu_tanh(x)
     assert (fast.double() - want.detach()).abs().max() < 2e-6
+
+
+def test_ids_of_any_integer_dtype_work_and_nanogpts_targets_get_a_clear_error() -> None:
+    """uint8/int16 ids (a uint16 dataset's memmap as a tensor) passed the check and failed inside the
+    embedding with torch's RuntimeError; nanoGPT's model(idx, targets) said only that input_pos needs
+    a KV cache."""
+    model = GPT(TINY)
+    x = torch.randint(0, TINY.vocab_size, (1, 4))
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        assert torch.equal(model(x.to(dtype)), model(x))
+    with pytest.raises(ValueError, match=r"model.loss\(idx, targets\)"):
+        model(x, x)

@@ -577,6 +577,8 @@ class GPT(nn.Module):
         if parts is not None:
             return self._forward_parts(input_ids, parts, position_ids)
         self._check_input_ids(input_ids)
+        if input_ids.dtype not in (torch.int64, torch.int32):  # uint8/int16/uint16...: the lookup takes these only
+            input_ids = input_ids.long()
         B, T = input_ids.shape
         if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
             raise ValueError(f"logits_to_keep must be an integer >= 0 (0 = every position), got {logits_to_keep!r}")
@@ -600,7 +602,9 @@ class GPT(nn.Module):
             pos = input_pos if position_ids is None else position_ids
         else:
             if input_pos is not None:
-                raise ValueError("input_pos is only meaningful with a KV cache; call model.setup_cache() first")
+                raise ValueError("input_pos is only meaningful with a KV cache; call model.setup_cache() first "
+                                 "(for nanoGPT's model(idx, targets) use model.loss(idx, targets); model(idx) "
+                                 "gives the logits)")
             pos = torch.arange(T, device=input_ids.device) if position_ids is None else position_ids
         x = self._embed(input_ids, pos)
         for block in self.transformer.h:
