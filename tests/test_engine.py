@@ -849,3 +849,30 @@ def test_a_model_with_more_rows_than_its_tokenizer_never_emits_or_lists_the_extr
             assert eng.compile
     finally:
         eng.shutdown(timeout=5)
+
+
+def test_a_failure_outside_any_request_fails_loudly_instead_of_hanging(model: GPT) -> None:
+    """An exception escaping the inference loop (a bug, not one request's step) used to end the
+    thread quietly: running requests were "cancelled" and every later request waited forever while
+    /health said ok. Now they end with "error", submit() refuses, and stats() says why."""
+    engine = Engine(copy.deepcopy(model), max_batch=2, max_queue=4)
+    engine.start()
+    assert engine.ready.wait(60)
+    try:
+        engine._drop_cancelled = lambda: (_ for _ in ()).throw(RuntimeError("boom"))  # noqa: SLF001
+        events = list(engine.submit([1, 2], SamplingParams(max_tokens=5, temperature=0)).events())
+        assert events[-1].reason == "error" and "boom" in events[-1].error
+        with pytest.raises(RuntimeError, match="inference thread failed: RuntimeError: boom"):
+            engine.submit([1], SamplingParams(max_tokens=1))
+        assert "boom" in engine.stats()["error"]
+        pytest.importorskip("fastapi")
+        from fastapi.testclient import TestClient
+
+        from gpt2model.server import ServerConfig, create_app
+        from gpt2model.tokenizer import CharTokenizer
+
+        app = create_app(engine, CharTokenizer([chr(65 + i) for i in range(CFG.vocab_size)]), ServerConfig("m"))
+        health = TestClient(app).get("/health")
+        assert health.status_code == 503 and "boom" in health.json()["error"]
+    finally:
+        engine.shutdown(1)

@@ -43,8 +43,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import threading
 import time
+import traceback
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -481,6 +483,13 @@ class Engine:
                     if any(s is not None and s.decoding for s in self._slots):
                         self._step()
                 self._wake_readers()
+        except Exception as e:  # noqa: BLE001 - a bug outside one request's step: nobody would ever be served
+            # Fail loudly instead: every request ends with "error", submit() refuses (HTTP 503), and
+            # stats()["error"] says why (GET /health then answers 503).
+            with self._wake:
+                self._fatal = f"the inference thread failed: {type(e).__name__}: {e}"
+            print(f"gpt2model engine: {self._fatal}\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+            self._cancel_all(reason="error", error=self._fatal)
         finally:
             self._cancel_all()
             self.model.clear_cache()

@@ -892,8 +892,9 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig) -> FastAPI:
     async def health() -> JSONResponse:
         if server.shutting_down:
             return JSONResponse({"status": "shutting down"}, status_code=503)
-        if server.start_error is not None:
-            return JSONResponse({"status": "error", "error": server.start_error}, status_code=503)
+        error = server.start_error or engine.stats().get("error")
+        if error is not None:
+            return JSONResponse({"status": "error", "error": error}, status_code=503)
         if not engine.ready.is_set():
             return JSONResponse({"status": "loading"}, status_code=503)
         return JSONResponse({"status": "ok"})
