@@ -680,6 +680,24 @@ def test_text_stream_holds_back_and_stops() -> None:
         TextStream(tok, [""])
 
 
+def test_text_stream_gives_exactly_the_decode_of_invalid_byte_runs() -> None:
+    """With a tokenizer that gives token bytes, the text is tokenizer.decode of all the tokens: a
+    stray byte before a character split over 4 tokens came out as 4 U+FFFD (the group of 4
+    undecodable tokens was let through), where decode reads one U+FFFD and the emoji."""
+    from gpt2model.generate import TextStream
+    from gpt2model.tokenizer import GPT2Tokenizer
+
+    try:
+        tok = GPT2Tokenizer()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    byte = {tok.token_bytes(i): i for i in range(256)}
+    ids = [byte[bytes([b])] for b in b"\xff\xf0\x9f\x98\x80\x80"] + tok.encode(" ok")
+    ts = TextStream(tok)
+    assert "".join(ts.push(t) for t in ids) + ts.flush() == tok.decode(ids) == "\ufffd\U0001F600\ufffd ok"
+    ts = TextStream(tok, ["\U0001F600"])
+    assert "".join(ts.push(t) for t in ids) == "\ufffd" and ts.stopped
+
 def test_sample_texts_are_what_the_cli_prints(char_model_dir) -> None:
     from gpt2model.generate import sample_texts
 

@@ -29,6 +29,7 @@ Windows (what a token is conditioned on), documented once here:
 
 from __future__ import annotations
 
+import codecs
 import math
 import sys
 import warnings
@@ -63,6 +64,11 @@ class TextStream:
     string and everything after it are dropped; later pushes return ``""``. ``flush()`` returns
     what is still held back when generation ends (an unfinished character comes out as U+FFFD).
     End-of-text tokens are not special here: the caller decides whether to push them.
+
+    With a tokenizer that gives each token's bytes (``token_bytes``, as ours do; tiktoken's
+    ``decode_single_token_bytes``) the bytes go through one incremental UTF-8 decoder, so the text
+    is exactly ``tokenizer.decode`` of all the tokens, invalid byte runs included; otherwise
+    tokens are decoded in small groups (an unfinished character held for up to 4 tokens).
     """
 
     def __init__(self, tokenizer: Decoder, stop_strings: Sequence[str] = ()) -> None:
@@ -76,11 +82,16 @@ class TextStream:
         self.stopped = False
         self._pending: list[int] = []  # tokens whose text may still be an incomplete character
         self._held = ""  # decoded text not yet released: a possible start of a stop string
+        self._token_bytes = getattr(tokenizer, "token_bytes", None) or getattr(tokenizer, "decode_single_token_bytes",
+                                                                               None)
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace") if self._token_bytes is not None else None
 
     def push(self, token_id: int) -> str:
         """Add one token; return the text that became final (possibly ``""``)."""
         if self.stopped:
             return ""
+        if self._utf8 is not None:  # an unfinished character's bytes wait inside the decoder
+            return self._release(self._utf8.decode(self._token_bytes(int(token_id))), final=False)
         self._pending.append(int(token_id))
         piece = self.tokenizer.decode(self._pending)
         # U+FFFD at the end: a character cut between tokens. A UTF-8 character has at most 4
@@ -105,6 +116,8 @@ class TextStream:
         """The text still held back, at the end of generation (``""`` once stopped)."""
         if self.stopped:
             return ""
+        if self._utf8 is not None:
+            return self._release(self._utf8.decode(b"", final=True), final=True)
         piece = self.tokenizer.decode(self._pending) if self._pending else ""
         self._pending = []
         return self._release(piece, final=True)
