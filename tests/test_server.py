@@ -1014,3 +1014,18 @@ def test_add_generation_prompt_and_continue_final_message_as_vllm_and_transforme
     r = client.post("/v1/chat/completions", json={"messages": messages, "continue_final_message": True,
                                                   "max_tokens": 1})
     assert r.status_code == 400 and r.json()["error"]["param"] == "continue_final_message"
+
+
+def test_include_stop_str_in_output_as_vllm(served, client):
+    """vLLM's include_stop_str_in_output: the stop string that ended the choice ends its text (and
+    nothing after it), streamed or not; by default it is dropped, as OpenAI (before: 400 unknown field)."""
+    ids = served.tok.encode("Once upon a time")
+    full = served.text(served.greedy(ids, 12))
+    at = next(i for i in range(1, len(full) - 3) if full.find(full[i:i + 3]) == i)
+    stop = full[at:at + 3]
+    for extra, want in (({}, full[:at]), ({"include_stop_str_in_output": True}, full[:at + 3])):
+        kw = dict(model="tiny", prompt="Once upon a time", max_tokens=12, temperature=0, stop=[stop, "\x00"],
+                  extra_body=extra)
+        r = client.completions.create(**kw).choices[0]
+        assert (r.text, r.finish_reason) == (want, "stop")
+        assert "".join(c.choices[0].text for c in client.completions.create(stream=True, **kw) if c.choices) == want

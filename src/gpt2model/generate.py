@@ -80,6 +80,7 @@ class TextStream:
         self.tokenizer = tokenizer
         self.stop_strings = stops
         self.stopped = False
+        self.stop_string: str | None = None  # the stop string that stopped it (the earliest in the text)
         self._pending: list[int] = []  # tokens whose text may still be an incomplete character
         self._held = ""  # decoded text not yet released: a possible start of a stop string
         self._token_bytes = getattr(tokenizer, "token_bytes", None) or getattr(tokenizer, "decode_single_token_bytes",
@@ -130,6 +131,7 @@ class TextStream:
         cut = self._find_stop(text) if self.stop_strings else -1
         if cut >= 0:
             self.stopped = True
+            self.stop_string = max((s for s in self.stop_strings if text.startswith(s, cut)), key=len)
             self._held = ""
             return text[:cut]
         hold = 0 if final else self._longest_stop_prefix_suffix(text)

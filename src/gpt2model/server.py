@@ -189,6 +189,8 @@ class _Sampling(_Strict):
     min_tokens: Annotated[int, Field(ge=0)] = 0
     # vLLM's default: a special token that is not a stop (end-of-text with ignore_eos) adds no text.
     skip_special_tokens: bool = True
+    # vLLM's: the stop string that ended a choice ends its text too (default: dropped, as OpenAI)
+    include_stop_str_in_output: bool = False
     # vLLM's (and HF's, llama.cpp's) sampling extensions: over the prompt and the generated tokens; 1 / 0 = off.
     # float32's range: the factor multiplies fp32 logits (1e300 overflowed into a 500)
     repetition_penalty: Annotated[float, Field(allow_inf_nan=False), AfterValidator(_float32_positive)] = 1.0
@@ -353,6 +355,7 @@ class _Choice:
     stream: TextStream
     stop_ids: tuple[int, ...]
     hidden_ids: tuple[int, ...] = ()  # generated, counted, but adding no text (skip_special_tokens)
+    include_stop: bool = False  # include_stop_str_in_output
     text: str = ""
     tokens: int = 0
     finish_reason: str | None = None
@@ -626,7 +629,7 @@ class _Server:
                         min_p=float(req.min_p))
                     r = self.engine.submit(ids, params)
                     choices.append(_Choice(len(choices), i, r, TextStream(self.tokenizer, stop), stop_ids,
-                                           hidden_ids))
+                                           hidden_ids, req.include_stop_str_in_output))
         except QueueFullError as e:
             for c in choices:
                 c.request.cancel()
@@ -711,6 +714,7 @@ class _Server:
                     if c.stream.stopped:
                         c.finish_reason = "stop"
                         c.request.cancel()
+                        piece += c.stream.stop_string if c.include_stop else ""
                     c.text += piece
                     if piece:
                         yield c, piece, False
