@@ -207,3 +207,31 @@ def test_llama_server_generates_our_greedy_tokens_from_the_export(kind, request,
         proc.wait(10)
     assert theirs == ours
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_a_chatml_fine_tune_exports_its_special_tokens_eos_and_chat_template(tmp_path):
+    """A GPT-2-style BPE fine-tuned with ChatML tokens added (TRL's setup_chat_format): its added special
+    tokens were NORMAL tokens in the GGUF (llama.cpp then cannot read "<|im_start|>" in text as one
+    token), its eos <|im_end|> was written as end-of-text, and its chat template was lost; llama.cpp's
+    convert_hf_to_gguf.py writes CONTROL / USER_DEFINED types, the folder's eos and the template."""
+    from gpt2model.tokenizer import BPETokenizer
+
+    base = BPETokenizer.train(["hello world, the quick brown fox jumps over the lazy dog. " * 20], 300)
+    base._tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])  # noqa: SLF001 - as HF's add_special_tokens
+    base._tok.add_tokens(["zzqq"])  # noqa: SLF001
+    tok = BPETokenizer(base._tok)  # noqa: SLF001
+    im_start, im_end, zz = tok.special_tokens["<|im_start|>"], tok.special_tokens["<|im_end|>"], tok.vocab_size - 1
+    folder = tmp_path / "chatml"
+    GPT(GPTconfig(vocab_size=tok.vocab_size, context_length=32, n_layer=1, n_head=1, d_model=8)).save_pretrained(
+        folder, tokenizer=tok)
+    template = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": im_end}))
+    f = _fields(gguf.GGUFReader(export_gguf(folder, tmp_path / "m.gguf")))
+    types = f["tokenizer.ggml.token_type"]
+    assert [types[i] for i in (tok.eot, im_start, im_end, zz, 100)] == [
+        gguf.TokenType.CONTROL, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED,
+        gguf.TokenType.NORMAL]
+    assert [f["tokenizer.ggml.tokens"][i] for i in (im_start, im_end, zz)] == ["<|im_start|>", "<|im_end|>", "zzqq"]
+    assert f["tokenizer.ggml.eos_token_id"] == im_end and f["tokenizer.ggml.bos_token_id"] == tok.eot
+    assert f["tokenizer.chat_template"] == template

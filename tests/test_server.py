@@ -939,7 +939,7 @@ def test_a_chatml_fine_tune_serves_with_its_own_template_and_special_tokens(mode
     end-of-text did, so replies ran on into the next turn), and special tokens add no text."""
     from fastapi.testclient import TestClient
 
-    from gpt2model.server import find_chat_template, find_eos_ids
+    from gpt2model.hf import find_chat_template, find_eos_ids
 
     transformers = pytest.importorskip("transformers")
     hf = transformers.GPT2TokenizerFast.from_pretrained(model_dir)

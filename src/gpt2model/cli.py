@@ -431,7 +431,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     try:
-        from .server import find_chat_template, find_eos_ids, serve
+        from .server import serve
     except ImportError as e:
         raise ValueError(f"gpt2 serve needs the web stack: pip install 'gpt2model[serve]' ({e})") from None
     for name in ("max_batch", "max_queue", "max_prefill_tokens"):
@@ -442,6 +442,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     if args.chat_template is not None and not Path(args.chat_template).is_file():
         raise FileNotFoundError(f"--chat-template {args.chat_template}: no such file")
     _check_listen(args.host, args.port)
+    from .hf import find_chat_template, find_eos_ids
+
     # As vLLM: a HF folder's own chat template (a fine-tune's ChatML ...) unless --chat-template
     found = find_chat_template(args.model) if args.chat_template is None and Path(args.model).is_dir() else None
     model, tokenizer = _load(args)

@@ -32,6 +32,7 @@ import torch
 
 from .checkpoint import resolve_model_dir
 from .fileio import atomic_path
+from .hf import find_chat_template, find_eos_ids
 from .tokenizer import SPEC_FILE, BPETokenizer, CharTokenizer, GPT2Tokenizer, byte_to_unicode, load_tokenizer
 
 if TYPE_CHECKING:
@@ -106,9 +107,13 @@ def _char_vocab(tok: CharTokenizer) -> tuple[list[str], list[str]]:
 
 def tokenizer_vocab(directory: Path, tokenizer: Any, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
     """``(tokens, token_types, merges)`` for GGUF: ``vocab_size`` tokens (the model's rows; ids the
-    tokenizer does not use become unused ``[PADn]`` tokens), end-of-text marked as a control token."""
+    tokenizer does not use become unused ``[PADn]`` tokens), end-of-text and the other special
+    tokens (a fine-tune's ``<|im_start|>`` ...) marked as control tokens and the tokenizer.json's
+    other added tokens as user-defined, as llama.cpp's convert_hf_to_gguf.py marks them (so that
+    llama.cpp reads them in text as single tokens)."""
     import gguf
 
+    user_defined: set[int] = set()
     if isinstance(tokenizer, CharTokenizer):
         tokens, merges = _char_vocab(tokenizer)
         by_id = dict(enumerate(tokens))
@@ -116,6 +121,7 @@ def tokenizer_vocab(directory: Path, tokenizer: Any, vocab_size: int) -> tuple[l
         spec = json.loads((directory / BPETokenizer.FILE).read_text(encoding="utf-8"))
         by_id = {i: t for t, i in spec["model"]["vocab"].items()}
         by_id.update({a["id"]: a["content"] for a in spec.get("added_tokens", [])})
+        user_defined = {a["id"] for a in spec.get("added_tokens", []) if not a.get("special")}
         merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
     elif isinstance(tokenizer, GPT2Tokenizer):
         vocab_file, merges_file = tokenizer.files
@@ -127,6 +133,7 @@ def tokenizer_vocab(directory: Path, tokenizer: Any, vocab_size: int) -> tuple[l
     if max(by_id) >= vocab_size:
         raise ValueError(f"the tokenizer has id {max(by_id)} but the model only {vocab_size} rows: the folder "
                          f"mixes files of different models")
+    control = {tokenizer.eot, *getattr(tokenizer, "special_tokens", {}).values()}
     tokens, types = [], []
     for i in range(vocab_size):
         if i not in by_id:
@@ -134,7 +141,8 @@ def tokenizer_vocab(directory: Path, tokenizer: Any, vocab_size: int) -> tuple[l
             types.append(gguf.TokenType.UNUSED)
         else:
             tokens.append(by_id[i])
-            types.append(gguf.TokenType.CONTROL if i == tokenizer.eot else gguf.TokenType.NORMAL)
+            types.append(gguf.TokenType.CONTROL if i in control else
+                         gguf.TokenType.USER_DEFINED if i in user_defined else gguf.TokenType.NORMAL)
     return tokens, types, merges
 
 
@@ -179,9 +187,17 @@ def export_gguf(model_dir: str | Path, out: str | Path, dtype: str = "f32") -> P
         writer.add_token_list(tokens)
         writer.add_token_types(types)
         writer.add_token_merges(merges)
+        # The folder's end-of-sequence id where it names one (a ChatML fine-tune's <|im_end|>, which
+        # llama.cpp must stop at), else end-of-text; and its chat template, which llama-server uses
+        # for /v1/chat/completions (convert_hf_to_gguf.py writes both).
+        eos = [t for t in find_eos_ids(directory) if 0 <= t < cfg.vocab_size]
         if tokenizer.eot is not None:
             writer.add_bos_token_id(tokenizer.eot)
-            writer.add_eos_token_id(tokenizer.eot)
+        if eos or tokenizer.eot is not None:
+            writer.add_eos_token_id(eos[0] if eos else tokenizer.eot)
+        template = find_chat_template(directory)
+        if template is not None:
+            writer.add_chat_template(template[0])
         # Our prompts are the user's text as is: llama.cpp must not prepend a BOS token.
         writer.add_add_bos_token(False)
         for name, data in gguf_tensors(model).items():

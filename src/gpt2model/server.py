@@ -1087,41 +1087,6 @@ def read_chat_template(path: str | Path) -> str:
     return Path(path).read_text(encoding="utf-8-sig")
 
 
-def find_eos_ids(model_dir: str | Path) -> tuple[int, ...]:
-    """The end-of-sequence ids a HF model folder declares (``generation_config.json``'s
-    ``eos_token_id``, else ``config.json``'s: an id or a list), which vLLM stops at."""
-    folder = Path(model_dir).expanduser()
-    for name in ("generation_config.json", "config.json"):
-        try:
-            eos = json.loads((folder / name).read_text(encoding="utf-8-sig")).get("eos_token_id")
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            continue  # absent or unreadable: config.json's problems are the model loader's to report
-        eos = [eos] if isinstance(eos, int) else eos
-        if isinstance(eos, list) and eos and all(isinstance(t, int) and not isinstance(t, bool) for t in eos):
-            return tuple(dict.fromkeys(eos))
-    return ()
-
-
-def find_chat_template(model_dir: str | Path) -> tuple[str, Path] | None:
-    """The chat template a HF model folder carries, as vLLM (through transformers) finds it:
-    ``chat_template.jinja`` (transformers >= 4.43 saves it there), else ``tokenizer_config.json``'s
-    ``chat_template`` (a string, or a list of named ones: the "default"); ``(text, file)`` or None."""
-    folder = Path(model_dir).expanduser()
-    if (folder / "chat_template.jinja").is_file():
-        return read_chat_template(folder / "chat_template.jinja"), folder / "chat_template.jinja"
-    config = folder / "tokenizer_config.json"
-    if not config.is_file():
-        return None
-    try:
-        template = json.loads(config.read_text(encoding="utf-8-sig")).get("chat_template")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-        raise ValueError(f"{config} is not a JSON object ({e}); fix the file or pass --chat-template FILE") from None
-    if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
-        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
-                        None)
-    return (template, config) if isinstance(template, str) and template else None
-
-
 # The server process's GIL switch interval (Python's default: 5 ms). The inference thread releases
 # the GIL inside every torch op and needs it back after each one (hundreds per decode step); while
 # the HTTP thread runs Python (parsing, SSE chunks) it waits until that thread yields, at the
