@@ -1029,3 +1029,20 @@ def test_include_stop_str_in_output_as_vllm(served, client):
         r = client.completions.create(**kw).choices[0]
         assert (r.text, r.finish_reason) == (want, "stop")
         assert "".join(c.choices[0].text for c in client.completions.create(stream=True, **kw) if c.choices) == want
+
+
+def test_return_tokens_as_token_ids_as_vllm(served, client):
+    """vLLM's return_tokens_as_token_ids: logprobs name tokens "token_id:{id}" (exact where the two
+    halves of a split character both read U+FFFD), completions (echo too) and chat."""
+    first, second = served.tok.encode("\U0001F44D")
+    r = client.completions.create(model="tiny", prompt=[first, second], max_tokens=2, temperature=0, echo=True,
+                                  logprobs=1, extra_body={"return_tokens_as_token_ids": True}).choices[0]
+    new = served.greedy([first, second], 2)
+    assert r.logprobs.tokens == [f"token_id:{t}" for t in [first, second, *new]]
+    assert all(k.startswith("token_id:") for top in r.logprobs.top_logprobs[1:] for k in top)
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=2,
+                                          temperature=0, logprobs=True, top_logprobs=2,
+                                          extra_body={"return_tokens_as_token_ids": True}).choices[0]
+    assert all(t.token.startswith("token_id:") and all(x.token.startswith("token_id:") for x in t.top_logprobs)
+               for t in chat.logprobs.content)
+    assert bytes(chat.logprobs.content[0].bytes) == served.tok.token_bytes(int(chat.logprobs.content[0].token[9:]))

@@ -191,6 +191,8 @@ class _Sampling(_Strict):
     skip_special_tokens: bool = True
     # vLLM's: the stop string that ended a choice ends its text too (default: dropped, as OpenAI)
     include_stop_str_in_output: bool = False
+    # vLLM's: logprobs name tokens "token_id:{id}" (exact, where a part of a character reads U+FFFD)
+    return_tokens_as_token_ids: bool = False
     # vLLM's (and HF's, llama.cpp's) sampling extensions: over the prompt and the generated tokens; 1 / 0 = off.
     # float32's range: the factor multiplies fp32 logits (1e300 overflowed into a 500)
     repetition_penalty: Annotated[float, Field(allow_inf_nan=False), AfterValidator(_float32_positive)] = 1.0
@@ -356,6 +358,7 @@ class _Choice:
     stop_ids: tuple[int, ...]
     hidden_ids: tuple[int, ...] = ()  # generated, counted, but adding no text (skip_special_tokens)
     include_stop: bool = False  # include_stop_str_in_output
+    as_token_ids: bool = False  # return_tokens_as_token_ids
     text: str = ""
     tokens: int = 0
     finish_reason: str | None = None
@@ -629,7 +632,8 @@ class _Server:
                         min_p=float(req.min_p))
                     r = self.engine.submit(ids, params)
                     choices.append(_Choice(len(choices), i, r, TextStream(self.tokenizer, stop), stop_ids,
-                                           hidden_ids, req.include_stop_str_in_output))
+                                           hidden_ids, req.include_stop_str_in_output,
+                                           req.return_tokens_as_token_ids))
         except QueueFullError as e:
             for c in choices:
                 c.request.cancel()
@@ -724,8 +728,8 @@ class _Server:
                 c.request.unwatch(ready)
 
     # --- responses ------------------------------------------------------------------------------
-    def token_text(self, token: int) -> str:
-        return self.tokenizer.decode([token])
+    def token_text(self, token: int, as_id: bool = False) -> str:
+        return f"token_id:{token}" if as_id else self.tokenizer.decode([token])
 
     def echo_text(self, prompt: list[int]) -> tuple[str, list[int]]:
         """The prompt's text (``echo``: its decode, as vLLM echoes token ids) and where each of its
@@ -751,11 +755,12 @@ class _Server:
         out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
 
         def add(token: int, logprob: float | None, top: list[tuple[int, float]] | None, offset: int) -> None:
-            out["tokens"].append(self.token_text(token))
+            out["tokens"].append(self.token_text(token, c.as_token_ids))
             out["token_logprobs"].append(logprob)
             if top is not None:  # the chosen token last: its entry wins over another token of the same text
                 top = [*top, (token, logprob)]  # (U+FFFD: parts of characters)
-            out["top_logprobs"].append(None if top is None else {self.token_text(t): lp for t, lp in top})
+            out["top_logprobs"].append(None if top is None else {self.token_text(t, c.as_token_ids): lp
+                                                                 for t, lp in top})
             out["text_offset"].append(offset)
 
         if prompt is not None:
@@ -768,9 +773,9 @@ class _Server:
         c.logprobs, c.offsets = [], []
         return out if out["tokens"] else None
 
-    def chat_logprobs(self, evs: list[TokenEvent]) -> dict[str, Any]:
+    def chat_logprobs(self, evs: list[TokenEvent], as_token_ids: bool = False) -> dict[str, Any]:
         def entry(token: int, lp: float) -> dict[str, Any]:
-            text = self.token_text(token)
+            text = self.token_text(token, as_token_ids)
             # The token's own bytes (part of a character for some byte-level tokens, whose text is then
             # U+FFFD), as OpenAI gives them, so a client can join a split character back.
             return {"token": text, "logprob": lp, "bytes": list(self.tokenizer.token_bytes(token))}
@@ -1018,7 +1023,7 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig) -> FastAPI:
             def chunk(c: _Choice, piece: str, finish: str | None) -> dict[str, Any]:
                 lp = None
                 if req.logprobs and (finish is None or c.logprobs):  # (the final chunk: tokens without text)
-                    lp = server.chat_logprobs(c.logprobs)
+                    lp = server.chat_logprobs(c.logprobs, c.as_token_ids)
                     c.logprobs, c.offsets = [], []
                 delta = {"content": piece} if finish is None else {}
                 out = {**base, "choices": [{"index": c.index, "delta": delta, "logprobs": lp,
@@ -1037,7 +1042,7 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig) -> FastAPI:
         await _collect(server, request, choices, arrived)
         return JSONResponse({**base, "choices": [
             {"index": c.index, "message": {"role": "assistant", "content": c.text},
-             "logprobs": server.chat_logprobs(c.logprobs) if req.logprobs else None,
+             "logprobs": server.chat_logprobs(c.logprobs, c.as_token_ids) if req.logprobs else None,
              "finish_reason": c.finish_reason} for c in choices], "usage": server.usage(prompts, choices)})
 
     return app
