@@ -14,6 +14,7 @@ tokenizer stored with it.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +98,9 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     check it: the content hash where the file carries one (a torn or zero-filled copy fails it),
     and that every floating-point tensor is finite."""
     path = Path(path)
-    for _attempt in range(5):
+    for attempt in range(20):
+        if attempt:  # give a writer that is replacing the file back to back time to finish (<= ~0.8 s in all)
+            time.sleep(min(0.05, 0.001 * 2**attempt))
         try:
             before = path.stat().st_ino
         except FileNotFoundError:
