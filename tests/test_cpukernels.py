@@ -89,6 +89,22 @@ def test_int8_kernel_gives_each_row_the_same_bits_alone_or_in_any_batch() -> Non
 
 
 @needs_kernels
+def test_int8_kernel_activation_grid_rounds_half_to_even_exactly() -> None:
+    """Each activation row goes on its 15-bit grid by rounding half to even (the vectorized
+    conversion and the scalar tail alike), then the integer dot product is exact: the kernel's
+    output equals that computation redone here bit for bit, halfway values included."""
+    torch.manual_seed(5)
+    layer = Int8Linear.from_linear(nn.Linear(40, 24))  # 40 inputs: two 16-wide vector blocks and a scalar tail
+    x = torch.randint(-300, 300, (1, 40)).float() + 0.5  # every value a halfway point of the grid ...
+    x[0, 7] = 32767.0  # ... whose step is exactly 1 (max|x| = 32767)
+    q = torch.round(x * (32767.0 / 32767.0))  # torch.round: half to even
+    assert (q - x).abs().max() == 0.5 and not torch.equal(q, torch.trunc(x))
+    acc = (q.long() @ layer.int8_weight().long().T).double()  # exact integer sums
+    expected = (acc * 1.0 * layer.scales.double()).float() + layer.bias  # one rounding to fp32, then the bias
+    assert torch.equal(kernel(x, layer), expected)
+
+
+@needs_kernels
 def test_compiled_and_eager_int8_decode_run_the_kernel_and_match_the_fallback() -> None:
     """Every linear of a compiled one-row and batched decode step calls the kernel (one graph, no
     fallback to eager), eager steps too; the fallback (torch's kernels) gives the same greedy tokens."""

@@ -160,10 +160,12 @@ inline float to_float(T v) { return static_cast<float>(v); }
 template <typename T>
 float quantize_row(const T* x, int64_t stride, int64_t in, bool interleaved, int16_t* xq, float* tmp) {
   const int64_t quarter = in / 4;
-  for (int64_t i = 0; i < in; ++i) {
+  if (interleaved) {
     // Decode order (quantize._interleave): column 4k + j of the weight holds input j * in/4 + k.
-    const int64_t src = interleaved ? (i & 3) * quarter + (i >> 2) : i;
-    tmp[i] = to_float(x[src * stride]);
+    for (int64_t k = 0; k < quarter; ++k)
+      for (int64_t j = 0; j < 4; ++j) tmp[4 * k + j] = to_float(x[(j * quarter + k) * stride]);
+  } else {
+    for (int64_t i = 0; i < in; ++i) tmp[i] = to_float(x[i * stride]);
   }
   float amax = 0.f, poison = 0.f;
   for (int64_t i = 0; i < in; ++i) {
@@ -176,7 +178,19 @@ float quantize_row(const T* x, int64_t stride, int64_t in, bool interleaved, int
     return amax == 0.f && poison == 0.f ? 0.f : NAN;
   }
   const float inv = 32767.f / amax;
-  for (int64_t i = 0; i < in; ++i) xq[i] = static_cast<int16_t>(std::nearbyint(tmp[i] * inv));
+  // 16 at a time: vcvtps2dq rounds to nearest even (the default rounding mode), as nearbyint does,
+  // and |values| <= 32767, so the saturating pack to int16 is exact: the same grid as the scalar
+  // loop, whose libm nearbyint call per value cost ~20 ns (~35 us for a 1,536-wide row; ~0.1-0.3
+  // ms per 6x384 decode step of 25 calls).
+  const __m256 vinv = _mm256_set1_ps(inv);
+  int64_t i = 0;
+  for (; i + 16 <= in; i += 16) {
+    const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(tmp + i), vinv));
+    const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(tmp + i + 8), vinv));
+    // packs works per 128-bit lane, giving (a0 b0 a1 b1): reorder the 64-bit quarters to (a0 a1 b0 b1).
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + i), _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8));
+  }
+  for (; i < in; ++i) xq[i] = static_cast<int16_t>(std::nearbyint(tmp[i] * inv));
   return amax / 32767.f;
 }
 
