@@ -306,3 +306,23 @@ def test_serve_allowed_origins_and_the_folders_chat_template_reach_the_server(mo
     assert main(["serve", "--model", str(model_dir), "--device", "cpu", "--chat-template",
                  str(model_dir.parent / "t.jinja")]) == 0
     assert seen[-1]["chat_template_text"] is None and seen[-1]["chat_template"] == str(model_dir.parent / "t.jinja")
+
+
+@pytest.mark.parametrize("stream", [[], ["--stream"]])
+def test_sample_stops_at_the_model_folders_eos_ids(model_dir: Path, stream: list[str], capsys) -> None:
+    """As HF's generate and vLLM: a folder's generation_config.json eos_token_id (an id or a list; a
+    ChatML fine-tune's <|im_end|>) ends a sample, as end-of-text does (before: only end-of-text, so
+    a chat fine-tune's reply ran on into a made-up next turn). Ids outside the vocabulary are
+    ignored (the server's rule)."""
+    from gpt2model.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    command = ["sample", "--model", str(model_dir), "--device", "cpu", "--prompt", "To be", "--temperature", "0",
+               "--max-new-tokens", "20", *stream]
+    assert main(command) == 0
+    cont = capsys.readouterr().out.rstrip("\n")[len("To be"):]
+    assert len(cont) == 20
+    stop = next((c for c in cont if c != cont[0]), cont[0])
+    (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [10**6, *tok.encode(stop)]}))
+    assert main(command) == 0
+    assert capsys.readouterr().out.rstrip("\n") == "To be" + cont[:cont.index(stop)]

@@ -1336,3 +1336,47 @@ def test_sample_cli_on_a_model_with_more_rows_than_its_tokenizer(tmp_path, capsy
         assert main([*args, *extra]) == 0, extra
         out = capsys.readouterr().out
         assert out.startswith("ROMEO:") and len(out.split("---------------\n")[0]) == len("ROMEO:") + 40 + 1, extra
+
+
+@pytest.mark.parametrize("late", [False, True])
+def test_a_sequence_of_eos_ids_ends_each_row_at_the_first_of_any(late: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``eot_id`` may be a list of ids (a ChatML fine-tune's generation_config eos_token_id, e.g.
+    [<|im_end|>, <|endoftext|>], as HF's generate takes it): a row ends at the first of any of
+    them, a finished row is padded with the first one, stream_text stops there, and the compiled
+    step gives the same tokens (before: a TypeError, '<=' not supported for a list). An int, a
+    numpy integer and a 0-d tensor stay one id."""
+    np = pytest.importorskip("numpy")
+    if late:
+        monkeypatch.setattr(gen_mod, "READ_DONE_LATE_ON", ("cpu", "cuda"))
+    model = tiny(GPTconfig(context_length=64, vocab_size=50, n_layer=2, n_head=2, d_model=32), seed=1)
+    prompts = [[5], [1, 2, 3, 4]]
+    free = generate(model, prompts, 20, seed=3, top_k=10)
+    conts = [free[0][1:], free[1][4:]]
+    a, b = conts[0][first_new_token(conts[0])], conts[1][first_new_token(conts[1])]
+    assert a != b
+    ends = [next(i + 1 for i, t in enumerate(c) if t in (a, b)) for c in conts]
+    want = [p + c[:e] for p, c, e in zip(prompts, conts, ends, strict=True)]
+    assert generate(model, prompts, 20, seed=3, top_k=10, eot_id=[b, a, b]) == want
+    assert generate(model, prompts, 20, seed=3, top_k=10, eot_id=(a, b), compile=True) == want
+    x = torch.tensor([[5, 5, 5, 5], [1, 2, 3, 4]])
+    out = generate(model, x, 20, seed=3, top_k=10, eot_id=torch.tensor([b, a]))[:, 4:].tolist()
+    free_t = generate(model, x, 20, seed=3, top_k=10)[:, 4:].tolist()
+    ends_t = [next((i + 1 for i, t in enumerate(c) if t in (a, b)), 20) for c in free_t]
+    assert len(out[0]) == max(ends_t)
+    for row, f, e in zip(out, free_t, ends_t, strict=True):
+        assert row[:e] == f[:e] and row[e:] == [b] * (len(row) - e)  # padded with the first id
+    tok = CharDecoder()
+    text = "".join(stream_text(model, tok, [1, 2, 3, 4], 20, seed=4, top_k=10, eot_id=[a, b]))  # row 1: seed 3 + 1
+    assert text == tok.decode(conts[1][:ends[1] - 1])  # the eos id itself is not text
+    for one in (a, np.int64(a), torch.tensor(a)):
+        assert generate(model, prompts, 20, seed=3, top_k=10, eot_id=one)[0] == generate(
+            model, prompts, 20, seed=3, top_k=10, eot_id=[a])[0]
+
+
+@pytest.mark.parametrize("eot_id, fragment", [
+    ([3, 50], "eot_id 50 is not a token id"), ([-1], "eot_id -1 is not a token id"),
+    ("x", "eot_id must be a token id or a sequence"), (True, "eot_id must be"), ([1.0], "eot_id must be"),
+])
+def test_bad_eos_ids_are_one_clear_error(eot_id: object, fragment: str) -> None:
+    with pytest.raises(ValueError, match=fragment):
+        generate(tiny(), [[1, 2]], 3, eot_id=eot_id)

@@ -12,6 +12,7 @@ import argparse
 import math
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .fileio import DiskFullError, FolderBusyError
 
@@ -187,7 +188,9 @@ def _load(args: argparse.Namespace):  # noqa: ANN202 - (GPT, tokenizer)
 def _add_sample(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="generate text from a model (ours or HF GPT-2)",
                        description="Sample continuations of a prompt with a KV-cached decoder. Stops at the "
-                       "tokenizer's end-of-text token. Temperature 0 is greedy decoding.")
+                       "tokenizer's end-of-text token and at a model folder's end-of-sequence ids "
+                       "(generation_config.json's eos_token_id, else config.json's; e.g. a ChatML fine-tune's "
+                       "<|im_end|>), as HF's generate and vLLM do. Temperature 0 is greedy decoding.")
     p.add_argument("--model", required=True, help="a model folder (ours or HF GPT-2) or a hub name (gpt2, ...)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", default=None,
@@ -218,6 +221,7 @@ def _run_sample(args: argparse.Namespace) -> int:
 
     from .fileio import read_text_file
     from .generate import check_sampling_args, prompt_ids_for, sample_texts, stream_text
+    from .hf import find_eos_ids
 
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
@@ -226,8 +230,12 @@ def _run_sample(args: argparse.Namespace) -> int:
     model, tokenizer = _load(args)
     text = read_text_file(args.prompt_file, "--prompt-file") if args.prompt_file is not None else args.prompt
     prompt, prompt_ids = prompt_ids_for(tokenizer, text)
+    # End-of-text and the folder's eos ids (those of this vocabulary: the server's rule)
+    eos = (() if tokenizer.eot is None else (tokenizer.eot,)) + tuple(
+        t for t in (find_eos_ids(args.model) if Path(args.model).expanduser().is_dir() else ())
+        if 0 <= t < model.config.vocab_size)
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   repetition_penalty=args.repetition_penalty, min_p=args.min_p, eot_id=tokenizer.eot,
+                   repetition_penalty=args.repetition_penalty, min_p=args.min_p, eot_id=eos or None,
                    compile=args.compile, stop_strings=args.stop)
     separator = "---------------"
     if args.stream:

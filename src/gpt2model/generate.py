@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import codecs
 import math
+import operator
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -702,7 +703,7 @@ def base_seed(seed: int | None, generator: torch.Generator | None) -> int:
 def stream(model: GPT, input_ids: torch.Tensor | Sequence[Sequence[int]], max_new_tokens: int, *,
            temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
            repetition_penalty: float = 1.0, min_p: float | None = None, seed: int | None = None,
-           generator: torch.Generator | None = None, eot_id: int | None = None,
+           generator: torch.Generator | None = None, eot_id: int | Sequence[int] | None = None,
            stop_strings: Sequence[str] | None = None, tokenizer: Decoder | None = None,
            compile: bool = False, vocab_limit: int | None = None, _views: bool = False) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, ``(B,)`` int64 on the model's device, as it is produced.
@@ -714,14 +715,16 @@ def stream(model: GPT, input_ids: torch.Tensor | Sequence[Sequence[int]], max_ne
     with seed ``seed + i``, so a row gives the same tokens alone (seeded ``seed + i``) or in any
     batch, on any device (for the same logits). ``generator`` (deprecated) seeds from a
     ``torch.Generator``; with neither, a seed is drawn from torch's global generator. A row is
-    finished when it produces ``eot_id`` or when its text (one :class:`TextStream` per row, decoded
-    with ``tokenizer``) completes one of ``stop_strings``; finished rows keep yielding ``eot_id`` (0
-    when there is none) and the loop ends when every row is finished or after ``max_new_tokens``
-    steps. ``compile=True`` compiles the decode step (:func:`compiled_decode_step`; falls back to
-    eager with a warning where that fails). ``vocab_limit`` (the tokenizer's ``vocab_size``): never
-    draw an id >= it (:func:`limit_vocab`; :func:`stream_text` and :func:`sample_texts` set it from
-    their tokenizer). Windows: see the module docstring. The model's KV cache
-    is in use until the iterator ends or is closed: one generation per model at a time. (``_views``,
+    finished when it produces ``eot_id`` (one id, or a sequence of ids any of which finishes it: a
+    model folder's ``eos_token_id`` list, as HF's ``generate`` takes) or when its text (one
+    :class:`TextStream` per row, decoded with ``tokenizer``) completes one of ``stop_strings``;
+    finished rows keep yielding ``eot_id`` (its first id; 0 when there is none) and the loop ends
+    when every row is finished or after ``max_new_tokens`` steps. ``compile=True`` compiles the
+    decode step (:func:`compiled_decode_step`; falls back to eager with a warning where that
+    fails). ``vocab_limit`` (the tokenizer's ``vocab_size``): never draw an id >= it
+    (:func:`limit_vocab`; :func:`stream_text` and :func:`sample_texts` set it from their
+    tokenizer). Windows: see the module docstring. The model's KV cache is in use until the
+    iterator ends or is closed: one generation per model at a time. (``_views``,
     for :func:`generate`: yield views of the step buffers, valid until the next generation on the model.)
     """
     check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty=repetition_penalty,
@@ -734,8 +737,7 @@ def stream(model: GPT, input_ids: torch.Tensor | Sequence[Sequence[int]], max_ne
     device = model.device
     V = model.config.vocab_size
     prompt, prompt_valid = _as_padded_batch(input_ids, V, device)
-    if eot_id is not None and not 0 <= eot_id < V:
-        raise ValueError(f"eot_id {eot_id} is not a token id of this model (vocab_size {V})")
+    eos = eos_ids(eot_id, V)
     seeds = row_seeds(base_seed(seed, generator), prompt.size(0), device)
     C = model.config.context_length
     if prompt.size(1) > C and max_new_tokens > 0:
@@ -747,7 +749,29 @@ def stream(model: GPT, input_ids: torch.Tensor | Sequence[Sequence[int]], max_ne
     # No limit when it keeps every row: exactly the step (and compiled graph) without one.
     limit = vocab_limit if vocab_limit is not None and vocab_limit < V else None
     sampling = _Sampling(temperature, top_k, top_p, repetition_penalty, min_p, limit)
-    return _steps(model, prompt, prompt_valid, max_new_tokens, sampling, seeds, eot_id, texts, compile, not _views)
+    return _steps(model, prompt, prompt_valid, max_new_tokens, sampling, seeds, eos, texts, compile, not _views)
+
+
+def eos_ids(eot_id: int | Sequence[int] | None, vocab_size: int | None = None) -> tuple[int, ...]:
+    """The ids that finish a row, from ``eot_id``: None (none), one id, or a sequence of ids (HF's
+    ``eos_token_id``: an int or a list), duplicates dropped; each must be a token id of a model of
+    ``vocab_size`` ids (when given)."""
+    if eot_id is None:
+        return ()
+    try:
+        try:
+            items = [operator.index(eot_id)]  # one id (an int, a numpy or 0-d tensor integer)
+        except TypeError:
+            items = list(eot_id)  # type: ignore[arg-type]
+        if isinstance(eot_id, bool) or any(isinstance(t, bool) for t in items):
+            raise TypeError
+        out = [operator.index(t) for t in items]
+    except TypeError:
+        raise ValueError(f"eot_id must be a token id or a sequence of token ids, got {eot_id!r}") from None
+    for t in out:
+        if vocab_size is not None and not 0 <= t < vocab_size:
+            raise ValueError(f"eot_id {t} is not a token id of this model (vocab_size {vocab_size})")
+    return tuple(dict.fromkeys(out))
 
 
 class _Sampling:
@@ -796,8 +820,9 @@ class _Buffers:
     caches are kept on the model for the next generation of the same shapes (see :func:`_steps`),
     since new addresses would make torch record the graph again."""
 
-    def __init__(self, B: int, max_len: int, capacity: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.key = (B, max_len, capacity, dtype, device)
+    def __init__(self, B: int, max_len: int, capacity: int, dtype: torch.dtype, device: torch.device,
+                 n_eos: int = 1) -> None:
+        self.key = (B, max_len, capacity, dtype, device, n_eos)
         self.limit = capacity  # the most new tokens; the buffer starts at most PREALLOCATED_NEW_TOKENS long
         self.out = torch.zeros(B, min(capacity, PREALLOCATED_NEW_TOKENS), dtype=torch.long, device=device)
         # Slot s of row b is visible (0) once written and not padding; else -inf.
@@ -807,7 +832,9 @@ class _Buffers:
         self.counters = torch.zeros(2, dtype=torch.long, device=device)
         self.seeds = torch.zeros(B, dtype=torch.long, device=device)
         self.done = torch.zeros(B, dtype=torch.bool, device=device)  # rows finished (eot / stop string)
-        self.eot = torch.full((1,), -1, dtype=torch.long, device=device)  # -1: no end-of-text id
+        # The ids that finish a row (-1: none); the first one pads finished rows. Its length is
+        # static in a compiled step (one graph per number of ids).
+        self.eot = torch.full((n_eos,), -1, dtype=torch.long, device=device)
         self.finished = torch.zeros(1, dtype=torch.bool, device=device)  # every row done
         self.caches: list[Any] | None = None  # the KV caches, kept between generations (CUDA graphs)
         # Repetition penalty (made by ``use_penalty`` when a generation asks for one): the factor
@@ -854,14 +881,15 @@ class _Buffers:
 def _record(out: torch.Tensor, step: torch.Tensor, done: torch.Tensor, eot: torch.Tensor, finished: torch.Tensor,
             token: torch.Tensor, penalty: torch.Tensor | None = None, repeat: torch.Tensor | None = None) -> None:
     """Store new token ``step`` ``(1,)`` of every row ``(B,)`` in ``out``: rows already finished get
-    the end-of-text id (0 without one), a row that drew the end-of-text id is finished, and
+    the (first) end-of-text id (0 without one), a row that drew one of the ids of ``eot`` ``(E,)``
+    is finished, and
     ``finished`` says whether every row is. With a repetition penalty, the token's factor in
     ``penalty`` ``(B, V)`` becomes the row's ``repeat`` ``(B, 1)``."""
-    token = torch.where(done, eot.clamp(min=0), token)
+    token = torch.where(done, eot[:1].clamp(min=0), token)
     out.index_copy_(1, step, token[:, None])
     if penalty is not None:
         penalty.scatter_(1, token[:, None], repeat)
-    done |= token == eot
+    done |= (token[:, None] == eot).any(dim=1)
     finished.copy_(done.all().view(1))
 
 
@@ -896,7 +924,7 @@ class _Window:
     the attention mask is one additive float buffer in the model's dtype, updated in place."""
 
     def __init__(self, model: GPT, prompt: torch.Tensor, prompt_valid: torch.Tensor, bufs: _Buffers,
-                 seeds: torch.Tensor, eot_id: int | None, repetition_penalty: float = 1.0) -> None:
+                 seeds: torch.Tensor, eos: tuple[int, ...], repetition_penalty: float = 1.0) -> None:
         self.model, self.bufs = model, bufs
         self.prompt, self.prompt_valid = prompt, prompt_valid
         self.P = prompt.size(1)
@@ -904,7 +932,10 @@ class _Window:
         self.start = 0  # the window is tokens[:, start:n] of prompt + new tokens; its slots are 0 .. n-start-1
         bufs.seeds.copy_(seeds)
         bufs.done.zero_()
-        bufs.eot.fill_(-1 if eot_id is None else eot_id)
+        if eos:  # (a host-to-device copy, once per generation)
+            bufs.eot.copy_(torch.tensor(eos, dtype=torch.long))
+        else:
+            bufs.eot.fill_(-1)
         bufs.use_penalty(repetition_penalty, prompt, prompt_valid, model.config.vocab_size)
 
     @property
@@ -999,41 +1030,41 @@ class _LateFlag:
 KEEP_STEP_BUFFERS_ON = ("cuda",)
 
 
-def _buffers(model: GPT, B: int, max_len: int, capacity: int, kept: bool) -> _Buffers:
+def _buffers(model: GPT, B: int, max_len: int, capacity: int, kept: bool, n_eos: int = 1) -> _Buffers:
     """The step buffers of a generation: those kept on ``model`` by the last one when ``kept`` and
     the shapes match (CUDA graphs: same addresses, no new recording), else new ones."""
-    key = (B, max_len, capacity, model.dtype, model.device)
+    key = (B, max_len, capacity, model.dtype, model.device, n_eos)
     last = model.__dict__.pop("_decode_buffers", None)
     if kept and last is not None and last.key == key:
         return last
-    return _Buffers(B, max_len, capacity, model.dtype, model.device)
+    return _Buffers(B, max_len, capacity, model.dtype, model.device, n_eos)
 
 
 @torch.no_grad()
 def _steps(model: GPT, prompt: torch.Tensor, prompt_valid: torch.Tensor, max_new_tokens: int, sampling: _Sampling,
-           seeds: torch.Tensor, eot_id: int | None, texts: list[TextStream] | None, compile: bool,
+           seeds: torch.Tensor, eos: tuple[int, ...], texts: list[TextStream] | None, compile: bool,
            copy: bool = True) -> Iterator[torch.Tensor]:
     """The generation loop of :func:`stream` on a validated, left-padded prompt. Each step is one
     call of :func:`generation_step` (compiled: one graph); the host reads the device only to stop
-    at ``eot_id`` or a stop string. ``copy=False``: yield views of the step buffers (valid until
+    at one of the ids ``eos`` or a stop string. ``copy=False``: yield views of the step buffers (valid until
     the next generation on ``model``; :func:`generate` stacks them at the end)."""
     if max_new_tokens == 0:
         return
     C = model.config.context_length
     B, P = prompt.shape
     max_len = min(C, P + max_new_tokens - 1)  # the last sampled token is never fed back
-    check_done = eot_id is not None or texts is not None
+    check_done = bool(eos) or texts is not None
     step_fn = step_for(model, compile, generation_step)
     # Under CUDA graphs the buffers and KV caches stay on the model for the next generation of
     # these shapes; the new-token buffer is rounded up to a power of two so that nearby lengths
     # share one graph.
     kept = step_fn is not generation_step and model.device.type in KEEP_STEP_BUFFERS_ON
     capacity = 1 << (max_new_tokens - 1).bit_length() if kept else max_new_tokens
-    bufs = _buffers(model, B, max_len, capacity, kept)
-    window = _Window(model, prompt, prompt_valid, bufs, seeds, eot_id, sampling.repetition_penalty)
+    bufs = _buffers(model, B, max_len, capacity, kept, max(1, len(eos)))
+    window = _Window(model, prompt, prompt_valid, bufs, seeds, eos, sampling.repetition_penalty)
     # Stopping at eot on an asynchronous device (no stop strings: their check needs every token's
     # value at once): whether every row is done is read one step late, so the device is never idle.
-    late = _LateFlag(bufs.finished) if eot_id is not None and texts is None and \
+    late = _LateFlag(bufs.finished) if eos and texts is None and \
         model.device.type in READ_DONE_LATE_ON else None
     check_inputs = model.check_inputs
     model.setup_cache(B, max_len, caches=bufs.caches)
@@ -1097,24 +1128,24 @@ def generate(model: GPT, input_ids: torch.Tensor | Sequence[Sequence[int]], max_
     """Continue each prompt by up to ``max_new_tokens`` tokens and return prompt + continuation.
 
     For a ``(B, T)`` tensor the result is a ``(B, T + n)`` tensor, ``n <= max_new_tokens`` (fewer
-    when every row stopped early; rows that stopped earlier are padded with ``eot_id``). For a list
-    of prompts it is a list of lists, each row ending at its stop token (``eot_id`` included, as
-    HF does). Keyword arguments are those of :func:`stream` (``temperature=0`` is greedy).
+    when every row stopped early; rows that stopped earlier are padded with ``eot_id``, its first
+    id for a sequence). For a list of prompts it is a list of lists, each row ending at its stop
+    token (one of ``eot_id``, included, as HF does). Keyword arguments are those of :func:`stream`
+    (``temperature=0`` is greedy).
     """
     new = list(stream(model, input_ids, max_new_tokens, _views=True, **kwargs))  # stacked below: no copy per token
     is_tensor = isinstance(input_ids, torch.Tensor)
     if is_tensor:
         prompt = input_ids.to(device=model.device, dtype=torch.long)
         return torch.cat([prompt, torch.stack(new, dim=1)], dim=1) if new else prompt
-    eot_id = kwargs.get("eot_id")
+    eos = set(eos_ids(kwargs.get("eot_id")))
     stops = kwargs.get("stop_strings") or []
     tokenizer = kwargs.get("tokenizer")
     cont = torch.stack(new, dim=1).tolist() if new else [[] for _ in input_ids]
     out = []
     for prompt_row, row in zip(input_ids, cont, strict=True):
         end = len(row)
-        if eot_id is not None and eot_id in row:
-            end = row.index(eot_id) + 1
+        end = next((i + 1 for i, t in enumerate(row) if t in eos), end)
         if stops:
             end = min(end, _stop_end(row[:end], TextStream(tokenizer, stops)))
         out.append([int(t) for t in prompt_row] + row[:end])
@@ -1137,8 +1168,9 @@ def stream_text(model: GPT, tokenizer: Any, prompt: str | Sequence[int], max_new
 
     A piece is held back while it may still change (see :class:`TextStream`): bytes of an
     incomplete UTF-8 character and a tail that could be the start of a stop string. Generation
-    stops at the tokenizer's end-of-text token (not yielded) or at a stop string (the text before
-    it is yielded, the stop string is not). Other keyword arguments are those of :func:`stream`.
+    stops at the tokenizer's end-of-text token or another id of ``eot_id`` (not yielded) or at a
+    stop string (the text before it is yielded, the stop string is not). Other keyword arguments
+    are those of :func:`stream`.
     """
     if isinstance(prompt, str):
         if not prompt:
@@ -1149,10 +1181,10 @@ def stream_text(model: GPT, tokenizer: Any, prompt: str | Sequence[int], max_new
     text = TextStream(tokenizer, [s for s in (stop_strings or []) if s])
     kwargs.setdefault("eot_id", getattr(tokenizer, "eot", None))
     kwargs.setdefault("vocab_limit", getattr(tokenizer, "vocab_size", None))  # only ids it can decode
-    eot_id = kwargs["eot_id"]
+    eos = set(eos_ids(kwargs["eot_id"]))
     for token in stream(model, [prompt_ids], max_new_tokens, **kwargs):
         t = int(token[0])
-        if t == eot_id:
+        if t in eos:
             break
         piece = text.push(t)
         if piece:
@@ -1182,19 +1214,20 @@ def sample_texts(model: GPT, tokenizer: Any, prompt_ids: Sequence[int], num_samp
                  stop_strings: Sequence[str] = (), **kwargs: Any) -> list[str]:
     """``num_samples`` finished continuations of one prompt, generated as one batch (what
     ``gpt2 sample`` prints after the prompt): each ends before the end-of-text token or before
-    its first stop string. Other keyword arguments are those of :func:`stream`."""
+    its first stop string (or another id of ``eot_id``). Other keyword arguments are those of
+    :func:`stream`."""
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
     stops = [s for s in stop_strings if s]
     kwargs.setdefault("eot_id", getattr(tokenizer, "eot", None))
     kwargs.setdefault("vocab_limit", getattr(tokenizer, "vocab_size", None))  # only ids it can decode
-    eot_id = kwargs["eot_id"]
+    eos = set(eos_ids(kwargs["eot_id"]))
     rows = generate(model, [list(prompt_ids)] * num_samples, max_new_tokens, stop_strings=stops,
                     tokenizer=tokenizer, **kwargs)
     texts = []
     for row in rows:
         text = TextStream(tokenizer, stops)
         new = row[len(prompt_ids):]
-        parts = [text.push(t) for t in new if t != eot_id]
+        parts = [text.push(t) for t in new if t not in eos]
         texts.append("".join(parts) + text.flush())
     return texts
