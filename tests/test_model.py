@@ -218,3 +218,37 @@ def test_ids_of_any_integer_dtype_work_and_nanogpts_targets_get_a_clear_error() 
         assert torch.equal(model(x.to(dtype)), model(x))
     with pytest.raises(ValueError, match=r"model.loss\(idx, targets\)"):
         model(x, x)
+
+
+def test_targets_outside_the_vocabulary_are_one_clear_error_unless_checks_are_off() -> None:
+    """A target id outside [0, vocab_size) other than -100 (a dataset of another tokenizer, -1 as
+    padding) was torch's opaque "index -1 is out of bounds" RuntimeError (a device assert on CUDA;
+    a fused kernel reads past the logits): now one ValueError naming the ids and the vocabulary
+    size. ``check_inputs = False`` (the trainer's: no host sync per step) skips it, as it skips the
+    input ids' range check. Integer targets of any dtype work, as input ids do."""
+    torch.manual_seed(0)
+    model = GPT(TINY)
+    x = torch.randint(0, TINY.vocab_size, (2, 6))
+    want = model.loss(x, x)
+    for dtype in (torch.int32, torch.int16, torch.uint8):
+        assert torch.equal(model.loss(x, x.to(dtype)), want)
+    for bad, shown in (([-1, 7], "-1"), ([50, 3, 99, 50], "50, 99")):
+        tgt = x.clone()
+        tgt[0, :len(bad)] = torch.tensor(bad)
+        for call in (lambda t: model.loss(x, t), lambda t: model(x, targets=t)):
+            with pytest.raises(ValueError, match=rf"outside \[0, 50\) \(this model's vocab_size 50\): {shown};"):
+                call(tgt)
+    tgt = x.clone()
+    tgt[0, 0] = -5
+    assert torch.isfinite(model.loss(x, tgt, ignore_index=-5))  # the caller's ignore index counts as ignored
+    with pytest.raises(ValueError, match="targets must be a tensor of integer token ids"):
+        model.loss(x, x.float())
+    model.check_inputs = False
+    calls = []
+    real = torch.aminmax
+    try:
+        torch.aminmax = lambda *a, **k: calls.append(1) or real(*a, **k)
+        model.loss(x, x)
+    finally:
+        torch.aminmax = real
+    assert calls == []  # no range check (no host sync) with the checks off

@@ -612,9 +612,7 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if targets is not None:
             # Training goes through forward (DDP and torch.compile wrap forward), so the loss is here.
-            if targets.shape != input_ids.shape:
-                raise ValueError(f"targets must have the shape of input_ids {tuple(input_ids.shape)}, "
-                                 f"got {tuple(targets.shape)}")
+            targets = self._checked_targets(targets, input_ids.shape)
             if type(self.lm_head) is nn.Linear:
                 return linear_cross_entropy(x, self.lm_head.weight, targets)
             return next_token_loss(self.lm_head(x), targets)  # a swapped-in head (e.g. quantized): its own matmul
@@ -671,6 +669,30 @@ class GPT(nn.Module):
         if ignore_index != -100:
             targets = targets.masked_fill(targets == ignore_index, -100)
         return self(input_ids, targets=targets)
+
+    def _checked_targets(self, targets: Any, shape: torch.Size) -> torch.Tensor:
+        """``targets`` checked as the loss reads them: integer ids of ``shape``, each in ``[0,
+        vocab_size)`` or -100 (ignored), as int64. The range check (a device-to-host sync) follows
+        ``check_inputs``, as the input ids' does; out of range, cross-entropy fails with an opaque
+        device error or, in a fused kernel, reads past the logits."""
+        if not isinstance(targets, torch.Tensor) or targets.dtype.is_floating_point or targets.dtype.is_complex \
+                or targets.dtype == torch.bool:
+            what = f"dtype {targets.dtype}" if isinstance(targets, torch.Tensor) else type(targets).__name__
+            raise ValueError(f"targets must be a tensor of integer token ids (torch.long), got {what}")
+        if targets.shape != shape:
+            raise ValueError(f"targets must have the shape of input_ids {tuple(shape)}, got {tuple(targets.shape)}")
+        if targets.dtype != torch.int64:  # cross-entropy indexes with int64 only
+            targets = targets.long()
+        if self.check_inputs:
+            V = self.config.vocab_size
+            lo, hi = (int(t) for t in torch.aminmax(targets.masked_fill(targets == -100, 0)))
+            if lo < 0 or hi >= V:
+                bad = targets[(targets != -100) & ((targets < 0) | (targets >= V))].unique()
+                shown = ", ".join(str(int(t)) for t in bad[:8]) + (", ..." if bad.numel() > 8 else "")
+                raise ValueError(f"targets hold ids outside [0, {V}) (this model's vocab_size {V}): {shown}; a "
+                                 f"target must be a token id of the model's vocabulary, or -100 (the ignore "
+                                 f"index) for a position that does not count")
+        return targets
 
     def _check_input_ids(self, input_ids: torch.Tensor) -> None:
         check_token_ids(input_ids, self.config.vocab_size, check_range=self.check_inputs)
