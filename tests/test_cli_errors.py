@@ -326,3 +326,31 @@ def test_sample_stops_at_the_model_folders_eos_ids(model_dir: Path, stream: list
     (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [10**6, *tok.encode(stop)]}))
     assert main(command) == 0
     assert capsys.readouterr().out.rstrip("\n") == "To be" + cont[:cont.index(stop)]
+
+
+def test_resuming_refuses_a_dataset_tokenized_for_another_model(tmp_path: Path, monkeypatch, capsys) -> None:
+    """`train --resume --data D2` with D2 prepared by another tokenizer of the same size (two char
+    datasets of 4 different characters) trained on silently, each id now another character, and
+    replaced the run folder's tokenizer with D2's: the saved model then decoded as neither. Resuming
+    on another dataset of the SAME tokenizer stays allowed."""
+    for name, text in (("a", "abcd " * 200), ("b", "wxyz " * 200), ("a2", "dcba " * 200)):
+        (tmp_path / f"{name}.txt").write_text(text)
+        assert main(["prepare", str(tmp_path / f"{name}.txt"), "--out", str(tmp_path / name), "--tokenizer",
+                     "char", "--quiet"]) == 0
+    run = ["train", "--out", str(tmp_path / "run"), "--n-layer", "1", "--n-head", "1", "--d-model", "8",
+           "--context-length", "8", "--batch-size", "2", "--eval-interval", "2", "--eval-steps", "1",
+           "--warmup-steps", "1", "--device", "cpu"]
+    assert main([*run, "--data", str(tmp_path / "a"), "--max-steps", "2"]) == 0
+    spec = (tmp_path / "run" / "tokenizer_spec.json").read_text()
+    capsys.readouterr()
+    assert main([*run, "--data", str(tmp_path / "b"), "--max-steps", "4", "--resume"]) == 2
+    assert "not with the tokenizer of the run being resumed" in capsys.readouterr().err
+    assert (tmp_path / "run" / "tokenizer_spec.json").read_text() == spec
+    import types
+
+    import gpt2model.train as train_mod
+
+    ran = []  # the check is train()'s, before the loop: stub out only the loop
+    monkeypatch.setattr(train_mod, "_train", lambda cfg, *a: ran.append(cfg) or types.SimpleNamespace(
+        step=4, best_val_loss=0.0))
+    assert main([*run, "--data", str(tmp_path / "a2"), "--max-steps", "4", "--resume"]) == 0 and len(ran) == 1

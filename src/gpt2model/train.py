@@ -36,6 +36,7 @@ from .device import DeviceSetup, measure_matmul_peak, setup_device
 from .model import GPT
 from .runfolder import (
     PLOT_FILE,
+    TRAINING_STATE_FILE,
     best_so_far,
     check_out,
     clean_up_after_kill,
@@ -169,9 +170,10 @@ def _check_data(data: Any, context_length: int, data_dir: str) -> None:
                              f"more data")
 
 
-def _check_init_tokenizer(data: str, init_from: str) -> None:
-    """Fine-tuning reads the dataset's ids as the loaded model's tokens: refuse a dataset prepared
-    with another tokenizer (a char dataset for GPT-2 trained silently: its ids are in range)."""
+def _check_init_tokenizer(data: str, init_from: str, source: str = "--init-from") -> None:
+    """Fine-tuning (and resuming: ``source`` "the run being resumed", the run folder's tokenizer)
+    reads the dataset's ids as the loaded model's tokens: refuse a dataset prepared with another
+    tokenizer (a char dataset for GPT-2 trained silently: its ids are in range)."""
     from .tokenizer import GPT2_VOCAB_SIZE, load_tokenizer, same_ids
 
     if not Path(data).expanduser().is_dir() or not Path(init_from).expanduser().is_dir():
@@ -184,7 +186,7 @@ def _check_init_tokenizer(data: str, init_from: str) -> None:
         model_tok = load_tokenizer("gpt2")
     data_tok = open_dataset(data).tokenizer()
     if not same_ids(data_tok, model_tok):
-        raise ValueError(f"--data {data} was tokenized with {data_tok!r}, not with the tokenizer of --init-from "
+        raise ValueError(f"--data {data} was tokenized with {data_tok!r}, not with the tokenizer of {source} "
                          f"{init_from} ({model_tok!r}): the model would read its ids as other tokens. Prepare the "
                          f"text with 'gpt2 prepare ... --tokenizer {init_from}'")
 
@@ -205,6 +207,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     cfg.check_paths()
     if cfg.init_from != "scratch" and not cfg.resume:
         _check_init_tokenizer(cfg.data, cfg.init_from)
+    if cfg.resume and (Path(cfg.out).expanduser() / TRAINING_STATE_FILE).is_file():
+        # Resuming on another dataset is fine, on one of another tokenizer silently garbage
+        _check_init_tokenizer(cfg.data, cfg.out, "the run being resumed, --out")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     setup = setup_device(cfg.device, cfg.dtype, tf32=True)  # TF32 is fine for gradient steps
