@@ -81,6 +81,17 @@ def test_int8_kernel_gives_each_row_the_same_bits_alone_or_in_any_batch() -> Non
                 assert torch.equal(kernel(torch.cat([neighbours, x[r:r + 1]]), layer)[-1], together[r])
     finally:
         torch.set_num_threads(threads)
+    # A call big enough to be split between threads (>= 4 MB of weights: cpukernels.cpp's
+    # SERIAL_BELOW_BYTES; smaller ones run on one thread) gives the same bits too.
+    big = Int8Linear.from_weight(torch.randn(4099, 1024))
+    xb = torch.randn(1, 1024)
+    try:
+        torch.set_num_threads(1)
+        one = kernel(xb, big)
+        torch.set_num_threads(2)
+        assert torch.equal(kernel(xb, big), one)
+    finally:
+        torch.set_num_threads(threads)
     # inf or NaN in a row shows in its outputs, as in a float matmul; other rows are unaffected.
     bad = x[:3].clone()
     bad[1, 7] = float("inf")

@@ -40,6 +40,17 @@ constexpr int64_t CHUNK = 4096;  // inputs summed in int32 lanes before they are
 // 2 streams 1.2-1.3; software prefetching 256-2048 bytes ahead made no difference beyond noise.
 constexpr int64_t STREAMS = 4;
 
+// A call whose weight bytes x rows are below this runs on the calling thread alone, whatever
+// torch.get_num_threads() says. On the 2-core AVX2 EPYC one thread already streams ~20 GB/s of the
+// ~26 GB/s two reach, so a decode step's body matrices (a 1,536 x 384 int8 one: 0.058 ms at 1 and
+// at 2 threads) gain nothing from a second thread, while each parallel region is a fork and a join:
+// waking the other thread, and on a busy machine waiting for it to be scheduled. Measured (6x384
+// BPE, compiled batch-1 step, 2 threads, wall, best / median of 5): quiet, int8 2.34 / 2.52 ms vs
+// 2.40 / 2.52 splitting every matrix, fp32 6.41 / 6.75 vs 7.52 / 7.88; at load ~3.5, int8 7.2-8.6 /
+// 11.6-13.0 vs 9.7-12.0 / 15.1-16.3. The 50,257-row head (19 MB in int8) and GPT-2 124M's fp32
+// matrices (>= 7 MB), and steps of several rows (compute-bound), are still split.
+constexpr int64_t SERIAL_BELOW_BYTES = int64_t(4) << 20;
+
 std::atomic<int64_t> g_calls{0};
 
 inline int64_t hsum_epi32(__m256i v) {
@@ -235,9 +246,10 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
 
   // Blocks b = 0..nb-1 take rows b, nb + b, 2nb + b, 3nb + b; the last out % 4 rows go one at a time.
   const int64_t nb = out / STREAMS;
-  // Threads (torch.get_num_threads()) split the blocks; a part of at least ~64 KB of weights each,
-  // so small matrices are not split into pieces cheaper than waking a thread.
-  const int64_t grain = std::max<int64_t>(1, (64 * 1024) / (STREAMS * in));
+  // Threads (torch.get_num_threads()) split the blocks, a part of at least ~64 KB of weights each,
+  // and only for calls of at least SERIAL_BELOW_BYTES of weight bytes x rows (see there).
+  const int64_t grain = rows * out * in < SERIAL_BELOW_BYTES ? std::max<int64_t>(nb, 1)
+                                                              : std::max<int64_t>(1, (64 * 1024) / (STREAMS * in));
   at::parallel_for(0, nb, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) {
       int64_t o[STREAMS];
@@ -338,7 +350,9 @@ at::Tensor f32_linear(const at::Tensor& x_in, const at::Tensor& weight, const st
         for (int r = 0; r < nr; ++r) yp[(m + mm) * out + o[r]] = acc[mm][r] + (bp ? bp[o[r]] : 0.f);
     }
   };
-  const int64_t grain = std::max<int64_t>(1, (256 * 1024) / (F32_STREAMS * in * 4));
+  const int64_t grain = rows * out * in * 4 < SERIAL_BELOW_BYTES
+                            ? std::max<int64_t>(nb, 1)  // one thread (see SERIAL_BELOW_BYTES)
+                            : std::max<int64_t>(1, (256 * 1024) / (F32_STREAMS * in * 4));
   at::parallel_for(0, nb, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) {
       int64_t o[F32_STREAMS];
