@@ -480,3 +480,18 @@ def test_a_byte_order_mark_is_no_part_of_the_text(kind, tmp_path):
     sep = "<|endoftext|>" if kind == "gpt2" else ""
     assert text.replace(sep, "") == "Hello there.\nSecond \ufeff file.\n"
     assert sorted(s["bytes"] for s in ds.meta["sources"]) == [16, 20]  # the files, BOMs included
+
+
+def test_inputs_that_are_all_inside_out_are_named_as_such(tmp_path):
+    """`gpt2 prepare texts/ --out texts` (or a file inside --out) left every input out, as the dataset
+    folder's own output, and then said "empty corpus: the inputs hold no text" about a folder full
+    of text. Nothing is written and the texts stay."""
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("hello world\n" * 20)
+    for inputs in ([tmp_path / "texts"], [tmp_path / "texts" / "a.txt"]):
+        with pytest.raises(ValueError, match="every input is inside --out .*texts, the dataset folder being written"):
+            prepare_dataset(inputs, tmp_path / "texts", tokenizer="char", progress=False, overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "texts").iterdir()) == ["a.txt"]
+    with pytest.raises(ValueError, match="empty corpus"):  # a truly empty input still says so
+        (tmp_path / "empty.txt").write_text("")
+        prepare_dataset([tmp_path / "empty.txt"], tmp_path / "out", tokenizer="char", progress=False)

@@ -264,9 +264,14 @@ def _prepare(inputs: list[str | Path], out: str | Path | None, tokenizer: str | 
         default_tokenizer = "gpt2"
     out = Path(out if out is not None else Path("data") / name).expanduser()
     # A re-run with --out inside an input folder must not read its own output (or temp folders).
+    given = sources
     sources = [p for p in sources if out.resolve() not in p.resolve().parents
                and not p.resolve().parent.name.startswith(f".{out.name}.")
                    and p.name != f".{out.name}.lock"]
+    if given and not sources:
+        raise ValueError(f"every input is inside --out {out}, the dataset folder being written (read as its own "
+                         f"output, so left out); write the dataset to another folder, e.g. --out "
+                         f"{out.parent / (out.name + '_data')}")
     total_bytes = sum(p.stat().st_size for p in sources)
     if total_bytes == 0:
         raise ValueError(f"empty corpus: {', '.join(map(str, sources[:5])) or 'the inputs'} hold no text")
