@@ -354,3 +354,25 @@ def test_resuming_refuses_a_dataset_tokenized_for_another_model(tmp_path: Path, 
     monkeypatch.setattr(train_mod, "_train", lambda cfg, *a: ran.append(cfg) or types.SimpleNamespace(
         step=4, best_val_loss=0.0))
     assert main([*run, "--data", str(tmp_path / "a2"), "--max-steps", "4", "--resume"]) == 0 and len(ran) == 1
+
+
+def test_eval_refuses_options_of_the_other_mode(model_dir: Path, tmp_path: Path, capsys) -> None:
+    """`eval --task T --max-tokens N` scored every item of T, `eval --text F --limit N` every token of
+    F, and --mc-file without the multiple_choice task was read by nothing: silently not what was
+    asked. Each is now one error naming the option, before the model loads."""
+    (tmp_path / "t.txt").write_text(TEXT)
+    (tmp_path / "mc.jsonl").write_text('{"context": "To be", "choices": [", or", "that"], "label": 0}\n')
+    model = ["eval", "--model", str(model_dir), "--device", "cpu", "--no-progress"]
+    for extra, message in (
+            (["--task", "lambada", "--max-tokens", "9"], "--max-tokens applies to --text/--data only; drop it, "
+                                                         "or use --limit N"),
+            (["--task", "lambada", "--split", "train", "--stride", "2"], "--split, --stride apply to --text/--data"),
+            (["--text", str(tmp_path / "t.txt"), "--limit", "3"], "--limit applies to --task only; drop it, or use "
+                                                                   "--max-tokens N"),
+            (["--data", str(tmp_path), "--mc-file", str(tmp_path / "mc.jsonl")], "--mc-file applies to --task"),
+            (["--task", "hellaswag", "--mc-file", str(tmp_path / "mc.jsonl")], "--mc-file is the data of --task "
+                                                                                "multiple_choice")):
+        assert main([*model, *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert main([*model, "--task", "multiple_choice", "--mc-file", str(tmp_path / "mc.jsonl"), "--limit", "1"]) == 0
+    assert main([*model, "--text", str(tmp_path / "t.txt"), "--max-tokens", "20", "--split", "val"]) == 0

@@ -303,6 +303,17 @@ def _run_eval(args: argparse.Namespace) -> int:
     for name in ("batch_size", "stride"):
         if getattr(args, name) is not None and getattr(args, name) < 1:  # 0 would silently mean the default
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    # Options of the other mode did nothing, silently (--max-tokens with --task scored every item)
+    other = ((("--split", args.split != "val"), ("--stride", args.stride is not None),
+              ("--max-tokens", args.max_tokens is not None)) if args.task else
+             (("--limit", args.limit is not None), ("--mc-file", args.mc_file is not None)))
+    ignored = [flag for flag, given in other if given]
+    if ignored:
+        hint = {"--max-tokens": ", or use --limit N (the first N items of each task)",
+                "--limit": ", or use --max-tokens N (the first N tokens)"}.get(ignored[0], "")
+        raise ValueError(f"{', '.join(ignored)} {'apply' if len(ignored) > 1 else 'applies'} to "
+                         f"{'--text/--data' if args.task else '--task'} only; drop "
+                         f"{'them' if len(ignored) > 1 else 'it'}{hint}")
     if args.task:
         return _run_eval_tasks(args)
     model, tokenizer = _load(args)
@@ -344,6 +355,9 @@ def _run_eval_tasks(args: argparse.Namespace) -> int:
     names = [t.strip() for arg in args.task for t in arg.split(",") if t.strip()]
     if not names:
         raise ValueError("--task names no task; e.g. --task hellaswag,lambada")
+    if args.mc_file is not None and "multiple_choice" not in names:
+        raise ValueError("--mc-file is the data of --task multiple_choice, which is not among the tasks; add it "
+                         "(--task multiple_choice) or drop --mc-file")
     model, tokenizer = _load(args)
     results = run_tasks(model, tokenizer, names, limit=args.limit, batch_size=args.batch_size or 8,
                         progress=not args.no_progress, mc_file=args.mc_file)
