@@ -495,3 +495,24 @@ def test_inputs_that_are_all_inside_out_are_named_as_such(tmp_path):
     with pytest.raises(ValueError, match="empty corpus"):  # a truly empty input still says so
         (tmp_path / "empty.txt").write_text("")
         prepare_dataset([tmp_path / "empty.txt"], tmp_path / "out", tokenizer="char", progress=False)
+
+
+def test_hidden_files_and_folders_inside_an_input_folder_are_skipped(tmp_path):
+    """`gpt2 prepare notes/` read notes/.ipynb_checkpoints/a-checkpoint.txt (Jupyter's copy of a.txt)
+    too, so the document went in twice (and could sit in both splits); a .venv/ inside a project
+    folder added its packages' LICENSE.txt files. Hidden files and folders below an input folder
+    are skipped, as HF datasets and Arrow skip them; a hidden input named directly is read."""
+    notes = tmp_path / ".notes"  # the input folder itself may be hidden
+    (notes / ".ipynb_checkpoints").mkdir(parents=True)
+    (notes / "a.txt").write_text("alpha beta\n")
+    (notes / ".ipynb_checkpoints" / "a-checkpoint.txt").write_text("alpha beta\n")
+    (notes / ".hidden.txt").write_text("gamma\n")
+    ds = open_dataset(prepare_dataset([notes], tmp_path / "out", tokenizer="char", progress=False))
+    assert [Path(s["path"]).name for s in ds.meta["sources"]] == ["a.txt"]
+    assert ds.tokenizer().decode(_tokens(ds)) == "alpha beta\n"
+    ds = open_dataset(prepare_dataset([notes, notes / ".hidden.txt"], tmp_path / "out2", tokenizer="char",
+                                      progress=False))
+    assert ds.tokenizer().decode(_tokens(ds)) == "alpha beta\ngamma\n"
+    (notes / "a.txt").unlink()
+    with pytest.raises(FileNotFoundError, match="only hidden ones, which are skipped"):
+        prepare_dataset([notes], tmp_path / "out3", tokenizer="char", progress=False)

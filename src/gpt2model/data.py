@@ -148,7 +148,10 @@ def _iter_corpus(sources: Sequence[Path], chunk_bytes: int, errors: str,
 
 
 def resolve_sources(inputs: Sequence[str | Path], glob: str = "*.txt") -> list[Path]:
-    """Text files to read: files as given, folders searched recursively for ``glob`` (sorted)."""
+    """Text files to read: files as given, folders searched recursively for ``glob`` (sorted),
+    skipping hidden files and folders (a name starting with "."; as HF datasets and Arrow skip
+    them): a notebook's .ipynb_checkpoints/ copies or a .venv/ would otherwise join the corpus,
+    duplicated documents leaking into val. Name one explicitly to read it."""
     if not inputs:
         raise ValueError("no input given: pass text files, folders, or a dataset name "
                          f"({', '.join(NAMED_DATASETS)})")
@@ -156,10 +159,13 @@ def resolve_sources(inputs: Sequence[str | Path], glob: str = "*.txt") -> list[P
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
-            found = sorted(p for p in path.rglob(glob) if p.is_file())
+            matches = [p for p in path.rglob(glob) if p.is_file()]
+            found = sorted(p for p in matches if not any(part.startswith(".") for part in p.relative_to(path).parts))
             if not found:
-                raise FileNotFoundError(f"folder {path} has no files matching {glob!r} (searched recursively); "
-                                        f"pass --glob to match your files")
+                hidden = f" (only hidden ones, which are skipped: {matches[0]}, ...; name them directly)" \
+                    if matches else ""
+                raise FileNotFoundError(f"folder {path} has no files matching {glob!r} (searched recursively)"
+                                        f"{hidden}; pass --glob to match your files")
             out.extend(found)
         elif path.is_file():
             out.append(path)
