@@ -376,3 +376,19 @@ def test_eval_refuses_options_of_the_other_mode(model_dir: Path, tmp_path: Path,
         assert message in capsys.readouterr().err
     assert main([*model, "--task", "multiple_choice", "--mc-file", str(tmp_path / "mc.jsonl"), "--limit", "1"]) == 0
     assert main([*model, "--text", str(tmp_path / "t.txt"), "--max-tokens", "20", "--split", "val"]) == 0
+
+
+def test_a_dataset_folder_given_as_a_model_and_the_other_way_round_is_named(model_dir: Path, tmp_path: Path,
+                                                                          capsys) -> None:
+    """`sample --model DATASET` said "DATASET/config.json is missing" and `eval --data MODEL` / `train
+    --data MODEL` "not a complete dataset: meta.json is missing (an interrupted 'gpt2 prepare'?)",
+    sending the user to re-run prepare over their model folder. Each now names the mix-up."""
+    (tmp_path / "t.txt").write_text(TEXT)
+    assert main(["prepare", str(tmp_path / "t.txt"), "--out", str(tmp_path / "ds"), "--tokenizer", str(model_dir),
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["sample", "--model", str(tmp_path / "ds"), "--device", "cpu"]) == 2
+    assert "is a dataset folder (written by 'gpt2 prepare'), not a model" in capsys.readouterr().err
+    for command in (["eval", "--model", str(model_dir), "--device", "cpu"], ["train", "--out", str(tmp_path / "r")]):
+        assert main([*command, "--data", str(model_dir)]) == 2
+        assert f"{model_dir} is a model folder (config.json), not a dataset" in capsys.readouterr().err

@@ -198,6 +198,9 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
     downloaded with ``huggingface_hub`` where a network exists."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
+        if not (path / CONFIG_FILE).exists() and (path / "meta.json").is_file() and (path / "train.bin").is_file():
+            raise CheckpointError(f"{path} is a dataset folder (written by 'gpt2 prepare'), not a model: pass a "
+                                  f"model folder ({CONFIG_FILE} + {WEIGHTS_FILE}), e.g. the --out of 'gpt2 train'")
         return path
     if path.exists():
         raise CheckpointError(f"{path} is a file; pass the model folder that holds {CONFIG_FILE} "

@@ -457,6 +457,9 @@ def open_dataset(directory: str | Path) -> TokenDataset:
         raise FileNotFoundError(f"dataset folder {directory} does not exist; create it with "
                                 f"'gpt2 prepare <text files or shakespeare_char> --out {directory}'")
     meta_path = directory / META_FILE
+    if not meta_path.is_file() and (directory / "config.json").is_file():
+        raise ValueError(f"{directory} is a model folder (config.json), not a dataset: pass a folder written by "
+                         f"'gpt2 prepare' (train.bin, val.bin, {META_FILE})")
     if not meta_path.is_file():
         raise ValueError(f"{directory} is not a complete dataset: {META_FILE} is missing (an interrupted "
                          f"'gpt2 prepare'?). Run 'gpt2 prepare ... --out {directory}' again")
