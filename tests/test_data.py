@@ -516,3 +516,13 @@ def test_hidden_files_and_folders_inside_an_input_folder_are_skipped(tmp_path):
     (notes / "a.txt").unlink()
     with pytest.raises(FileNotFoundError, match="only hidden ones, which are skipped"):
         prepare_dataset([notes], tmp_path / "out3", tokenizer="char", progress=False)
+
+
+@pytest.mark.parametrize("kind, extra", [("gpt2", {}), ("bpe", {"vocab_size": 260})])
+def test_unknown_char_with_a_byte_level_tokenizer_is_refused(tmp_path, kind, extra):
+    """`prepare --tokenizer gpt2 --unknown-char X` (or bpe) ignored the option silently."""
+    (tmp_path / "a.txt").write_text("hello world\n" * 5)
+    with pytest.raises(ValueError, match=f"--unknown-char only applies to a char tokenizer; {kind}'s"):
+        prepare_dataset([tmp_path / "a.txt"], tmp_path / "ds", tokenizer=kind, unknown_char="?", progress=False,
+                        **extra)
+    assert not (tmp_path / "ds").exists()

@@ -184,6 +184,9 @@ def resolve_sources(inputs: Sequence[str | Path], glob: str = "*.txt") -> list[P
 # --- preparing -------------------------------------------------------------------------------------
 def _build_tokenizer(kind: str, sources: Sequence[Path], vocab_size: int | None, errors: str,
                      unknown_char: str | None, chunk_bytes: int) -> Tokenizer:
+    if unknown_char is not None and kind in ("gpt2", "bpe"):  # was silently ignored
+        raise ValueError(f"--unknown-char only applies to a char tokenizer; {kind}'s byte-level BPE encodes every "
+                         f"character, so drop it")
     if kind == "gpt2":
         return GPT2Tokenizer()
     if kind == "char":
