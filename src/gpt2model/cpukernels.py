@@ -18,7 +18,8 @@ How it is built (decided by measuring, 2-core AVX2 EPYC, torch 2.13, g++ 12):
   through ``aoti_torch_call_dispatcher``), a Python ``custom_op`` doing nothing at all 22.5 and
   28.9 us (the wrapper takes the GIL and calls back into Python), before any ``ctypes`` call:
   ~0.45 ms more per decode step of ~3 ms. ``at::parallel_for`` also gives the kernel torch's own
-  thread pool (it honors ``torch.set_num_threads``). The price is the first build: ~10-12 s once
+  thread pool (it honors ``torch.set_num_threads``; calls under 4 MB of weights x rows stay on one
+  thread, see ``SERIAL_BELOW_BYTES`` in the source). The price is the first build: ~10-12 s once
   per machine and torch version (a plain C file would take ~1 s).
 * Nothing at install time (the package stays pure Python; no build dependency): the first
   :func:`load` compiles the source with the machine's C++ compiler (``$CXX``, else ``g++`` /
