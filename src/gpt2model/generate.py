@@ -932,10 +932,9 @@ class _Window:
         self.start = 0  # the window is tokens[:, start:n] of prompt + new tokens; its slots are 0 .. n-start-1
         bufs.seeds.copy_(seeds)
         bufs.done.zero_()
-        if eos:  # (a host-to-device copy, once per generation)
-            bufs.eot.copy_(torch.tensor(eos, dtype=torch.long))
-        else:
-            bufs.eot.fill_(-1)
+        bufs.eot.fill_(-1)
+        for i, t in enumerate(eos):  # fills: a copy from host memory would sync the device
+            bufs.eot[i].fill_(t)
         bufs.use_penalty(repetition_penalty, prompt, prompt_valid, model.config.vocab_size)
 
     @property
