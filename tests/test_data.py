@@ -526,3 +526,16 @@ def test_unknown_char_with_a_byte_level_tokenizer_is_refused(tmp_path, kind, ext
         prepare_dataset([tmp_path / "a.txt"], tmp_path / "ds", tokenizer=kind, unknown_char="?", progress=False,
                         **extra)
     assert not (tmp_path / "ds").exists()
+
+
+def test_out_dot_is_refused_naming_why(tmp_path, monkeypatch):
+    """`cd ds && gpt2 prepare ../a.txt --out .` failed with "PosixPath('.') has an empty name"; written
+    there, the swap of the finished folder into place would leave the shell in a deleted folder
+    (the next `gpt2 train --data .` then finds nothing). One error says so and what to pass."""
+    (tmp_path / "a.txt").write_text("hello world\n" * 5)
+    (tmp_path / "ds" / "sub").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "ds" / "sub")
+    for out in (".", "./", "..", tmp_path / "ds"):
+        with pytest.raises(ValueError, match="is the current folder \\(or holds it\\).*e.g. --out a$"):
+            prepare_dataset([tmp_path / "a.txt"], out, tokenizer="char", progress=False, overwrite=True)
+    assert prepare_dataset([tmp_path / "a.txt"], "a", tokenizer="char", progress=False) == Path("a")

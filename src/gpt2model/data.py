@@ -272,6 +272,11 @@ def _prepare(inputs: list[str | Path], out: str | Path | None, tokenizer: str | 
         name = first.stem if first.is_file() else first.resolve().name
         default_tokenizer = "gpt2"
     out = Path(out if out is not None else Path("data") / name).expanduser()
+    cwd = Path.cwd()
+    if out.resolve() == cwd or out.resolve() in cwd.parents:  # "--out ." was "PosixPath('.') has an empty name"
+        raise ValueError(f"--out {out} is the current folder (or holds it): the finished dataset folder is swapped "
+                         f"into place, which would leave this shell in a deleted folder; pass a folder below it, "
+                         f"e.g. --out {name}")
     # A re-run with --out inside an input folder must not read its own output (or temp folders).
     given = sources
     sources = [p for p in sources if out.resolve() not in p.resolve().parents
