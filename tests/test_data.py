@@ -539,3 +539,20 @@ def test_out_dot_is_refused_naming_why(tmp_path, monkeypatch):
         with pytest.raises(ValueError, match="is the current folder \\(or holds it\\).*e.g. --out a$"):
             prepare_dataset([tmp_path / "a.txt"], out, tokenizer="char", progress=False, overwrite=True)
     assert prepare_dataset([tmp_path / "a.txt"], "a", tokenizer="char", progress=False) == Path("a")
+
+
+def test_special_token_strings_in_the_text_are_reported(tmp_path):
+    """"<|endoftext|>" written in a file (documents joined by it in one file, as for HF's run_clm,
+    which reads it as the token) became 7 ordinary tokens without a word: prepare now warns with
+    the counts. A text without them prepares silently."""
+    import warnings
+
+    (tmp_path / "joined.txt").write_text("doc one<|endoftext|>doc two<|endoftext|>three\n")
+    with pytest.warns(UserWarning, match=r"encoded as ordinary text.*'<\|endoftext\|>' \(2x\)\. Separate documents"):
+        ds = open_dataset(prepare_dataset([tmp_path / "joined.txt"], tmp_path / "a", tokenizer="gpt2", progress=False,
+                                          val_fraction=0.3))
+    assert ds.tokenizer().eot not in _tokens(ds).tolist()  # still text (the documented rule)
+    (tmp_path / "plain.txt").write_text("doc one. doc two. three\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prepare_dataset([tmp_path / "plain.txt"], tmp_path / "b", tokenizer="gpt2", progress=False, val_fraction=0.3)

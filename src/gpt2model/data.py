@@ -317,12 +317,19 @@ def _write_dataset(out: Path, name: str, sources: list[Path], tokenizer: str, vo
     tmp.mkdir()
     try:
         infos: list[dict[str, Any]] = []
+        specials: dict[str, int] = {}
         try:
             with disk_full_names(out / "train.bin"):
                 n, has_text = _encode_to_file(tok, sources, tmp / "train.bin", dtype, errors, chunk_bytes,
-                                              total_bytes, progress, infos)
+                                              total_bytes, progress, infos, specials)
         except UnknownCharError as e:  # the one place where --unknown-char exists
             raise UnknownCharError(f"{e} (gpt2 prepare: pass --unknown-char C to replace them by C)") from None
+        if specials:
+            shown = ", ".join(f"{t!r} ({c:,}x)" for t, c in sorted(specials.items(), key=lambda x: -x[1])[:3])
+            hint = (". Separate documents by files (prepare puts end-of-text between files), not by "
+                    "'<|endoftext|>' text" if "<|endoftext|>" in specials else "")
+            warnings.warn(f"the text holds special-token strings, encoded as ordinary text, not as the special "
+                          f"tokens (HF's tokenizer reads them as the tokens): {shown}{hint}", stacklevel=2)
         shown = ", ".join(map(str, sources[:5]))
         if not has_text:
             raise ValueError(f"empty corpus: {shown} hold only whitespace; give files with text")
@@ -365,10 +372,11 @@ def _write_dataset(out: Path, name: str, sources: list[Path], tokenizer: str, vo
 
 def _encode_to_file(tok: Tokenizer, sources: Sequence[Path], path: Path, dtype: np.dtype, errors: str,
                     chunk_bytes: int, total_bytes: int, progress: bool,
-                    infos: list[dict[str, Any]]) -> tuple[int, bool]:
+                    infos: list[dict[str, Any]], specials: dict[str, int] | None = None) -> tuple[int, bool]:
     """Stream-encode all sources into ``path``; batches of chunks go to ``tok.encode_batch`` (all
     cores). Memory: one batch of text + its tokens, independent of corpus size. Returns the number
-    of tokens and whether the corpus holds anything but whitespace."""
+    of tokens and whether the corpus holds anything but whitespace. ``specials``: counts of the
+    tokenizer's special-token strings found in the text (encoded as text), added to."""
     from tqdm import tqdm
 
     batch_chars = max(chunk_bytes, 1) * 2 * (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
@@ -382,6 +390,11 @@ def _encode_to_file(tok: Tokenizer, sources: Sequence[Path], path: Path, dtype: 
     def flush(items: list[str | None], nbytes: int) -> None:
         nonlocal n_tokens
         texts = [t for t in items if t is not None]
+        if specials is not None:  # (chunks are cut before whitespace, never inside such a string)
+            for token in list(getattr(tok, "special_tokens", {}))[:16]:
+                found = sum(t.count(token) for t in texts)
+                if found:
+                    specials[token] = specials.get(token, 0) + found
         encoded = iter(tok.encode_batch(texts))
         for item in items:
             ids = eot if item is None else next(encoded)
