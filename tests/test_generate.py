@@ -104,7 +104,7 @@ def test_prefill_runs_the_head_on_the_last_position_only() -> None:
         model.setup_cache(2, 16)
         ids, valid = gen_mod._as_padded_batch(prompts, 50, model.device)
         bufs = gen_mod._Buffers(2, 16, 5, model.dtype, model.device)
-        window = gen_mod._Window(model, ids, valid, bufs, torch.zeros(2, dtype=torch.long), None)
+        window = gen_mod._Window(model, ids, valid, bufs, torch.zeros(2, dtype=torch.long), ())
         last = window.fill(0)
     finally:
         model.clear_cache()
