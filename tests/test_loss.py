@@ -130,7 +130,7 @@ def _peak_growth_mib(fn: Any) -> float:
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc/self/clear_refs")
 def test_chunked_loss_never_holds_the_full_logits() -> None:
     """Peak memory of forward + backward over 2048 x 8192 logits (64 MiB in fp32): the plain path
-    holds several full copies (logits, log-softmax, their gradient), the chunked one 4 MiB chunks.
+    holds full copies (logits, log-softmax, their gradient), the chunked one 4 MiB chunks.
     (Tensors this large are mmap-ed by the allocator, so a full copy always shows in the RSS.)"""
     torch.manual_seed(0)
     x = torch.randn(2048, 32, requires_grad=True)
@@ -138,7 +138,9 @@ def test_chunked_loss_never_holds_the_full_logits() -> None:
     t = torch.randint(0, 8192, (2048,))
     plain = _peak_growth_mib(lambda: _plain(x, w, t).backward())
     chunked = _peak_growth_mib(lambda: linear_cross_entropy(x, w, t, chunk_bytes=4 * 2**20).backward())
-    assert plain > 2.5 * 64, (plain, chunked)  # several full fp32 copies of the logits
+    # At least two full fp32 copies of the logits (how many more are live at once depends on when the
+    # allocator returns freed ones: 2-3 measured).
+    assert plain > 1.5 * 64, (plain, chunked)
     assert chunked < 48, (plain, chunked)  # less than one
 
 
