@@ -12,7 +12,6 @@ import argparse
 import math
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from .fileio import DiskFullError, FolderBusyError
 
@@ -231,9 +230,7 @@ def _run_sample(args: argparse.Namespace) -> int:
     text = read_text_file(args.prompt_file, "--prompt-file") if args.prompt_file is not None else args.prompt
     prompt, prompt_ids = prompt_ids_for(tokenizer, text)
     # End-of-text and the folder's eos ids (those of this vocabulary: the server's rule)
-    eos = (() if tokenizer.eot is None else (tokenizer.eot,)) + tuple(
-        t for t in (find_eos_ids(args.model) if Path(args.model).expanduser().is_dir() else ())
-        if 0 <= t < model.config.vocab_size)
+    eos = (() if tokenizer.eot is None else (tokenizer.eot,)) + find_eos_ids(args.model, model.config.vocab_size)
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    repetition_penalty=args.repetition_penalty, min_p=args.min_p, eot_id=eos or None,
                    compile=args.compile, stop_strings=args.stop)
@@ -475,7 +472,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     api_key = args.api_key if args.api_key is not None else os.environ.get("GPT2MODEL_API_KEY") or None
     return serve(model, tokenizer, host=args.host, port=args.port, model_name=name, api_key=api_key,
                  chat_template=args.chat_template, chat_template_text=found[0] if found else None,
-                 eos_token_ids=find_eos_ids(args.model) if Path(args.model).is_dir() else (),
+                 eos_token_ids=find_eos_ids(args.model),
                  max_batch=args.max_batch, max_queue=args.max_queue,
                  compile=args.compile, request_timeout=args.request_timeout,
                  max_prefill_tokens=args.max_prefill_tokens,

@@ -190,7 +190,7 @@ def export_gguf(model_dir: str | Path, out: str | Path, dtype: str = "f32") -> P
         # The folder's end-of-sequence id where it names one (a ChatML fine-tune's <|im_end|>, which
         # llama.cpp must stop at), else end-of-text; and its chat template, which llama-server uses
         # for /v1/chat/completions (convert_hf_to_gguf.py writes both).
-        eos = [t for t in find_eos_ids(directory) if 0 <= t < cfg.vocab_size]
+        eos = list(find_eos_ids(directory, cfg.vocab_size))
         if tokenizer.eot is not None:
             writer.add_bos_token_id(tokenizer.eot)
         if eos or tokenizer.eot is not None:

@@ -141,9 +141,11 @@ def state_dict_from_hf(hf: dict[str, torch.Tensor], config: GPTconfig) -> dict[s
 
 
 # --- what a HF folder says beyond the weights (serving, GGUF export) --------------------------------
-def find_eos_ids(model_dir: str | Path) -> tuple[int, ...]:
+def find_eos_ids(model_dir: str | Path, vocab_size: int | None = None) -> tuple[int, ...]:
     """The end-of-sequence ids a HF model folder declares (``generation_config.json``'s
-    ``eos_token_id``, else ``config.json``'s: an id or a list), which vLLM stops at."""
+    ``eos_token_id``, else ``config.json``'s: an id or a list), which vLLM stops at; with
+    ``vocab_size``, only those below it (a model's ids). ``()`` for anything that is not such a
+    folder (a hub name, a folder without them)."""
     folder = Path(model_dir).expanduser()
     for name in ("generation_config.json", "config.json"):
         try:
@@ -152,7 +154,7 @@ def find_eos_ids(model_dir: str | Path) -> tuple[int, ...]:
             continue  # absent or unreadable: config.json's problems are the model loader's to report
         eos = [eos] if isinstance(eos, int) else eos
         if isinstance(eos, list) and eos and all(isinstance(t, int) and not isinstance(t, bool) for t in eos):
-            return tuple(dict.fromkeys(eos))
+            return tuple(t for t in dict.fromkeys(eos) if vocab_size is None or 0 <= t < vocab_size)
     return ()
 
 
