@@ -392,3 +392,36 @@ def test_a_dataset_folder_given_as_a_model_and_the_other_way_round_is_named(mode
     for command in (["eval", "--model", str(model_dir), "--device", "cpu"], ["train", "--out", str(tmp_path / "r")]):
         assert main([*command, "--data", str(model_dir)]) == 2
         assert f"{model_dir} is a model folder (config.json), not a dataset" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("written, read", [
+    ("\\n\\n", "\n\n"), ("a\\tb\\r\\n", "a\tb\r\n"), ("\\\\n", "\\n"), ("\\'\\\"", "'\""), ("\\x41\\x0a", "A\n"),
+    ("\\q \\x4 \\xZZ", "\\q \\x4 \\xZZ"), ("end\\", "end\\"), ("C:\\\\new", "C:\\new"), ("plain", "plain"),
+])
+def test_unescape_reads_llama_cpps_escapes(written: str, read: str) -> None:
+    from gpt2model.cli import unescape
+
+    assert unescape(written) == read
+
+
+def test_sample_reads_escapes_in_prompt_and_stop_as_llama_cli(model_dir: Path, monkeypatch, capsys) -> None:
+    """`gpt2 sample --stop '\\n'` got the two characters backslash + n from the shell, a stop string
+    that never occurs, so samples ran past the line end; llama-cli reads escapes in its prompt and
+    reverse prompts (unless --no-escape), and so do we now."""
+    from gpt2model import generate
+    from gpt2model.tokenizer import load_tokenizer
+
+    seen: dict = {}
+    real = generate.sample_texts
+
+    def spy(model, tokenizer, prompt_ids, *args, stop_strings=(), **kwargs):
+        seen["ids"], seen["stops"] = list(prompt_ids), list(stop_strings)
+        return real(model, tokenizer, prompt_ids, *args, stop_strings=stop_strings, **kwargs)
+
+    monkeypatch.setattr(generate, "sample_texts", spy)
+    base = ["sample", "--model", str(model_dir), "--device", "cpu", "--temperature", "0", "--max-new-tokens", "5"]
+    assert main([*base, "--prompt", "To be,\\nor", "--stop", "\\n\\n", "--stop", "a\\\\b"]) == 0
+    assert capsys.readouterr().out.startswith("To be,\nor")
+    assert seen == {"ids": load_tokenizer(model_dir).encode("To be,\nor"), "stops": ["\n\n", "a\\b"]}
+    assert main([*base, "--prompt", "To be", "--stop", "\\n", "--no-escape"]) == 0
+    assert seen["stops"] == ["\\n"]

@@ -214,8 +214,8 @@ def test_interrupted_prepare_leaves_no_complete_looking_folder(tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         prepare_dataset([src], out, progress=False)
     assert not out.exists()
-    # The temp folder is cleaned up; the (unlocked) lock file stays, as deleting it would race.
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".ds.lock", "a.txt"]
+    # The temp folder is cleaned up, and the lock file (it was left beside the folder after every prepare).
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
     monkeypatch.undo()
     # A process killed outright (no cleanup) leaves only a hidden temp folder, which is not the dataset;
     # the next prepare removes it since its process is gone.
@@ -246,6 +246,35 @@ def test_prepare_takes_a_lock_naming_the_holder(tmp_path):
         prepare_dataset([src], tmp_path / "ds", tokenizer="char", progress=False)
     assert not (tmp_path / "ds").exists()
     prepare_dataset([src], tmp_path / "ds", tokenizer="char", progress=False)  # released: works
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "ds"]  # no .ds.lock left beside it
+
+
+def test_a_removed_lock_file_is_never_held_twice(tmp_path, monkeypatch):
+    """The holder unlinks the lock file at release; a second process that opened it just before
+    must notice it locked a removed file and lock the one at the path instead, or a third process
+    would create a new file and hold "the" lock at the same time."""
+    from gpt2model import fileio
+    from gpt2model.fileio import FolderBusyError, FolderLock
+
+    path = tmp_path / ".ds.lock"
+    first = FolderLock(path, "dataset folder", remove=True).acquire()
+    real_flock = fileio.fcntl.flock
+    released = []
+
+    def flock(fd, op):  # the holder finishes between the second process's open and its lock
+        if not released:
+            released.append(True)
+            first.release()
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(fileio.fcntl, "flock", flock)
+    second = FolderLock(path, "dataset folder", remove=True).acquire()
+    monkeypatch.undo()
+    assert released and path.is_file()
+    with pytest.raises(FolderBusyError):
+        FolderLock(path, "dataset folder").acquire()
+    second.release()
+    assert not path.exists()
 
 
 @pytest.mark.parametrize("text, kwargs, message", [

@@ -454,7 +454,8 @@ def test_eval_cli_runs_several_tasks_and_writes_json(fixtures_data, tmp_path, ti
     model_dir = tmp_path / "model"
     tiny_gpt2.save_pretrained(model_dir, tokenizer=gpt2_tokenizer)
     out = tmp_path / "r.json"
-    rc = main(["eval", "--model", str(model_dir), "--task", "hellaswag,lambada", "--task", "multiple_choice",
+    # a task named twice runs once (lm-eval's --tasks a,a), in first-named order
+    rc = main(["eval", "--model", str(model_dir), "--task", "hellaswag,lambada", "--task", "multiple_choice,lambada",
                "--mc-file", str(MC_FILE), "--limit", "5", "--batch-size", "3", "--json", str(out), "--no-progress",
                "--device", "cpu"])
     assert rc == 0

@@ -23,6 +23,35 @@ def _non_empty(text: str) -> str:
     return text
 
 
+# llama.cpp's string_process_escapes (common.cpp), which its CLI applies to the prompt and the
+# reverse prompts (stop strings) unless --no-escape: \n \r \t \' \" \\ and \xHH; any other
+# backslash stays as written.
+_ESCAPES = {"n": "\n", "r": "\r", "t": "\t", "'": "'", '"': '"', "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """``text`` with llama.cpp's CLI escapes read: ``--stop '\\n'`` is a newline, as in llama-cli
+    (a shell passes the two characters; ``\\\\`` is one backslash). ``\\xHH`` is the character U+00HH."""
+    out = []
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and i + 1 < len(text):
+            nxt = text[i + 1]
+            if nxt in _ESCAPES:
+                out.append(_ESCAPES[nxt])
+                i += 2
+                continue
+            hexdigits = text[i + 2:i + 4]
+            if nxt == "x" and len(hexdigits) == 2 and all(h in "0123456789abcdefABCDEF" for h in hexdigits):
+                out.append(chr(int(hexdigits, 16)))
+                i += 4
+                continue
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
 def _finite_float(text: str) -> float:
     """argparse type for every float option: NaN and infinities are refused (NaN fails every
     comparison, so it would slip through range checks)."""
@@ -193,8 +222,9 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="a model folder (ours or HF GPT-2) or a hub name (gpt2, ...)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", default=None,
-                     help="prompt text (default: the end-of-text token if the tokenizer has one, else a newline)")
-    src.add_argument("--prompt-file", default=None, help="read the prompt from this UTF-8 file")
+                     help="prompt text; escapes \\n \\t \\r \\\\ \\\" \\' \\xHH are read as in llama.cpp's CLI "
+                     "(see --no-escape) (default: the end-of-text token if the tokenizer has one, else a newline)")
+    src.add_argument("--prompt-file", default=None, help="read the prompt from this UTF-8 file (exactly: no escapes)")
     p.add_argument("--num-samples", type=int, default=1, help="number of samples (default: 1)")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate per sample (default: 200)")
     p.add_argument("--temperature", type=_finite_float, default=0.8,
@@ -209,7 +239,10 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
                    help="keep only tokens at least this fraction as likely as the most likely one, in [0, 1]")
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", type=_non_empty,
-                   help="stop a sample when its text contains TEXT (not printed); repeatable")
+                   help="stop a sample when its text contains TEXT (not printed; escapes as in --prompt, "
+                   "e.g. '\\n\\n'); repeatable")
+    p.add_argument("--no-escape", action="store_true",
+                   help="take --prompt and --stop as written: no escape sequences (llama.cpp's --no-escape)")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     _add_device_options(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start)")
@@ -226,6 +259,9 @@ def _run_sample(args: argparse.Namespace) -> int:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
     check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                         repetition_penalty=args.repetition_penalty, min_p=args.min_p)
+    if not args.no_escape:  # as llama-cli: "--stop '\n'" was the two characters, never found in the text
+        args.prompt = None if args.prompt is None else unescape(args.prompt)
+        args.stop = [unescape(s) for s in args.stop]
     model, tokenizer = _load(args)
     text = read_text_file(args.prompt_file, "--prompt-file") if args.prompt_file is not None else args.prompt
     prompt, prompt_ids = prompt_ids_for(tokenizer, text)

@@ -220,8 +220,8 @@ def prepare_dataset(inputs: str | Path | Sequence[str | Path], out: str | Path |
     ``out``: default ``data/<name>``. ``errors``: ``strict`` (non-UTF-8 bytes are an error naming the
     file and byte offset) or ``replace``. ``unknown_char``: char tokenizer only, replacement for
     characters outside the vocabulary (only relevant with a reused tokenizer). An existing dataset
-    at ``out`` is replaced only with ``overwrite``; a lock (``.<out>.lock`` next to it) keeps two
-    prepares from writing one folder. ``-`` (or a pipe such as ``/dev/stdin``) reads standard input.
+    at ``out`` is replaced only with ``overwrite``; a lock (``.<out>.lock`` next to it, removed at the
+    end) keeps two prepares from writing one folder. ``-`` (or a pipe such as ``/dev/stdin``) reads standard input.
     """
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
@@ -292,7 +292,7 @@ def _prepare(inputs: list[str | Path], out: str | Path | None, tokenizer: str | 
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; pass a folder")
     out.parent.mkdir(parents=True, exist_ok=True)
-    with FolderLock(out.with_name(f".{out.name}.lock"), f"dataset folder {out}"):
+    with FolderLock(out.with_name(f".{out.name}.lock"), f"dataset folder {out}", remove=True):
         recover_dir(out)  # a prepare killed mid-swap
         if out.is_dir():
             foreign = sorted(p.name for p in out.iterdir() if p.name not in _DATASET_FILES)

@@ -216,17 +216,25 @@ class FolderBusyError(RuntimeError):
 class FolderLock:
     """An exclusive lock on ``lock_file`` (``fcntl.flock``), held from :meth:`acquire` (or ``with``)
     until :meth:`release` or the process's death. The holder's PID is written into the file so a
-    second process can name it; ``what`` says what is locked in that message."""
+    second process can name it; ``what`` says what is locked in that message.
 
-    def __init__(self, lock_file: str | Path, what: str) -> None:
+    ``remove=True`` deletes the lock file at :meth:`release` (a dataset's ``.<name>.lock`` beside the
+    folder should not outlive ``gpt2 prepare``). That is race-free because the file is unlinked while
+    still locked, and :meth:`acquire` checks after locking that the path still names the file it
+    locked (else it locked a file just unlinked by its holder, and tries again on the new one)."""
+
+    def __init__(self, lock_file: str | Path, what: str, *, remove: bool = False) -> None:
         self.path = Path(lock_file)
         self.what = what
+        self.remove = remove
         self._fd: int | None = None
 
     def acquire(self) -> FolderLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        if fcntl is not None:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            if fcntl is None:
+                break
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -235,6 +243,13 @@ class FolderLock:
                 pid = f"PID {holder}" if holder.isdigit() else "another process"
                 raise FolderBusyError(f"{self.what} is in use by {pid} (lock file {self.path}); wait for it to "
                                       f"finish or stop it, or use another folder") from None
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # its holder removed it between our open and our lock: lock the file there now
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
@@ -242,7 +257,10 @@ class FolderLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)  # closing drops the flock; the file stays (unlinking it would race)
+            if self.remove:
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()  # while still locked: see the class docstring
+            os.close(self._fd)  # closing drops the flock
             self._fd = None
 
     def __enter__(self) -> FolderLock:

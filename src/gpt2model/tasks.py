@@ -411,7 +411,9 @@ def _ratio_metrics(ll: Sequence[float], denominators: dict[str, Sequence[int]],
 
 
 def run_tasks(model: GPT, tokenizer: Any, tasks: Sequence[str], **kwargs: Any) -> list[TaskResult]:
-    """:func:`run_task` for each of ``tasks`` (checked up front, so a typo fails before any work)."""
+    """:func:`run_task` for each of ``tasks`` (checked up front, so a typo fails before any work); a
+    task named twice runs once (as lm-evaluation-harness's ``--tasks a,a``), in first-named order."""
+    tasks = list(dict.fromkeys(tasks))
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {', '.join(map(repr, unknown))}; known: {', '.join(TASKS)}")
