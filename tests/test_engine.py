@@ -71,7 +71,7 @@ def alone(model: GPT, prompt: list[int], p: SamplingParams) -> list[int]:
     out = generate(_REFERENCE[id(model)], [prompt], p.max_tokens, temperature=p.temperature, top_k=p.top_k,
                    top_p=p.top_p, seed=p.seed, eot_id=eot, repetition_penalty=p.repetition_penalty,
                    min_p=p.min_p)[0][len(prompt):]
-    return out[:-1] if p.stop_token_ids and out and out[-1] == p.stop_token_ids[0] else out
+    return out  # with the stop token that ended it: the engine emits it too (as vLLM's output ids hold it)
 
 
 def test_requests_get_what_they_get_alone_while_others_join_and_leave(engine: Engine, model: GPT) -> None:
@@ -127,9 +127,12 @@ def test_stop_tokens_and_logprobs(engine: Engine, model: GPT) -> None:
     prompt = [4, 4, 2]
     greedy = alone(model, prompt, SamplingParams(max_tokens=20, temperature=0))
     k = next(i for i in range(1, 20) if greedy[i] not in greedy[:i])
+    before = engine.stats()["tokens_generated"]
     tokens, fin = collect(engine.submit(prompt, SamplingParams(max_tokens=20, temperature=0,
                                                                stop_token_ids=(greedy[k],), logprobs=3)))
-    assert fin.reason == "stop" and [e.token for e in tokens] == greedy[:k]  # the stop token is not emitted
+    # The stop token is emitted (with its logprobs: vLLM lists and counts it), then the request stops.
+    assert fin.reason == "stop" and [e.token for e in tokens] == greedy[:k + 1]
+    assert engine.stats()["tokens_generated"] - before == k + 1
     ids = list(prompt)
     with torch.no_grad():
         for e in tokens:
@@ -753,9 +756,9 @@ def test_min_tokens_holds_back_the_stop_tokens(engine: Engine) -> None:
     request = engine.submit([1], p)
     events = list(request.events())
     tokens = [e.token for e in events[:-1]]
-    assert len(tokens) == 4 and 5 not in tokens and events[-1].reason == "stop"
+    assert len(tokens) == 5 and 5 not in tokens[:4] and tokens[4] == 5 and events[-1].reason == "stop"
     p0 = SamplingParams(max_tokens=12, temperature=0.7, seed=2, stop_token_ids=(5,), logit_bias={5: 100.0})
-    assert tokens_of(engine.submit([1], p0)) == []  # without min_tokens the stop token comes first
+    assert tokens_of(engine.submit([1], p0)) == [5]  # without min_tokens the stop token comes first
     with pytest.raises(ValueError, match="min_tokens"):
         engine.submit([1], SamplingParams(max_tokens=3, temperature=0, min_tokens=4))
 

@@ -118,7 +118,7 @@ def test_openai_client_completions_and_chat_streaming_and_not(served, client):
     r = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
     assert r.choices[0].text == want
     assert r.usage.prompt_tokens == len(ids)
-    assert r.usage.completion_tokens == len([t for t in served.greedy(ids, 12) if t != served.tok.eot])
+    assert r.usage.completion_tokens == len(served.greedy(ids, 12))  # an end-of-text that ended it counts
     pieces = [c.choices[0].text for c in client.completions.create(model="tiny", prompt=prompt, max_tokens=12,
                                                                      temperature=0, stream=True) if c.choices]
     assert "".join(pieces) == want and len(pieces) > 2
@@ -388,6 +388,38 @@ def test_logit_bias_and_penalties_through_the_openai_client(served, client):
     assert (r["choices"][0]["text"], r["choices"][0]["finish_reason"]) == (served.tok.decode([forced] * 3), "stop")
     r = served.post("/v1/completions", {**body, "logit_bias": {str(forced): 100}, "stop_token_ids": [forced]})
     assert (r.json()["choices"][0]["text"], r.json()["choices"][0]["finish_reason"]) == ("", "stop")
+
+
+def test_the_end_of_text_that_ends_a_choice_is_counted_and_listed_as_vllm_does(served, client):
+    """usage.completion_tokens counts every generated token, the end-of-text (or stop token) that
+    ended a choice included, and logprobs list it ("<|endoftext|>", no text), as vLLM does: the
+    logprobs and the count always agree. Before, the engine dropped it: a choice ended at once by
+    end-of-text reported 0 completion tokens."""
+    eot = served.tok.eot
+    body = {"prompt": "Hi", "max_tokens": 6, "temperature": 0, "min_tokens": 2, "logit_bias": {str(eot): 100}}
+    r = client.completions.create(model="tiny", logprobs=1, **{k: body[k] for k in ("prompt", "max_tokens",
+                                                                                       "temperature", "logit_bias")},
+                                  extra_body={"min_tokens": 2})
+    c = r.choices[0]
+    assert c.finish_reason == "stop" and r.usage.completion_tokens == 3 == len(c.logprobs.tokens)
+    assert c.logprobs.tokens[-1] == "<|endoftext|>" and c.logprobs.text_offset[-1] == len(c.text)
+    assert "".join(c.logprobs.tokens[:2]) == c.text
+    chunks = list(client.completions.create(model="tiny", logprobs=1, stream=True,
+                                            stream_options={"include_usage": True},
+                                            **{k: body[k] for k in ("prompt", "max_tokens", "temperature",
+                                                                    "logit_bias")}, extra_body={"min_tokens": 2}))
+    assert chunks[-1].usage.completion_tokens == 3
+    assert [t for ch in chunks if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.tokens] \
+        == c.logprobs.tokens
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == c.text
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=4,
+                                          temperature=0, logprobs=True, logit_bias={str(eot): 100})
+    content = chat.choices[0].logprobs.content
+    assert chat.choices[0].message.content == "" and chat.choices[0].finish_reason == "stop"
+    assert chat.usage.completion_tokens == 1 and [t.token for t in content] == ["<|endoftext|>"]
+    # stop_token_ids: the same
+    r = served.post("/v1/completions", {**body, "logit_bias": {"11": 100}, "stop_token_ids": [11]}).json()
+    assert r["choices"][0]["finish_reason"] == "stop" and r["usage"]["completion_tokens"] == 3
 
 
 def test_repetition_penalty_and_min_p_through_the_openai_client(served, client):

@@ -90,9 +90,9 @@ class SamplingParams:
     every prompt token after the first, in one :class:`PromptEvent` before the first token (the
     prefill then applies the LM head at every prompt position). ``max_tokens=0`` only prefills
     (to score the prompt with ``prompt_logprobs``; the prompt may then fill the whole context) and
-    finishes with ``"length"``. Generating one of
-    ``stop_token_ids`` (e.g. end-of-text) ends the request with reason ``"stop"``; that token is
-    not emitted. ``logit_bias`` ({token id: bias in [-100, 100]}), ``presence_penalty`` and
+    finishes with ``"length"``. Generating one of ``stop_token_ids`` (e.g. end-of-text) ends the
+    request with reason ``"stop"``; that token is emitted first (with its logprobs), as vLLM
+    counts and lists it. ``logit_bias`` ({token id: bias in [-100, 100]}), ``presence_penalty`` and
     ``frequency_penalty`` (in [-2, 2]) have OpenAI's meanings: before every draw the logit of
     token ``j`` becomes ``logit + logit_bias[j] - presence_penalty * (c[j] > 0) -
     frequency_penalty * c[j]``, ``c[j]`` counting ``j`` among the tokens this request generated so
@@ -892,20 +892,22 @@ class Engine:
         return nxt.tolist(), logits
 
     def _deliver(self, b: int, token: int, logits: torch.Tensor | None) -> None:
-        """Emit row ``b``'s new token (or finish on a stop token) and free the row when done."""
+        """Emit row ``b``'s new token (a stop token too, then finish) and free the row when done."""
         slot = self._slots[b]
         assert slot is not None
         p = slot.request.params
         slot.generated += 1
-        if token in p.stop_token_ids:
-            self._free(b, FinishEvent("stop"))
-            return
         event = TokenEvent(token)
         if logits is not None:
             event = _logprob_events(logits[None], torch.tensor([token]), p.logprobs or 0)[0]
         with self._wake:
             self._counts["tokens_generated"] += 1
+        # A stop token is emitted too (it was generated: vLLM's output ids, usage and logprobs hold
+        # the end-of-text that ended a choice), then the request finishes.
         self._post(slot.request, event)
+        if token in p.stop_token_ids:
+            self._free(b, FinishEvent("stop"))
+            return
         if slot.generated == p.min_tokens > 0:  # from now on the stop tokens may be drawn
             assert self._bias is not None
             for t in p.stop_token_ids:
