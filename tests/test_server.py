@@ -253,7 +253,8 @@ def test_client_disconnect_mid_stream_frees_the_slot(served):
     (b'{"prompt": "x", "temperature": NaN}', 400, None, "invalid_json"),
     (b'{"prompt": "x", "temperature": -1}', 400, "temperature", "invalid_value"),
     (b'{"prompt": "x", "temperature": "hot"}', 400, "temperature", "invalid_value"),
-    (b'{"prompt": "x", "top_p": 0}', 400, "top_p", "invalid_value"),
+    (b'{"prompt": "x", "top_p": -0.1}', 400, "top_p", "invalid_value"),
+    (b'{"prompt": "x", "top_p": 1.5}', 400, "top_p", "invalid_value"),
     (b'{"prompt": "x", "top_k": -5}', 400, "top_k", "invalid_value"),
     (b'{"prompt": "x", "max_tokens": -1}', 400, "max_tokens", "invalid_value"),
     (b'{"prompt": "x", "max_tokens": 1.5}', 400, "max_tokens", "invalid_value"),
@@ -319,6 +320,42 @@ def test_null_optional_fields_mean_their_defaults_as_in_openais_spec(served, cli
                                           max_completion_tokens=None, n=None, stream=None,
                                           response_format={"type": "text"})  # OpenAI's default format: a no-op
     assert chat.choices[0].logprobs is None and chat.usage.completion_tokens == 2
+    # Fields we do not implement, given null, ask for nothing (SDKs that write every field; a reply's
+    # message sent back as history): not a 400. A value still is one.
+    body = {"messages": [{"role": "user", "content": "Hi"},
+                         {"role": "assistant", "content": "Yo", "refusal": None, "tool_calls": None,
+                          "function_call": None, "audio": None},
+                         {"role": "user", "content": [{"type": "text", "text": "x", "cache_control": None}]}],
+            "max_tokens": 2, "temperature": 0, "tools": None, "tool_choice": None, "store": None, "metadata": None,
+            "parallel_tool_calls": None, "functions": None, "stream_options": None}
+    r = served.post("/v1/chat/completions", body)
+    assert r.status_code == 200, r.text
+    r = served.post("/v1/completions", {"prompt": "Hi", "max_tokens": 2, "store": None, "metadata": None})
+    assert r.status_code == 200, r.text
+    r = served.post("/v1/chat/completions", {**body, "tools": [{"type": "function", "function": {"name": "f"}}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
+
+
+def test_top_p_0_keeps_only_the_most_likely_token_as_openai_and_llama_cpp_take_it(served, client):
+    """top_p=0 (OpenAI's range is [0, 1]; "temperature=0, top_p=0" is a common recipe for repeatable
+    output) was a 400; it is greedy now, as llama.cpp's nucleus of mass 0 keeps one token."""
+    ids = served.tok.encode("Once upon a time")
+    want = served.text(served.greedy(ids, 8))
+    for seed in (1, 2):
+        r = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=8, top_p=0,
+                                      temperature=1.0, seed=seed)
+        assert r.choices[0].text == want
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                          top_p=0, n=2)
+    assert chat.choices[0].message.content == chat.choices[1].message.content
+
+
+def test_405_lists_the_allowed_methods(served):
+    r = httpx.delete(served.url + "/v1/completions", headers=AUTH)
+    assert r.status_code == 405 and r.headers["allow"] == "POST" and "POST" in r.json()["error"]["message"]
+    r = httpx.post(served.url + "/v1/models", headers=AUTH)
+    assert r.status_code == 405 and r.headers["allow"] == "GET"
+    assert r.json()["error"]["code"] == "method_not_allowed"
 
 
 def test_top_k_beyond_the_vocabulary_keeps_every_token_instead_of_failing(served):

@@ -145,12 +145,14 @@ class _Strict(BaseModel):
         # OpenAI's spec marks its optional fields nullable and clients send null for "not set"
         # (openai-python sends `temperature=None` as null; vLLM's fields are Optional): an optional
         # field given null takes its default. Fields where null means something (max_tokens: up to
-        # the context) and required fields keep it.
+        # the context) and required fields keep it. A field we do not implement given null asks for
+        # nothing either (SDKs that write every field: "tools": null, "store": null; a message
+        # copied from an OpenAI reply: "refusal": null, "tool_calls": null): dropped, not a 400.
         if isinstance(data, dict):
             fields = cls.model_fields
             return {k: v for k, v in data.items()
-                    if v is not None or k not in fields or fields[k].is_required()
-                    or type(None) in get_args(fields[k].annotation)}
+                    if v is not None or (k in fields and (fields[k].is_required()
+                                                          or type(None) in get_args(fields[k].annotation)))}
         return data
 
 
@@ -160,7 +162,8 @@ class StreamOptions(_Strict):
 
 PositiveInt = Annotated[int, Field(ge=1)]
 Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)]
-TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
+# 0 keeps only the most likely token (greedy), as OpenAI's API and llama.cpp accept it (vLLM refuses it)
+TopP = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]  # OpenAI's range
 StopString = Annotated[str, Field(min_length=1)]
 
@@ -622,9 +625,9 @@ class _Server:
                 for j in range(req.n):
                     # n > 1 with a seed: choice j uses seed + j, so the choices differ yet repeat.
                     params = SamplingParams(
-                        max_tokens=max_tokens[i], temperature=float(req.temperature),
+                        max_tokens=max_tokens[i], temperature=0.0 if req.top_p == 0 else float(req.temperature),
                         top_k=req.top_k if req.top_k is not None and req.top_k > 0 else None,
-                        top_p=None if req.top_p >= 1.0 else float(req.top_p),
+                        top_p=None if req.top_p >= 1.0 or req.top_p == 0 else float(req.top_p),
                         seed=None if req.seed is None else req.seed + j, logprobs=logprobs,
                         stop_token_ids=stop_ids, prompt_logprobs=prompt_logprobs, logit_bias=logit_bias,
                         presence_penalty=float(req.presence_penalty), frequency_penalty=float(req.frequency_penalty),
@@ -894,8 +897,11 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig) -> FastAPI:
 
     @app.exception_handler(405)
     async def _bad_method(request: Request, e: Exception) -> JSONResponse:
-        return APIError(405, f"{request.method} is not allowed on {request.url.path}",
-                        code="method_not_allowed").response()
+        # RFC 9110: a 405 lists the methods the resource has (Starlette's exception carries them)
+        allow = (getattr(e, "headers", None) or {}).get("Allow")
+        return APIError(405, f"{request.method} is not allowed on {request.url.path}"
+                             + (f" (allowed: {allow})" if allow else ""), code="method_not_allowed",
+                        headers={"Allow": allow} if allow else None).response()
 
     @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: load balancers' and uptime checkers' probe
     async def health() -> JSONResponse:
