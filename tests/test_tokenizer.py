@@ -212,6 +212,58 @@ def test_a_hf_folder_with_tokens_added_to_gpt2_loads_them_and_reads_them_as_hf_d
     assert tok.token_bytes(50257) == b"[PAD]"
 
 
+def test_a_hf_folder_of_a_gpt2_with_its_own_bpe_loads_as_transformers_reads_it(tmp_path, data_dir):
+    """A GPT-2 trained from scratch with its own byte-level BPE, its tokenizer saved as HF's
+    vocab.json + merges.txt (ByteLevelBPETokenizer.save_model; transformers' GPT2TokenizerFast reads
+    that folder): refused as "not a valid GPT-2 vocab.json + merges pair" (tiktoken's reader wants
+    OpenAI's id layout), and so was the same folder with a tokenizer.json beside it."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import ByteLevelBPETokenizer
+
+    from gpt2model.export import tokenizer_vocab
+
+    text = (data_dir / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")[:200_000]
+    trainer = ByteLevelBPETokenizer()
+    trainer.train_from_iterator([text], vocab_size=700, special_tokens=["<|endoftext|>"])
+    folder = tmp_path / "own"
+    folder.mkdir()
+    trainer.save_model(str(folder))
+    vocab = json.loads((folder / "vocab.json").read_text())
+    ref = transformers.GPT2TokenizerFast(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    plain = MIXED.replace("<|endoftext|>", "")
+    tok = load_tokenizer(folder)
+    assert tok.vocab_size == len(vocab) == len(ref) and tok.eot == vocab["<|endoftext|>"] == ref.eos_token_id
+    assert tok.encode(plain) == ref.encode(plain) and tok.decode(tok.encode(MIXED)) == MIXED
+    assert tok.encode(MIXED, allowed_special="all") == ref.encode(MIXED)  # reads <|endoftext|> as HF does
+    assert tok.eot not in tok.encode(MIXED)  # ... and by default it is text, our rule
+    tokens, _, merges = tokenizer_vocab(folder, tok, tok.vocab_size)  # GGUF export needs no tokenizer.json
+    assert tokens[:3] == [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])][:3] and merges
+    ref.save_pretrained(str(tmp_path / "with_json"))  # transformers 5 writes tokenizer.json
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(folder / name, tmp_path / "with_json" / name)
+    assert load_tokenizer(tmp_path / "with_json").encode(plain) == ref.encode(plain)
+    # A slow-tokenizer folder's added_tokens.json (a pad token added after training) is read too.
+    (folder / "added_tokens.json").write_text(json.dumps({"<pad>": len(vocab)}))
+    (folder / "special_tokens_map.json").write_text(json.dumps({"pad_token": {"content": "<pad>"}}))
+    padded = load_tokenizer(folder)
+    assert padded.vocab_size == len(vocab) + 1 and padded.decode([len(vocab)]) == "<pad>"
+    assert padded.special_tokens == {"<|endoftext|>": tok.eot, "<pad>": len(vocab)}
+    assert padded.encode("a<pad>", allowed_special="all")[-1] == len(vocab) != padded.encode("a<pad>")[-1]
+    (folder / "added_tokens.json").write_text(json.dumps({"<pad>": len(vocab) + 5}))
+    with pytest.raises(ValueError, match="do not continue the vocabulary"):
+        load_tokenizer(folder)
+
+
+def test_a_tokenizer_json_that_is_not_a_byte_level_bpe_is_refused_by_name(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    wordpiece = Tokenizer(models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    wordpiece.pre_tokenizer = pre_tokenizers.Whitespace()
+    wordpiece.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ValueError, match="WordPiece model .* not a byte-level BPE"):
+        load_tokenizer(tmp_path)  # was loaded, then token_bytes (streaming, the server) raised KeyError
+
+
 # --- trained BPE --------------------------------------------------------------------------------------
 def test_trained_bpe_vocab_size_and_exact_round_trip(trained_bpe, tmp_path):
     tok = trained_bpe

@@ -118,7 +118,7 @@ def tokenizer_vocab(directory: Path, tokenizer: Any, vocab_size: int) -> tuple[l
         tokens, merges = _char_vocab(tokenizer)
         by_id = dict(enumerate(tokens))
     elif isinstance(tokenizer, BPETokenizer):
-        spec = json.loads((directory / BPETokenizer.FILE).read_text(encoding="utf-8"))
+        spec = tokenizer.hf_json()  # (a folder of vocab.json + merges.txt has no tokenizer.json)
         by_id = {i: t for t, i in spec["model"]["vocab"].items()}
         by_id.update({a["id"]: a["content"] for a in spec.get("added_tokens", [])})
         user_defined = {a["id"] for a in spec.get("added_tokens", []) if not a.get("special")}

@@ -374,6 +374,13 @@ class BPETokenizer:
     FILE = "tokenizer.json"
 
     def __init__(self, tokenizer: Any) -> None:
+        from tokenizers import decoders, models
+
+        if not isinstance(tokenizer.model, models.BPE) or not isinstance(tokenizer.decoder, decoders.ByteLevel):
+            # token_bytes, streaming text and GGUF export read tokens as byte-level BPE pieces
+            raise ValueError(f"this tokenizer.json is a {type(tokenizer.model).__name__} model with a "
+                             f"{type(tokenizer.decoder).__name__} decoder, not a byte-level BPE (GPT-2's kind: "
+                             f"a BPE model with a ByteLevel decoder); gpt2model reads only byte-level BPEs")
         self._tok = tokenizer
         # Treat "<|endoftext|>" in input text as ordinary text (same rule as GPT2Tokenizer).
         self._tok.encode_special_tokens = True
@@ -414,6 +421,59 @@ class BPETokenizer:
             return cls(HFTokenizer.from_file(str(path)))
         except Exception as e:  # the Rust side raises a bare Exception for bad JSON
             raise ValueError(f"cannot read tokenizer file {path}: {e}") from None
+
+    @classmethod
+    def from_vocab_merges(cls, vocab_json: str | Path, merges: str | Path) -> BPETokenizer:
+        """A byte-level BPE from HF's slow-tokenizer files, as ``transformers.GPT2TokenizerFast`` builds
+        one from them (its GPT2Converter): a GPT-2 trained with its own vocabulary and saved as
+        ``vocab.json`` + ``merges.txt`` (e.g. ``ByteLevelBPETokenizer.save_model``), whose ids are not
+        laid out as OpenAI's files (which :class:`GPT2Tokenizer` reads through tiktoken). The folder's
+        ``added_tokens.json`` (tokens added after training: id -> token beyond the vocabulary) is read
+        too; ``<|endoftext|>`` and the tokens ``special_tokens_map.json`` names are special."""
+        from tokenizers import AddedToken, decoders, models, pre_tokenizers
+        from tokenizers import Tokenizer as HFTokenizer
+
+        vocab_json, merges = Path(vocab_json), Path(merges)
+        try:
+            vocab = json.loads(vocab_json.read_text(encoding="utf-8-sig"))
+            lines = merges.read_text(encoding="utf-8-sig").splitlines()
+            pairs = [tuple(ln.split(" ")) for ln in lines if ln and not ln.startswith("#version")]
+            if not isinstance(vocab, dict) or any(len(p) != 2 for p in pairs):
+                raise ValueError("vocab.json must map token -> id and each merges line must be two tokens")
+            model = models.BPE(vocab=vocab, merges=pairs, fuse_unk=False)
+        except Exception as e:  # noqa: BLE001 - JSON, I/O, and the Rust side's bare Exception
+            raise ValueError(f"{vocab_json} / {merges} are not a valid vocab.json + merges.txt pair "
+                             f"({type(e).__name__}: {e})") from None
+        tok = HFTokenizer(model)
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = decoders.ByteLevel()
+        folder = vocab_json.parent
+        special = {EOT_TEXT}
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            for v in json.loads((folder / "special_tokens_map.json").read_text(encoding="utf-8-sig")).values():
+                for item in v if isinstance(v, list) else [v]:
+                    special.add(item["content"] if isinstance(item, dict) else item)
+        added: dict[str, int] = {}
+        if (folder / "added_tokens.json").is_file():
+            try:
+                added = json.loads((folder / "added_tokens.json").read_text(encoding="utf-8-sig"))
+                order = sorted(added.items(), key=lambda kv: kv[1])
+                if [i for _, i in order] != list(range(len(vocab), len(vocab) + len(order))):
+                    raise ValueError(f"its ids {[i for _, i in order][:5]} do not continue the vocabulary's "
+                                     f"{len(vocab)} ids")
+            except (ValueError, TypeError, AttributeError) as e:
+                raise ValueError(f"{folder / 'added_tokens.json'} is not a JSON object of tokens added after the "
+                                 f"{len(vocab)} of vocab.json ({e})") from None
+            for text, _ in order:
+                tok.add_tokens([AddedToken(text, special=text in special, normalized=False)])
+        present = [t for t in special if t in vocab]  # special tokens of the vocabulary keep their ids
+        if present:
+            tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in sorted(present)])
+        return cls(tok)
+
+    def hf_json(self) -> dict[str, Any]:
+        """The tokenizer as HF's ``tokenizer.json`` holds it (vocabulary, merges, added tokens)."""
+        return json.loads(self._tok.to_str())
 
     def encode(self, text: str, *, allowed_special: Set[str] | str = frozenset()) -> list[int]:
         allowed = _allowed(allowed_special, self.special_tokens)
@@ -503,13 +563,18 @@ def load_tokenizer(name_or_path: str | Path) -> CharTokenizer | GPT2Tokenizer | 
                              f"{tok.vocab_size}; the folder is inconsistent")
         return tok
     if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-        gpt2 = GPT2Tokenizer(path / "vocab.json", path / "merges.txt")
+        try:
+            gpt2: GPT2Tokenizer | None = GPT2Tokenizer(path / "vocab.json", path / "merges.txt")
+        except ValueError:  # not laid out as OpenAI's files: a BPE of its own (trained with HF tokenizers)
+            gpt2 = None
         if (path / BPETokenizer.FILE).is_file():
             # HF keeps tokens added to GPT-2's vocabulary (a fine-tune's pad token, ...) only in tokenizer.json,
             # which HF's GPT2TokenizerFast reads: without them the model's extra ids could not be decoded.
             full = BPETokenizer.from_file(path / BPETokenizer.FILE)
-            if full.vocab_size > gpt2.vocab_size:
+            if gpt2 is None or full.vocab_size > gpt2.vocab_size:
                 return full
+        if gpt2 is None or (path / "added_tokens.json").is_file():
+            return BPETokenizer.from_vocab_merges(path / "vocab.json", path / "merges.txt")
         return gpt2
     if (path / BPETokenizer.FILE).is_file():
         return BPETokenizer.from_file(path / BPETokenizer.FILE)
