@@ -585,3 +585,36 @@ def test_special_token_strings_in_the_text_are_reported(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         prepare_dataset([tmp_path / "plain.txt"], tmp_path / "b", tokenizer="gpt2", progress=False, val_fraction=0.3)
+
+
+@pytest.mark.filterwarnings("ignore:.*no whitespace in")  # the forced cuts, on purpose
+def test_special_tokens_option_reads_them_as_hf_tokenizer_does(tmp_path, data_dir, capsys):
+    """A ChatML fine-tune's data (TRL's setup_chat_format adds <|im_start|>/<|im_end|> as special
+    tokens): HF's tokenizer reads "<|im_start|>" written in the text as one token, as `gpt2 serve`
+    writes the chat template. prepare could only encode it as 7 ordinary tokens, so the model
+    never learned to end a turn with <|im_end|>; --special-tokens reads them as HF does: ids equal
+    to HF's encode of each file, eot between files, also where a long stretch without whitespace
+    forces a chunk cut next to a special token."""
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.GPT2TokenizerFast(str(data_dir / "gpt2" / "encoder.json"), str(data_dir / "gpt2" / "vocab.bpe"))
+    hf.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    hf.save_pretrained(str(tmp_path / "chatml"))
+    chat = "".join(f"<|im_start|>user\nHi {i}, how are you?<|im_end|>\n<|im_start|>assistant\nFine, thanks "
+                   f"{i}!<|im_end|>\n" for i in range(40))
+    texts = [chat, "x" * 40 + "<|im_start|>" + "y" * 57 + "<|im_end|>" + "<|endoftext|>" * 3 + "z" * 30 + "\n" + chat]
+    for i, text in enumerate(texts):
+        (tmp_path / f"{i}.txt").write_text(text)
+    expected = hf.encode(texts[0]) + [50256] + hf.encode(texts[1])
+    assert expected.count(50257) == 161 and expected.count(50256) == 4  # HF read them as tokens
+    files = [tmp_path / "0.txt", tmp_path / "1.txt"]
+    for chunk_bytes in (1 << 20, 4, 7):  # 4, 7: forced cuts inside the 'x'/'y'/'z' stretches
+        ds = open_dataset(prepare_dataset(files, tmp_path / f"ds{chunk_bytes}", tokenizer=str(tmp_path / "chatml"),
+                                          progress=False, special_tokens=True, chunk_bytes=chunk_bytes))
+        assert _tokens(ds).tolist() == expected, chunk_bytes
+    assert ds.meta["special_tokens"] == "read as tokens"
+    assert main(["prepare", *map(str, files), "--out", str(tmp_path / "cli"), "--tokenizer", str(tmp_path / "chatml"),
+                 "--special-tokens", "--quiet"]) == 0
+    assert _tokens(open_dataset(tmp_path / "cli")).tolist() == expected
+    with pytest.warns(UserWarning, match="prepare does with --special-tokens"):  # the default: text, as before
+        ds = open_dataset(prepare_dataset(files, tmp_path / "text", tokenizer=str(tmp_path / "chatml"), progress=False))
+    assert 50257 not in _tokens(ds).tolist() and ds.meta["special_tokens"] == "text"

@@ -148,6 +148,20 @@ def test_token_bytes_join_to_the_texts_bytes_and_bad_ids_are_value_errors(tiktok
                 tok.decode(bad)
 
 
+def test_lone_surrogates_encode_as_tiktoken_encodes_them(tiktoken_gpt2, trained_bpe):
+    """A str with lone surrogates (a JSON "\\ud800", undecodable bytes in a command-line argument,
+    which Python keeps as U+DC80-U+DCFF): tiktoken's encode reads each as U+FFFD; our BPE raised
+    HF's TypeError ("TextInputSequence must be str") and GPT-2's encode_batch a UnicodeEncodeError."""
+    text = "a\ud800b \udcff\ud83d\ude00 end"  # two lone surrogates, and a pair that is one emoji
+    same = "a\ufffdb \ufffd\U0001f600 end"
+    gpt2 = GPT2Tokenizer()
+    assert gpt2.encode(text) == tiktoken_gpt2.encode(text) == gpt2.encode(same)
+    assert [a.tolist() for a in gpt2.encode_batch([text, "x"])] == [gpt2.encode(same), gpt2.encode("x")]
+    assert trained_bpe.encode(text) == trained_bpe.encode(same)
+    assert trained_bpe.encode(text, allowed_special="all") == trained_bpe.encode(same)
+    assert [a.tolist() for a in trained_bpe.encode_batch([text])] == [trained_bpe.encode(same)]
+
+
 def test_allowed_special_reads_endoftext_as_tiktoken_does(tiktoken_gpt2, trained_bpe):
     """tiktoken's ``allowed_special``: "<|endoftext|>" in the text becomes the end-of-text id (the
     default stays: ordinary text). The trained BPE splits the same way (HF tokenizers with its

@@ -89,6 +89,10 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
                    help="non-UTF-8 bytes: strict = error naming file and offset (default); replace = U+FFFD")
     p.add_argument("--unknown-char", default=None,
                    help="with a reused char tokenizer: replace characters outside its vocabulary by this one")
+    p.add_argument("--special-tokens", action="store_true",
+                   help="read the tokenizer's special-token strings in the text (<|endoftext|>; a ChatML "
+                   "fine-tune's <|im_start|>, <|im_end|>) as those tokens, as HF's tokenizer does (TRL / run_clm "
+                   "datasets). Default: they are ordinary text (prepare warns when it finds them)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_prepare)
 
@@ -102,7 +106,7 @@ def _run_prepare(args: argparse.Namespace) -> int:
                          "e.g. 'gpt2 prepare shakespeare_char' or 'gpt2 prepare --input my_texts/'")
     out = prepare_dataset(inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                           val_fraction=args.val_fraction, glob=args.glob, errors=args.errors, overwrite=args.overwrite,
-                          unknown_char=args.unknown_char, progress=not args.quiet)
+                          unknown_char=args.unknown_char, progress=not args.quiet, special_tokens=args.special_tokens)
     ds = open_dataset(out)
     t = ds.meta["tokens"]
     print(f"wrote {out}: {ds.meta['tokenizer']['type']} tokenizer, vocab {ds.vocab_size:,}, "

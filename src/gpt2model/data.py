@@ -61,7 +61,15 @@ from .fileio import (
     replace_dir,
     temp_sibling,
 )
-from .tokenizer import BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer, UnknownCharError, load_tokenizer
+from .tokenizer import (
+    BPETokenizer,
+    CharTokenizer,
+    GPT2Tokenizer,
+    Tokenizer,
+    UnknownCharError,
+    load_tokenizer,
+    split_special,
+)
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
@@ -91,9 +99,12 @@ def _safe_cut(text: str) -> int:
     return 0
 
 
-def _read_chunks(path: Path, chunk_bytes: int, errors: str, info: dict[str, Any]) -> Iterator[tuple[str, int]]:
+def _read_chunks(path: Path, chunk_bytes: int, errors: str, info: dict[str, Any],
+                 keep_whole: Sequence[str] = ()) -> Iterator[tuple[str, int]]:
     """Yield ``(text, raw_bytes_read)`` pieces of the UTF-8 file ``path``, cut where encoding is exact
-    (see :func:`_safe_cut`). Fills ``info`` with the file's ``bytes`` and ``sha256`` when done."""
+    (see :func:`_safe_cut`). Fills ``info`` with the file's ``bytes`` and ``sha256`` when done.
+    ``keep_whole``: strings (special tokens read as tokens) never cut in two, not even where a long
+    stretch without whitespace forces a cut."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors)
     at_start = True  # a byte-order mark before the first character is dropped (no part of the text)
     sha = hashlib.sha256()
@@ -125,7 +136,7 @@ def _read_chunks(path: Path, chunk_bytes: int, errors: str, info: dict[str, Any]
             if cut == 0 and len(buf) > 16 * chunk_bytes:
                 warnings.warn(f"{path}: no whitespace in {len(buf):,} characters near byte {offset:,}; cutting "
                               f"there (BPE may differ from whole-file encoding at this one point)", stacklevel=2)
-                cut = len(buf)
+                cut = len(buf) - _partial_suffix(buf, keep_whole)
             if cut:
                 yield buf[:cut], read_since_yield
                 buf = buf[cut:]
@@ -134,13 +145,22 @@ def _read_chunks(path: Path, chunk_bytes: int, errors: str, info: dict[str, Any]
     info["sha256"] = sha.hexdigest()
 
 
+def _partial_suffix(text: str, strings: Sequence[str]) -> int:
+    """Length of the longest end of ``text`` that begins one of ``strings`` without completing it."""
+    for k in range(max(map(len, strings), default=1) - 1, 0, -1):
+        if any(s.startswith(text[-k:]) and len(s) > k for s in strings):
+            return k
+    return 0
+
+
 def _iter_corpus(sources: Sequence[Path], chunk_bytes: int, errors: str,
-                 infos: list[dict[str, Any]] | None = None) -> Iterator[tuple[str | None, int]]:
+                 infos: list[dict[str, Any]] | None = None,
+                 keep_whole: Sequence[str] = ()) -> Iterator[tuple[str | None, int]]:
     """All sources as one stream of ``(text, raw_bytes)``; ``(None, 0)`` marks the end of each document
     except the last."""
     for i, path in enumerate(sources):
         info: dict[str, Any] = {"path": str(path)}
-        yield from _read_chunks(path, chunk_bytes, errors, info)
+        yield from _read_chunks(path, chunk_bytes, errors, info, keep_whole)
         if infos is not None:
             infos.append(info)
         if i + 1 < len(sources):
@@ -211,7 +231,8 @@ def _build_tokenizer(kind: str, sources: Sequence[Path], vocab_size: int | None,
 def prepare_dataset(inputs: str | Path | Sequence[str | Path], out: str | Path | None = None, *,
                     tokenizer: str | None = None, vocab_size: int | None = None, val_fraction: float = 0.1,
                     glob: str = "*.txt", errors: str = "strict", unknown_char: str | None = None,
-                    chunk_bytes: int = 1 << 20, progress: bool = True, overwrite: bool = False) -> Path:
+                    chunk_bytes: int = 1 << 20, progress: bool = True, overwrite: bool = False,
+                    special_tokens: bool = False) -> Path:
     """Tokenize text into a dataset folder (see the module docstring) and return its path.
 
     ``inputs``: text files, folders (searched recursively for ``glob``), or a named dataset
@@ -221,7 +242,10 @@ def prepare_dataset(inputs: str | Path | Sequence[str | Path], out: str | Path |
     file and byte offset) or ``replace``. ``unknown_char``: char tokenizer only, replacement for
     characters outside the vocabulary (only relevant with a reused tokenizer). An existing dataset
     at ``out`` is replaced only with ``overwrite``; a lock (``.<out>.lock`` next to it, removed at the
-    end) keeps two prepares from writing one folder. ``-`` (or a pipe such as ``/dev/stdin``) reads standard input.
+    end) keeps two prepares from writing one folder. ``special_tokens``: read the tokenizer's special-token
+    strings written in the text (``<|endoftext|>``, a ChatML tokenizer's ``<|im_start|>`` ...) as those
+    tokens, as HF's tokenizer does (TRL / run_clm datasets); by default they are ordinary text (and a
+    warning counts them). ``-`` (or a pipe such as ``/dev/stdin``) reads standard input.
     """
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
@@ -232,7 +256,7 @@ def prepare_dataset(inputs: str | Path | Sequence[str | Path], out: str | Path |
     with contextlib.ExitStack() as stack:
         inputs = [_spool_stream(i, stack) for i in inputs]
         return _prepare(inputs, out, tokenizer, vocab_size, val_fraction, glob, errors, unknown_char, chunk_bytes,
-                        progress, overwrite)
+                        progress, overwrite, special_tokens)
 
 
 def _spool_stream(item: str | Path, stack: contextlib.ExitStack) -> str | Path:
@@ -252,7 +276,7 @@ def _spool_stream(item: str | Path, stack: contextlib.ExitStack) -> str | Path:
 
 def _prepare(inputs: list[str | Path], out: str | Path | None, tokenizer: str | None, vocab_size: int | None,
              val_fraction: float, glob: str, errors: str, unknown_char: str | None, chunk_bytes: int,
-             progress: bool, overwrite: bool) -> Path:
+             progress: bool, overwrite: bool, special_tokens: bool = False) -> Path:
     if errors not in ("strict", "replace"):
         raise ValueError(f"errors={errors!r} must be 'strict' or 'replace'")
     if chunk_bytes < 1:
@@ -303,13 +327,13 @@ def _prepare(inputs: list[str | Path], out: str | Path | None, tokenizer: str | 
                 raise ValueError(f"--out {out} already holds a dataset; pass --overwrite to replace it (or "
                                  f"choose another --out)")
         _write_dataset(out, name, sources, tokenizer or default_tokenizer, vocab_size, val_fraction, errors,
-                       unknown_char, chunk_bytes, total_bytes, progress)
+                       unknown_char, chunk_bytes, total_bytes, progress, special_tokens)
     return out
 
 
 def _write_dataset(out: Path, name: str, sources: list[Path], tokenizer: str, vocab_size: int | None,
                    val_fraction: float, errors: str, unknown_char: str | None, chunk_bytes: int, total_bytes: int,
-                   progress: bool) -> None:
+                   progress: bool, special_tokens: bool = False) -> None:
     tok = _build_tokenizer(tokenizer, sources, vocab_size, errors, unknown_char, chunk_bytes)
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32)
     remove_stale_temporaries(out.parent, name=out.name)  # temp folders of killed prepares of `out`
@@ -321,7 +345,7 @@ def _write_dataset(out: Path, name: str, sources: list[Path], tokenizer: str, vo
         try:
             with disk_full_names(out / "train.bin"):
                 n, has_text = _encode_to_file(tok, sources, tmp / "train.bin", dtype, errors, chunk_bytes,
-                                              total_bytes, progress, infos, specials)
+                                              total_bytes, progress, infos, specials, special_tokens)
         except UnknownCharError as e:  # the one place where --unknown-char exists
             raise UnknownCharError(f"{e} (gpt2 prepare: pass --unknown-char C to replace them by C)") from None
         if specials:
@@ -329,7 +353,8 @@ def _write_dataset(out: Path, name: str, sources: list[Path], tokenizer: str, vo
             hint = (". Separate documents by files (prepare puts end-of-text between files), not by "
                     "'<|endoftext|>' text" if "<|endoftext|>" in specials else "")
             warnings.warn(f"the text holds special-token strings, encoded as ordinary text, not as the special "
-                          f"tokens (HF's tokenizer reads them as the tokens): {shown}{hint}", stacklevel=2)
+                          f"tokens (HF's tokenizer reads them as the tokens; prepare does with --special-tokens): "
+                          f"{shown}{hint}", stacklevel=2)
         shown = ", ".join(map(str, sources[:5]))
         if not has_text:
             raise ValueError(f"empty corpus: {shown} hold only whitespace; give files with text")
@@ -361,6 +386,7 @@ def _write_dataset(out: Path, name: str, sources: list[Path], tokenizer: str, vo
             "documents": "input files in order, separated by the eot token" if tok.eot is not None
                          else "input files in order, concatenated (the tokenizer has no eot token)",
             "errors": errors,
+            "special_tokens": "read as tokens" if special_tokens else "text",
             "sources": [{"path": i["path"], "bytes": i["bytes"], "sha256": i["sha256"]} for i in infos],
         }
         atomic_write_json(tmp / META_FILE, meta)  # written last: its presence marks a complete folder
@@ -372,11 +398,13 @@ def _write_dataset(out: Path, name: str, sources: list[Path], tokenizer: str, vo
 
 def _encode_to_file(tok: Tokenizer, sources: Sequence[Path], path: Path, dtype: np.dtype, errors: str,
                     chunk_bytes: int, total_bytes: int, progress: bool,
-                    infos: list[dict[str, Any]], specials: dict[str, int] | None = None) -> tuple[int, bool]:
+                    infos: list[dict[str, Any]], specials: dict[str, int] | None = None,
+                    special_tokens: bool = False) -> tuple[int, bool]:
     """Stream-encode all sources into ``path``; batches of chunks go to ``tok.encode_batch`` (all
     cores). Memory: one batch of text + its tokens, independent of corpus size. Returns the number
     of tokens and whether the corpus holds anything but whitespace. ``specials``: counts of the
-    tokenizer's special-token strings found in the text (encoded as text), added to."""
+    tokenizer's special-token strings found in the text (encoded as text), added to; with
+    ``special_tokens`` they are read as the tokens instead (and not counted)."""
     from tqdm import tqdm
 
     batch_chars = max(chunk_bytes, 1) * 2 * (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
@@ -386,16 +414,21 @@ def _encode_to_file(tok: Tokenizer, sources: Sequence[Path], path: Path, dtype: 
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="encoding",
                disable=not progress, dynamic_ncols=True)
     eot = np.array([tok.eot if tok.eot is not None else 0], dtype=dtype)
+    table: dict[str, int] = dict(getattr(tok, "special_tokens", {})) if special_tokens else {}
 
     def flush(items: list[str | None], nbytes: int) -> None:
         nonlocal n_tokens
         texts = [t for t in items if t is not None]
-        if specials is not None:  # (chunks are cut before whitespace, never inside such a string)
-            for token in list(getattr(tok, "special_tokens", {}))[:16]:
-                found = sum(t.count(token) for t in texts)
-                if found:
-                    specials[token] = specials.get(token, 0) + found
-        encoded = iter(tok.encode_batch(texts))
+        # (chunks are cut before whitespace, never inside a special-token string)
+        if table:  # --special-tokens
+            encoded = iter(_encode_batch_special(tok, texts, table))
+        else:
+            if specials is not None:
+                for token in list(getattr(tok, "special_tokens", {}))[:16]:
+                    found = sum(t.count(token) for t in texts)
+                    if found:
+                        specials[token] = specials.get(token, 0) + found
+            encoded = iter(tok.encode_batch(texts))
         for item in items:
             ids = eot if item is None else next(encoded)
             f.write(ids.astype(dtype, copy=False).tobytes())
@@ -406,7 +439,7 @@ def _encode_to_file(tok: Tokenizer, sources: Sequence[Path], path: Path, dtype: 
     with bar, open(path, "wb") as f:
         items: list[str | None] = []
         chars = nbytes = 0
-        for text, raw in _iter_corpus(sources, chunk_bytes, errors, infos):
+        for text, raw in _iter_corpus(sources, chunk_bytes, errors, infos, keep_whole=list(table)):
             if text is None and tok.eot is None:
                 continue
             items.append(text)
@@ -420,6 +453,18 @@ def _encode_to_file(tok: Tokenizer, sources: Sequence[Path], path: Path, dtype: 
         f.flush()
         os.fsync(f.fileno())
     return n_tokens, has_text
+
+
+def _encode_batch_special(tok: Tokenizer, texts: list[str], table: dict[str, int]) -> list[np.ndarray]:
+    """``tok.encode(text, allowed_special=table)`` of each text, with the ordinary pieces between the
+    special tokens encoded together on all cores (``encode_batch``)."""
+    pieces = [split_special(t, table) for t in texts]
+    ordinary = iter(tok.encode_batch([p for ps in pieces for p in ps if isinstance(p, str) and p]))
+    out = []
+    for ps in pieces:
+        parts = [np.array([p], dtype=np.uint32) if isinstance(p, int) else next(ordinary) for p in ps if p != ""]
+        out.append(np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32))
+    return out
 
 
 # --- reading a dataset -----------------------------------------------------------------------------

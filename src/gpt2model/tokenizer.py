@@ -127,6 +127,13 @@ def split_special(text: str, special_tokens: dict[str, int]) -> list[str | int]:
     return [*out, text[start:]]
 
 
+def _no_surrogates(text: str) -> str:
+    """tiktoken's rule for a string holding lone surrogates (a JSON "\\ud800", undecodable bytes of a
+    command-line argument): each becomes U+FFFD, which is all UTF-8 can say; a pair joins into its
+    character. HF's tokenizers raise a TypeError on them, tiktoken's numpy encoder a UnicodeEncodeError."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 def _encode_special(text: str, encode: Any, special_tokens: dict[str, int]) -> list[int]:
     ids: list[int] = []
     for piece in split_special(text, special_tokens):
@@ -318,7 +325,12 @@ class GPT2Tokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
         # tiktoken's Rust core releases the GIL, so threads use every core; encode_to_numpy avoids
         # building Python int lists (~36 bytes per token).
-        encode = functools.partial(self._enc.encode_to_numpy, disallowed_special=())
+        def encode(text: str) -> np.ndarray:
+            try:
+                return self._enc.encode_to_numpy(text, disallowed_special=())
+            except UnicodeEncodeError:
+                return self._enc.encode_to_numpy(_no_surrogates(text), disallowed_special=())
+
         if len(texts) <= 1:
             return [encode(t) for t in texts]
         with ThreadPoolExecutor(min(_num_threads(), len(texts))) as pool:
@@ -478,8 +490,14 @@ class BPETokenizer:
     def encode(self, text: str, *, allowed_special: Set[str] | str = frozenset()) -> list[int]:
         allowed = _allowed(allowed_special, self.special_tokens)
         if allowed:
-            return _encode_special(text, lambda t: self._tok.encode(t, add_special_tokens=False).ids, allowed)
-        return self._tok.encode(text, add_special_tokens=False).ids
+            return _encode_special(text, self._encode, allowed)
+        return self._encode(text)
+
+    def _encode(self, text: str) -> list[int]:
+        try:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        except TypeError:  # lone surrogates
+            return self._tok.encode(_no_surrogates(text), add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int]) -> str:
         ids = list(map(int, ids))
@@ -497,8 +515,11 @@ class BPETokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
         # encode_batch runs on all cores (Rayon) on the Rust side.
-        return [np.asarray(e.ids, dtype=np.uint32) for e in self._tok.encode_batch(list(texts),
-                                                                                   add_special_tokens=False)]
+        try:
+            encodings = self._tok.encode_batch(list(texts), add_special_tokens=False)
+        except TypeError:  # lone surrogates
+            encodings = self._tok.encode_batch([_no_surrogates(t) for t in texts], add_special_tokens=False)
+        return [np.asarray(e.ids, dtype=np.uint32) for e in encodings]
 
     def spec(self) -> dict[str, Any]:
         return {"type": "bpe", "vocab_size": self.vocab_size, "eot": self.eot, "files": [self.FILE]}
