@@ -162,11 +162,22 @@ class _Evil:
         return (print, ("this code ran while loading",))
 
 
-def test_pickled_code_is_never_run(tmp_path: Path) -> None:
+def test_pickled_code_is_never_run(tmp_path: Path, capsys) -> None:
+    """A .bin holding objects besides tensors (a pickle with code, a whole model saved with
+    torch.save(model)) is refused without unpickling, and the error says why and how to convert
+    it (it said "the file is corrupt or truncated; re-download it", which it is not)."""
     GPT(SHAPES["odd"]).save_pretrained(tmp_path)
     (tmp_path / "model.safetensors").unlink()
     with open(tmp_path / "pytorch_model.bin", "wb") as f:
         pickle.dump({"transformer.wte.weight": _Evil()}, f)
+    with pytest.raises(CheckpointError, match="holds pickled Python objects besides tensors, which gpt2model never "
+                                              "unpickles .* safetensors"):
+        GPT.from_pretrained(tmp_path)
+    torch.save(GPT(SHAPES["odd"]), tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="holds pickled Python objects besides tensors"):
+        GPT.from_pretrained(tmp_path)
+    assert "this code ran" not in capsys.readouterr().out
+    (tmp_path / "pytorch_model.bin").write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         GPT.from_pretrained(tmp_path)
 

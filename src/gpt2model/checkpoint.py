@@ -14,6 +14,7 @@ tokenizer stored with it.
 from __future__ import annotations
 
 import json
+import pickle
 import time
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,15 @@ def _read_tensors(path: Path) -> tuple[Any, dict[str, str]]:
             with safe_open(str(path), "pt") as f:
                 return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}  # noqa: SIM118
         return torch.load(path, map_location="cpu", weights_only=True), {}
+    except pickle.UnpicklingError as e:
+        if "weights only load failed" not in str(e).lower():
+            raise CheckpointError(f"cannot read {path}: UnpicklingError: {e}. The file is corrupt or truncated; "
+                                  f"re-save or re-download it") from None
+        # Not damage: a pickle of more than tensors (torch.save(model), a trainer's checkpoint object)
+        raise CheckpointError(f"{path} holds pickled Python objects besides tensors, which gpt2model never "
+                              f"unpickles (unpickling runs code from the file). If you trust the file, convert it "
+                              f"to safetensors where it was made: safetensors.torch.save_file(state_dict, "
+                              f"'model.safetensors') (or save_pretrained(..., safe_serialization=True))") from None
     except Exception as e:  # safetensors and torch raise many types for damaged files
         raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}. The file is corrupt or "
                               f"truncated; re-save or re-download it") from None
