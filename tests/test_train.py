@@ -252,6 +252,52 @@ def test_init_from_a_model_folder_fine_tunes_with_cropped_context(dataset: Path,
     assert tuned.metrics[0]["train_loss"] < first.metrics[0]["train_loss"] - 0.3  # starts trained
 
 
+def test_fine_tuning_on_data_with_added_tokens_grows_the_embedding(tmp_path: Path, capsys) -> None:
+    """HF's ChatML fine-tune recipe: the tokenizer gets <|im_start|>/<|im_end|>
+    (add_special_tokens) and the model rows for them (resize_token_embeddings). `train --init-from
+    GPT2 --data DS` with DS prepared by such a tokenizer was refused ("prepare the text with the
+    model's tokenizer", which cannot write the new tokens). Now the embedding grows, new rows at the
+    mean of the others (transformers' mean_resizing), every old id's logit unchanged; a tokenizer
+    that is not the model's plus added tokens is still refused."""
+    transformers = pytest.importorskip("transformers")
+    data = Path(os.environ.get("GPT2MODEL_DATA", ""))
+    if not (data / "gpt2" / "vocab.bpe").is_file():
+        pytest.skip("data files not found: set GPT2MODEL_DATA")
+    from gpt2model.tokenizer import GPT2Tokenizer, load_tokenizer
+    from gpt2model.train import _grow_vocab
+
+    torch.manual_seed(0)
+    base = GPT(GPTconfig(n_layer=1, n_head=2, d_model=16, context_length=32, vocab_size=50257))
+    base.save_pretrained(tmp_path / "base", tokenizer=GPT2Tokenizer())
+    hf = transformers.GPT2TokenizerFast.from_pretrained(str(tmp_path / "base"))
+    hf.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    hf.save_pretrained(str(tmp_path / "chatml"))
+    chat = "".join(f"<|im_start|>user\nHi {i}<|im_end|>\n<|im_start|>assistant\nHello {i}!<|im_end|>\n"
+                   for i in range(60))
+    (tmp_path / "chat.txt").write_text(chat)
+    ds = prepare_dataset(tmp_path / "chat.txt", tmp_path / "ds", tokenizer=str(tmp_path / "chatml"), progress=False,
+                         special_tokens=True)
+    grown = _grow_vocab(base, 50259)
+    x = torch.randint(0, 50257, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(grown(x)[..., :50257], base(x))
+    assert torch.equal(grown.transformer.wte.weight[50257:], base.transformer.wte.weight.mean(0).expand(2, -1))
+    assert grown.lm_head.weight is grown.transformer.wte.weight  # still tied
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(ds), "--out", str(run), "--init-from", str(tmp_path / "base"), "--max-steps",
+                 "2", "--eval-interval", "2", "--eval-steps", "1", "--batch-size", "2", "--device", "cpu"]) == 0
+    assert "adds 2 token(s)" in capsys.readouterr().out
+    tuned = GPT.from_pretrained(run)
+    assert tuned.config.vocab_size == 50259
+    assert load_tokenizer(run).encode("<|im_end|>", allowed_special="all") == [50258]
+    # A char dataset is not GPT-2 plus added tokens: still refused
+    (tmp_path / "c.txt").write_text("hello world, " * 300)
+    char = prepare_dataset(tmp_path / "c.txt", tmp_path / "cds", tokenizer="char", progress=False)
+    assert main(["train", "--data", str(char), "--out", str(tmp_path / "r2"), "--init-from", str(tmp_path / "base"),
+                 "--max-steps", "1", "--device", "cpu"]) == 2
+    assert "not with the tokenizer of --init-from" in capsys.readouterr().err
+
+
 # --- config and CLI -------------------------------------------------------------------------------
 def capture_config(monkeypatch: pytest.MonkeyPatch) -> list[TrainConfig]:
     seen: list[TrainConfig] = []

@@ -544,6 +544,18 @@ def same_ids(a: Tokenizer, b: Tokenizer) -> bool:
     return all(a.token_bytes(i) == b.token_bytes(i) for i in range(a.vocab_size))
 
 
+def extends(base: Tokenizer, grown: Tokenizer) -> bool:
+    """Whether ``grown`` is ``base`` with tokens added after its ids (HF's ``add_tokens`` /
+    ``add_special_tokens``, e.g. a ChatML fine-tune's ``<|im_start|>``): more ids, the same
+    end-of-text id, and every id of ``base`` the same bytes in both. A model of ``base`` can then
+    learn ``grown``'s data once its embedding has rows for the new ids."""
+    if grown.vocab_size <= base.vocab_size or grown.eot != base.eot:
+        return False
+    if isinstance(base, CharTokenizer) or isinstance(grown, CharTokenizer):
+        return False  # a character vocabulary is sorted: new characters move the old ids
+    return all(base.token_bytes(i) == grown.token_bytes(i) for i in range(base.vocab_size))
+
+
 # --- loading --------------------------------------------------------------------------------------
 def load_tokenizer(name_or_path: str | Path) -> CharTokenizer | GPT2Tokenizer | BPETokenizer:
     """``"gpt2"`` -> OpenAI's GPT-2 BPE; a folder written by some tokenizer's ``save()`` (a dataset

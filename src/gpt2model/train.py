@@ -147,11 +147,53 @@ def _build_model(cfg: TrainConfig, vocab_size: int, state: dict[str, Any] | None
     else:
         model = GPT.from_pretrained(cfg.init_from, context_length=cfg.context_length, dropout=cfg.dropout)
         _check_shape(given, model.config, cfg.init_from, ("context_length", "dropout"))
+        if vocab_size > model.config.vocab_size and _adds_tokens(cfg.data, cfg.init_from):
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"gpt2 train: the dataset's tokenizer adds {vocab_size - model.config.vocab_size} token(s) to "
+                      f"{cfg.init_from}'s: its token embedding grows to {vocab_size} rows (the new ones start as "
+                      f"the mean of the others, as transformers' resize_token_embeddings)", flush=True)
+            model = _grow_vocab(model, vocab_size)
     if vocab_size > model.config.vocab_size:
         raise ValueError(f"the dataset {cfg.data} has {vocab_size} token ids but the model's vocab_size is "
                          f"{model.config.vocab_size}: prepare the data with the model's tokenizer, or train "
                          f"from scratch")
     return model.train()
+
+
+def _grow_vocab(model: GPT, vocab_size: int) -> GPT:
+    """``model`` with ``vocab_size`` token ids: new embedding rows (and so, tied, head rows) are the
+    mean of the old rows, what transformers' ``resize_token_embeddings`` starts them at (its
+    default ``mean_resizing`` draws them from N(mean, 1e-9 * covariance)): a new token's logit
+    then starts near the average one instead of dominating or vanishing."""
+    old = model.transformer.wte.weight.detach()
+    grown = GPT(GPTconfig.from_dict({**model.config.to_dict(), "vocab_size": vocab_size}))
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied to wte
+    state["transformer.wte.weight"] = torch.cat([old, old.mean(0, keepdim=True).expand(vocab_size - len(old), -1)])
+    grown.load_state_dict(state, strict=False)
+    return grown
+
+
+def _init_tokenizer(init_from: str) -> Any:
+    """The tokenizer of the model to fine-tune: its folder's, or GPT-2's for a hub name or a HF folder
+    without tokenizer files whose vocabulary is GPT-2's (None where there is none to compare)."""
+    from .tokenizer import GPT2_VOCAB_SIZE, load_tokenizer
+
+    if not Path(init_from).expanduser().is_dir():
+        return load_tokenizer("gpt2")
+    try:
+        return load_tokenizer(init_from)
+    except FileNotFoundError:
+        if int(read_json(Path(init_from) / CONFIG_FILE).get("vocab_size", 0)) < GPT2_VOCAB_SIZE:
+            return None
+        return load_tokenizer("gpt2")
+
+
+def _adds_tokens(data: str, init_from: str) -> bool:
+    """Whether the dataset's tokenizer is the model's with tokens added (``tokenizer.extends``)."""
+    from .tokenizer import extends
+
+    model_tok = _init_tokenizer(init_from)
+    return model_tok is not None and extends(model_tok, open_dataset(data).tokenizer())
 
 
 def _check_shape(given: dict[str, Any], config: GPTconfig, source: str, settable: Sequence[str]) -> None:
@@ -174,21 +216,20 @@ def _check_init_tokenizer(data: str, init_from: str, source: str = "--init-from"
     """Fine-tuning (and resuming: ``source`` "the run being resumed", the run folder's tokenizer)
     reads the dataset's ids as the loaded model's tokens: refuse a dataset prepared with another
     tokenizer (a char dataset for GPT-2 trained silently: its ids are in range)."""
-    from .tokenizer import GPT2_VOCAB_SIZE, load_tokenizer, same_ids
+    from .tokenizer import extends, same_ids
 
     if not Path(data).expanduser().is_dir() or not Path(init_from).expanduser().is_dir():
         return  # check_paths() names a missing dataset; a hub name is GPT-2's, checked by vocabulary size there
-    try:
-        model_tok = load_tokenizer(init_from)
-    except FileNotFoundError:  # a HF folder without tokenizer files: GPT-2's, where the vocabulary is
-        if int(read_json(Path(init_from) / CONFIG_FILE).get("vocab_size", 0)) < GPT2_VOCAB_SIZE:
-            return
-        model_tok = load_tokenizer("gpt2")
+    model_tok = _init_tokenizer(init_from)
+    if model_tok is None:
+        return
     data_tok = open_dataset(data).tokenizer()
-    if not same_ids(data_tok, model_tok):
+    # Tokens added to the model's tokenizer (a ChatML fine-tune's): --init-from grows the embedding
+    if not same_ids(data_tok, model_tok) and not (source == "--init-from" and extends(model_tok, data_tok)):
         raise ValueError(f"--data {data} was tokenized with {data_tok!r}, not with the tokenizer of {source} "
                          f"{init_from} ({model_tok!r}): the model would read its ids as other tokens. Prepare the "
-                         f"text with 'gpt2 prepare ... --tokenizer {init_from}'")
+                         f"text with 'gpt2 prepare ... --tokenizer {init_from}' (or with a copy of that tokenizer "
+                         f"with tokens added, e.g. HF's add_special_tokens)")
 
 
 # --- the loop -------------------------------------------------------------------------------------
