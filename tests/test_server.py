@@ -502,6 +502,26 @@ def test_bad_chat_requests(served):
     assert err({"messages": [{"role": "user", "content": "x"}], "tools": []}) == (400, "tools")
 
 
+def test_what_gpt2_cannot_do_is_said_in_one_sentence_naming_the_fix(served):
+    """A tool message, an image part or a mistyped prompt got pydantic's list of every union
+    branch ("valid string; or Input should be 'text'; or Field required; or Extra inputs are not
+    permitted"), naming neither the problem nor the fix."""
+    def err(path: str, body: dict) -> dict:
+        r = served.post(path, body)
+        assert r.status_code == 400, r.text
+        return r.json()["error"]
+
+    e = err("/v1/chat/completions", {"messages": [{"role": "tool", "content": "4", "tool_call_id": "c1"}]})
+    assert e["param"] == "messages.0.role" and "no tool calling" in e["message"] and "Extra" not in e["message"]
+    image = {"type": "image_url", "image_url": {"url": "http://x/cat.png"}}
+    e = err("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, image]}]})
+    assert e["param"] == "messages.0.content" and "'image_url' are not supported" in e["message"]
+    assert "text only" in e["message"] and " or Field required" not in e["message"]
+    for prompt in ([1, "a"], {"a": 1}, [[1], "a"], None, 3):
+        e = err("/v1/completions", {"prompt": prompt})
+        assert e["param"] == "prompt" and "a list of token ids" in e["message"], e
+
+
 def test_malformed_requests_never_take_the_engine_down(served):
     bad = [b"", b"{", b"\xff", b'{"prompt": null}', b'{"prompt": [[]]}', b'{"prompt": "x", "n": 1e400}',
            b'{"prompt": "x", "stop": [1]}', b'{"prompt": {"a": 1}}', b"[" * 100000]

@@ -51,7 +51,8 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from .engine import Engine, FinishEvent, PromptEvent, QueueFullError, SamplingParams, TokenEvent
 from .generate import TextStream
@@ -121,8 +122,14 @@ def _validation_error(e: ValidationError, body: dict[str, Any]) -> APIError:
             break
     shown = json.dumps(value)
     shown = shown if len(shown) <= 60 else shown[:57] + "..."
-    # A union (prompt: string | strings | ids ...) fails once per branch: say what each wanted.
-    msgs = list(dict.fromkeys(x["msg"] for x in errors if where(x["loc"]).split(".")[0] == loc.split(".")[0]))
+    # A union (prompt: string | strings | ids ...) fails once per branch: say what each wanted (the
+    # errors at the field or inside it, not those of its neighbours: messages.0.role's, not .tool_call_id's).
+    msgs = list(dict.fromkeys(x["msg"] for x in errors if f"{where(x['loc'])}.".startswith(f"{loc}.")
+                              or where(x["loc"]).startswith(f"{loc}.")))
+    if loc.split(".")[0] == "prompt" and "prompt" in body:  # its four shapes, rather than each branch's complaint
+        msgs = ["prompt must be a string, a list of strings, a list of token ids (integers) or a list of lists of "
+                "token ids"]
+        loc = "prompt"
     return APIError(400, f"invalid value for {loc!r} (got {shown}): {'; or '.join(msgs[:4])}", param=loc,
                     code="invalid_value")
 
@@ -223,6 +230,28 @@ class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None
     name: str | None = None
+
+    # What a client sends for what GPT-2 cannot do, said in one sentence (pydantic's own words for
+    # these list every branch of the union: "valid string; or 'text'; or Field required ...").
+    @field_validator("role", mode="before")
+    @classmethod
+    def _no_tool_roles(cls, role: Any) -> Any:
+        if role in ("tool", "function", "ipython"):
+            raise PydanticCustomError("unsupported_role", f"role {role!r} is not supported: this server has no tool "
+                                      f"calling (roles: system, developer, user, assistant)")
+        return role
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content: Any) -> Any:
+        if isinstance(content, list):
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if isinstance(kind, str) and kind != "text":
+                    raise PydanticCustomError(
+                        "unsupported_part", f"content parts of type {kind!r} are not supported: this model reads "
+                        f"text only (send a string, or parts {{'type': 'text', 'text': ...}})")
+        return content
 
 
 class ChatRequest(_Sampling):
