@@ -459,6 +459,28 @@ def test_the_end_of_text_that_ends_a_choice_is_counted_and_listed_as_vllm_does(s
     assert r["choices"][0]["finish_reason"] == "stop" and r["usage"]["completion_tokens"] == 3
 
 
+def test_min_tokens_holds_back_stop_strings_too_as_vllm(served):
+    """vLLM's min_tokens: its detokenizer looks for stop strings only once more than min_tokens
+    tokens are out (a stop string completed then counts even if it began earlier). Before, a stop
+    string ended the choice at once, min_tokens or not."""
+    ids = served.tok.encode("The quick brown fox")
+    new = served.greedy(ids, 30)
+    new = new[: new.index(served.tok.eot)] if served.tok.eot in new else new
+    k = 8
+    full, head = served.tok.decode(new), served.tok.decode(new[:k])
+    stop = next(ch for ch in " etaoinsrhl" if ch in head and ch in full[len(head):])
+    body = {"prompt": ids, "max_tokens": len(new), "temperature": 0, "stop": [stop]}
+    r = served.post("/v1/completions", body).json()["choices"][0]
+    assert (r["text"], r["finish_reason"]) == (full[: full.index(stop)], "stop")
+    r = served.post("/v1/completions", {**body, "min_tokens": k}).json()["choices"][0]
+    at = full.index(stop, len(head) - len(stop) + 1)  # the first one ending after the k tokens' text
+    assert (r["text"], r["finish_reason"]) == (full[:at], "stop")
+    pieces, _ = _stream_pieces(served, "/v1/completions", {**body, "min_tokens": k})
+    assert "".join(pieces) == full[:at]
+    r = served.post("/v1/completions", {**body, "min_tokens": len(new)}).json()["choices"][0]
+    assert (r["text"], r["finish_reason"]) == (full, "length")
+
+
 def test_repetition_penalty_and_min_p_through_the_openai_client(served, client):
     """vLLM's extensions (the openai client sends them in ``extra_body``) reach the engine: the
     completion is what ``generate`` gives with the same settings; in chat, min_p=1 keeps only the

@@ -72,7 +72,10 @@ class TextStream:
     tokens are decoded in small groups (an unfinished character held for up to 4 tokens).
     """
 
-    def __init__(self, tokenizer: Decoder, stop_strings: Sequence[str] = ()) -> None:
+    def __init__(self, tokenizer: Decoder, stop_strings: Sequence[str] = (), *, min_tokens: int = 0) -> None:
+        """``min_tokens`` (vLLM's): stop strings are looked for only once more than that many tokens
+        are in (:meth:`push` and :meth:`skip` count them), in the text those tokens complete (a stop
+        string begun earlier and completed then counts), as vLLM's detokenizer does."""
         if isinstance(stop_strings, str):
             stop_strings = [stop_strings]
         stops = list(stop_strings or ())
@@ -80,6 +83,8 @@ class TextStream:
             raise ValueError(f"stop strings must be non-empty strings, got {stops!r}")
         self.tokenizer = tokenizer
         self.stop_strings = stops
+        self.min_tokens = min_tokens
+        self.tokens = 0  # tokens pushed or skipped
         self.stopped = False
         self.stop_string: str | None = None  # the stop string that stopped it (the earliest in the text)
         self._pending: list[int] = []  # tokens whose text may still be an incomplete character
@@ -92,6 +97,7 @@ class TextStream:
         """Add one token; return the text that became final (possibly ``""``)."""
         if self.stopped:
             return ""
+        self.tokens += 1
         if self._utf8 is not None:  # an unfinished character's bytes wait inside the decoder
             return self._release(self._utf8.decode(self._token_bytes(int(token_id))), final=False)
         self._pending.append(int(token_id))
@@ -106,6 +112,11 @@ class TextStream:
             return ""
         self._pending = []
         return self._release(piece, final=False)
+
+    def skip(self) -> None:
+        """Count a generated token that adds no text (a special token the caller hides) towards
+        ``min_tokens``."""
+        self.tokens += 1
 
     @property
     def held_chars(self) -> int:
@@ -125,6 +136,8 @@ class TextStream:
         return self._release(piece, final=True)
 
     def _find_stop(self, text: str) -> int:
+        if self.tokens <= self.min_tokens:
+            return -1
         return min((i for i in (text.find(s) for s in self.stop_strings) if i >= 0), default=-1)
 
     def _release(self, piece: str, final: bool) -> str:

@@ -663,9 +663,11 @@ class _Server:
                         min_tokens=req.min_tokens, repetition_penalty=float(req.repetition_penalty),
                         min_p=float(req.min_p))
                     r = self.engine.submit(ids, params)
-                    choices.append(_Choice(len(choices), i, r, TextStream(self.tokenizer, stop), stop_ids,
-                                           hidden_ids, req.include_stop_str_in_output,
-                                           req.return_tokens_as_token_ids))
+                    # vLLM's min_tokens holds back the stop strings too (its detokenizer looks for them
+                    # only after min_tokens tokens), not only the stop tokens.
+                    text = TextStream(self.tokenizer, stop, min_tokens=req.min_tokens)
+                    choices.append(_Choice(len(choices), i, r, text, stop_ids, hidden_ids,
+                                           req.include_stop_str_in_output, req.return_tokens_as_token_ids))
         except QueueFullError as e:
             for c in choices:
                 c.request.cancel()
@@ -745,6 +747,7 @@ class _Server:
                         c.finish_reason = "stop"  # the engine ends the request itself
                         continue
                     if ev.token in c.hidden_ids:
+                        c.stream.skip()  # no text, but a token for min_tokens
                         continue
                     piece = c.stream.push(ev.token)
                     if c.stream.stopped:
