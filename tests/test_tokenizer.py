@@ -278,6 +278,29 @@ def test_a_tokenizer_json_that_is_not_a_byte_level_bpe_is_refused_by_name(tmp_pa
         load_tokenizer(tmp_path)  # was loaded, then token_bytes (streaming, the server) raised KeyError
 
 
+def test_added_tokens_bytes_follow_hfs_byte_level_decoder(tmp_path):
+    """Tokens added to GPT-2's vocabulary whose text is not in the byte alphabet (a space in
+    "héllo wörld") made token_bytes raise KeyError (streaming text, the server's logprobs); a
+    special token with a non-ASCII character ("<|é|>") got bytes other than those decode gives.
+    Now token_bytes follows HF's ByteLevel decoder, so streamed text == decode == HF's decode."""
+    transformers = pytest.importorskip("transformers")
+    from gpt2model.generate import TextStream
+
+    GPT2Tokenizer().save(tmp_path / "base")
+    hf = transformers.GPT2TokenizerFast.from_pretrained(str(tmp_path / "base"))
+    hf.add_tokens(["héllo wörld", "ünï"])
+    hf.add_special_tokens({"additional_special_tokens": ["<|é|>"]})
+    hf.save_pretrained(str(tmp_path / "added"))
+    tok = load_tokenizer(tmp_path / "added")
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        ids = [int(i) for i in rng.choice([*range(50256, 50260), *rng.integers(0, 50256, 6)], size=8)]
+        text = b"".join(tok.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
+        stream = TextStream(tok)
+        streamed = "".join(stream.push(i) for i in ids) + stream.flush()
+        assert text == streamed == tok.decode(ids) == hf.decode(ids), ids
+
+
 # --- trained BPE --------------------------------------------------------------------------------------
 def test_trained_bpe_vocab_size_and_exact_round_trip(trained_bpe, tmp_path):
     tok = trained_bpe

@@ -509,9 +509,13 @@ class BPETokenizer:
         piece = self._tok.id_to_token(int(token))
         if piece is None:
             raise ValueError(f"id {token} is outside this BPE's vocabulary [0, {self.vocab_size})")
-        if piece in self.special_tokens or piece == EOT_TEXT:  # written as text, not in the byte alphabet
+        # HF's ByteLevel decoder (what decode runs): a token all of whose characters are in the byte
+        # alphabet is those bytes ("<|endoftext|>" too); any other token (an added "hello world", with
+        # its space) is its own UTF-8 text
+        try:
+            return bytes(_UNICODE_TO_BYTE[c] for c in piece)
+        except KeyError:
             return piece.encode("utf-8")
-        return bytes(_UNICODE_TO_BYTE[c] for c in piece)  # the byte-level alphabet, back to bytes
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
         # encode_batch runs on all cores (Rayon) on the Rust side.
