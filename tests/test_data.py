@@ -618,3 +618,19 @@ def test_special_tokens_option_reads_them_as_hf_tokenizer_does(tmp_path, data_di
     with pytest.warns(UserWarning, match="prepare does with --special-tokens"):  # the default: text, as before
         ds = open_dataset(prepare_dataset(files, tmp_path / "text", tokenizer=str(tmp_path / "chatml"), progress=False))
     assert 50257 not in _tokens(ds).tolist() and ds.meta["special_tokens"] == "text"
+
+
+def test_prepare_with_a_hf_model_folder_without_tokenizer_files_uses_gpt2s(tmp_path):
+    """A GPT-2 folder downloaded by hand (config.json + model.safetensors, as the hub error message
+    suggests) samples, evaluates and fine-tunes with OpenAI's GPT-2 tokenizer, but `prepare
+    --tokenizer FOLDER` said "has no tokenizer". Now the same rule: GPT-2's vocabulary size or more
+    means GPT-2's BPE; a smaller vocabulary still needs the tokenizer files."""
+    (tmp_path / "a.txt").write_text("To be, or not to be: that is the question.\n" * 20)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 50257}))
+    ds = open_dataset(prepare_dataset([tmp_path / "a.txt"], tmp_path / "ds", tokenizer=str(tmp_path / "hf"),
+                                      progress=False))
+    assert _tokens(ds).tolist() == GPT2Tokenizer().encode((tmp_path / "a.txt").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 65}))
+    with pytest.raises(FileNotFoundError, match="has no tokenizer"):
+        prepare_dataset([tmp_path / "a.txt"], tmp_path / "ds2", tokenizer=str(tmp_path / "hf"), progress=False)

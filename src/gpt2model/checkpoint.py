@@ -311,18 +311,10 @@ def load_model_and_tokenizer(name_or_path: str | Path, *, device: str | torch.de
                              dtype: torch.dtype | None = None) -> tuple[GPT, Any]:
     """A model (see :func:`load_model`) and the tokenizer stored with it; OpenAI's GPT-2 BPE for a
     hub name, or for a HF folder without tokenizer files whose vocabulary is GPT-2's."""
-    from .tokenizer import GPT2_VOCAB_SIZE, load_tokenizer
+    from .tokenizer import model_tokenizer
 
     model = load_model(name_or_path, device=device, dtype=dtype)
-    if Path(name_or_path).expanduser().is_dir():
-        try:
-            tokenizer = load_tokenizer(name_or_path)
-        except FileNotFoundError:
-            if model.config.vocab_size < GPT2_VOCAB_SIZE:
-                raise
-            tokenizer = load_tokenizer("gpt2")
-    else:
-        tokenizer = load_tokenizer("gpt2")
+    tokenizer = model_tokenizer(name_or_path)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise CheckpointError(f"the tokenizer found for {name_or_path} has {tokenizer.vocab_size} ids but the model "
                               f"only {model.config.vocab_size}: the folder mixes files of different models")

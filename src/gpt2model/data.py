@@ -68,6 +68,7 @@ from .tokenizer import (
     Tokenizer,
     UnknownCharError,
     load_tokenizer,
+    model_tokenizer,
     split_special,
 )
 
@@ -219,7 +220,7 @@ def _build_tokenizer(kind: str, sources: Sequence[Path], vocab_size: int | None,
         texts = (t for t, _ in _iter_corpus(sources, chunk_bytes, errors) if t)
         return BPETokenizer.train(texts, vocab_size)
     if Path(kind).expanduser().is_dir():  # reuse a saved tokenizer (e.g. a model's, for fine-tuning)
-        tok = load_tokenizer(kind)
+        tok = model_tokenizer(kind)  # (a HF GPT-2 folder without tokenizer files: GPT-2's, as its loaders read it)
         if unknown_char is not None:
             if not isinstance(tok, CharTokenizer):
                 raise ValueError("--unknown-char only applies to a char tokenizer")

@@ -617,3 +617,23 @@ def load_tokenizer(name_or_path: str | Path) -> CharTokenizer | GPT2Tokenizer | 
         return BPETokenizer.from_file(path / BPETokenizer.FILE)
     raise FileNotFoundError(f"{path} has no tokenizer: expected {SPEC_FILE} (written by gpt2model), or HF's "
                             f"vocab.json + merges.txt, or tokenizer.json")
+
+
+def model_tokenizer(name_or_path: str | Path) -> CharTokenizer | GPT2Tokenizer | BPETokenizer:
+    """The tokenizer of a model: its folder's (:func:`load_tokenizer`), or OpenAI's GPT-2 BPE for a
+    hub name or for a HF folder without tokenizer files (config.json + weights, as downloaded by
+    hand) whose vocabulary is GPT-2's size or larger. ``FileNotFoundError`` otherwise."""
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        return GPT2Tokenizer() if not path.exists() else load_tokenizer(path)
+    try:
+        return load_tokenizer(path)
+    except FileNotFoundError:
+        try:
+            vocab_size = json.loads((path / "config.json").read_text(encoding="utf-8-sig")).get("vocab_size")
+        except (OSError, ValueError, AttributeError):
+            vocab_size = None
+        if not isinstance(vocab_size, int) or vocab_size < GPT2_VOCAB_SIZE:
+            raise
+        return GPT2Tokenizer()
+

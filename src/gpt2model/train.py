@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoint import CONFIG_FILE, read_json, save_model
+from .checkpoint import save_model
 from .config import MODEL_FIELDS, GPTconfig, TrainConfig
 from .data import BatchSampler, eval_batches, open_dataset
 from .device import DeviceSetup, measure_matmul_peak, setup_device
@@ -176,16 +176,12 @@ def _grow_vocab(model: GPT, vocab_size: int) -> GPT:
 def _init_tokenizer(init_from: str) -> Any:
     """The tokenizer of the model to fine-tune: its folder's, or GPT-2's for a hub name or a HF folder
     without tokenizer files whose vocabulary is GPT-2's (None where there is none to compare)."""
-    from .tokenizer import GPT2_VOCAB_SIZE, load_tokenizer
+    from .tokenizer import model_tokenizer
 
-    if not Path(init_from).expanduser().is_dir():
-        return load_tokenizer("gpt2")
     try:
-        return load_tokenizer(init_from)
+        return model_tokenizer(init_from)
     except FileNotFoundError:
-        if int(read_json(Path(init_from) / CONFIG_FILE).get("vocab_size", 0)) < GPT2_VOCAB_SIZE:
-            return None
-        return load_tokenizer("gpt2")
+        return None
 
 
 def _adds_tokens(data: str, init_from: str) -> bool:
