@@ -105,6 +105,14 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(dataset: Path, tmp_path
         assert torch.equal(p, q)
 
 
+def test_resume_with_another_batch_size_names_the_runs(dataset: Path, tmp_path: Path) -> None:
+    """`train --resume` without the run's --batch-size (the default is 64) said only "saved
+    global_batch=8 but this sampler has 64"; it now names the option to pass."""
+    train(tiny(dataset, tmp_path / "run", max_steps=2, eval_interval=2))
+    with pytest.raises(ValueError, match="trained with --batch-size 8: resume with the command that started it"):
+        train(tiny(dataset, tmp_path / "run", max_steps=3, eval_interval=3, resume=True, batch_size=64))
+
+
 def test_sigkill_during_checkpoints_leaves_a_loadable_resumable_run(dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     args = [sys.executable, "-m", "gpt2model", "train", "--data", str(dataset), "--out", str(out),

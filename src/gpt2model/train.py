@@ -484,7 +484,16 @@ def _restore(state: dict[str, Any], cfg: TrainConfig, optimizer: torch.optim.Opt
     step = int(state["step"])
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
-    sampler.load_state_dict(state["sampler"])
+    try:
+        sampler.load_state_dict(state["sampler"])
+    except ValueError as e:  # name the options to pass: "the same command plus --resume"
+        stored = state.get("train_config", {})
+        given = [f"--{k.replace('_', '-')} {stored[k]}" for k in ("batch_size", "data")
+                 if k in stored and stored[k] != getattr(cfg, k)]
+        if not given:
+            raise
+        raise ValueError(f"{e}. The run was trained with {' '.join(given)}: resume with the command that started "
+                         f"it plus --resume") from None
     rngs = state["rng"]
     if len(rngs) == world_size:
         set_rng_state(rngs[rank])
