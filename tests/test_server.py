@@ -351,6 +351,7 @@ def test_top_p_0_keeps_only_the_most_likely_token_as_openai_and_llama_cpp_take_i
 
 
 def test_405_lists_the_allowed_methods(served):
+    assert httpx.get(served.url + "/v1/models/", headers=AUTH).json()["data"][0]["id"] == "tiny"  # was a 404
     r = httpx.delete(served.url + "/v1/completions", headers=AUTH)
     assert r.status_code == 405 and r.headers["allow"] == "POST" and "POST" in r.json()["error"]["message"]
     r = httpx.post(served.url + "/v1/models", headers=AUTH)
@@ -539,6 +540,8 @@ def test_what_gpt2_cannot_do_is_said_in_one_sentence_naming_the_fix(served):
     e = err("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, image]}]})
     assert e["param"] == "messages.0.content" and "'image_url' are not supported" in e["message"]
     assert "text only" in e["message"] and " or Field required" not in e["message"]
+    e = err("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text"}]}]})
+    assert "'messages.0.content.0.text' is required" in e["message"], e
     for prompt in ([1, "a"], {"a": 1}, [[1], "a"], None, 3):
         e = err("/v1/completions", {"prompt": prompt})
         assert e["param"] == "prompt" and "a list of token ids" in e["message"], e

@@ -124,7 +124,8 @@ def _validation_error(e: ValidationError, body: dict[str, Any]) -> APIError:
     shown = shown if len(shown) <= 60 else shown[:57] + "..."
     # A union (prompt: string | strings | ids ...) fails once per branch: say what each wanted (the
     # errors at the field or inside it, not those of its neighbours: messages.0.role's, not .tool_call_id's).
-    msgs = list(dict.fromkeys(x["msg"] for x in errors if f"{where(x['loc'])}.".startswith(f"{loc}.")
+    msgs = list(dict.fromkeys(f"{where(x['loc'])!r} is required" if x["type"] == "missing" else x["msg"]
+                              for x in errors if f"{where(x['loc'])}.".startswith(f"{loc}.")
                               or where(x["loc"]).startswith(f"{loc}.")))
     if loc.split(".")[0] == "prompt" and "prompt" in body:  # its four shapes, rather than each branch's complaint
         msgs = ["prompt must be a string, a list of strings, a list of token ids (integers) or a list of lists of "
@@ -957,6 +958,8 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig) -> FastAPI:
 
     @app.get("/v1/models/{model_id:path}")
     async def model_info(model_id: str) -> dict[str, Any]:
+        if model_id == "":  # "/v1/models/" (a base URL with a trailing slash): the list
+            return await models()
         if model_id != config.model_name:
             raise APIError(404, f"the model {model_id!r} does not exist: this server serves {config.model_name!r}",
                            param="model", code="model_not_found")
