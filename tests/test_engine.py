@@ -332,6 +332,19 @@ def test_cancel_frees_the_slot_within_one_step(model: GPT) -> None:
         assert collect(queued)[1] == FinishEvent("cancelled")
         _wait_idle(eng)
         assert eng.stats()["running"] == 0 and eng.stats()["finished"]["cancelled"] == 3
+        # A caller's own stop rule (the server's stop strings) finishes it as "stop", running or
+        # queued: /metrics counted every stop-string stop as "cancelled".
+        running = eng.submit([1], SamplingParams(max_tokens=60, temperature=0))
+        queued = eng.submit([1], SamplingParams(max_tokens=60, temperature=0))
+        collect(running, 2)
+        queued.cancel("stop")
+        running.cancel("stop")
+        running.cancel()  # a later plain cancel (the server's cleanup) does not change it
+        assert collect(running)[1] == FinishEvent("stop") and collect(queued) == ([], FinishEvent("stop"))
+        _wait_idle(eng)
+        assert eng.stats()["finished"]["stop"] == 2 and eng.stats()["finished"]["cancelled"] == 3
+        with pytest.raises(ValueError, match="reason"):
+            running.cancel("length")
     finally:
         eng.shutdown(timeout=1)
 

@@ -729,6 +729,19 @@ def test_metrics_report_requests_tokens_and_latency_histograms(served):
     assert 'gpt2model_requests_finished_total{reason="length"}' in text
 
 
+def test_a_stop_string_counts_as_stop_in_metrics_not_cancelled(served):
+    ids = served.tok.encode("Hello")
+    text = served.text(served.greedy(ids, 10))
+    before = served.engine.stats()["finished"]
+    r = served.post("/v1/completions", {"prompt": ids, "max_tokens": 10, "temperature": 0, "stop": text[2:5]})
+    assert r.json()["choices"][0]["finish_reason"] == "stop"
+    deadline = time.monotonic() + 10
+    while served.engine.stats()["running"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    after = served.engine.stats()["finished"]
+    assert after["stop"] - before["stop"] == 1 and after["cancelled"] == before["cancelled"]
+
+
 def test_health_is_503_until_the_engine_has_warmed_up(model_dir):
     from fastapi.testclient import TestClient
 

@@ -167,6 +167,7 @@ class Request:
         self.finish_reason: str | None = None
         self._engine_wake = wake
         self._cancelled = threading.Event()
+        self._cancel_reason = "cancelled"  # the FinishEvent's reason once cancelled (see cancel)
         self._cond = threading.Condition()
         self._events: deque[TokenEvent | PromptEvent | FinishEvent] = deque()
         self._waiters: list[_Waiter] = []
@@ -175,8 +176,14 @@ class Request:
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 
-    def cancel(self) -> None:
-        """Ask the engine to stop this request (thread-safe); its slot is freed at the next step."""
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Ask the engine to stop this request (thread-safe); its slot is freed at the next step.
+        ``reason="stop"``: the caller's own stop rule ended it (a stop string in its text): it
+        finishes, and is counted in ``stats()["finished"]``, as ``"stop"``, not ``"cancelled"``."""
+        if reason not in ("cancelled", "stop"):
+            raise ValueError(f"reason must be 'cancelled' or 'stop', got {reason!r}")
+        if not self._cancelled.is_set():
+            self._cancel_reason = reason
         self._cancelled.set()
         with self._engine_wake:
             self._engine_wake.notify_all()
@@ -537,12 +544,12 @@ class Engine:
         lock held."""
         for request in [r for r in self._queue if r.cancelled]:  # cancelled while waiting: finish now
             self._queue.remove(request)
-            self._finish_locked(request, FinishEvent("cancelled"))
+            self._finish_locked(request, FinishEvent(request._cancel_reason))
         free = [i for i, s in enumerate(self._slots) if s is None]
         while free and self._queue:
             request = self._queue.popleft()
             if request.cancelled:
-                self._finish_locked(request, FinishEvent("cancelled"))
+                self._finish_locked(request, FinishEvent(request._cancel_reason))
                 continue
             slot = free.pop(0)
             self._slots[slot] = _Slot(request)
@@ -785,7 +792,7 @@ class Engine:
     def _drop_cancelled(self) -> None:
         for b, slot in enumerate(self._slots):
             if slot is not None and slot.request.cancelled:
-                self._free(b, FinishEvent("cancelled"))
+                self._free(b, FinishEvent(slot.request._cancel_reason))
 
     @torch.no_grad()
     def _step(self) -> None:

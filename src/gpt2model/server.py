@@ -753,7 +753,7 @@ class _Server:
                     piece = c.stream.push(ev.token)
                     if c.stream.stopped:
                         c.finish_reason = "stop"
-                        c.request.cancel()
+                        c.request.cancel("stop")  # finished by its stop string (/metrics: reason "stop")
                         piece += c.stream.stop_string if c.include_stop else ""
                     c.text += piece
                     if piece:
