@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 from pathlib import Path
 
@@ -244,3 +245,51 @@ def test_hub_name_without_network_gives_clear_error(monkeypatch: pytest.MonkeyPa
     monkeypatch.chdir(tmp_path)
     with pytest.raises(CheckpointError, match="Without a network, download the folder elsewhere"):
         GPT.from_pretrained("gpt2")
+
+
+def test_a_hub_download_fetches_what_serving_and_export_read(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A hub download fetched config, weights and tokenizer files only: a chat fine-tune's
+    generation_config.json (its eos ids), tokenizer_config.json / chat_template.jinja (its chat
+    template, which `gpt2 serve` uses) and a slow tokenizer's added_tokens.json were left behind.
+    The hub's bare name distilgpt2 (a GPT-2) was "no model folder"."""
+    import fnmatch
+
+    import huggingface_hub
+
+    from gpt2model.checkpoint import resolve_model_dir
+
+    seen = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo, allow_patterns: seen.append((repo, allow_patterns)) or str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model_dir("distilgpt2") == tmp_path and seen[-1][0] == "distilbert/distilgpt2"
+    assert resolve_model_dir("someone/chat-gpt2") == tmp_path and seen[-1][0] == "someone/chat-gpt2"
+    for name in ("config.json", "generation_config.json", "model.safetensors", "model-00001-of-00002.safetensors",
+                 "model.safetensors.index.json", "tokenizer.json", "vocab.json", "merges.txt", "added_tokens.json",
+                 "special_tokens_map.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert any(fnmatch.fnmatch(name, p) for p in seen[-1][1]), name
+    assert not any(fnmatch.fnmatch("pytorch_model.bin", p) for p in seen[-1][1])  # nothing to unpickle
+
+
+def test_a_hub_models_own_tokenizer_is_used(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`gpt2 sample --model someone/chat-gpt2` (a fine-tune with tokens added to GPT-2's) got
+    OpenAI's GPT-2 tokenizer instead of the downloaded folder's, which cannot decode the added ids."""
+    import huggingface_hub
+
+    from gpt2model.checkpoint import load_model_and_tokenizer
+    from gpt2model.tokenizer import BPETokenizer
+
+    transformers = pytest.importorskip("transformers")
+    data = Path(os.environ.get("GPT2MODEL_DATA", ""))
+    if not (data / "gpt2" / "vocab.bpe").is_file():
+        pytest.skip("data files not found: set GPT2MODEL_DATA")
+    folder = tmp_path / "snapshot"
+    GPT(GPTconfig(n_layer=1, n_head=2, d_model=16, context_length=16, vocab_size=50258)).save_pretrained(folder)
+    hf = transformers.GPT2TokenizerFast(str(data / "gpt2" / "encoder.json"), str(data / "gpt2" / "vocab.bpe"))
+    hf.add_special_tokens({"pad_token": "[PAD]"})
+    hf.save_pretrained(str(folder))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, allow_patterns: str(folder))
+    monkeypatch.chdir(tmp_path)
+    model, tok = load_model_and_tokenizer("someone/chat-gpt2")
+    assert isinstance(tok, BPETokenizer) and tok.vocab_size == 50258 and tok.decode([50257]) == "[PAD]"
+

@@ -34,6 +34,13 @@ LEGACY_WEIGHTS_FILE = "pytorch_model.bin"
 SHARD_INDEX_FILES = (WEIGHTS_FILE + ".index.json", LEGACY_WEIGHTS_FILE + ".index.json")
 
 
+# What a hub download fetches: the weights (safetensors only: nothing to unpickle) and every file the
+# loaders, `gpt2 serve` (eos ids, chat template) and GGUF export read from a model folder.
+HUB_FILES = [CONFIG_FILE, "generation_config.json", WEIGHTS_FILE, SHARD_INDEX_FILES[0], "model-*.safetensors",
+             "vocab.json", "merges.txt", "tokenizer.json", "added_tokens.json", "special_tokens_map.json",
+             "tokenizer_config.json", "chat_template.jinja"]
+
+
 class CheckpointError(ValueError):
     """A model folder or checkpoint file is missing, corrupt, truncated or does not fit."""
 
@@ -223,9 +230,7 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, SHARD_INDEX_FILES[0],
-                                                             "model-*.safetensors", "vocab.json", "merges.txt",
-                                                             "tokenizer.json"]))
+        return Path(snapshot_download(repo, allow_patterns=HUB_FILES))
     except Exception as e:
         raise CheckpointError(f"could not get {name!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
                               f"Without a network, download the folder elsewhere (config.json and "
@@ -309,12 +314,14 @@ def _read_weights(directory: Path) -> tuple[Path, dict[str, torch.Tensor]]:
 
 def load_model_and_tokenizer(name_or_path: str | Path, *, device: str | torch.device | None = None,
                              dtype: torch.dtype | None = None) -> tuple[GPT, Any]:
-    """A model (see :func:`load_model`) and the tokenizer stored with it; OpenAI's GPT-2 BPE for a
-    hub name, or for a HF folder without tokenizer files whose vocabulary is GPT-2's."""
+    """A model (see :func:`load_model`) and the tokenizer stored with it (a hub name's too: the
+    downloaded folder's, e.g. a fine-tune's added tokens); OpenAI's GPT-2 BPE for a HF folder
+    without tokenizer files whose vocabulary is GPT-2's."""
     from .tokenizer import model_tokenizer
 
-    model = load_model(name_or_path, device=device, dtype=dtype)
-    tokenizer = model_tokenizer(name_or_path)
+    directory = resolve_model_dir(name_or_path)  # once: a hub name is downloaded (or found in the cache)
+    model = load_model(directory, device=device, dtype=dtype)
+    tokenizer = model_tokenizer(directory)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise CheckpointError(f"the tokenizer found for {name_or_path} has {tokenizer.vocab_size} ids but the model "
                               f"only {model.config.vocab_size}: the folder mixes files of different models")

@@ -21,7 +21,9 @@ CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight"
 # Buffers some old checkpoints carry (the causal mask); they hold no learned values.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 OPENAI_NAMES = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
-                "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}
+                "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl",
+                # the hub's other legacy bare name of a GPT-2 (6 layers, distilled from gpt2)
+                "distilgpt2": "distilbert/distilgpt2"}
 
 
 def config_to_hf(config: GPTconfig, eot_id: int | None = None,
