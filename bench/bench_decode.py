@@ -19,8 +19,9 @@ weight cycled through enough copies to stream from memory as a decode step does:
 
 ``--llama-bench [PATH]`` instead compares our compiled batch-1 decode of the bpe-6x384 model with
 llama.cpp's on the same weights (fp32 vs f32, bf16 vs f16, int8 vs q8_0), the two interleaved per
-dtype over ``--repeats`` rounds, and ours with torch's kernels only (without gpt2model.cpukernels);
-with ``--threads 1`` all are CPU time per token:
+dtype over ``--repeats`` rounds, ours with each layer's ops instead of the whole-step op
+(``cpukernels.fused_step`` off) and ours with torch's kernels only (without gpt2model.cpukernels);
+with ``--threads 1`` all are CPU time per token, with more threads wall time:
 
     flock /work/wt/.bench.lock python bench/bench_decode.py --llama-bench --threads 1 --dtypes fp32,bf16,int8
 """
@@ -247,6 +248,20 @@ def llama_per_token_ms(binary: str, gguf: Path, threads: int, tokens: int) -> fl
 
 
 @contextlib.contextmanager
+def per_layer_ops() -> Any:
+    """Within: compiled steps run each layer's ops (our per-matrix kernels and inductor's) instead
+    of the whole-step op (``cpukernels.fused_step`` off), as before it existed."""
+    from gpt2model import cpukernels
+
+    saved = cpukernels.fused_step
+    cpukernels.fused_step = False
+    try:
+        yield
+    finally:
+        cpukernels.fused_step = saved
+
+
+@contextlib.contextmanager
 def torch_kernels_only(model: Any) -> Any:
     """Within: ``model`` decodes with torch's kernels, as where ours (gpt2model.cpukernels) are not
     built (the int8 layers' ``use_kernel`` off, the fp32 layout and GEMV choice as without them)."""
@@ -270,8 +285,9 @@ def torch_kernels_only(model: Any) -> Any:
 
 def bench_against_llama(args: Any, clock: Any) -> list[dict[str, Any]]:
     """Batch-1 decode of the bpe-6x384 model (random init, seed 0), ours compiled against llama.cpp
-    on the same weights (GGUF f32 / f16 / q8_0), and ours with torch's kernels only (without
-    gpt2model.cpukernels), all interleaved over ``--repeats`` rounds; medians."""
+    on the same weights (GGUF f32 / f16 / q8_0), ours with the per-layer ops (the whole-step op
+    off) and ours with torch's kernels only (without gpt2model.cpukernels), all interleaved over
+    ``--repeats`` rounds; medians."""
     import tempfile
     from statistics import median
 
@@ -285,31 +301,38 @@ def bench_against_llama(args: Any, clock: Any) -> list[dict[str, Any]]:
     with_kernels = cpukernels.load()
     ours: dict[str, list[float]] = {d: [] for d in dtypes}
     plain: dict[str, list[float]] = {d: [] for d in dtypes}
+    layered: dict[str, list[float]] = {d: [] for d in dtypes}
     theirs: dict[str, list[float]] = {d: [] for d in dtypes}
     with tempfile.TemporaryDirectory() as tmp:
         ggufs = _export_ggufs("bpe", tuple(LLAMA_PEERS[d] for d in dtypes), Path(tmp))
         for d in dtypes:
             per_token_ms(models[d], 2, 1, True, clock)  # compile once, outside the rounds
             if with_kernels:
+                with per_layer_ops():
+                    per_token_ms(models[d], 2, 1, True, clock)
                 with torch_kernels_only(models[d]):
                     per_token_ms(models[d], 2, 1, True, clock)
         for r in range(args.repeats):
             for d in dtypes:
                 ours[d].append(per_token_ms(models[d], args.tokens, 1, True, clock)[0])
                 if with_kernels:
+                    with per_layer_ops():
+                        layered[d].append(per_token_ms(models[d], args.tokens, 1, True, clock)[0])
                     with torch_kernels_only(models[d]):
                         plain[d].append(per_token_ms(models[d], args.tokens, 1, True, clock)[0])
                 theirs[d].append(llama_per_token_ms(args.llama_bench, ggufs[LLAMA_PEERS[d]], args.threads,
                                                     args.tokens))
                 print(f"  round {r + 1}: ours {d} {ours[d][-1]:.2f} ms"
-                      + (f" (torch's kernels only {plain[d][-1]:.2f})" if plain[d] else "")
+                      + (f" (per-layer ops {layered[d][-1]:.2f}, torch's kernels only {plain[d][-1]:.2f})"
+                         if plain[d] else "")
                       + f", llama.cpp {LLAMA_PEERS[d]} {theirs[d][-1]:.2f} ms", file=sys.stderr, flush=True)
     rows = []
     for d in dtypes:
         a, b = median(ours[d]), median(theirs[d])
         rows.append(dict(shape="bpe-6x384", dtype=d, peer=f"llama.cpp {LLAMA_PEERS[d]}", threads=args.threads,
                          ours_ms=a, llama_ms=b, speed_ratio=b / a, ours_all=ours[d], llama_all=theirs[d],
-                         torch_kernels_ms=median(plain[d]) if plain[d] else None, torch_kernels_all=plain[d]))
+                         torch_kernels_ms=median(plain[d]) if plain[d] else None, torch_kernels_all=plain[d],
+                         per_layer_ms=median(layered[d]) if layered[d] else None, per_layer_all=layered[d]))
     return rows
 
 
@@ -348,11 +371,11 @@ def main() -> int:
         print(f"\nread bandwidth {bandwidth:.1f} GB/s ({args.threads} thread(s)); torch {torch.__version__}; "
               f"load {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
         print(f"{'dtype':>5} {'ours ms':>8} {'peer':>15} {'peer ms':>8} {'ours/peer speed':>15} "
-              f"{'torch kernels ms':>16} {'their/peer speed':>16}")
+              f"{'per-layer ms':>12} {'torch kernels ms':>16} {'their/peer speed':>16}")
         for r in rows:
-            tk = r["torch_kernels_ms"]
+            tk, pl = r["torch_kernels_ms"], r["per_layer_ms"]
             print(f"{r['dtype']:>5} {r['ours_ms']:8.2f} {r['peer']:>15} {r['llama_ms']:8.2f} {r['speed_ratio']:15.3f} "
-                  + (f"{tk:16.2f} {r['llama_ms'] / tk:16.3f}" if tk else f"{'-':>16} {'-':>16}"))
+                  + (f"{pl:12.2f} {tk:16.2f} {r['llama_ms'] / tk:16.3f}" if tk else f"{'-':>12} {'-':>16} {'-':>16}"))
         out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / "decode_llama.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(dict(bandwidth_gbs=bandwidth, rows=rows), indent=2))

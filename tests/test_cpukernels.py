@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from gpt2model import GPTconfig, cpukernels
+from gpt2model import GPT, GPTconfig, cpukernels
 from gpt2model.generate import generate
-from gpt2model.quantize import Int8Linear
+from gpt2model.quantize import Int8Linear, restore_layout
 
 needs_kernels = pytest.mark.skipif(not cpukernels.load(),
                                    reason=f"CPU kernels off here: {cpukernels._state.get('why')}")
@@ -116,10 +116,13 @@ def test_int8_kernel_activation_grid_rounds_half_to_even_exactly() -> None:
 
 
 @needs_kernels
-def test_compiled_and_eager_int8_decode_run_the_kernel_and_match_the_fallback() -> None:
+def test_compiled_and_eager_int8_decode_run_the_kernel_and_match_the_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every linear of a compiled one-row and batched decode step calls the kernel (one graph, no
-    fallback to eager), eager steps too; the fallback (torch's kernels) gives the same greedy tokens."""
+    fallback to eager; with the whole-step op switched off, as where it does not apply), eager
+    steps too; the fallback (torch's kernels) gives the same greedy tokens."""
     from test_quantize import spiky
+
+    monkeypatch.setattr(cpukernels, "fused_step", False)
 
     cfg = GPTconfig(context_length=64, vocab_size=3000, n_layer=2, n_head=2, d_model=64)
     model = spiky(cfg).quantize("int8")
@@ -229,11 +232,13 @@ def test_f32_kernel_is_the_float_product_on_odd_shapes(in_features: int, out_fea
 
 
 @needs_kernels
-def test_fp32_one_row_decode_runs_the_f32_kernel_on_row_major_weights() -> None:
+def test_fp32_one_row_decode_runs_the_f32_kernel_on_row_major_weights(monkeypatch: pytest.MonkeyPatch) -> None:
     """A one-row fp32 cache keeps every weight row-major for our GEMV (a cache of more rows re-lays
-    them column-major for MKL); compiled and eager steps call it for every linear and give the same
-    greedy tokens; a forward with autograd never does."""
+    them column-major for MKL); compiled (without the whole-step op) and eager steps call it for
+    every linear and give the same greedy tokens; a forward with autograd never does."""
     from gpt2model import GPT
+
+    monkeypatch.setattr(cpukernels, "fused_step", False)
 
     cfg = GPTconfig(context_length=64, vocab_size=20000, n_layer=2, n_head=2, d_model=32)
     torch.manual_seed(0)
@@ -275,3 +280,136 @@ def test_int8_kernel_integer_sums_do_not_overflow_at_the_extremes() -> None:
         y = kernel(x, layer)
         expected = torch.tensor([[1.0], [-1.0]]) * (value * 0.5 * in_features)
         assert torch.allclose(y, expected.expand(2, 5), rtol=1e-6, atol=0)
+
+
+# --- the whole decode step as one op (gpt2model_kernels::decode_step, model.GPT._fused_decode) ---------------
+def _fused_model(dtype: str, n_head: int = 4) -> GPT:
+    from gpt2model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(GPTconfig(context_length=32, vocab_size=300, n_layer=2, n_head=n_head, d_model=64)).eval()
+    if dtype == "bf16":
+        model = model.to(torch.bfloat16)
+    elif dtype == "int8":
+        model.quantize("int8", head=True)
+    return model
+
+
+def _fused(model: GPT, ids: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The op called directly (as the compiled step calls it) on the model's live cache."""
+    params, interleaved, caches = model._fused_decode_params()
+    return torch.ops.gpt2model_kernels.decode_step(
+        ids, slots, slots, mask, model.transformer.wte.weight, model.transformer.wpe.weight, params,
+        [c.k for c in caches], [c.v for c in caches], interleaved, model.config.n_head, model.config.layer_norm_eps)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", ["fp32", "int8", "bf16"])
+def test_fused_decode_step_matches_the_layers_and_is_the_same_for_any_threads_or_rows(dtype: str) -> None:
+    """The whole-step op gives the eager layers' logits and KV-cache writes (ragged rows: each its
+    own slot and mask; fp32 and int8 to ~1e-5, bf16 to its rounding), and the same bits at 1 and 2
+    threads and for a row alone (a one-row cache holding that row's history) or beside others."""
+    model = _fused_model(dtype)
+    B, P, L = 3, 9, 16
+    prompts = torch.randint(0, 300, (B, P + 1), generator=torch.Generator().manual_seed(1))
+    lengths = [9, 5, 7]  # row b's history fills slots 0..lengths[b]-1; its new token goes to slot lengths[b]
+    mask = torch.full((B, 1, 1, L), float("-inf"), dtype=model.dtype)
+    for b, n in enumerate(lengths):
+        mask[b, ..., :n + 1] = 0
+    slots = torch.tensor(lengths).view(B, 1)
+    ids = prompts[torch.arange(B), torch.tensor(lengths)].view(B, 1)
+    threads = torch.get_num_threads()
+    with torch.no_grad():
+        model.setup_cache(B, L)
+        restore_layout(model)  # fp32: row-major weights (a 3-row cache re-lays them column-major for MKL)
+        try:
+            model(prompts[:, :P], input_pos=torch.arange(P))  # rows' histories (row b reads its first lengths[b])
+            saved = [(c.k.clone(), c.v.clone()) for c in (blk.attn.kv_cache for blk in model.transformer.h)]
+            ref = model(ids, input_pos=slots, mask=mask)  # eager layers (not compiling: no fused op)
+            ref_cache = [(c.k.clone(), c.v.clone()) for c in (blk.attn.kv_cache for blk in model.transformer.h)]
+            outs = []
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                for blk, (k, v) in zip(model.transformer.h, saved, strict=True):
+                    blk.attn.kv_cache.k.copy_(k)
+                    blk.attn.kv_cache.v.copy_(v)
+                before = cpukernels.calls()
+                outs.append(_fused(model, ids, slots, mask))
+                assert cpukernels.calls() - before == 1  # one op for the whole step
+            assert torch.equal(outs[0], outs[1])
+            tol = 0.02 if dtype == "bf16" else 2e-5
+            assert outs[0].dtype == ref.dtype and outs[0].shape == (B, 1, 300)
+            torch.testing.assert_close(outs[0].float(), ref.float(), rtol=tol, atol=tol)
+            for blk, (k, v) in zip(model.transformer.h, ref_cache, strict=True):
+                torch.testing.assert_close(blk.attn.kv_cache.k.float(), k.float(), rtol=tol, atol=tol)
+                torch.testing.assert_close(blk.attn.kv_cache.v.float(), v.float(), rtol=tol, atol=tol)
+        finally:
+            torch.set_num_threads(threads)
+            model.clear_cache()
+        for b in range(B):  # each row alone in a one-row cache with its history: the same bits
+            model.setup_cache(1, L)
+            try:
+                for blk, (k, v) in zip(model.transformer.h, saved, strict=True):
+                    blk.attn.kv_cache.k.copy_(k[b:b + 1])
+                    blk.attn.kv_cache.v.copy_(v[b:b + 1])
+                alone = _fused(model, ids[b:b + 1], slots[b:b + 1], mask[b:b + 1])
+            finally:
+                model.clear_cache()
+            assert torch.equal(alone[0], outs[0][b]), b
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [pytest.param("fp32", marks=pytest.mark.slow), "int8",
+                                   pytest.param("bf16", marks=pytest.mark.slow)])
+def test_compiled_decode_runs_as_one_op_and_gives_eager_tokens(dtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """generate(compile=True) at one row runs each step as ONE kernel call (the whole-step op) and
+    gives the eager layers' greedy tokens, past the context (the sliding window re-prefills) and
+    at 2 threads; switched off (cpukernels.fused_step), the per-layer ops run again, same tokens."""
+    model = _fused_model(dtype)
+    prompt = torch.tensor([[5, 6, 7, 8]])
+    eager = generate(model, prompt, 34, temperature=0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*decode step failed")
+            before = cpukernels.calls()
+            assert torch.equal(generate(model, prompt, 34, temperature=0, compile=True), eager)
+            steps = cpukernels.calls() - before
+            assert 25 <= steps < 100, steps  # ~33 decode steps, one call each (+ int8 re-prefills' linears)
+            if dtype == "int8":  # (one dtype: each switch compiles the step again)
+                monkeypatch.setattr(cpukernels, "fused_step", False)
+                before = cpukernels.calls()
+                assert torch.equal(generate(model, prompt, 34, temperature=0, compile=True), eager)
+                assert cpukernels.calls() - before >= 9 * 25  # every linear of every step is a call again
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernels
+def test_fused_decode_falls_back_where_it_does_not_apply() -> None:
+    """Eager forwards, autograd, a head_dim not a multiple of 8, and int8-dynamic layers keep the
+    layers (the op is for compiled no-grad steps of the layers it reads)."""
+    model = _fused_model("fp32", n_head=8)  # head_dim 8: applies
+    model.setup_cache(1, 16)
+    try:
+        ids, slots, mask = torch.tensor([[3]]), torch.tensor([[0]]), torch.zeros(1, 1, 1, 1)
+        with torch.no_grad():
+            assert model._fused_decode(ids, slots, mask, slots, 0) is None  # not compiling: eager layers
+            assert model._fused_decode_params() is not None
+        model.clear_cache()
+        odd = _fused_model("fp32", n_head=16)  # head_dim 4
+        dyn = _fused_model("fp32")
+        for blk in dyn.transformer.h:
+            blk.mlp.c_fc = Int8Linear.from_linear(blk.mlp.c_fc, dynamic=True)
+        for m in (odd, dyn):
+            m.setup_cache(1, 16)
+            try:
+                with torch.no_grad():
+                    got = torch.compile(lambda mm: mm._fused_decode(ids, slots, mask, slots, 0), fullgraph=True)(m)
+                assert got is None
+            finally:
+                m.clear_cache()
+        assert dyn._fused_decode_params() is None
+    finally:
+        model.clear_cache()

@@ -30,6 +30,8 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <thread>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -371,6 +373,512 @@ at::Tensor f32_linear(const at::Tensor& x_in, const at::Tensor& weight, const st
   return y;
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// decode_step: a whole decode step of the GPT (B <= 16 rows, one token each, cache rows 0..B-1)
+// in ONE op with ONE parallel region, for torch.compile'd CPU decode steps (model.GPT._fused_decode
+// says when it applies; the PyTorch path stays the reference and the fallback).
+//
+// Why: a compiled step made ~25 calls of the ops above plus ~20 of inductor's fused kernels, each
+// an OpenMP region. At one thread that is ~8-11 us of dispatch per op call; at two threads every
+// region is also a fork and a join, and on this 2-core VM the second thread added almost nothing
+// (6x384 BPE int8: 2.6-2.9 ms per token at 1 and at 2 threads, while llama.cpp's one thread pool
+// with spin barriers between its graph's nodes went 3.6 -> 2.0 ms). Here the threads enter once
+// and go from phase to phase (the matmuls, attention) the way llama.cpp's graph compute does.
+//
+// Phases: each phase's work is cut into chunks (ranges of 4-row weight blocks, attention heads);
+// a thread takes the next chunk with an atomic counter until none is left, then waits until every
+// chunk of the phase is done (Phase::done). Nothing depends on how many threads take part: one
+// thread alone does every chunk (at::parallel_for runs the body once, serially, at 1 thread or
+// inside another parallel region) and a thread never waits for a thread that has not started, so
+// there is no deadlock whatever OpenMP gives us. Every output element is computed by exactly one
+// chunk with the same arithmetic, so the results do not depend on the threads (nor, per row, on
+// the other rows: the int8 and fp32 dot products above are row-independent).
+// Small serial work (layer norms, GELU, an int8 layer's activation grid) is done by EVERY thread
+// into its own scratch instead of by one thread behind a barrier: a few microseconds of
+// duplicated arithmetic is cheaper than a barrier round trip and a thread waiting on it.
+// A thread that falls behind (descheduled on a busy machine) may find a phase finished by the
+// others: it then claims nothing there, so its scratch, computed from inputs that may already
+// have moved on, is never used; a chunk it does claim belongs to an unfinished phase, whose
+// inputs (written by earlier, finished phases) are stable.
+
+struct alignas(64) Phase {  // one cache line each: the two threads' counters do not false-share
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+// Take chunks 0..n-1 of a phase until none are left, then wait for the others' chunks.
+template <typename F>
+void run_phase(Phase& ph, int64_t n, F&& chunk) {
+  for (int64_t c; (c = ph.next.fetch_add(1, std::memory_order_relaxed)) < n;) {
+    chunk(c);
+    ph.done.fetch_add(1, std::memory_order_release);
+  }
+  for (int spins = 0; ph.done.load(std::memory_order_acquire) < n; ++spins) {
+    if (spins < 20000) _mm_pause();
+    else std::this_thread::yield();  // the other thread is off the CPU (a busy machine): let it run
+  }
+}
+
+// A small float vector of the model's dtype (layer norm weights, biases, embeddings, masks).
+struct FVec {
+  const void* p = nullptr;
+  bool bf16 = false;
+  float operator[](int64_t i) const {
+    return bf16 ? float(static_cast<const c10::BFloat16*>(p)[i]) : static_cast<const float*>(p)[i];
+  }
+  explicit operator bool() const { return p != nullptr; }
+  FVec shifted(int64_t n) const {  // the vector from element n on
+    FVec v = *this;
+    if (p) v.p = bf16 ? static_cast<const void*>(static_cast<const c10::BFloat16*>(p) + n)
+                      : static_cast<const void*>(static_cast<const float*>(p) + n);
+    return v;
+  }
+};
+
+FVec fvec(const at::Tensor& t) {
+  FVec v;
+  if (!t.defined() || t.numel() == 0) return v;
+  TORCH_CHECK(t.is_contiguous() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16),
+              "decode_step: contiguous fp32/bf16 vectors expected");
+  v.p = t.data_ptr();
+  v.bf16 = t.scalar_type() == at::kBFloat16;
+  return v;
+}
+
+// exp(x) for 8 floats (Cephes' expf: range reduction by ln 2 in two parts, a degree-5
+// polynomial; ~1 ulp), clamped to fp32's normal range: -inf gives ~1e-38, callers that need an
+// exact 0 there (masked attention slots) select it.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3365f)), _mm256_set1_ps(88.3762626647949f));
+  const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 p = _mm256_set1_ps(1.9875691500E-4f);
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.3981999507E-3f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(8.3334519073E-3f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(4.1665795894E-2f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.6666665459E-1f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(5.0000001201E-1f));
+  const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(x, x), x), _mm256_set1_ps(1.f));
+  const __m256i n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
+}
+
+inline float exp1(float x) {  // the same function on one float (tails), so no element depends on its position
+  alignas(32) float l[8] = {x};
+  _mm256_store_ps(l, exp8(_mm256_load_ps(l)));
+  return l[0];
+}
+
+// GELU (tanh form) as x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3): model.gelu_tanh's
+// compiled form (the same function; see there).
+void gelu_row(const float* x, float* y, int64_t n) {
+  const float c = 2.0f * 0.7978845608028654f;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    const __m256 z = _mm256_mul_ps(_mm256_set1_ps(c),
+                                   _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(0.044715f), v), _mm256_mul_ps(v, v), v));
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), z));
+    _mm256_storeu_ps(y + i, _mm256_div_ps(v, _mm256_add_ps(_mm256_set1_ps(1.f), e)));
+  }
+  for (; i < n; ++i) {
+    const float v = x[i];
+    y[i] = v / (1.f + exp1(-c * (v + 0.044715f * v * v * v)));
+  }
+}
+
+// nn.LayerNorm of one row (biased variance, as torch), in fp32 with a double-free two-pass form.
+void layer_norm_row(const float* x, float* y, int64_t n, FVec w, FVec b, float eps) {
+  float mean = 0.f;
+  for (int64_t i = 0; i < n; ++i) mean += x[i];
+  mean /= float(n);
+  float var = 0.f;
+  for (int64_t i = 0; i < n; ++i) var += (x[i] - mean) * (x[i] - mean);
+  const float rstd = 1.f / std::sqrt(var / float(n) + eps);
+  for (int64_t i = 0; i < n; ++i) y[i] = (x[i] - mean) * rstd * (w ? w[i] : 1.f) + (b ? b[i] : 0.f);
+}
+
+// bf16 weights: 8 per 16-byte load, widened to fp32 by a 16-bit shift (bf16 is fp32's top half).
+inline __m256 load_bf16x8(const c10::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// bf16 GEMV block: f32_block's arithmetic (4 row streams, 8-wide FMA, the same fixed summation
+// order) reading 2 bytes per weight.
+template <int NM>
+inline void bf16_block(const float* const* xr, const c10::BFloat16* const* w, int64_t in, float (*acc)[F32_STREAMS]) {
+  const float *x0 = xr[0], *x1 = xr[NM - 1];
+  const c10::BFloat16 *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
+  const __m256 z = _mm256_setzero_ps();
+  __m256 s00 = z, s01 = z, s02 = z, s03 = z, s10 = z, s11 = z, s12 = z, s13 = z;
+  int64_t k = 0;
+  for (; k + 8 <= in; k += 8) {
+    const __m256 a0 = _mm256_loadu_ps(x0 + k);
+    if constexpr (NM == 1) {
+      s00 = _mm256_fmadd_ps(load_bf16x8(w0 + k), a0, s00);
+      s01 = _mm256_fmadd_ps(load_bf16x8(w1 + k), a0, s01);
+      s02 = _mm256_fmadd_ps(load_bf16x8(w2 + k), a0, s02);
+      s03 = _mm256_fmadd_ps(load_bf16x8(w3 + k), a0, s03);
+    } else {
+      const __m256 a1 = _mm256_loadu_ps(x1 + k);
+      __m256 v = load_bf16x8(w0 + k);
+      s00 = _mm256_fmadd_ps(v, a0, s00);
+      s10 = _mm256_fmadd_ps(v, a1, s10);
+      v = load_bf16x8(w1 + k);
+      s01 = _mm256_fmadd_ps(v, a0, s01);
+      s11 = _mm256_fmadd_ps(v, a1, s11);
+      v = load_bf16x8(w2 + k);
+      s02 = _mm256_fmadd_ps(v, a0, s02);
+      s12 = _mm256_fmadd_ps(v, a1, s12);
+      v = load_bf16x8(w3 + k);
+      s03 = _mm256_fmadd_ps(v, a0, s03);
+      s13 = _mm256_fmadd_ps(v, a1, s13);
+    }
+  }
+  const __m256 s[2][4] = {{s00, s01, s02, s03}, {s10, s11, s12, s13}};
+  const c10::BFloat16* wr[4] = {w0, w1, w2, w3};
+  const float* xm[2] = {x0, x1};
+  for (int m = 0; m < NM; ++m)
+    for (int r = 0; r < 4; ++r) {
+      float t = hsum_ps(s[m][r]);
+      for (int64_t j = k; j < in; ++j) t += xm[m][j] * float(wr[r][j]);
+      acc[m][r] = t;
+    }
+}
+
+// One linear layer of the step: its weight (int8 with fp32 scales, fp32, or bf16; row-major), bias.
+struct Lin {
+  enum Kind { F32, BF16, INT8 } kind = F32;
+  const void* w = nullptr;
+  const float* scales = nullptr;
+  FVec bias;
+  int64_t in = 0, out = 0;
+  bool interleaved = false;
+};
+
+Lin make_lin(const at::Tensor& w, const at::Tensor& scales, const at::Tensor& bias, bool interleaved) {
+  Lin l;
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "decode_step: contiguous 2-D weights expected");
+  l.in = w.size(1);
+  l.out = w.size(0);
+  l.w = w.data_ptr();
+  l.bias = fvec(bias);
+  TORCH_CHECK(!l.bias || bias.numel() == l.out, "decode_step: a bias per output expected");
+  if (w.scalar_type() == at::kChar) {
+    TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == l.out,
+                "decode_step: an int8 weight needs fp32 scales, one per output");
+    TORCH_CHECK(!interleaved || l.in % 4 == 0, "decode_step: interleaved weights need in % 4 == 0");
+    l.kind = Lin::INT8;
+    l.scales = scales.data_ptr<float>();
+    l.interleaved = interleaved;
+  } else {
+    TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16,
+                "decode_step: int8, fp32 or bf16 weights expected");
+    l.kind = w.scalar_type() == at::kFloat ? Lin::F32 : Lin::BF16;
+  }
+  return l;
+}
+
+// A thread's view of a linear layer's input rows: fp32 rows, and for an int8 layer the same rows
+// on their 15-bit grids (quantize_row: int8_linear's arithmetic exactly, so a row gets the bits
+// it gets from int8_linear, whatever the rows and the threads).
+struct Input {
+  const float* x = nullptr;  // (rows, in), row stride `stride`
+  int64_t stride = 0;
+  std::vector<int16_t> xq;
+  std::vector<float> sx, tmp;
+  int64_t xs = 0;  // xq's row stride
+  void prepare(const Lin& l, const float* x_, int64_t stride_, int64_t rows) {
+    x = x_;
+    stride = stride_;
+    if (l.kind != Lin::INT8) return;
+    xs = (l.in + 15) / 16 * 16;
+    xq.assign(rows * xs, 0);
+    sx.resize(rows);
+    tmp.resize(l.in);
+    for (int64_t m = 0; m < rows; ++m) sx[m] = quantize_row(x + m * stride, 1, l.in, l.interleaved, &xq[m * xs], tmp.data());
+  }
+};
+
+// The chunks of a linear layer: ranges of its 4-row blocks (block b: rows b, nb + b, 2nb + b,
+// 3nb + b), sized so that both threads get several (balance) of >= ~16 KB of weights each (a
+// chunk costs one atomic), and one last chunk for the out % 4 rows left over.
+struct Plan {
+  int64_t nb, per, nblocks_chunks, tail;
+  int64_t chunks() const { return nblocks_chunks + (tail ? 1 : 0); }
+};
+
+Plan plan(const Lin& l) {
+  Plan p;
+  p.nb = l.out / STREAMS;
+  p.tail = l.out - p.nb * STREAMS;
+  const int64_t bytes_per_block = STREAMS * l.in * (l.kind == Lin::INT8 ? 1 : l.kind == Lin::BF16 ? 2 : 4);
+  const int64_t min_blocks = std::max<int64_t>(1, (16 * 1024) / bytes_per_block);
+  p.per = std::max(min_blocks, (p.nb + 15) / 16);
+  p.nblocks_chunks = p.nb ? (p.nb + p.per - 1) / p.per : 0;
+  return p;
+}
+
+// Chunk c of a linear layer for all `rows` input rows: emit(m, o, value) for each output.
+template <typename Emit>
+void linear_chunk(const Lin& l, const Plan& p, const Input& in, int64_t rows, int64_t c, Emit&& emit) {
+  int64_t o[STREAMS];
+  auto rows_of = [&](int64_t blk, int nr) {
+    for (int r = 0; r < STREAMS; ++r) o[r] = nr == 1 ? p.nb * STREAMS + blk : r * p.nb + blk;
+  };
+  int64_t b0, b1;
+  int nr;
+  if (c < p.nblocks_chunks) {
+    b0 = c * p.per;
+    b1 = std::min(p.nb, b0 + p.per);
+    nr = STREAMS;
+  } else {
+    b0 = 0;
+    b1 = p.tail;
+    nr = 1;
+  }
+  for (int64_t blk = b0; blk < b1; ++blk) {
+    rows_of(blk, nr);
+    if (l.kind == Lin::INT8) {
+      const int8_t* wp = static_cast<const int8_t*>(l.w);
+      const int8_t* w[STREAMS];
+      for (int r = 0; r < STREAMS; ++r) w[r] = wp + o[r] * l.in;
+      for (int64_t m = 0; m < rows; m += 2) {
+        const int nm = rows - m >= 2 ? 2 : 1;
+        int64_t acc[2][STREAMS] = {};
+        const int16_t* xr[2] = {&in.xq[m * in.xs], &in.xq[(m + nm - 1) * in.xs]};
+        for (int64_t k0 = 0; k0 < l.in; k0 += CHUNK) {
+          const int64_t k1 = std::min(l.in, k0 + CHUNK);
+          if (nr == STREAMS) {
+            if (nm == 2) dot_chunk<2, STREAMS>(xr, w, k0, k1, acc); else dot_chunk<1, STREAMS>(xr, w, k0, k1, acc);
+          } else {
+            if (nm == 2) dot_chunk<2, 1>(xr, w, k0, k1, acc); else dot_chunk<1, 1>(xr, w, k0, k1, acc);
+          }
+        }
+        for (int mm = 0; mm < nm; ++mm)
+          for (int r = 0; r < nr; ++r) {  // int8_linear's epilogue: one rounding, then the bias
+            float f = float(double(acc[mm][r]) * double(in.sx[m + mm]) * double(l.scales[o[r]]));
+            if (l.bias) f += l.bias[o[r]];
+            emit(m + mm, o[r], f);
+          }
+      }
+    } else {
+      for (int64_t m = 0; m < rows; m += 2) {
+        const int nm = rows - m >= 2 ? 2 : 1;
+        const float* xr[2] = {in.x + m * in.stride, in.x + (m + nm - 1) * in.stride};
+        float acc[2][F32_STREAMS];
+        if (l.kind == Lin::F32) {
+          const float* wp = static_cast<const float*>(l.w);
+          const float* w[F32_STREAMS];
+          for (int r = 0; r < STREAMS; ++r) w[r] = wp + o[r] * l.in;  // (tail: the same row 4 times)
+          if (nm == 2) f32_block<2>(xr, w, l.in, acc); else f32_block<1>(xr, w, l.in, acc);
+        } else {
+          const c10::BFloat16* wp = static_cast<const c10::BFloat16*>(l.w);
+          const c10::BFloat16* w[F32_STREAMS];
+          for (int r = 0; r < STREAMS; ++r) w[r] = wp + o[r] * l.in;
+          if (nm == 2) bf16_block<2>(xr, w, l.in, acc); else bf16_block<1>(xr, w, l.in, acc);
+        }
+        for (int mm = 0; mm < nm; ++mm)
+          for (int r = 0; r < nr; ++r) emit(m + mm, o[r], acc[mm][r] + (l.bias ? l.bias[o[r]] : 0.f));
+      }
+    }
+  }
+}
+
+// 8 cache values (fp32 or bf16) as fp32.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) { return load_bf16x8(p); }
+
+// Attention of one row and head: write this token's k, v into cache slot `slot`, then softmax
+// over slots 0..L-1 (scores scaled by 1/sqrt(hd) plus the additive mask) and the weighted sum of
+// v: model.decode_attention's arithmetic (fp32 inside). hd % 8 == 0 (checked by the caller).
+template <typename T>
+void attend(const float* q, const float* k_new, const float* v_new, T* kc, T* vc, int64_t slot, int64_t L,
+            int64_t hd, FVec mask, float* scores, float* y) {
+  for (int64_t d = 0; d < hd; ++d) {
+    kc[slot * hd + d] = T(k_new[d]);
+    vc[slot * hd + d] = T(v_new[d]);
+  }
+  const float scale = 1.0f / std::sqrt(float(hd));
+  // Scores, 4 slots at a time (4 independent FMA chains instead of one).
+  int64_t j = 0;
+  for (; j + 4 <= L; j += 4) {
+    const T *k0 = kc + j * hd, *k1 = k0 + hd, *k2 = k1 + hd, *k3 = k2 + hd;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t d = 0; d < hd; d += 8) {
+      const __m256 qv = _mm256_loadu_ps(q + d);
+      a0 = _mm256_fmadd_ps(qv, load8(k0 + d), a0);
+      a1 = _mm256_fmadd_ps(qv, load8(k1 + d), a1);
+      a2 = _mm256_fmadd_ps(qv, load8(k2 + d), a2);
+      a3 = _mm256_fmadd_ps(qv, load8(k3 + d), a3);
+    }
+    scores[j] = hsum_ps(a0);
+    scores[j + 1] = hsum_ps(a1);
+    scores[j + 2] = hsum_ps(a2);
+    scores[j + 3] = hsum_ps(a3);
+  }
+  for (; j < L; ++j) {
+    __m256 a = _mm256_setzero_ps();
+    for (int64_t d = 0; d < hd; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(kc + j * hd + d), a);
+    scores[j] = hsum_ps(a);
+  }
+  float mx = -INFINITY;
+  for (j = 0; j < L; ++j) {
+    scores[j] = scores[j] * scale + mask[j];
+    mx = std::max(mx, scores[j]);
+  }
+  // exp(s - max), 8 at a time (masked slots, -inf, give exactly 0), padded to a multiple of 8.
+  const int64_t L8 = (L + 7) / 8 * 8;
+  for (j = L; j < L8; ++j) scores[j] = -INFINITY;
+  const __m256 vmx = _mm256_set1_ps(mx), ninf = _mm256_set1_ps(-INFINITY);
+  __m256 vsum = _mm256_setzero_ps();
+  for (j = 0; j < L8; j += 8) {
+    const __m256 s = _mm256_loadu_ps(scores + j);
+    const __m256 e = _mm256_blendv_ps(exp8(_mm256_sub_ps(s, vmx)), _mm256_setzero_ps(), _mm256_cmp_ps(s, ninf, _CMP_EQ_OQ));
+    _mm256_storeu_ps(scores + j, e);
+    vsum = _mm256_add_ps(vsum, e);
+  }
+  const float inv = 1.f / hsum_ps(vsum);
+  // y = sum_j p_j v_j, 8 dimensions at a time with the accumulator in a register.
+  for (int64_t d = 0; d < hd; d += 8) {
+    __m256 acc = _mm256_setzero_ps();
+    for (j = 0; j < L; ++j) acc = _mm256_fmadd_ps(_mm256_set1_ps(scores[j]), load8(vc + j * hd + d), acc);
+    _mm256_storeu_ps(y + d, _mm256_mul_ps(acc, _mm256_set1_ps(inv)));
+  }
+}
+
+// The per-layer tensors in `params` (see model.GPT._fused_decode_args): ln_1 w, b; c_attn w,
+// scales, b; attn c_proj w, scales, b; ln_2 w, b; c_fc w, scales, b; mlp c_proj w, scales, b;
+// then ln_f w, b and the head's w, scales, b. Absent ones (no bias, float weights' scales) are
+// empty tensors. `interleaved`: per linear (4 per layer, then the head), int8_linear's flag.
+constexpr int64_t PER_LAYER = 16;
+
+at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& slots, const at::Tensor& positions,
+                       const at::Tensor& mask, const at::Tensor& wte, const at::Tensor& wpe, at::TensorList params,
+                       at::TensorList k_caches, at::TensorList v_caches, at::IntArrayRef interleaved, int64_t n_head,
+                       double eps_d) {
+  g_calls.fetch_add(1, std::memory_order_relaxed);
+  const int64_t n_layer = int64_t(k_caches.size());
+  TORCH_CHECK(n_layer >= 1 && int64_t(v_caches.size()) == n_layer && int64_t(params.size()) == PER_LAYER * n_layer + 5
+                  && int64_t(interleaved.size()) == 4 * n_layer + 1, "decode_step: parameter lists of the wrong length");
+  const int64_t B = tokens.size(0), C = wte.size(1), V = params[PER_LAYER * n_layer + 2].size(0);
+  TORCH_CHECK(tokens.dim() == 2 && tokens.size(1) == 1 && tokens.scalar_type() == at::kLong, "decode_step: tokens (B, 1) int64");
+  TORCH_CHECK(slots.dim() == 2 && slots.size(0) == B && slots.size(1) == 1 && slots.scalar_type() == at::kLong &&
+                  positions.dim() == 2 && positions.size(0) == B && positions.size(1) == 1 &&
+                  positions.scalar_type() == at::kLong, "decode_step: slots and positions (B, 1) int64");
+  TORCH_CHECK(C % n_head == 0 && wte.dim() == 2 && wpe.dim() == 2 && wpe.size(1) == C, "decode_step: embeddings");
+  TORCH_CHECK(mask.dim() == 4 && (mask.size(0) == 1 || mask.size(0) == B) && mask.size(1) == 1 && mask.size(2) == 1,
+              "decode_step: an additive mask (B or 1, 1, 1, L) expected");
+  const int64_t L = mask.size(3), hd = C / n_head;
+  TORCH_CHECK(hd % 8 == 0, "decode_step: head_dim % 8 == 0 expected");
+  const at::ScalarType cdt = k_caches[0].scalar_type();
+  TORCH_CHECK(cdt == at::kFloat || cdt == at::kBFloat16, "decode_step: fp32 or bf16 KV caches");
+  for (int64_t l = 0; l < n_layer; ++l)
+    for (const at::Tensor* c : {&k_caches[l], &v_caches[l]})
+      TORCH_CHECK(c->dim() == 4 && c->size(0) == B && c->size(1) == n_head && c->size(3) == hd && c->size(2) >= L &&
+                      c->is_contiguous() && c->scalar_type() == cdt, "decode_step: KV caches (B, n_head, len, hd)");
+  const int64_t S = k_caches[0].size(2);
+  const at::Tensor mask_c = mask.contiguous();
+  const FVec mk = fvec(mask_c), te = fvec(wte), pe = fvec(wpe);
+  const int64_t mask_row = mask.size(0) == 1 ? 0 : L;
+  const float eps = float(eps_d);
+  // Token ids, slots and positions, checked here (an out-of-range slot would write out of bounds).
+  std::vector<int64_t> tok(B), slot(B), pos(B);
+  const auto ta = tokens.accessor<int64_t, 2>(), sa = slots.accessor<int64_t, 2>(), pa = positions.accessor<int64_t, 2>();
+  for (int64_t b = 0; b < B; ++b) {
+    tok[b] = ta[b][0];
+    slot[b] = sa[b][0];
+    pos[b] = pa[b][0];
+    TORCH_CHECK(0 <= tok[b] && tok[b] < wte.size(0) && 0 <= slot[b] && slot[b] < S && 0 <= pos[b] && pos[b] < wpe.size(0),
+                "decode_step: token, slot or position out of range");
+  }
+  struct Layer { FVec ln1w, ln1b, ln2w, ln2b; Lin qkv, proj, fc, out; Plan pq, pp, pf, po; };
+  std::vector<Layer> layers(n_layer);
+  for (int64_t l = 0; l < n_layer; ++l) {
+    const at::Tensor* p = &params[PER_LAYER * l];
+    Layer& y = layers[l];
+    y.ln1w = fvec(p[0]); y.ln1b = fvec(p[1]);
+    y.qkv = make_lin(p[2], p[3], p[4], interleaved[4 * l]);
+    y.proj = make_lin(p[5], p[6], p[7], interleaved[4 * l + 1]);
+    y.ln2w = fvec(p[8]); y.ln2b = fvec(p[9]);
+    y.fc = make_lin(p[10], p[11], p[12], interleaved[4 * l + 2]);
+    y.out = make_lin(p[13], p[14], p[15], interleaved[4 * l + 3]);
+    TORCH_CHECK(y.qkv.in == C && y.qkv.out == 3 * C && y.proj.in == C && y.proj.out == C && y.fc.in == C &&
+                    y.out.in == y.fc.out && y.out.out == C, "decode_step: layer shapes");
+    y.pq = plan(y.qkv); y.pp = plan(y.proj); y.pf = plan(y.fc); y.po = plan(y.out);
+  }
+  const at::Tensor* f = &params[PER_LAYER * n_layer];
+  const FVec lnfw = fvec(f[0]), lnfb = fvec(f[1]);
+  const Lin head = make_lin(f[2], f[3], f[4], interleaved[4 * n_layer]);
+  TORCH_CHECK(head.in == C, "decode_step: head shape");
+  const Plan ph = plan(head);
+  const int64_t F = layers[0].fc.out;
+
+  // Shared between the threads: the residual stream, q|k|v, attention outputs, MLP pre-activations, logits.
+  std::vector<float> x(B * C), qkv(B * 3 * C), att(B * C), pre(B * F);
+  at::Tensor logits = at::empty({B, 1, V}, wte.options().dtype(at::kFloat));
+  float* lg = logits.data_ptr<float>();
+  std::vector<Phase> phases(1 + 5 * n_layer + 1);  // embeddings; per layer qkv, attention, proj, fc, out; head
+
+  auto worker = [&]() {
+    // This thread's scratch: a normed row block, the MLP activations, attention scores, inputs.
+    std::vector<float> h(B * C), g(B * F), scores((L + 7) / 8 * 8);
+    Input in;
+    Phase* ph_it = phases.data();
+    run_phase(*ph_it++, B, [&](int64_t b) {  // token + position embeddings
+      for (int64_t i = 0; i < C; ++i) x[b * C + i] = te[tok[b] * C + i] + pe[pos[b] * C + i];
+    });
+    for (int64_t l = 0; l < n_layer; ++l) {
+      const Layer& y = layers[l];
+      for (int64_t b = 0; b < B; ++b) layer_norm_row(&x[b * C], &h[b * C], C, y.ln1w, y.ln1b, eps);
+      in.prepare(y.qkv, h.data(), C, B);
+      run_phase(*ph_it++, y.pq.chunks(), [&](int64_t c) {
+        linear_chunk(y.qkv, y.pq, in, B, c, [&](int64_t m, int64_t o, float v) { qkv[m * 3 * C + o] = v; });
+      });
+      run_phase(*ph_it++, B * n_head, [&](int64_t c) {
+        const int64_t b = c / n_head, hh = c % n_head;
+        const float* r = &qkv[b * 3 * C];
+        const int64_t off = (b * n_head + hh) * S * hd;
+        if (cdt == at::kFloat)
+          attend(r + hh * hd, r + C + hh * hd, r + 2 * C + hh * hd, k_caches[l].data_ptr<float>() + off,
+                 v_caches[l].data_ptr<float>() + off, slot[b], L, hd, mk.shifted(b * mask_row),
+                 scores.data(), &att[b * C + hh * hd]);
+        else
+          attend(r + hh * hd, r + C + hh * hd, r + 2 * C + hh * hd, k_caches[l].data_ptr<c10::BFloat16>() + off,
+                 v_caches[l].data_ptr<c10::BFloat16>() + off, slot[b], L, hd, mk.shifted(b * mask_row),
+                 scores.data(), &att[b * C + hh * hd]);
+      });
+      in.prepare(y.proj, att.data(), C, B);
+      run_phase(*ph_it++, y.pp.chunks(), [&](int64_t c) {
+        linear_chunk(y.proj, y.pp, in, B, c, [&](int64_t m, int64_t o, float v) { x[m * C + o] += v; });
+      });
+      for (int64_t b = 0; b < B; ++b) layer_norm_row(&x[b * C], &h[b * C], C, y.ln2w, y.ln2b, eps);
+      in.prepare(y.fc, h.data(), C, B);
+      run_phase(*ph_it++, y.pf.chunks(), [&](int64_t c) {
+        linear_chunk(y.fc, y.pf, in, B, c, [&](int64_t m, int64_t o, float v) { pre[m * F + o] = v; });
+      });
+      for (int64_t b = 0; b < B; ++b) gelu_row(&pre[b * F], &g[b * F], F);
+      in.prepare(y.out, g.data(), F, B);
+      run_phase(*ph_it++, y.po.chunks(), [&](int64_t c) {
+        linear_chunk(y.out, y.po, in, B, c, [&](int64_t m, int64_t o, float v) { x[m * C + o] += v; });
+      });
+    }
+    for (int64_t b = 0; b < B; ++b) layer_norm_row(&x[b * C], &h[b * C], C, lnfw, lnfb, eps);
+    in.prepare(head, h.data(), C, B);
+    run_phase(*ph_it++, ph.chunks(), [&](int64_t c) {
+      linear_chunk(head, ph, in, B, c, [&](int64_t m, int64_t o, float v) { lg[m * V + o] = v; });
+    });
+  };
+  const int64_t threads = at::get_num_threads();
+  // One index per thread: OpenMP's threads each run the worker once (one region for the step).
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { worker(); });
+  return wte.scalar_type() == at::kFloat ? logits : logits.to(wte.scalar_type());
+}
+
 int64_t calls() { return g_calls.load(); }
 
 }  // namespace
@@ -379,6 +887,10 @@ TORCH_LIBRARY(gpt2model_kernels, m) {
   m.def("int8_linear(Tensor x, Tensor weight, Tensor scales, Tensor? bias, bool interleaved) -> Tensor");
   m.def("f32_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("calls() -> int", calls);
+  m.def("decode_step(Tensor tokens, Tensor slots, Tensor positions, Tensor mask, Tensor wte, Tensor wpe, "
+        "Tensor[] params, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, int[] interleaved, int n_head, "
+        "float eps) -> Tensor");
+  m.impl("decode_step", c10::DispatchKey::CPU, TORCH_FN(decode_step));
   m.impl("f32_linear", c10::DispatchKey::CPU, TORCH_FN(f32_linear));
   m.impl("int8_linear", c10::DispatchKey::CPU, TORCH_FN(int8_linear));
 }

@@ -53,6 +53,12 @@ import torch
 # from L1 again for each further pair of rows: a GEMV kernel, not a GEMM for prefills).
 KERNEL_MAX_ROWS = 16
 ENV_SWITCH = "GPT2MODEL_CPU_KERNELS"
+# The whole-step op (``gpt2model_kernels::decode_step``, see model.GPT._fused_decode) on or off
+# within the kernels: ``GPT2MODEL_CPU_FUSED_STEP=0`` keeps the per-layer ops (benchmarks compare
+# the two; tests switch it with :data:`fused_step`).
+FUSED_ENV_SWITCH = "GPT2MODEL_CPU_FUSED_STEP"
+_OFF = ("0", "false", "no", "off")
+fused_step = os.environ.get(FUSED_ENV_SWITCH, "1").strip().lower() not in _OFF
 SOURCE = Path(__file__).with_name("cpukernels.cpp")
 # -O2 (see cpukernels.cpp's dot_chunk: -O3 spilled accumulators to the stack) and the ISA the
 # kernel is written for; C++20 because torch 2.13's headers use it.
@@ -94,7 +100,7 @@ def _build_flags(torch_dir: Path) -> list[str]:
 
 def _unsupported() -> str | None:
     """Why this machine cannot run the kernels, or None."""
-    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+    if os.environ.get(ENV_SWITCH, "1").strip().lower() in _OFF:
         return f"{ENV_SWITCH}=0"
     if platform.machine().lower() not in ("x86_64", "amd64") or not sys.platform.startswith("linux"):
         return f"they are written for x86-64 Linux, this is {platform.machine()} {sys.platform}"
@@ -156,6 +162,12 @@ def enabled() -> bool:
     return bool(_state.get("ok", False))
 
 
+def fused_step_enabled() -> bool:
+    """Whether compiled CPU decode steps may run as one op (the kernels are loaded and
+    :data:`fused_step` is on; read when a step is compiled: a change recompiles)."""
+    return fused_step and enabled()
+
+
 def calls() -> int:
     """How many times the kernel ops ran in this process (tests check that a path really uses them)."""
     return int(torch.ops.gpt2model_kernels.calls()) if enabled() else 0
@@ -166,6 +178,12 @@ def _register_fakes() -> None:
     def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
           interleaved: bool) -> torch.Tensor:
         return x.new_empty(x.size(0), weight.size(0))
+
+    @torch.library.register_fake("gpt2model_kernels::decode_step")
+    def _(tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, wte: torch.Tensor,
+          wpe: torch.Tensor, params: list[torch.Tensor], k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
+          interleaved: list[int], n_head: int, eps: float) -> torch.Tensor:
+        return wte.new_empty(tokens.size(0), 1, params[-3].size(0))
 
     @torch.library.register_fake("gpt2model_kernels::f32_linear")
     def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

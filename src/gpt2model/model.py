@@ -606,6 +606,10 @@ class GPT(nn.Module):
                                  "(for nanoGPT's model(idx, targets) use model.loss(idx, targets); model(idx) "
                                  "gives the logits)")
             pos = torch.arange(T, device=input_ids.device) if position_ids is None else position_ids
+        if self._cache_len and T == 1 and targets is None:
+            logits = self._fused_decode(input_ids, input_pos, mask, pos, cache_row)
+            if logits is not None:
+                return logits
         x = self._embed(input_ids, pos)
         for block in self.transformer.h:
             x = block(x, input_pos, mask, cache_row)
@@ -629,6 +633,87 @@ class GPT(nn.Module):
                 and torch.get_autocast_dtype(device_type) == torch.bfloat16):
             x = x.to(torch.bfloat16)
         return x
+
+    def _fused_decode(self, input_ids: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor,
+                      pos: torch.Tensor, cache_row: int | torch.Tensor) -> torch.Tensor | None:
+        """Logits ``(B, 1, V)`` of a one-token decode forward computed by ONE op, our whole-step CPU
+        kernel (``gpt2model_kernels::decode_step``, :mod:`gpt2model.cpukernels`), or None where it
+        does not apply; then the layers below run as usual.
+
+        It applies inside a compiled CPU decode step (``torch.compile``: the eager forward stays the
+        reference that the tests compare it with, and keeps its bits, e.g. an int8 row's result
+        alone or batched) without autograd, in eval mode, for up to ``KERNEL_MAX_ROWS`` rows that
+        are the whole cache (``cache_row`` 0), with a float mask, where every linear is one the
+        kernel reads (int8 :class:`~gpt2model.quantize.Int8Linear` on our kernel, row-major fp32 or
+        bf16 ``nn.Linear``; fp32 weights are row-major for one-row caches, see
+        ``quantize.prepare_decode``) and ``cpukernels.fused_step_enabled()``. Why one op: see the
+        comment above ``decode_step`` in ``cpukernels.cpp`` (at two threads the per-op regions were
+        the step's cost)."""
+        B = input_ids.size(0)
+        if not (torch.compiler.is_compiling() and input_ids.device.type == "cpu" and not torch.is_grad_enabled()
+                and not self.training and cpukernels.fused_step_enabled()):
+            return None
+        if B > cpukernels.KERNEL_MAX_ROWS or self._cache_batch != B or self.config.head_dim % 8 \
+                or isinstance(cache_row, torch.Tensor) \
+                or cache_row != 0 or mask.dtype not in (torch.float32, torch.bfloat16) or mask.dim() != 4 \
+                or mask.shape[1:3] != (1, 1) or mask.size(0) not in (1, B):
+            return None
+        args = self._fused_decode_params()
+        if args is None:
+            return None
+        params, interleaved, caches = args
+        slots = input_pos.reshape(-1, 1).expand(B, 1)  # (1,) (one slot for all rows) or (B, 1)
+        positions = pos.reshape(-1, 1).expand(B, 1)
+        return torch.ops.gpt2model_kernels.decode_step(
+            input_ids, slots, positions, mask, self.transformer.wte.weight, self.transformer.wpe.weight, params,
+            [c.k for c in caches], [c.v for c in caches], interleaved, self.config.n_head,
+            self.config.layer_norm_eps)
+
+    def _fused_decode_params(self) -> tuple[list[torch.Tensor], list[int], list[KVCache]] | None:
+        """The whole-step kernel's arguments (see ``decode_step`` in ``cpukernels.cpp``): per layer
+        ln_1 (w, b), c_attn (w, scales, b), attn.c_proj, ln_2, c_fc, mlp.c_proj, then ln_f and the
+        head (absent biases and float weights' scales as empty tensors), each linear's
+        ``interleaved`` flag, and the KV caches; None if some layer is not one the kernel reads."""
+        from .quantize import Int8Linear
+
+        floats = (torch.float32, torch.bfloat16)
+        empty = torch.empty(0, device=self.device)
+        params: list[torch.Tensor] = []
+        interleaved: list[int] = []
+
+        def linear_ok(layer: nn.Module) -> bool:
+            if type(layer) is nn.Linear and layer.weight.dtype in floats and layer.weight.is_contiguous():
+                params.extend([layer.weight, empty, empty if layer.bias is None else layer.bias])
+                interleaved.append(0)
+            elif isinstance(layer, Int8Linear) and layer.use_kernel and not layer.dynamic \
+                    and layer.scales.dtype == torch.float32 and layer.weight.is_contiguous():
+                params.extend([layer.weight, layer.scales, empty if layer.bias is None else layer.bias])
+                interleaved.append(int(layer.interleaved))
+            else:
+                return False
+            return (layer.bias is None or (layer.bias.dtype in floats and layer.bias.is_contiguous()))
+
+        def norm_ok(ln: nn.Module) -> bool:
+            if type(ln) is not nn.LayerNorm or ln.weight is None or ln.weight.dtype not in floats \
+                    or ln.eps != self.config.layer_norm_eps or ln.normalized_shape != (self.config.d_model,):
+                return False
+            params.extend([ln.weight, empty if ln.bias is None else ln.bias])
+            return True
+
+        caches = []
+        for block in self.transformer.h:
+            attn, mlp = block.attn, block.mlp
+            if not (norm_ok(block.ln_1) and linear_ok(attn.c_attn) and linear_ok(attn.c_proj) and norm_ok(block.ln_2)
+                    and linear_ok(mlp.c_fc) and linear_ok(mlp.c_proj)) or attn.kv_cache is None:
+                return None
+            caches.append(attn.kv_cache)
+        if not (norm_ok(self.transformer.ln_f) and linear_ok(self.lm_head)):
+            return None
+        if any(c.k.dtype not in floats or c.k.dtype != caches[0].k.dtype or not c.k.is_contiguous()
+               or not c.v.is_contiguous() for c in caches) \
+                or self.transformer.wte.weight.dtype not in floats or self.transformer.wpe.weight.dtype not in floats:
+            return None
+        return params, interleaved, caches
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         if self._cache_len and self._packed_head is not None:
