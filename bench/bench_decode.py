@@ -1,7 +1,8 @@
 """Decode cost per token at batch 1, against the two floors it cannot beat.
 
 For each shape and weights dtype (fp32, bf16, int8 weight-only): our eager decode step and the
-compiled one (``torch.compile``, with its compile time), the *memory floor* (the bytes of the
+``compile=True`` one (``torch.compile``, with its compile time; on a CPU where the whole-step op
+applies both are that op called eagerly, see ``generate.step_for``), the *memory floor* (the bytes of the
 weights one token reads: every linear and the LM head, in that dtype, / the read bandwidth
 measured here) and the *overhead floor* (the same number of layers and heads at a tiny width, in
 the same dtype, so the step is nothing but per-op cost). Per-token time is ``(t(n + 1) - t(1)) / n`` of greedy
@@ -17,11 +18,13 @@ weight cycled through enough copies to stream from memory as a decode step does:
 
     python bench/bench_decode.py --matmuls [--rows 1,8,16] [--shapes bpe-6x384,gpt2-124M]
 
-``--llama-bench [PATH]`` instead compares our compiled batch-1 decode of the bpe-6x384 model with
-llama.cpp's on the same weights (fp32 vs f32, bf16 vs f16, int8 vs q8_0), the two interleaved per
-dtype over ``--repeats`` rounds, ours with each layer's ops instead of the whole-step op
-(``cpukernels.fused_step`` off) and ours with torch's kernels only (without gpt2model.cpukernels);
-with ``--threads 1`` all are CPU time per token, with more threads wall time:
+``--llama-bench [PATH]`` instead compares our batch-1 decode of the bpe-6x384 model
+(``generate(compile=True)``: on a CPU with our kernels built, the whole-step op called eagerly
+once per token, nothing compiled) with llama.cpp's on the same weights (fp32 vs f32, bf16 vs f16,
+int8 vs q8_0), the two interleaved per dtype over ``--repeats`` rounds, and ours with each layer's
+ops compiled instead of the whole-step op (``cpukernels.fused_step`` off: the default before it)
+and with torch's kernels only, compiled (without gpt2model.cpukernels); with ``--threads 1`` all
+are CPU time per token, with more threads wall time:
 
     flock /work/wt/.bench.lock python bench/bench_decode.py --llama-bench --threads 1 --dtypes fp32,bf16,int8
 """
@@ -249,8 +252,9 @@ def llama_per_token_ms(binary: str, gguf: Path, threads: int, tokens: int) -> fl
 
 @contextlib.contextmanager
 def per_layer_ops() -> Any:
-    """Within: compiled steps run each layer's ops (our per-matrix kernels and inductor's) instead
-    of the whole-step op (``cpukernels.fused_step`` off), as before it existed."""
+    """Within: decode steps run each layer's ops (our per-matrix kernels; compiled with
+    ``compile=True``) instead of the whole-step op (``cpukernels.fused_step`` off), as before it
+    was the CPU default."""
     from gpt2model import cpukernels
 
     saved = cpukernels.fused_step
@@ -284,10 +288,10 @@ def torch_kernels_only(model: Any) -> Any:
 
 
 def bench_against_llama(args: Any, clock: Any) -> list[dict[str, Any]]:
-    """Batch-1 decode of the bpe-6x384 model (random init, seed 0), ours compiled against llama.cpp
-    on the same weights (GGUF f32 / f16 / q8_0), ours with the per-layer ops (the whole-step op
-    off) and ours with torch's kernels only (without gpt2model.cpukernels), all interleaved over
-    ``--repeats`` rounds; medians."""
+    """Batch-1 decode of the bpe-6x384 model (random init, seed 0), ours (``compile=True``: the
+    whole-step op where it applies) against llama.cpp on the same weights (GGUF f32 / f16 / q8_0),
+    ours with the per-layer ops compiled (the whole-step op off) and ours with torch's kernels
+    only (without gpt2model.cpukernels), all interleaved over ``--repeats`` rounds; medians."""
     import tempfile
     from statistics import median
 

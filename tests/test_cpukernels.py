@@ -305,7 +305,8 @@ def _fused(model: GPT, ids: torch.Tensor, slots: torch.Tensor, mask: torch.Tenso
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", ["fp32", "int8", "bf16"])
-def test_fused_decode_step_matches_the_layers_and_is_the_same_for_any_threads_or_rows(dtype: str) -> None:
+def test_fused_decode_step_matches_the_layers_and_is_the_same_for_any_threads_or_rows(
+        dtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The whole-step op gives the eager layers' logits and KV-cache writes (ragged rows: each its
     own slot and mask; fp32 and int8 to ~1e-5, bf16 to its rounding), and the same bits at 1 and 2
     threads and for a row alone (a one-row cache holding that row's history) or beside others."""
@@ -325,7 +326,9 @@ def test_fused_decode_step_matches_the_layers_and_is_the_same_for_any_threads_or
         try:
             model(prompts[:, :P], input_pos=torch.arange(P))  # rows' histories (row b reads its first lengths[b])
             saved = [(c.k.clone(), c.v.clone()) for c in (blk.attn.kv_cache for blk in model.transformer.h)]
-            ref = model(ids, input_pos=slots, mask=mask)  # eager layers (not compiling: no fused op)
+            monkeypatch.setattr(cpukernels, "fused_step", False)
+            ref = model(ids, input_pos=slots, mask=mask)  # the eager layers, the reference
+            monkeypatch.setattr(cpukernels, "fused_step", True)
             ref_cache = [(c.k.clone(), c.v.clone()) for c in (blk.attn.kv_cache for blk in model.transformer.h)]
             outs = []
             for n in (1, 2):
@@ -334,7 +337,7 @@ def test_fused_decode_step_matches_the_layers_and_is_the_same_for_any_threads_or
                     blk.attn.kv_cache.k.copy_(k)
                     blk.attn.kv_cache.v.copy_(v)
                 before = cpukernels.calls()
-                outs.append(_fused(model, ids, slots, mask))
+                outs.append(model(ids, input_pos=slots, mask=mask))  # eager forward: the op
                 assert cpukernels.calls() - before == 1  # one op for the whole step
             assert torch.equal(outs[0], outs[1])
             tol = 0.02 if dtype == "bf16" else 2e-5
@@ -343,6 +346,11 @@ def test_fused_decode_step_matches_the_layers_and_is_the_same_for_any_threads_or
             for blk, (k, v) in zip(model.transformer.h, ref_cache, strict=True):
                 torch.testing.assert_close(blk.attn.kv_cache.k.float(), k.float(), rtol=tol, atol=tol)
                 torch.testing.assert_close(blk.attn.kv_cache.v.float(), v.float(), rtol=tol, atol=tol)
+            # The first rows of a larger cache (the serving engine's running rows): the same bits.
+            for blk, (k, v) in zip(model.transformer.h, saved, strict=True):
+                blk.attn.kv_cache.k.copy_(k)
+                blk.attn.kv_cache.v.copy_(v)
+            assert torch.equal(model(ids[:2], input_pos=slots[:2], mask=mask[:2]), outs[0][:2])
         finally:
             torch.set_num_threads(threads)
             model.clear_cache()
@@ -358,58 +366,138 @@ def test_fused_decode_step_matches_the_layers_and_is_the_same_for_any_threads_or
             assert torch.equal(alone[0], outs[0][b]), b
 
 
+def _no_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make any compilation of a decode step fail the test."""
+    import gpt2model.generate as gen
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the decode step was compiled")
+
+    monkeypatch.setattr(gen, "compiled_decode_step", refuse)
+
+
 @needs_kernels
-@pytest.mark.parametrize("dtype", [pytest.param("fp32", marks=pytest.mark.slow), "int8",
-                                   pytest.param("bf16", marks=pytest.mark.slow)])
-def test_compiled_decode_runs_as_one_op_and_gives_eager_tokens(dtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """generate(compile=True) at one row runs each step as ONE kernel call (the whole-step op) and
-    gives the eager layers' greedy tokens, past the context (the sliding window re-prefills) and
-    at 2 threads; switched off (cpukernels.fused_step), the per-layer ops run again, same tokens."""
+@pytest.mark.parametrize("dtype", ["fp32", "int8", pytest.param("bf16", marks=pytest.mark.slow)])
+def test_decode_runs_as_one_op_per_token_and_gives_the_layers_tokens(dtype: str,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """generate at one row runs each decode step as ONE kernel call, eagerly even with
+    compile=True (nothing is compiled), and gives the per-layer path's greedy tokens over 60
+    tokens, past the context (the sliding window re-prefills), at 1 and 2 threads."""
     model = _fused_model(dtype)
     prompt = torch.tensor([[5, 6, 7, 8]])
-    eager = generate(model, prompt, 34, temperature=0)
+    monkeypatch.setattr(cpukernels, "fused_step", False)
+    layers = generate(model, prompt, 60, temperature=0)
+    monkeypatch.setattr(cpukernels, "fused_step", True)
+    _no_compile(monkeypatch)
     threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(2)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("error", message=".*decode step failed")
+        for n, compile in ((1, False), (2, True)):
+            torch.set_num_threads(n)
             before = cpukernels.calls()
-            assert torch.equal(generate(model, prompt, 34, temperature=0, compile=True), eager)
+            assert torch.equal(generate(model, prompt, 60, temperature=0, compile=compile), layers), (n, compile)
             steps = cpukernels.calls() - before
-            assert 25 <= steps < 100, steps  # ~33 decode steps, one call each (+ int8 re-prefills' linears)
-            if dtype == "int8":  # (one dtype: each switch compiles the step again)
-                monkeypatch.setattr(cpukernels, "fused_step", False)
-                before = cpukernels.calls()
-                assert torch.equal(generate(model, prompt, 34, temperature=0, compile=True), eager)
-                assert cpukernels.calls() - before >= 9 * 25  # every linear of every step is a call again
+            # 59 decode steps minus the re-prefills of the sliding window (context 32), one call each,
+            # + a prefill's kernel calls (int8: 9 linears; fp32: the head's one row); the layers
+            # would make >= 9 per step.
+            assert 50 <= steps < 100, steps
     finally:
         torch.set_num_threads(threads)
 
 
 @needs_kernels
-def test_fused_decode_falls_back_where_it_does_not_apply() -> None:
-    """Eager forwards, autograd, a head_dim not a multiple of 8, and int8-dynamic layers keep the
-    layers (the op is for compiled no-grad steps of the layers it reads)."""
+def test_ragged_batch_runs_as_one_op_and_each_row_gets_its_tokens_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prompts of different lengths (left-padded rows) decode as one op per step with the
+    per-layer path's greedy tokens, and with sampling a row gets the same tokens alone (seeded
+    seed + i) as in the batch (the seed promise); a row stops at one of a list of eos ids."""
+    model = _fused_model("int8")
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
+    monkeypatch.setattr(cpukernels, "fused_step", False)
+    layers = generate(model, prompts, 40, temperature=0)
+    monkeypatch.setattr(cpukernels, "fused_step", True)
+    before = cpukernels.calls()
+    fused = generate(model, prompts, 40, temperature=0)
+    assert fused == layers
+    assert 30 <= cpukernels.calls() - before < 40 + 9 * 4  # one op per decode step
+    # (Within the context: past it, a padded row's window slides at other steps than alone.)
+    batch = generate(model, prompts, 24, temperature=1.0, top_k=50, seed=7)
+    for i, p in enumerate(prompts):
+        assert generate(model, [p], 24, temperature=1.0, top_k=50, seed=7 + i)[0] == batch[i], i
+    new = batch[1][len(prompts[1]):]
+    eos = new[3]  # row 1 stops at its first such token (a list of eos ids, HF's form)
+    stopped = generate(model, prompts, 24, temperature=1.0, top_k=50, seed=7, eot_id=[eos, 299])
+    assert stopped[1] == batch[1][:len(prompts[1]) + new.index(eos) + 1]
+
+
+@needs_kernels
+def test_fused_decode_falls_back_where_it_does_not_apply(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Autograd, training mode, the switch off, more rows than the kernel takes, a head_dim not a
+    multiple of 8, int8-dynamic layers and fp32 caches of several rows (column-major weights)
+    keep the layers; where it does not apply, compile=True still compiles the step."""
     model = _fused_model("fp32", n_head=8)  # head_dim 8: applies
+    ids, slots, mask = torch.tensor([[3]]), torch.tensor([[0]]), torch.zeros(1, 1, 1, 1)
+    assert model.fused_decode_applies(1) and not model.fused_decode_applies(3)  # fp32, 3 rows: MKL's layout
+    assert not model.fused_decode_applies(cpukernels.KERNEL_MAX_ROWS + 1)
     model.setup_cache(1, 16)
     try:
-        ids, slots, mask = torch.tensor([[3]]), torch.tensor([[0]]), torch.zeros(1, 1, 1, 1)
         with torch.no_grad():
-            assert model._fused_decode(ids, slots, mask, slots, 0) is None  # not compiling: eager layers
-            assert model._fused_decode_params() is not None
-        model.clear_cache()
-        odd = _fused_model("fp32", n_head=16)  # head_dim 4
-        dyn = _fused_model("fp32")
-        for blk in dyn.transformer.h:
-            blk.mlp.c_fc = Int8Linear.from_linear(blk.mlp.c_fc, dynamic=True)
-        for m in (odd, dyn):
-            m.setup_cache(1, 16)
-            try:
-                with torch.no_grad():
-                    got = torch.compile(lambda mm: mm._fused_decode(ids, slots, mask, slots, 0), fullgraph=True)(m)
-                assert got is None
-            finally:
-                m.clear_cache()
-        assert dyn._fused_decode_params() is None
+            assert model._fused_decode(ids, slots, mask, slots, 0) is not None
+            monkeypatch.setattr(cpukernels, "fused_step", False)
+            assert model._fused_decode(ids, slots, mask, slots, 0) is None and not model.fused_decode_applies(1)
+            monkeypatch.setattr(cpukernels, "fused_step", True)
+        assert model._fused_decode(ids, slots, mask, slots, 0) is None  # autograd on
+        with torch.no_grad():
+            model.train()
+            assert model._fused_decode(ids, slots, mask, slots, 0) is None and not model.fused_decode_applies(1)
+            model.eval()
     finally:
         model.clear_cache()
+    big = _fused_model("int8")
+    big.setup_cache(cpukernels.KERNEL_MAX_ROWS + 1, 16)
+    try:
+        with torch.no_grad():
+            n = cpukernels.KERNEL_MAX_ROWS + 1
+            assert big._fused_decode(ids.expand(n, 1), slots.expand(n, 1), mask, slots.expand(n, 1), 0) is None
+    finally:
+        big.clear_cache()
+    odd = _fused_model("fp32", n_head=16)  # head_dim 4
+    dyn = _fused_model("fp32")
+    for blk in dyn.transformer.h:
+        blk.mlp.c_fc = Int8Linear.from_linear(blk.mlp.c_fc, dynamic=True)
+    for m in (odd, dyn):
+        assert not m.fused_decode_applies(1)
+        m.setup_cache(1, 16)
+        try:
+            with torch.no_grad():
+                assert m._fused_decode(ids, slots, mask, slots, 0) is None
+        finally:
+            m.clear_cache()
+    import gpt2model.generate as gen
+
+    compiled = []
+    monkeypatch.setattr(gen, "compiled_decode_step", lambda device, fn=None: compiled.append(fn) or fn)
+    assert gen.step_for(odd, True, gen.generation_step, rows=1) is gen.generation_step and compiled
+    compiled.clear()
+    assert gen.step_for(model, True, gen.generation_step, rows=1) is gen.generation_step and not compiled
+
+
+@needs_kernels
+def test_argmax_kernel_is_torch_argmax_exactly() -> None:
+    """The vectorized argmax (greedy decoding's) gives torch.argmax's index: the first maximum,
+    ties across lanes and the tail, -inf rows, a NaN counting as the maximum (the first one)."""
+    g = torch.Generator().manual_seed(0)
+    for V in (1, 7, 8, 15, 16, 17, 50257, 1000):
+        x = torch.randn(5, V, generator=g)
+        x[1] = x[1].round()  # many ties
+        x[2] = float("-inf")
+        if V > 3:
+            x[3, V // 2] = float("nan")
+            x[3, V - 1] = float("nan")
+            x[4, -1] = x[4].max() + 1  # the maximum in the tail
+        got = torch.ops.gpt2model_kernels.argmax_rows(x)
+        assert torch.equal(got, x.argmax(dim=-1)), V
+    x = torch.zeros(2, 100)
+    x[0, [3, 40, 97]] = 5.0
+    x[1, [9, 10, 99]] = 5.0
+    assert torch.ops.gpt2model_kernels.argmax_rows(x).tolist() == [3, 9]
+    wide = torch.randn(3, 300, generator=g)[:, :257]  # rows with a stride (a vocab limit's view)
+    assert torch.equal(torch.ops.gpt2model_kernels.argmax_rows(wide), wide.argmax(dim=-1))

@@ -28,8 +28,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -375,9 +377,10 @@ at::Tensor f32_linear(const at::Tensor& x_in, const at::Tensor& weight, const st
 
 
 // ---------------------------------------------------------------------------------------------
-// decode_step: a whole decode step of the GPT (B <= 16 rows, one token each, cache rows 0..B-1)
-// in ONE op with ONE parallel region, for torch.compile'd CPU decode steps (model.GPT._fused_decode
-// says when it applies; the PyTorch path stays the reference and the fallback).
+// decode_step: a whole decode step of the GPT (B <= 16 rows, one token each, cache rows 0..B-1 of
+// caches of >= B rows) in ONE op with ONE parallel region, called eagerly once per token by CPU decode
+// steps (model.GPT._fused_decode says when it applies; the PyTorch path stays the reference and
+// the fallback).
 //
 // Why: a compiled step made ~25 calls of the ops above plus ~20 of inductor's fused kernels, each
 // an OpenMP region. At one thread that is ~8-11 us of dispatch per op call; at two threads every
@@ -407,17 +410,41 @@ struct alignas(64) Phase {  // one cache line each: the two threads' counters do
   std::atomic<int64_t> done{0};
 };
 
+#ifdef GPT2_PHASE_PROFILE
+// Built with -DGPT2_PHASE_PROFILE only (bench/profiling): per thread and phase, nanoseconds spent
+// before the phase (the serial, duplicated work since the last one), in its chunks, and waiting.
+double g_prof[4][64][4];
+thread_local int64_t t_last = 0;
+inline int64_t now_ns() { return std::chrono::steady_clock::now().time_since_epoch().count(); }
+#endif
+
 // Take chunks 0..n-1 of a phase until none are left, then wait for the others' chunks.
 template <typename F>
-void run_phase(Phase& ph, int64_t n, F&& chunk) {
+void run_phase(Phase& ph, int64_t n, F&& chunk, int tid = 0, int idx = 0) {
+#ifdef GPT2_PHASE_PROFILE
+  const int64_t t0 = now_ns();
+  double* pr = g_prof[std::min(tid, 3)][std::min(idx, 63)];
+  if (t_last) pr[0] += t0 - t_last;
+#endif
   for (int64_t c; (c = ph.next.fetch_add(1, std::memory_order_relaxed)) < n;) {
     chunk(c);
     ph.done.fetch_add(1, std::memory_order_release);
+#ifdef GPT2_PHASE_PROFILE
+    pr[3] += 1;
+#endif
   }
+#ifdef GPT2_PHASE_PROFILE
+  const int64_t t1 = now_ns();
+  pr[1] += t1 - t0;
+#endif
   for (int spins = 0; ph.done.load(std::memory_order_acquire) < n; ++spins) {
     if (spins < 20000) _mm_pause();
     else std::this_thread::yield();  // the other thread is off the CPU (a busy machine): let it run
   }
+#ifdef GPT2_PHASE_PROFILE
+  t_last = now_ns();
+  pr[2] += t_last - t1;
+#endif
 }
 
 // A small float vector of the model's dtype (layer norm weights, biases, embeddings, masks).
@@ -779,8 +806,8 @@ at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& slots, const 
   TORCH_CHECK(cdt == at::kFloat || cdt == at::kBFloat16, "decode_step: fp32 or bf16 KV caches");
   for (int64_t l = 0; l < n_layer; ++l)
     for (const at::Tensor* c : {&k_caches[l], &v_caches[l]})
-      TORCH_CHECK(c->dim() == 4 && c->size(0) == B && c->size(1) == n_head && c->size(3) == hd && c->size(2) >= L &&
-                      c->is_contiguous() && c->scalar_type() == cdt, "decode_step: KV caches (B, n_head, len, hd)");
+      TORCH_CHECK(c->dim() == 4 && c->size(0) >= B && c->size(1) == n_head && c->size(3) == hd && c->size(2) >= L &&
+                      c->is_contiguous() && c->scalar_type() == cdt, "decode_step: KV caches (>= B, n_head, len, hd)");
   const int64_t S = k_caches[0].size(2);
   const at::Tensor mask_c = mask.contiguous();
   const FVec mk = fvec(mask_c), te = fvec(wte), pe = fvec(wpe);
@@ -829,17 +856,23 @@ at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& slots, const 
     std::vector<float> h(B * C), g(B * F), scores((L + 7) / 8 * 8);
     Input in;
     Phase* ph_it = phases.data();
-    run_phase(*ph_it++, B, [&](int64_t b) {  // token + position embeddings
+    const int tid = at::get_thread_num();
+#ifdef GPT2_PHASE_PROFILE
+    t_last = 0;
+#endif
+    run_phase(*ph_it, B, [&](int64_t b) {  // token + position embeddings
       for (int64_t i = 0; i < C; ++i) x[b * C + i] = te[tok[b] * C + i] + pe[pos[b] * C + i];
-    });
+    }, tid, int(ph_it - phases.data()));
+    ++ph_it;
     for (int64_t l = 0; l < n_layer; ++l) {
       const Layer& y = layers[l];
       for (int64_t b = 0; b < B; ++b) layer_norm_row(&x[b * C], &h[b * C], C, y.ln1w, y.ln1b, eps);
       in.prepare(y.qkv, h.data(), C, B);
-      run_phase(*ph_it++, y.pq.chunks(), [&](int64_t c) {
+      run_phase(*ph_it, y.pq.chunks(), [&](int64_t c) {
         linear_chunk(y.qkv, y.pq, in, B, c, [&](int64_t m, int64_t o, float v) { qkv[m * 3 * C + o] = v; });
-      });
-      run_phase(*ph_it++, B * n_head, [&](int64_t c) {
+      }, tid, int(ph_it - phases.data()));
+      ++ph_it;
+      run_phase(*ph_it, B * n_head, [&](int64_t c) {
         const int64_t b = c / n_head, hh = c % n_head;
         const float* r = &qkv[b * 3 * C];
         const int64_t off = (b * n_head + hh) * S * hd;
@@ -851,27 +884,32 @@ at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& slots, const 
           attend(r + hh * hd, r + C + hh * hd, r + 2 * C + hh * hd, k_caches[l].data_ptr<c10::BFloat16>() + off,
                  v_caches[l].data_ptr<c10::BFloat16>() + off, slot[b], L, hd, mk.shifted(b * mask_row),
                  scores.data(), &att[b * C + hh * hd]);
-      });
+      }, tid, int(ph_it - phases.data()));
+      ++ph_it;
       in.prepare(y.proj, att.data(), C, B);
-      run_phase(*ph_it++, y.pp.chunks(), [&](int64_t c) {
+      run_phase(*ph_it, y.pp.chunks(), [&](int64_t c) {
         linear_chunk(y.proj, y.pp, in, B, c, [&](int64_t m, int64_t o, float v) { x[m * C + o] += v; });
-      });
+      }, tid, int(ph_it - phases.data()));
+      ++ph_it;
       for (int64_t b = 0; b < B; ++b) layer_norm_row(&x[b * C], &h[b * C], C, y.ln2w, y.ln2b, eps);
       in.prepare(y.fc, h.data(), C, B);
-      run_phase(*ph_it++, y.pf.chunks(), [&](int64_t c) {
+      run_phase(*ph_it, y.pf.chunks(), [&](int64_t c) {
         linear_chunk(y.fc, y.pf, in, B, c, [&](int64_t m, int64_t o, float v) { pre[m * F + o] = v; });
-      });
+      }, tid, int(ph_it - phases.data()));
+      ++ph_it;
       for (int64_t b = 0; b < B; ++b) gelu_row(&pre[b * F], &g[b * F], F);
       in.prepare(y.out, g.data(), F, B);
-      run_phase(*ph_it++, y.po.chunks(), [&](int64_t c) {
+      run_phase(*ph_it, y.po.chunks(), [&](int64_t c) {
         linear_chunk(y.out, y.po, in, B, c, [&](int64_t m, int64_t o, float v) { x[m * C + o] += v; });
-      });
+      }, tid, int(ph_it - phases.data()));
+      ++ph_it;
     }
     for (int64_t b = 0; b < B; ++b) layer_norm_row(&x[b * C], &h[b * C], C, lnfw, lnfb, eps);
     in.prepare(head, h.data(), C, B);
-    run_phase(*ph_it++, ph.chunks(), [&](int64_t c) {
+    run_phase(*ph_it, ph.chunks(), [&](int64_t c) {
       linear_chunk(head, ph, in, B, c, [&](int64_t m, int64_t o, float v) { lg[m * V + o] = v; });
-    });
+    }, tid, int(ph_it - phases.data()));
+    ++ph_it;
   };
   const int64_t threads = at::get_num_threads();
   // One index per thread: OpenMP's threads each run the worker once (one region for the step).
@@ -879,7 +917,84 @@ at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& slots, const 
   return wte.scalar_type() == at::kFloat ? logits : logits.to(wte.scalar_type());
 }
 
+// argmax_rows(x (B, V) fp32, last dim contiguous) -> (B,) int64: torch.argmax(x, -1) exactly (the
+// first maximal index; a NaN counts as the maximum, so the first NaN's index). Eagerly, torch's CPU
+// argmax is a scalar (value, index) loop, ~1 ns per element: 0.05-0.065 ms for one row of GPT-2's
+// 50,257 logits, a few % of a whole decode step run as one op. Here one pass, 8 lanes, each lane
+// keeping its first maximum (strict >) and its index; lanes tie-break to the smaller index.
+int64_t argmax_row(const float* x, int64_t V) {
+  int64_t i = 0, best_i = 0;
+  float best = x[0];
+  __m256 nan = _mm256_setzero_ps();
+  if (V >= 16) {
+    __m256 vbest = _mm256_loadu_ps(x);
+    __m256i vidx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), cur = vidx;
+    const __m256i eight = _mm256_set1_epi32(8);
+    nan = _mm256_cmp_ps(vbest, vbest, _CMP_UNORD_Q);
+    for (i = 8; i + 8 <= V; i += 8) {
+      cur = _mm256_add_epi32(cur, eight);
+      const __m256 v = _mm256_loadu_ps(x + i);
+      const __m256 gt = _mm256_cmp_ps(v, vbest, _CMP_GT_OQ);
+      nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      vbest = _mm256_blendv_ps(vbest, v, gt);
+      vidx = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(vidx), _mm256_castsi256_ps(cur), gt));
+    }
+    alignas(32) float vals[8];
+    alignas(32) int32_t idx[8];
+    _mm256_store_ps(vals, vbest);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(idx), vidx);
+    best = vals[0];
+    best_i = idx[0];
+    for (int l = 1; l < 8; ++l)
+      if (vals[l] > best || (vals[l] == best && idx[l] < best_i)) {
+        best = vals[l];
+        best_i = idx[l];
+      }
+  } else {
+    i = 1;
+    if (std::isnan(best)) return 0;
+  }
+  for (; i < V; ++i) {  // the tail (later indices: strict > keeps the first maximum)
+    if (std::isnan(x[i])) {
+      nan = _mm256_castsi256_ps(_mm256_set1_epi32(-1));  // (movemask reads the sign bits)
+      break;
+    }
+    if (x[i] > best) {
+      best = x[i];
+      best_i = i;
+    }
+  }
+  if (_mm256_movemask_ps(nan)) {  // some NaN: torch returns the first one
+    for (int64_t j = 0; j < V; ++j)
+      if (std::isnan(x[j])) return j;
+  }
+  return best_i;
+}
+
+at::Tensor argmax_rows(const at::Tensor& x) {  // (not counted in calls(): the tests count the matmul paths)
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.stride(1) == 1 && x.size(1) >= 1 &&
+                  x.size(1) < (int64_t(1) << 31), "argmax_rows: (B, V) fp32 with contiguous rows expected");
+  const int64_t B = x.size(0), V = x.size(1);
+  at::Tensor out = at::empty({B}, x.options().dtype(at::kLong));
+  int64_t* o = out.data_ptr<int64_t>();
+  const float* p = x.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) o[b] = argmax_row(p + b * x.stride(0), V);
+  return out;
+}
+
 int64_t calls() { return g_calls.load(); }
+
+// The phase profile (see GPT2_PHASE_PROFILE) as a (4, 64, 4) fp64 tensor, reset; empty without it.
+at::Tensor phase_profile() {
+#ifdef GPT2_PHASE_PROFILE
+  at::Tensor t = at::empty({4, 64, 4}, at::TensorOptions().dtype(at::kDouble));
+  std::memcpy(t.data_ptr<double>(), g_prof, sizeof(g_prof));
+  std::memset(g_prof, 0, sizeof(g_prof));
+  return t;
+#else
+  return at::empty({0}, at::TensorOptions().dtype(at::kDouble));
+#endif
+}
 
 }  // namespace
 
@@ -887,6 +1002,9 @@ TORCH_LIBRARY(gpt2model_kernels, m) {
   m.def("int8_linear(Tensor x, Tensor weight, Tensor scales, Tensor? bias, bool interleaved) -> Tensor");
   m.def("f32_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("calls() -> int", calls);
+  m.def("argmax_rows(Tensor x) -> Tensor");
+  m.def("phase_profile() -> Tensor", phase_profile);
+  m.impl("argmax_rows", c10::DispatchKey::CPU, TORCH_FN(argmax_rows));
   m.def("decode_step(Tensor tokens, Tensor slots, Tensor positions, Tensor mask, Tensor wte, Tensor wpe, "
         "Tensor[] params, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, int[] interleaved, int n_head, "
         "float eps) -> Tensor");

@@ -55,14 +55,14 @@ KERNEL_MAX_ROWS = 16
 ENV_SWITCH = "GPT2MODEL_CPU_KERNELS"
 # The whole-step op (``gpt2model_kernels::decode_step``, see model.GPT._fused_decode) on or off
 # within the kernels: ``GPT2MODEL_CPU_FUSED_STEP=0`` keeps the per-layer ops (benchmarks compare
-# the two; tests switch it with :data:`fused_step`).
+# the two; tests switch it with :data:`fused_step`; read at each step).
 FUSED_ENV_SWITCH = "GPT2MODEL_CPU_FUSED_STEP"
 _OFF = ("0", "false", "no", "off")
 fused_step = os.environ.get(FUSED_ENV_SWITCH, "1").strip().lower() not in _OFF
 SOURCE = Path(__file__).with_name("cpukernels.cpp")
 # -O2 (see cpukernels.cpp's dot_chunk: -O3 spilled accumulators to the stack) and the ISA the
 # kernel is written for; C++20 because torch 2.13's headers use it.
-CXX_FLAGS = ["-O2", "-mavx2", "-mfma", "-mf16c", "-std=c++20", "-shared", "-fPIC", "-w", "-DNDEBUG"]
+CXX_FLAGS = ["-O2", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-std=c++20", "-shared", "-fPIC", "-w", "-DNDEBUG"]
 
 _state: dict[str, object] = {}  # "ok": bool, "why": str (why not), "path": the shared object
 
@@ -163,9 +163,9 @@ def enabled() -> bool:
 
 
 def fused_step_enabled() -> bool:
-    """Whether compiled CPU decode steps may run as one op (the kernels are loaded and
-    :data:`fused_step` is on; read when a step is compiled: a change recompiles)."""
-    return fused_step and enabled()
+    """Whether CPU decode steps may run as one op (:data:`fused_step` is on and the kernels load:
+    built at the first call of a process if needed, see :func:`load`; cheap after that)."""
+    return fused_step and load()
 
 
 def calls() -> int:
@@ -184,6 +184,10 @@ def _register_fakes() -> None:
           wpe: torch.Tensor, params: list[torch.Tensor], k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
           interleaved: list[int], n_head: int, eps: float) -> torch.Tensor:
         return wte.new_empty(tokens.size(0), 1, params[-3].size(0))
+
+    @torch.library.register_fake("gpt2model_kernels::argmax_rows")
+    def _(x: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.size(0), dtype=torch.long)
 
     @torch.library.register_fake("gpt2model_kernels::f32_linear")
     def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -640,25 +640,31 @@ class GPT(nn.Module):
         kernel (``gpt2model_kernels::decode_step``, :mod:`gpt2model.cpukernels`), or None where it
         does not apply; then the layers below run as usual.
 
-        It applies inside a compiled CPU decode step (``torch.compile``: the eager forward stays the
-        reference that the tests compare it with, and keeps its bits, e.g. an int8 row's result
-        alone or batched) without autograd, in eval mode, for up to ``KERNEL_MAX_ROWS`` rows that
-        are the whole cache (``cache_row`` 0), with a float mask, where every linear is one the
-        kernel reads (int8 :class:`~gpt2model.quantize.Int8Linear` on our kernel, row-major fp32 or
-        bf16 ``nn.Linear``; fp32 weights are row-major for one-row caches, see
-        ``quantize.prepare_decode``) and ``cpukernels.fused_step_enabled()``. Why one op: see the
-        comment above ``decode_step`` in ``cpukernels.cpp`` (at two threads the per-op regions were
-        the step's cost)."""
+        It applies on a CPU without autograd, in eval mode, for up to ``KERNEL_MAX_ROWS`` rows that
+        are the cache's first rows (``cache_row`` 0), with a float mask, where every linear is one
+        the kernel reads (int8 :class:`~gpt2model.quantize.Int8Linear` on our kernel, row-major fp32
+        or bf16 ``nn.Linear``; fp32 weights are row-major for one-row caches, see
+        ``quantize.prepare_decode``) and ``cpukernels.fused_step_enabled()`` (off: the layers, the
+        reference the tests compare it with). Eagerly it is the decode step's whole forward, one
+        op call per token (see :meth:`fused_decode_applies` and ``generate.step_for``: a CPU step
+        it applies to is not compiled, as torch.compile's per-call guards and wrappers cost more
+        than everything around the op). Its arguments are gathered once per cache
+        (:meth:`setup_cache` clears them). Why one op: see the comment above ``decode_step`` in
+        ``cpukernels.cpp``."""
         B = input_ids.size(0)
-        if not (torch.compiler.is_compiling() and input_ids.device.type == "cpu" and not torch.is_grad_enabled()
-                and not self.training and cpukernels.fused_step_enabled()):
+        if input_ids.device.type != "cpu" or torch.is_grad_enabled() or self.training \
+                or not cpukernels.fused_step_enabled() or torch.is_autocast_enabled("cpu"):
             return None
-        if B > cpukernels.KERNEL_MAX_ROWS or self._cache_batch != B or self.config.head_dim % 8 \
-                or isinstance(cache_row, torch.Tensor) \
+        if B > cpukernels.KERNEL_MAX_ROWS or self._cache_batch < B or isinstance(cache_row, torch.Tensor) \
                 or cache_row != 0 or mask.dtype not in (torch.float32, torch.bfloat16) or mask.dim() != 4 \
                 or mask.shape[1:3] != (1, 1) or mask.size(0) not in (1, B):
             return None
-        args = self._fused_decode_params()
+        if torch.compiler.is_compiling():
+            args = self._fused_decode_params()
+        else:  # gathered once per cache: ~40 tensors' checks would cost more than the rest of a step's Python
+            args = self.__dict__.get("_fused_args", False)
+            if args is False:
+                args = self._fused_args = self._fused_decode_params()
         if args is None:
             return None
         params, interleaved, caches = args
@@ -669,11 +675,28 @@ class GPT(nn.Module):
             [c.k for c in caches], [c.v for c in caches], interleaved, self.config.n_head,
             self.config.layer_norm_eps)
 
-    def _fused_decode_params(self) -> tuple[list[torch.Tensor], list[int], list[KVCache]] | None:
+    def fused_decode_applies(self, batch_size: int) -> bool:
+        """Whether a CPU decode step of up to ``batch_size`` rows on this model (as it is now, in
+        eval mode, with the weight layouts :meth:`setup_cache` gives such a cache) runs as one op
+        (:meth:`_fused_decode`). ``generate.step_for`` asks it: such a step is not compiled."""
+        if self.device.type != "cpu" or self.training or not cpukernels.fused_step_enabled() \
+                or not 0 < batch_size <= cpukernels.KERNEL_MAX_ROWS:
+            return False
+        from .quantize import decode_layout_is_column_major
+
+        fp32 = [m.weight for m in self.modules() if type(m) is nn.Linear and m.weight.dtype == torch.float32]
+        if any(decode_layout_is_column_major(w.device, w.dtype, tuple(w.shape), batch_size) for w in fp32):
+            return False  # such a cache re-lays fp32 weights column-major (MKL's faster layout at several rows)
+        return self._fused_decode_params(check_caches=False) is not None
+
+    def _fused_decode_params(self, check_caches: bool = True
+                             ) -> tuple[list[torch.Tensor], list[int], list[KVCache]] | None:
         """The whole-step kernel's arguments (see ``decode_step`` in ``cpukernels.cpp``): per layer
         ln_1 (w, b), c_attn (w, scales, b), attn.c_proj, ln_2, c_fc, mlp.c_proj, then ln_f and the
         head (absent biases and float weights' scales as empty tensors), each linear's
-        ``interleaved`` flag, and the KV caches; None if some layer is not one the kernel reads."""
+        ``interleaved`` flag, and the KV caches; None if some layer is not one the kernel reads
+        (or, ``check_caches``, some cache is not one it writes; without, the caches are not
+        looked at)."""
         from .quantize import Int8Linear
 
         floats = (torch.float32, torch.bfloat16)
@@ -704,13 +727,17 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             attn, mlp = block.attn, block.mlp
             if not (norm_ok(block.ln_1) and linear_ok(attn.c_attn) and linear_ok(attn.c_proj) and norm_ok(block.ln_2)
-                    and linear_ok(mlp.c_fc) and linear_ok(mlp.c_proj)) or attn.kv_cache is None:
+                    and linear_ok(mlp.c_fc) and linear_ok(mlp.c_proj)):
                 return None
-            caches.append(attn.kv_cache)
+            if check_caches:
+                if attn.kv_cache is None:
+                    return None
+                caches.append(attn.kv_cache)
         if not (norm_ok(self.transformer.ln_f) and linear_ok(self.lm_head)):
             return None
-        if any(c.k.dtype not in floats or c.k.dtype != caches[0].k.dtype or not c.k.is_contiguous()
-               or not c.v.is_contiguous() for c in caches) \
+        if self.config.head_dim % 8 or any(
+                c.k.dtype not in floats or c.k.dtype != caches[0].k.dtype or not c.k.is_contiguous()
+                or not c.v.is_contiguous() for c in caches) \
                 or self.transformer.wte.weight.dtype not in floats or self.transformer.wpe.weight.dtype not in floats:
             return None
         return params, interleaved, caches
@@ -821,11 +848,13 @@ class GPT(nn.Module):
                              persistent=False)
         self._cache_len = max_len
         self._cache_batch = batch_size
+        self.__dict__.pop("_fused_args", None)  # the whole-step op's arguments: gathered at its first call
 
     def clear_cache(self) -> None:
         """Free the KV cache and return to plain (cache-less) forwards (and the buffers a
         CUDA-graph ``generate`` keeps for its next call)."""
         self.__dict__.pop("_decode_buffers", None)
+        self.__dict__.pop("_fused_args", None)
         for block in self.transformer.h:
             block.attn.kv_cache = None
         if hasattr(self, "causal_mask"):
@@ -836,6 +865,7 @@ class GPT(nn.Module):
     def train(self, mode: bool = True) -> GPT:
         """``nn.Module.train``; training also gets the weights' usual row-major layout back (see
         ``gpt2model.quantize.prepare_decode``), so it never sees the decode layout."""
+        self.__dict__.pop("_fused_args", None)  # layouts change: gathered again at the next eval-mode step
         if mode:
             from .quantize import restore_layout
 
