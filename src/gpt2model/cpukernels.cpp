@@ -418,6 +418,9 @@ thread_local int64_t t_last = 0;
 inline int64_t now_ns() { return std::chrono::steady_clock::now().time_since_epoch().count(); }
 #endif
 
+#ifndef SPIN_PAUSES
+#define SPIN_PAUSES 20000
+#endif
 // Take chunks 0..n-1 of a phase until none are left, then wait for the others' chunks.
 template <typename F>
 void run_phase(Phase& ph, int64_t n, F&& chunk, int tid = 0, int idx = 0) {
@@ -438,7 +441,7 @@ void run_phase(Phase& ph, int64_t n, F&& chunk, int tid = 0, int idx = 0) {
   pr[1] += t1 - t0;
 #endif
   for (int spins = 0; ph.done.load(std::memory_order_acquire) < n; ++spins) {
-    if (spins < 20000) _mm_pause();
+    if (spins < SPIN_PAUSES) _mm_pause();
     else std::this_thread::yield();  // the other thread is off the CPU (a busy machine): let it run
   }
 #ifdef GPT2_PHASE_PROFILE
@@ -634,6 +637,9 @@ struct Input {
 // The chunks of a linear layer: ranges of its 4-row blocks (block b: rows b, nb + b, 2nb + b,
 // 3nb + b), sized so that both threads get several (balance) of >= ~16 KB of weights each (a
 // chunk costs one atomic), and one last chunk for the out % 4 rows left over.
+#ifndef PHASE_CHUNKS
+#define PHASE_CHUNKS 16
+#endif
 struct Plan {
   int64_t nb, per, nblocks_chunks, tail;
   int64_t chunks() const { return nblocks_chunks + (tail ? 1 : 0); }
@@ -645,7 +651,7 @@ Plan plan(const Lin& l) {
   p.tail = l.out - p.nb * STREAMS;
   const int64_t bytes_per_block = STREAMS * l.in * (l.kind == Lin::INT8 ? 1 : l.kind == Lin::BF16 ? 2 : 4);
   const int64_t min_blocks = std::max<int64_t>(1, (16 * 1024) / bytes_per_block);
-  p.per = std::max(min_blocks, (p.nb + 15) / 16);
+  p.per = std::max(min_blocks, (p.nb + PHASE_CHUNKS - 1) / PHASE_CHUNKS);
   p.nblocks_chunks = p.nb ? (p.nb + p.per - 1) / p.per : 0;
   return p;
 }

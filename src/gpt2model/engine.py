@@ -531,7 +531,7 @@ class Engine:
         # draw; made at the first such request, a row reset to 1 when its slot frees.
         self._penalty: torch.Tensor | None = None
         self._repeating: set[int] = set()
-        self._step_fn = step_for(m, self.compile, rows=B)  # (eager where the step is our one CPU op)
+        self._step_fn = step_for(m, self.compile)
         self.compile = self._step_fn is not decode_step
         # Warm up (and compile) with a one-token request in slot 0, then forget it.
         with torch.no_grad():

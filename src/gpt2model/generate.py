@@ -629,13 +629,15 @@ def step_for(model: GPT, compile: bool, fn: Callable[..., Any] | None = None, *,
     :func:`compiled_decode_step` when ``compile`` is asked for and it has not failed on this model
     before (see :func:`note_compile_failure`), else ``fn`` itself, eager.
 
-    ``rows`` (the rows of the KV cache the step will run on): where the model's decode forward of
-    that many rows is our whole-step CPU op (``GPT.fused_decode_applies``), the step stays eager
+    ``rows`` (the rows of the KV cache the step will run on; default: the live cache's, as the
+    serving engine's): where the model's decode forward of that many rows is our whole-step CPU
+    op (``GPT.fused_decode_applies``), the step stays eager
     even with ``compile``: one op call per token plus the sampling, while torch.compile's guards
     and wrappers cost ~0.5-0.8 ms per call around the same op (NOTES "[cpu3"; 6x384 BPE int8 at
     one thread: ~2.0 ms per token eager against ~2.7 compiled), and no compilation is waited for."""
     fn = decode_step if fn is None else fn
-    if not compile or (rows is not None and model.fused_decode_applies(rows)):
+    rows = rows or model._cache_batch
+    if not compile or (rows and model.fused_decode_applies(rows)):
         return fn
     error = getattr(model, "_decode_compile_error", None)
     if error is not None:
