@@ -297,6 +297,10 @@ def test_fine_tuning_on_data_with_added_tokens_grows_the_embedding(tmp_path: Pat
     assert "adds 2 token(s)" in capsys.readouterr().out
     tuned = GPT.from_pretrained(run)
     assert tuned.config.vocab_size == 50259
+    # The run folder's export (not only best/) records end-of-text as eos_token_id: it was null, so
+    # HF's generate on the run folder never stopped at <|endoftext|>
+    for folder in (run, run / "best"):
+        assert json.loads((folder / "config.json").read_text())["eos_token_id"] == 50256
     assert load_tokenizer(run).encode("<|im_end|>", allowed_special="all") == [50258]
     # A char dataset is not GPT-2 plus added tokens: still refused
     (tmp_path / "c.txt").write_text("hello world, " * 300)

@@ -189,9 +189,12 @@ def unwrap_model(model: torch.nn.Module) -> GPT:
     return model
 
 
-def save_model(model: torch.nn.Module, directory: str | Path, tokenizer: Any = None) -> Path:
+def save_model(model: torch.nn.Module, directory: str | Path, tokenizer: Any = None, *,
+               eot_id: int | None = None) -> Path:
     """Write ``model`` (a GPT, or one wrapped by torch.compile/DDP) and ``tokenizer`` if given to
-    ``directory`` in HF's GPT-2 layout."""
+    ``directory`` in HF's GPT-2 layout. config.json's ``eos_token_id`` (what HF's ``generate`` stops
+    at) is the tokenizer's end-of-text id, or ``eot_id`` where the tokenizer's files are already in
+    the folder (a training run's checkpoints)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model = unwrap_model(model)
@@ -200,7 +203,7 @@ def save_model(model: torch.nn.Module, directory: str | Path, tokenizer: Any = N
     if is_quantized(model):
         raise ValueError("this model is quantized (int8) and there is no quantized save format: save the float "
                          "model and quantize after loading (model.quantize('int8') or --dtype int8)")
-    eot = getattr(tokenizer, "eot", None) if tokenizer is not None else None
+    eot = getattr(tokenizer, "eot", None) if tokenizer is not None else eot_id
     state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
     save_tensors(directory / WEIGHTS_FILE, state_dict_to_hf(state, model.config))
     atomic_write_json(directory / CONFIG_FILE,
