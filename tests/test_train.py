@@ -260,6 +260,10 @@ def test_init_from_a_model_folder_fine_tunes_with_cropped_context(dataset: Path,
     assert tuned.metrics[0]["train_loss"] < first.metrics[0]["train_loss"] - 0.3  # starts trained
 
 
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
 def test_fine_tuning_on_data_with_added_tokens_grows_the_embedding(tmp_path: Path, capsys) -> None:
     """HF's ChatML fine-tune recipe: the tokenizer gets <|im_start|>/<|im_end|>
     (add_special_tokens) and the model rows for them (resize_token_embeddings). `train --init-from
@@ -279,6 +283,8 @@ def test_fine_tuning_on_data_with_added_tokens_grows_the_embedding(tmp_path: Pat
     base.save_pretrained(tmp_path / "base", tokenizer=GPT2Tokenizer())
     hf = transformers.GPT2TokenizerFast.from_pretrained(str(tmp_path / "base"))
     hf.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    hf.eos_token = "<|im_end|>"  # as TRL's setup_chat_format leaves it, with a ChatML template
+    hf.chat_template = CHATML
     hf.save_pretrained(str(tmp_path / "chatml"))
     chat = "".join(f"<|im_start|>user\nHi {i}<|im_end|>\n<|im_start|>assistant\nHello {i}!<|im_end|>\n"
                    for i in range(60))
@@ -300,7 +306,19 @@ def test_fine_tuning_on_data_with_added_tokens_grows_the_embedding(tmp_path: Pat
     # The run folder's export (not only best/) records end-of-text as eos_token_id: it was null, so
     # HF's generate on the run folder never stopped at <|endoftext|>
     for folder in (run, run / "best"):
-        assert json.loads((folder / "config.json").read_text())["eos_token_id"] == 50256
+        assert json.loads((folder / "config.json").read_text())["bos_token_id"] == 50256
+    # The tokenizer folder's eos (<|im_end|>) and chat template reach the run folder through the dataset, so
+    # sample/serve/export stop at <|im_end|> and serve uses the template (were: end-of-text, built-in transcript);
+    # transformers reads them there too
+    from gpt2model.hf import find_chat_template, find_eos_ids
+
+    for folder in (ds, run, run / "best"):
+        assert find_chat_template(folder)[0] == CHATML
+    for folder in (run, run / "best"):
+        assert find_eos_ids(folder) == (50258,)
+    reread = transformers.AutoTokenizer.from_pretrained(str(run))
+    assert reread.eos_token == "<|im_end|>" and reread.chat_template == CHATML
+    assert transformers.GPT2LMHeadModel.from_pretrained(str(run)).generation_config.eos_token_id == 50258
     assert load_tokenizer(run).encode("<|im_end|>", allowed_special="all") == [50258]
     # A char dataset is not GPT-2 plus added tokens: still refused
     (tmp_path / "c.txt").write_text("hello world, " * 300)

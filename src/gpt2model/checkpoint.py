@@ -190,11 +190,13 @@ def unwrap_model(model: torch.nn.Module) -> GPT:
 
 
 def save_model(model: torch.nn.Module, directory: str | Path, tokenizer: Any = None, *,
-               eot_id: int | None = None) -> Path:
+               save_tokenizer: bool = True) -> Path:
     """Write ``model`` (a GPT, or one wrapped by torch.compile/DDP) and ``tokenizer`` if given to
-    ``directory`` in HF's GPT-2 layout. config.json's ``eos_token_id`` (what HF's ``generate`` stops
-    at) is the tokenizer's end-of-text id, or ``eot_id`` where the tokenizer's files are already in
-    the folder (a training run's checkpoints)."""
+    ``directory`` in HF's GPT-2 layout. config.json's ``bos_token_id`` is the tokenizer's end-of-text
+    id and its ``eos_token_id`` (what HF's ``generate`` and ``gpt2 sample/serve`` stop at) the
+    tokenizer's eos (:func:`tokenizer.eos_id`: a chat fine-tune's ``<|im_end|>``, else end-of-text).
+    ``save_tokenizer=False``: the tokenizer's files are already in the folder (a training run's
+    checkpoints), only config.json reads it."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model = unwrap_model(model)
@@ -203,12 +205,15 @@ def save_model(model: torch.nn.Module, directory: str | Path, tokenizer: Any = N
     if is_quantized(model):
         raise ValueError("this model is quantized (int8) and there is no quantized save format: save the float "
                          "model and quantize after loading (model.quantize('int8') or --dtype int8)")
-    eot = getattr(tokenizer, "eot", None) if tokenizer is not None else eot_id
+    from .tokenizer import eos_id
+
+    eot = getattr(tokenizer, "eot", None)
     state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
     save_tensors(directory / WEIGHTS_FILE, state_dict_to_hf(state, model.config))
     atomic_write_json(directory / CONFIG_FILE,
-                      config_to_hf(model.config, eot_id=eot, dtype=state["transformer.wte.weight"].dtype))
-    if tokenizer is not None:
+                      config_to_hf(model.config, eot_id=eot, dtype=state["transformer.wte.weight"].dtype,
+                                   eos_id=eos_id(tokenizer) if tokenizer is not None else None))
+    if tokenizer is not None and save_tokenizer:
         tokenizer.save(directory)
     return directory
 

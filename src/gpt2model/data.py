@@ -83,7 +83,7 @@ NAMED_DATASETS: dict[str, tuple[str, str]] = {
 }
 # Files a dataset folder may hold; an existing --out folder holding anything else is not replaced.
 _DATASET_FILES = {"train.bin", "val.bin", META_FILE, "tokenizer_spec.json", "vocab.json", "merges.txt",
-                  "tokenizer.json"}
+                  "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
 
 
 # --- reading text -----------------------------------------------------------------------------------

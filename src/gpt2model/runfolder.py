@@ -63,13 +63,14 @@ def lock_run_folder(out: Path) -> FolderLock:
 
 # --- training state -------------------------------------------------------------------------------
 def save_training_checkpoint(directory: str | Path, model: GPT, state: dict[str, Any], *,
-                             eot_id: int | None = None) -> None:
-    """Write the model export (``eot_id``: the run's end-of-text id, for config.json), then
+                             tokenizer: Any = None) -> None:
+    """Write the model export (config.json's eos ids from ``tokenizer``, whose files are already
+    in the folder), then
     atomically the training ``state`` (which gets the weights added under ``"model"``). ``state``
     must hold only tensors and plain Python data (``weights_only``)."""
     directory = Path(directory)
     model = unwrap_model(model)
-    save_model(model, directory, eot_id=eot_id)
+    save_model(model, directory, tokenizer, save_tokenizer=False)
     weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     with atomic_path(directory / TRAINING_STATE_FILE) as tmp, open(tmp, "wb") as f:
         writer = _RecordingWriter(f)

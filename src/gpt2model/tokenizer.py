@@ -402,6 +402,11 @@ class BPETokenizer:
         # unless allowed_special names them (HF's tokenizers then still match non-special added tokens).
         self.special_tokens: dict[str, int] = {t.content: i for i, t in tokenizer.get_added_tokens_decoder().items()
                                                if t.special}
+        # What a HF fine-tune's folder says beyond tokenizer.json (TRL's setup_chat_format: eos_token
+        # "<|im_end|>" and a ChatML template), kept through prepare -> dataset -> training run folder
+        # so that sample/serve/export stop where the model was taught to and use its template.
+        self.eos_token: str | None = None  # HF's eos_token where it is not end-of-text
+        self.chat_template: str | None = None
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> BPETokenizer:
@@ -532,6 +537,18 @@ class BPETokenizer:
         directory = _write_spec(directory, self.spec())
         with atomic_path(directory / self.FILE) as tmp:
             self._tok.save(str(tmp))
+        if self.chat_template is not None:  # where transformers >= 4.43 (and hf.find_chat_template) read it
+            with atomic_path(directory / "chat_template.jinja") as tmp:
+                tmp.write_text(self.chat_template, encoding="utf-8")
+        if self.eos_token is not None:  # HF's tokenizer_config.json (its other keys, if any, kept)
+            config = directory / "tokenizer_config.json"
+            try:
+                old = json.loads(config.read_text(encoding="utf-8-sig"))
+            except (OSError, ValueError):
+                old = None
+            old = old if isinstance(old, dict) else {}
+            if old.get("eos_token") != self.eos_token:
+                atomic_write_json(config, {**old, "eos_token": self.eos_token})
 
     def __repr__(self) -> str:
         return f"BPETokenizer(vocab_size={self.vocab_size})"
@@ -558,6 +575,33 @@ def extends(base: Tokenizer, grown: Tokenizer) -> bool:
     if isinstance(base, CharTokenizer) or isinstance(grown, CharTokenizer):
         return False  # a character vocabulary is sorted: new characters move the old ids
     return all(base.token_bytes(i) == grown.token_bytes(i) for i in range(base.vocab_size))
+
+
+def eos_id(tokenizer: Any) -> int | None:
+    """The id HF's ``eos_token`` names: a fine-tune's own (``<|im_end|>``) where its folder says so
+    (:class:`BPETokenizer` ``eos_token``), else the end-of-text id (None without one)."""
+    named = getattr(tokenizer, "eos_token", None)
+    if named is not None:
+        ids = tokenizer.encode(named, allowed_special="all")
+        if len(ids) == 1:
+            return ids[0]
+    return getattr(tokenizer, "eot", None)
+
+
+def _hf_extras(tok: BPETokenizer, folder: Path) -> BPETokenizer:
+    """``tok`` with the eos token and chat template of the HF folder it was read from (see
+    :class:`BPETokenizer`); a tokenizer_config.json that cannot be read adds nothing."""
+    from .hf import find_chat_template
+
+    with contextlib.suppress(ValueError):
+        found = find_chat_template(folder)
+        tok.chat_template = found[0] if found else None
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        eos = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8-sig")).get("eos_token")
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+        if isinstance(eos, str) and eos != EOT_TEXT and len(tok.encode(eos, allowed_special="all")) == 1:
+            tok.eos_token = eos
+    return tok
 
 
 # --- loading --------------------------------------------------------------------------------------
@@ -592,7 +636,7 @@ def load_tokenizer(name_or_path: str | Path) -> CharTokenizer | GPT2Tokenizer | 
         elif kind == "gpt2":
             tok = GPT2Tokenizer(path / "vocab.json", path / "merges.txt")
         elif kind == "bpe":
-            tok = BPETokenizer.from_file(path / BPETokenizer.FILE)
+            tok = _hf_extras(BPETokenizer.from_file(path / BPETokenizer.FILE), path)
         else:
             raise ValueError(f"{spec_path} has unknown tokenizer type {kind!r} (expected char, gpt2 or bpe)")
         if spec.get("vocab_size") not in (None, tok.vocab_size):
@@ -609,12 +653,12 @@ def load_tokenizer(name_or_path: str | Path) -> CharTokenizer | GPT2Tokenizer | 
             # which HF's GPT2TokenizerFast reads: without them the model's extra ids could not be decoded.
             full = BPETokenizer.from_file(path / BPETokenizer.FILE)
             if gpt2 is None or full.vocab_size > gpt2.vocab_size:
-                return full
+                return _hf_extras(full, path)
         if gpt2 is None or (path / "added_tokens.json").is_file():
-            return BPETokenizer.from_vocab_merges(path / "vocab.json", path / "merges.txt")
+            return _hf_extras(BPETokenizer.from_vocab_merges(path / "vocab.json", path / "merges.txt"), path)
         return gpt2
     if (path / BPETokenizer.FILE).is_file():
-        return BPETokenizer.from_file(path / BPETokenizer.FILE)
+        return _hf_extras(BPETokenizer.from_file(path / BPETokenizer.FILE), path)
     raise FileNotFoundError(f"{path} has no tokenizer: expected {SPEC_FILE} (written by gpt2model), or HF's "
                             f"vocab.json + merges.txt, or tokenizer.json")
 

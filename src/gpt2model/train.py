@@ -338,7 +338,7 @@ def _train(cfg: TrainConfig, setup: DeviceSetup, rank: int, world_size: int) -> 
         metrics_file = open_metrics(out, step if state is not None else None)
         if state is not None:
             # the export may be one checkpoint ahead of the state; realign it
-            save_model(raw_model, out, eot_id=tokenizer.eot)
+            save_model(raw_model, out, tokenizer, save_tokenizer=False)
 
     tokens_per_step = cfg.batch_size * T * cfg.grad_accum * world_size
     flops_per_step = raw_model.flops_per_token(T) * tokens_per_step
@@ -395,7 +395,7 @@ def _train(cfg: TrainConfig, setup: DeviceSetup, rank: int, world_size: int) -> 
             records.append(record)
             if checkpoint_now:
                 _save_checkpoint(out, raw_model, optimizer, scaler, sampler, cfg, step, best_val,
-                                 record["elapsed_s"], rank, world_size, tokenizer.eot)
+                                 record["elapsed_s"], rank, world_size, tokenizer)
                 last_ckpt = f"{out} (step {step})"
             bar.set_postfix_str(f"loss {train_loss:.4f} | {record['tokens_per_sec']:,.0f} tok/s | "
                                 f"mfu {record['mfu']:.1%}", refresh=False)
@@ -517,7 +517,7 @@ def _restore(state: dict[str, Any], cfg: TrainConfig, optimizer: torch.optim.Opt
 
 def _save_checkpoint(out: Path, raw_model: GPT, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                      sampler: BatchSampler, cfg: TrainConfig, step: int, best_val: float, elapsed_s: float,
-                     rank: int, world_size: int, eot_id: int | None) -> None:
+                     rank: int, world_size: int, tokenizer: Any) -> None:
     """Gather every rank's random streams and let rank 0 write the training state."""
     rngs = [rng_state()]
     if world_size > 1:
@@ -529,4 +529,4 @@ def _save_checkpoint(out: Path, raw_model: GPT, optimizer: torch.optim.Optimizer
             "rng": rngs, "sampler": sampler.state_dict(), "best_val_loss": best_val,
             "elapsed_s": elapsed_s, "train_config": cfg.to_dict(),
             "model_config": raw_model.config.to_dict(), "world_size": world_size,
-        }, eot_id=eot_id)
+        }, tokenizer=tokenizer)
