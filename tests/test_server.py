@@ -891,6 +891,58 @@ def test_sigterm_finishes_running_requests_and_exits_0(tmp_path):
             proc.wait()
 
 
+def test_sigterm_past_the_request_timeout_answers_what_it_cancels(tmp_path):
+    """Requests still running (or queued) at --request-timeout after SIGTERM are cancelled by the
+    engine and answered: a 503 in OpenAI's shape, a stream's error event and [DONE]. Before,
+    uvicorn's own deadline cut them: a bare text "500 Internal Server Error", a stream broken
+    without [DONE], and a traceback per request in the log."""
+    from gpt2model.tokenizer import CharTokenizer
+
+    tok = CharTokenizer("\n abcdefghijklmnopqrstuvwxyz")
+    torch.manual_seed(0)
+    model_dir = tmp_path / "char"
+    GPT(GPTconfig(vocab_size=tok.vocab_size, context_length=1024, n_layer=2, n_head=2, d_model=64)).save_pretrained(
+        model_dir, tokenizer=tok)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "gpt2model", "serve", "--model", str(model_dir), "--port",
+                             str(port), "--device", "cpu", "--max-batch", "1", "--request-timeout", "0"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    body = {"prompt": "x", "max_tokens": 1000, "temperature": 0, "ignore_eos": True}
+    try:
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 60:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.1)
+        with ThreadPoolExecutor(1) as pool, httpx.stream("POST", url + "/v1/completions", timeout=60,
+                                                         json={**body, "stream": True}) as r:
+            lines = r.iter_lines()
+            first = next(lines)
+            queued = pool.submit(httpx.post, url + "/v1/completions", json=body, timeout=60)  # waits for the slot
+            while "gpt2model_requests_queued 1.0" not in httpx.get(url + "/metrics").text:
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGTERM)
+            rest = [ln for ln in [first, *lines] if ln]
+            answer = queued.result()
+        assert rest[-1] == "data: [DONE]"
+        assert json.loads(rest[-2][6:])["error"]["code"] == "cancelled", rest[-3:]
+        assert answer.status_code == 503 and answer.json()["error"]["code"] == "cancelled", answer.text
+        assert proc.wait(30) == 0
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_a_model_with_more_rows_than_its_tokenizer_serves_only_ids_it_can_decode():
     """A model with 10 rows more than its character tokenizer, whose padding rows win every draw by far
     (a nanoGPT export padded past GPT-2's 50,257 tokens): completions and chat, streamed or not,
