@@ -443,6 +443,29 @@ def test_out_holding_another_run_needs_resume_or_overwrite(dataset: Path, tmp_pa
         train(tiny(dataset, out, max_steps=4, eval_interval=4, resume=True, n_layer=3))
 
 
+def test_overwriting_a_model_folder_leaves_none_of_its_files_to_be_read_with_the_new_model(dataset: Path,
+                                                                                         tmp_path: Path) -> None:
+    """`train --out F --overwrite` over a HF model folder (or a run of another tokenizer) kept its
+    generation_config.json, vocab.json + merges.txt, chat_template.jinja, shards: served and loaded
+    with the new weights (stale eos ids, HF reading GPT-2's vocabulary for a char model, the old
+    chat template). They are the previous model's and go; other files stay."""
+    from gpt2model.hf import find_chat_template, find_eos_ids
+    from gpt2model.tokenizer import CharTokenizer, load_tokenizer
+
+    out = tmp_path / "hf_model"
+    GPT(GPTconfig(n_layer=1, n_head=2, d_model=16, context_length=32, vocab_size=64)).save_pretrained(out)
+    stale = {"vocab.json": "{}", "merges.txt": "#version: 0.2\n", "generation_config.json": '{"eos_token_id": 3}',
+             "chat_template.jinja": "{{ messages }}", "tokenizer_config.json": '{"eos_token": "x"}',
+             "model-00001-of-00002.safetensors": "", "model.safetensors.index.json": "{}"}
+    for name, text in {**stale, "NOTES.txt": "mine"}.items():
+        (out / name).write_text(text)
+    train(tiny(dataset, out, max_steps=1, eval_interval=1, overwrite=True))
+    assert not [name for name in stale if (out / name).exists()]
+    assert (out / "NOTES.txt").read_text() == "mine"
+    assert find_eos_ids(out) == () and find_chat_template(out) is None
+    assert isinstance(load_tokenizer(out), CharTokenizer)
+
+
 def test_log_interval_reads_the_loss_back_only_every_n_steps(dataset: Path, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """Between logging steps the loop never waits for the device; what it logs is unchanged."""

@@ -216,10 +216,22 @@ def check_out(out: Path, *, resume: bool, overwrite: bool) -> bool:
     return False
 
 
+# A previous model's other files: left beside the new weights they would be read with them (HF reads
+# vocab.json + merges.txt where our spec says char; serve and sample read generation_config.json's eos
+# ids and chat_template.jinja; HF loads shards named by an index).
+MODEL_EXTRAS = ("tokenizer_spec.json", "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
+                "chat_template.jinja", "special_tokens_map.json", "added_tokens.json", "generation_config.json",
+                "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
 def clear_out(out: Path) -> None:
-    """Remove a previous run's files from ``out`` (for --overwrite, or a fresh start)."""
-    for name in (TRAINING_STATE_FILE, METRICS_FILE, WEIGHTS_FILE, CONFIG_FILE, PLOT_FILE):
+    """Remove a previous run's files from ``out`` (for --overwrite, or a fresh start), and a previous
+    model's (its tokenizer, generation settings, weight shards); other files stay."""
+    for name in (TRAINING_STATE_FILE, METRICS_FILE, WEIGHTS_FILE, CONFIG_FILE, PLOT_FILE, *MODEL_EXTRAS):
         (out / name).unlink(missing_ok=True)
+    if out.is_dir():
+        for shard in [*out.glob("model-*-of-*.safetensors"), *out.glob("pytorch_model-*-of-*.bin")]:
+            shard.unlink(missing_ok=True)
     remove_tree(out / BEST_DIR)
 
 
