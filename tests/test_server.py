@@ -350,6 +350,17 @@ def test_top_p_0_keeps_only_the_most_likely_token_as_openai_and_llama_cpp_take_i
     assert chat.choices[0].message.content == chat.choices[1].message.content
 
 
+def test_a_compressed_body_is_refused_by_its_encoding_not_as_bad_utf8(served):
+    import gzip
+
+    r = served.post("/v1/completions", content=gzip.compress(b'{"prompt": "x", "max_tokens": 1}'),
+                    headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_content_encoding"
+    assert "uncompressed" in r.json()["error"]["message"]
+    r = served.post("/v1/completions", {"prompt": "x", "max_tokens": 1}, headers={"Content-Encoding": "identity"})
+    assert r.status_code == 200
+
+
 def test_405_lists_the_allowed_methods(served):
     assert httpx.get(served.url + "/v1/models/", headers=AUTH).json()["data"][0]["id"] == "tiny"  # was a 404
     r = httpx.delete(served.url + "/v1/completions", headers=AUTH)

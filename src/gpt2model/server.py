@@ -451,6 +451,10 @@ class _Server:
     async def read_json(self, request: Request) -> dict[str, Any]:
         """The body as a JSON object: size-limited, strict UTF-8, no NaN/Infinity."""
         limit = self.config.max_body_bytes
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):  # else "not valid UTF-8 (byte 1)", which names neither problem nor fix
+            raise APIError(415, f"Content-Encoding {encoding!r} is not supported: send the JSON body uncompressed",
+                           code="unsupported_content_encoding")
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             raise APIError(413, f"request body of {int(length)} bytes is larger than the limit of {limit} bytes",
