@@ -32,6 +32,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -476,6 +477,15 @@ FVec fvec(const at::Tensor& t) {
   return v;
 }
 
+FVec fvec_strided(const at::Tensor& t) {  // a (rows, 1, 1, L) mask: rows at any stride, L contiguous
+  FVec v;
+  TORCH_CHECK(t.dim() == 4 && t.stride(3) == 1 && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16),
+              "decode_step: an fp32/bf16 mask expected");
+  v.p = t.data_ptr();
+  v.bf16 = t.scalar_type() == at::kBFloat16;
+  return v;
+}
+
 // exp(x) for 8 floats (Cephes' expf: range reduction by ln 2 in two parts, a degree-5
 // polynomial; ~1 ulp), clamped to fp32's normal range: -inf gives ~1e-38, callers that need an
 // exact 0 there (masked attention slots) select it.
@@ -784,6 +794,50 @@ void attend(const float* q, const float* k_new, const float* v_new, T* kc, T* vc
   }
 }
 
+// Whether a step runs on all of torch's threads or on the calling thread alone, chosen by
+// measuring both. The phases end in spin barriers and the region in OpenMP's join, so a step at
+// two threads waits whenever one of its threads is off the CPU. On a quiet 2-core machine two
+// threads are faster (6x384 BPE int8: the op 1.1-1.4 ms against 1.9-2.1 at one); with other jobs
+// running (load 4-5 on the 2-core VM), the median step at two threads took 4-16 ms (whole
+// scheduler time slices lost at barriers) against 2.0-2.3 at one. So per row count B (steps of
+// different B are not comparable): run in the mode that is faster on recent steps (a moving
+// average of the wall time per step), trying the other mode for one step every `every` steps;
+// that interval doubles (up to 256) while the other mode keeps losing, so a bad mode costs < 1%.
+// Results are the same bits in either mode (see above); only the time differs.
+struct ThreadChooser {
+  struct Row {
+    double avg[2] = {0, 0};  // [0]: all threads, [1]: one thread; seconds per step, 0 = not measured
+    bool one = false;        // the current mode
+    int64_t since = 0, every = 8;
+  };
+  std::mutex mu;
+  Row rows[17];
+  bool exploring[17] = {};
+  bool one_thread(int64_t B) {
+    std::lock_guard<std::mutex> lock(mu);
+    Row& r = rows[std::min<int64_t>(B, 16)];
+    exploring[std::min<int64_t>(B, 16)] = ++r.since >= r.every;
+    return exploring[std::min<int64_t>(B, 16)] ? !r.one : r.one;
+  }
+  void record(int64_t B, bool one, double seconds) {
+    std::lock_guard<std::mutex> lock(mu);
+    const int64_t i = std::min<int64_t>(B, 16);
+    Row& r = rows[i];
+    double& a = r.avg[one];
+    a = a == 0 ? seconds : 0.75 * a + 0.25 * seconds;
+    if (!exploring[i]) return;
+    exploring[i] = false;
+    r.since = 0;
+    if (r.avg[r.one] > 0 && seconds < 0.9 * r.avg[r.one]) {  // the other mode won: switch
+      r.one = one;
+      r.every = 8;
+    } else {
+      r.every = std::min<int64_t>(2 * r.every, 256);
+    }
+  }
+};
+ThreadChooser g_chooser;
+
 // The per-layer tensors in `params` (see model.GPT._fused_decode_args): ln_1 w, b; c_attn w,
 // scales, b; attn c_proj w, scales, b; ln_2 w, b; c_fc w, scales, b; mlp c_proj w, scales, b;
 // then ln_f w, b and the head's w, scales, b. Absent ones (no bias, float weights' scales) are
@@ -800,9 +854,10 @@ at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& slots, const 
                   && int64_t(interleaved.size()) == 4 * n_layer + 1, "decode_step: parameter lists of the wrong length");
   const int64_t B = tokens.size(0), C = wte.size(1), V = params[PER_LAYER * n_layer + 2].size(0);
   TORCH_CHECK(tokens.dim() == 2 && tokens.size(1) == 1 && tokens.scalar_type() == at::kLong, "decode_step: tokens (B, 1) int64");
-  TORCH_CHECK(slots.dim() == 2 && slots.size(0) == B && slots.size(1) == 1 && slots.scalar_type() == at::kLong &&
-                  positions.dim() == 2 && positions.size(0) == B && positions.size(1) == 1 &&
-                  positions.scalar_type() == at::kLong, "decode_step: slots and positions (B, 1) int64");
+  // Slots and positions: B values (e.g. (B, 1)) or one for every row (e.g. (1,)), any shape.
+  TORCH_CHECK((slots.numel() == B || slots.numel() == 1) && slots.scalar_type() == at::kLong &&
+                  (positions.numel() == B || positions.numel() == 1) && positions.scalar_type() == at::kLong,
+              "decode_step: slots and positions: B or 1 int64 values");
   TORCH_CHECK(C % n_head == 0 && wte.dim() == 2 && wpe.dim() == 2 && wpe.size(1) == C, "decode_step: embeddings");
   TORCH_CHECK(mask.dim() == 4 && (mask.size(0) == 1 || mask.size(0) == B) && mask.size(1) == 1 && mask.size(2) == 1,
               "decode_step: an additive mask (B or 1, 1, 1, L) expected");
@@ -815,17 +870,21 @@ at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& slots, const 
       TORCH_CHECK(c->dim() == 4 && c->size(0) >= B && c->size(1) == n_head && c->size(3) == hd && c->size(2) >= L &&
                       c->is_contiguous() && c->scalar_type() == cdt, "decode_step: KV caches (>= B, n_head, len, hd)");
   const int64_t S = k_caches[0].size(2);
-  const at::Tensor mask_c = mask.contiguous();
-  const FVec mk = fvec(mask_c), te = fvec(wte), pe = fvec(wpe);
-  const int64_t mask_row = mask.size(0) == 1 ? 0 : L;
+  // Rows of the mask at any stride (a slice of the decode loop's full-length mask buffer: no copy).
+  const at::Tensor mask_c = mask.stride(3) == 1 ? mask : mask.contiguous();
+  const FVec mk = fvec_strided(mask_c), te = fvec(wte), pe = fvec(wpe);
+  const int64_t mask_row = mask.size(0) == 1 ? 0 : mask_c.stride(0);
   const float eps = float(eps_d);
   // Token ids, slots and positions, checked here (an out-of-range slot would write out of bounds).
   std::vector<int64_t> tok(B), slot(B), pos(B);
-  const auto ta = tokens.accessor<int64_t, 2>(), sa = slots.accessor<int64_t, 2>(), pa = positions.accessor<int64_t, 2>();
+  const at::Tensor sl = slots.contiguous(), ps = positions.contiguous();
+  const int64_t* sp = sl.data_ptr<int64_t>();
+  const int64_t* pp = ps.data_ptr<int64_t>();
+  const auto ta = tokens.accessor<int64_t, 2>();
   for (int64_t b = 0; b < B; ++b) {
     tok[b] = ta[b][0];
-    slot[b] = sa[b][0];
-    pos[b] = pa[b][0];
+    slot[b] = sp[sl.numel() == 1 ? 0 : b];
+    pos[b] = pp[ps.numel() == 1 ? 0 : b];
     TORCH_CHECK(0 <= tok[b] && tok[b] < wte.size(0) && 0 <= slot[b] && slot[b] < S && 0 <= pos[b] && pos[b] < wpe.size(0),
                 "decode_step: token, slot or position out of range");
   }
@@ -917,9 +976,13 @@ at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& slots, const 
     }, tid, int(ph_it - phases.data()));
     ++ph_it;
   };
-  const int64_t threads = at::get_num_threads();
+  const int64_t all = at::get_num_threads();
+  const bool one = all > 1 && g_chooser.one_thread(B);
+  const int64_t threads = one ? 1 : all;
+  const auto t0 = std::chrono::steady_clock::now();
   // One index per thread: OpenMP's threads each run the worker once (one region for the step).
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { worker(); });
+  if (all > 1) g_chooser.record(B, one, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   return wte.scalar_type() == at::kFloat ? logits : logits.to(wte.scalar_type());
 }
 

@@ -660,20 +660,24 @@ class GPT(nn.Module):
                 or mask.shape[1:3] != (1, 1) or mask.size(0) not in (1, B):
             return None
         if torch.compiler.is_compiling():
-            args = self._fused_decode_params()
+            args = self._fused_decode_args()
         else:  # gathered once per cache: ~40 tensors' checks would cost more than the rest of a step's Python
             args = self.__dict__.get("_fused_args", False)
             if args is False:
-                args = self._fused_args = self._fused_decode_params()
+                args = self._fused_args = self._fused_decode_args()
         if args is None:
             return None
-        params, interleaved, caches = args
-        slots = input_pos.reshape(-1, 1).expand(B, 1)  # (1,) (one slot for all rows) or (B, 1)
-        positions = pos.reshape(-1, 1).expand(B, 1)
-        return torch.ops.gpt2model_kernels.decode_step(
-            input_ids, slots, positions, mask, self.transformer.wte.weight, self.transformer.wpe.weight, params,
-            [c.k for c in caches], [c.v for c in caches], interleaved, self.config.n_head,
-            self.config.layer_norm_eps)
+        # slots ``input_pos`` and positions ``pos``: (1,) (the same for every row) or (B, 1), as given
+        return torch.ops.gpt2model_kernels.decode_step(input_ids, input_pos, pos, mask, *args)
+
+    def _fused_decode_args(self) -> tuple[Any, ...] | None:
+        """The whole-step op's arguments after the per-step ones, or None where it does not apply."""
+        found = self._fused_decode_params()
+        if found is None:
+            return None
+        params, interleaved, caches = found
+        return (self.transformer.wte.weight, self.transformer.wpe.weight, params, [c.k for c in caches],
+                [c.v for c in caches], interleaved, self.config.n_head, self.config.layer_norm_eps)
 
     def fused_decode_applies(self, batch_size: int) -> bool:
         """Whether a CPU decode step of up to ``batch_size`` rows on this model (as it is now, in
