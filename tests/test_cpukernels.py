@@ -501,3 +501,33 @@ def test_argmax_kernel_is_torch_argmax_exactly() -> None:
     assert torch.ops.gpt2model_kernels.argmax_rows(x).tolist() == [3, 9]
     wide = torch.randn(3, 300, generator=g)[:, :257]  # rows with a stride (a vocab limit's view)
     assert torch.equal(torch.ops.gpt2model_kernels.argmax_rows(wide), wide.argmax(dim=-1))
+
+
+@needs_kernels
+def test_engine_decodes_with_one_op_per_step_and_compiles_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The serving engine's decode steps (compile=True asked for) run as the whole-step op, eagerly,
+    and each request gets what generate gives it alone (sampled with its seed)."""
+    import copy
+
+    from gpt2model.engine import Engine, FinishEvent, SamplingParams
+
+    model = _fused_model("int8")
+    reference = copy.deepcopy(model)
+    _no_compile(monkeypatch)
+    eng = Engine(model, max_batch=3, compile=True)
+    eng.start()
+    try:
+        assert eng.ready.wait(60) and not eng.compile
+        before = cpukernels.calls()
+        params = [SamplingParams(max_tokens=12, temperature=0), SamplingParams(max_tokens=12, seed=3, top_k=20)]
+        prompts = [[3, 1, 4, 1, 5], [9, 2]]
+        requests = [eng.submit(p, s) for p, s in zip(prompts, params, strict=True)]
+        got = [[e.token for e in r.events() if not isinstance(e, FinishEvent)] for r in requests]
+        # One op per decode step (11 to 22 steps) + the prefills' int8 linears (9 per forward); the
+        # per-layer ops would make 9 calls per step (>= 99).
+        assert 11 <= cpukernels.calls() - before < 60
+    finally:
+        eng.shutdown(timeout=5)
+    for p, s, tokens in zip(prompts, params, got, strict=True):
+        expected = generate(reference, [p], s.max_tokens, temperature=s.temperature, top_k=s.top_k, seed=s.seed)[0]
+        assert tokens == expected[len(p):]
