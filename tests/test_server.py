@@ -334,6 +334,15 @@ def test_null_optional_fields_mean_their_defaults_as_in_openais_spec(served, cli
     assert r.status_code == 200, r.text
     r = served.post("/v1/chat/completions", {**body, "tools": [{"type": "function", "function": {"name": "f"}}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
+    # OpenAI fields at values that ask for nothing here are accepted (clients that always send them) ...
+    noops = {"store": False, "metadata": {"run": "a"}, "service_tier": "auto", "modalities": ["text"]}
+    for path, req in (("/v1/chat/completions", body), ("/v1/completions", {"prompt": "Hi", "max_tokens": 2})):
+        r = served.post(path, {**req, **noops})
+        assert r.status_code == 200, r.text
+    # ... and a 400 naming them where they would ask for something
+    for field, value in (("store", True), ("service_tier", "flex"), ("modalities", ["text", "audio"])):
+        r = served.post("/v1/chat/completions", {**body, field: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
 
 
 def test_top_p_0_keeps_only_the_most_likely_token_as_openai_and_llama_cpp_take_it(served, client):

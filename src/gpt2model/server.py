@@ -210,6 +210,13 @@ class _Sampling(_Strict):
     min_p: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] = 0.0
     # {"type": "text"} is OpenAI's default (clients send it); JSON modes are a 400 (_check_noops).
     response_format: dict[str, Any] | None = None
+    # OpenAI fields some clients always send, accepted at the values that ask for nothing here
+    # (_check_noops): store=false (we store nothing), metadata (tags for stored completions),
+    # service_tier "auto"/"default", modalities ["text"].
+    store: bool = False
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    modalities: list[str] | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -315,6 +322,15 @@ def _check_noops(req: _Sampling) -> None:
                        code="unsupported_value")
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options is only allowed with stream=true", param="stream_options")
+    if req.store:
+        raise APIError(400, "store=true is not supported: this server stores no completions (send store=false or "
+                            "leave it out)", param="store", code="unsupported_value")
+    if req.service_tier not in (None, "auto", "default"):
+        raise APIError(400, f"service_tier {req.service_tier!r} is not supported (only 'auto' or 'default')",
+                       param="service_tier", code="unsupported_value")
+    if req.modalities not in (None, ["text"]):
+        raise APIError(400, f"modalities {req.modalities!r} are not supported: this model writes text only "
+                            f"(['text'])", param="modalities", code="unsupported_value")
 
 
 # --- the server's state -------------------------------------------------------------------------
