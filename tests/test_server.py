@@ -861,6 +861,9 @@ def test_serve_shortens_the_gil_switch_interval(monkeypatch: pytest.MonkeyPatch)
     model = GPT(GPTconfig(vocab_size=30, context_length=16, n_layer=1, n_head=2, d_model=16))
     assert server_mod.serve(model, load_tokenizer("gpt2"), port=0) == 0
     assert intervals == [server_mod.GIL_SWITCH_INTERVAL] and server_mod.GIL_SWITCH_INTERVAL <= 0.001
+    for bad in (float("nan"), float("inf"), -1.0):  # were "cannot convert float NaN to integer" / OverflowError
+        with pytest.raises(ValueError, match="request_timeout .* finite number of seconds >= 0"):
+            server_mod.serve(model, load_tokenizer("gpt2"), port=0, request_timeout=bad)
 
 
 def test_sigterm_finishes_running_requests_and_exits_0(tmp_path):

@@ -1176,6 +1176,10 @@ def serve(model: Any, tokenizer: Any, *, host: str = "127.0.0.1", port: int = 80
     most; neither: the built-in transcript). ``eos_token_ids``: ids beside end-of-text that end a
     choice (``find_eos_ids``). Shutdown: stop accepting connections, let running
     requests finish for up to ``request_timeout`` seconds, then cancel the rest; exit 0."""
+    if isinstance(request_timeout, bool) or not isinstance(request_timeout, (int, float)) \
+            or not math.isfinite(request_timeout) or request_timeout < 0:
+        raise ValueError(f"request_timeout (--request-timeout) must be a finite number of seconds >= 0, "
+                         f"got {request_timeout!r}")
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     if chat_template is not None and chat_template_text is not None:
         raise ValueError("give chat_template (a file) or chat_template_text, not both")
