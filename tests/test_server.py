@@ -359,6 +359,16 @@ def test_top_p_0_keeps_only_the_most_likely_token_as_openai_and_llama_cpp_take_i
     assert chat.choices[0].message.content == chat.choices[1].message.content
 
 
+def test_include_usage_puts_usage_null_in_every_chunk_but_the_last(served):
+    """OpenAI: with stream_options.include_usage every chunk carries "usage": null and a last chunk
+    (choices []) the usage; the echo chunk of a completions stream lacked the null."""
+    for path, body in (("/v1/completions", {"prompt": "Hi", "max_tokens": 3, "echo": True, "n": 2}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})):
+        _, chunks = _stream_pieces(served, path, {**body, "stream_options": {"include_usage": True}})
+        assert all("usage" in c and c["usage"] is None for c in chunks[:-1]), chunks
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] > 0
+
+
 def test_a_compressed_body_is_refused_by_its_encoding_not_as_bad_utf8(served):
     import gzip
 

@@ -1039,8 +1039,8 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig) -> FastAPI:
 
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             first = [{**base, "choices": [{"index": c.index, "text": echo[c.prompt_index], "logprobs": None,
-                                           "finish_reason": None}]} for c in choices
-                     if req.echo and not echo_logprobs]  # with logprobs, it waits for the prompt's
+                                           "finish_reason": None}], **({"usage": None} if include_usage else {})}
+                     for c in choices if req.echo and not echo_logprobs]  # with logprobs, it waits for the prompt's
             return _stream(server, request, choices, arrived, chunk, first,
                            (lambda: server.usage(prompts, choices)) if include_usage else None,
                            lambda u: {**base, "choices": [], "usage": u})
