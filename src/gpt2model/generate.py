@@ -916,8 +916,8 @@ def _record(out: torch.Tensor, step: torch.Tensor, done: torch.Tensor, eot: torc
     out.index_copy_(1, step, token[:, None])
     if penalty is not None:
         penalty.scatter_(1, token[:, None], repeat)
-    done |= (token[:, None] == eot).any(dim=1)
-    finished.copy_(done.all().view(1))
+    done |= torch.isin(token, eot)
+    torch.all(done, dim=0, keepdim=True, out=finished)  # (one op each: a CPU step's bookkeeping is per-op cost)
 
 
 def generation_step(model: GPT, out: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, counters: torch.Tensor,
@@ -939,7 +939,7 @@ def generation_step(model: GPT, out: torch.Tensor, mask: torch.Tensor, pos: torc
     token = out.index_select(1, step - 1)  # (B, 1): the newest token
     visible = mask if length is None else mask[..., :length]
     nxt, _ = decode_step(model, token, slot, visible, pos, temperature, top_k, top_p, seeds,
-                         step.expand(out.size(0)), penalty=penalty, min_p=min_p, vocab_limit=vocab_limit)
+                         step, penalty=penalty, min_p=min_p, vocab_limit=vocab_limit)  # (step (1,): every row's)
     _record(out, step, done, eot, finished, nxt, penalty, repeat)
     pos.add_(1)
     counters.add_(1)
