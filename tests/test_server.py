@@ -597,6 +597,7 @@ def test_full_queue_answers_429_with_retry_after(served):
     assert codes.count(200) >= 4 and 429 in codes and set(codes) <= {200, 429}
     refused = next(r for r in rs if r.status_code == 429)
     assert int(refused.headers["Retry-After"]) >= 1 and refused.json()["error"]["code"] == "queue_full"
+    assert refused.json()["error"]["message"].count("retry") == 1, refused.json()  # said once
 
 
 def test_api_key_guards_the_openai_api_and_leaves_probes_open(served):

@@ -692,7 +692,7 @@ class _Server:
         except QueueFullError as e:
             for c in choices:
                 c.request.cancel()
-            raise APIError(429, f"the server is busy ({e}): retry shortly", type="rate_limit_error",
+            raise APIError(429, f"the server is busy: {e}", type="rate_limit_error",
                            code="queue_full", headers={"Retry-After": "1"}) from None
         except ValueError as e:
             for c in choices:
