@@ -634,3 +634,16 @@ def test_prepare_with_a_hf_model_folder_without_tokenizer_files_uses_gpt2s(tmp_p
     (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 65}))
     with pytest.raises(FileNotFoundError, match="has no tokenizer"):
         prepare_dataset([tmp_path / "a.txt"], tmp_path / "ds2", tokenizer=str(tmp_path / "hf"), progress=False)
+
+
+def test_a_forced_cut_never_falls_inside_a_special_token_string():
+    """The end of a chunk that begins a special-token string (read as a token with --special-tokens)
+    moves to the next chunk, never more than the chunk minus one character (a cut at or before its
+    start would yield nothing and keep the whole text)."""
+    from gpt2model.data import _partial_suffix
+
+    specials = ["<|im_start|>", "<|a_very_long_special_token|>"]
+    assert _partial_suffix("abc<|im_", specials) == 5 and _partial_suffix("abc<|im_start|>", specials) == 0
+    assert _partial_suffix("x<|a_very_long_spec", specials) == 18  # a long special token, a short chunk
+    assert _partial_suffix("<|a_very_long", specials) == 0 and _partial_suffix("<", specials) == 0
+    assert _partial_suffix("abc<", []) == 0

@@ -148,7 +148,7 @@ def _read_chunks(path: Path, chunk_bytes: int, errors: str, info: dict[str, Any]
 
 def _partial_suffix(text: str, strings: Sequence[str]) -> int:
     """Length of the longest end of ``text`` that begins one of ``strings`` without completing it."""
-    for k in range(max(map(len, strings), default=1) - 1, 0, -1):
+    for k in range(min(max(map(len, strings), default=1) - 1, len(text) - 1), 0, -1):
         if any(s.startswith(text[-k:]) and len(s) > k for s in strings):
             return k
     return 0
