@@ -385,8 +385,11 @@ def test_405_lists_the_allowed_methods(served):
     r = httpx.delete(served.url + "/v1/completions", headers=AUTH)
     assert r.status_code == 405 and r.headers["allow"] == "POST" and "POST" in r.json()["error"]["message"]
     r = httpx.post(served.url + "/v1/models", headers=AUTH)
-    assert r.status_code == 405 and r.headers["allow"] == "GET"
+    assert r.status_code == 405 and set(r.headers["allow"].split(", ")) == {"GET", "HEAD"}
     assert r.json()["error"]["code"] == "method_not_allowed"
+    for path in ("/v1/models", "/v1/models/tiny", "/metrics"):  # RFC 9110: GET resources answer HEAD (was 405)
+        r = httpx.head(served.url + path, headers=AUTH)
+        assert r.status_code == 200 and r.content == b"", path
 
 
 def test_top_k_beyond_the_vocabulary_keeps_every_token_instead_of_failing(served):

@@ -968,16 +968,17 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig) -> FastAPI:
             return JSONResponse({"status": "loading"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    @app.get("/metrics")
+    # GET resources answer HEAD too (RFC 9110: general-purpose servers MUST support both; uvicorn sends no body)
+    @app.api_route("/metrics", methods=["GET", "HEAD"])
     async def metrics() -> Response:
         return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": config.created,
                                              "owned_by": "gpt2model", "max_model_len": server.context_length}]}
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.api_route("/v1/models/{model_id:path}", methods=["GET", "HEAD"])
     async def model_info(model_id: str) -> dict[str, Any]:
         if model_id == "":  # "/v1/models/" (a base URL with a trailing slash): the list
             return await models()
