@@ -331,15 +331,21 @@ def test_fused_decode_step_matches_the_layers_and_is_the_same_for_any_threads_or
             monkeypatch.setattr(cpukernels, "fused_step", True)
             ref_cache = [(c.k.clone(), c.v.clone()) for c in (blk.attn.kv_cache for blk in model.transformer.h)]
             outs = []
-            for n in (1, 2):
+            # 1 thread; 2 threads, always both (the op's thread policy 1; 0, the default, picks by
+            # measured time) and on the calling thread alone (policy 2)
+            for n, policy in ((1, 0), (2, 1), (2, 2)):
                 torch.set_num_threads(n)
+                previous = torch.ops.gpt2model_kernels.thread_policy(policy)
                 for blk, (k, v) in zip(model.transformer.h, saved, strict=True):
                     blk.attn.kv_cache.k.copy_(k)
                     blk.attn.kv_cache.v.copy_(v)
                 before = cpukernels.calls()
-                outs.append(model(ids, input_pos=slots, mask=mask))  # eager forward: the op
+                try:
+                    outs.append(model(ids, input_pos=slots, mask=mask))  # eager forward: the op
+                finally:
+                    torch.ops.gpt2model_kernels.thread_policy(previous)
                 assert cpukernels.calls() - before == 1  # one op for the whole step
-            assert torch.equal(outs[0], outs[1])
+            assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
             tol = 0.02 if dtype == "bf16" else 2e-5
             assert outs[0].dtype == ref.dtype and outs[0].shape == (B, 1, 300)
             torch.testing.assert_close(outs[0].float(), ref.float(), rtol=tol, atol=tol)

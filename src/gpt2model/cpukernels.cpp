@@ -32,7 +32,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <condition_variable>
+#include <functional>
 #include <mutex>
+#include <unistd.h>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -393,9 +396,8 @@ at::Tensor f32_linear(const at::Tensor& x_in, const at::Tensor& weight, const st
 // Phases: each phase's work is cut into chunks (ranges of 4-row weight blocks, attention heads);
 // a thread takes the next chunk with an atomic counter until none is left, then waits until every
 // chunk of the phase is done (Phase::done). Nothing depends on how many threads take part: one
-// thread alone does every chunk (at::parallel_for runs the body once, serially, at 1 thread or
-// inside another parallel region) and a thread never waits for a thread that has not started, so
-// there is no deadlock whatever OpenMP gives us. Every output element is computed by exactly one
+// thread alone does every chunk (at one thread, or when the helpers never get a CPU) and a thread
+// never waits for a thread that has not started (StepPool), so there is no deadlock. Every output element is computed by exactly one
 // chunk with the same arithmetic, so the results do not depend on the threads (nor, per row, on
 // the other rows: the int8 and fp32 dot products above are row-independent).
 // Small serial work (layer norms, GELU, an int8 layer's activation grid) is done by EVERY thread
@@ -796,6 +798,76 @@ void attend(const float* q, const float* k_new, const float* v_new, T* kc, T* vc
   }
 }
 
+// The step's helper threads: our own, not an OpenMP region. An OpenMP region ends in a join that
+// waits for every thread of the team, even one that never got a CPU during the step: on a busy
+// machine (load 2-3 on the 2-core VM) a worker woken for each token often sat in the run queue for
+// a scheduler time slice, and the step waited for it (6x384 BPE int8 generate at two threads
+// 7-10 ms per token against 2.4-5.6 at one). Here the calling thread never waits for a helper that
+// has not started the step: a helper enters a step only if it is still open (`active`, `closed`:
+// a seq_cst handshake), and the caller, after its own share, closes the step and waits only for
+// helpers inside it. A helper that arrives late finds every phase's chunks taken and leaves. Idle
+// helpers spin a little (the Python between two tokens takes ~0.2-0.4 ms), then sleep.
+struct StepPool {
+  std::atomic<uint64_t> gen{0}, closed{0};
+  std::atomic<int> active{0}, sleepers{0};
+  const std::function<void(int)>* job = nullptr;
+  std::mutex mu;
+  std::condition_variable cv;
+  std::vector<std::thread> threads;
+  pid_t pid = 0;
+
+  void helper(int tid) {
+    uint64_t seen = gen.load();
+    for (;;) {
+      for (int spins = 0; gen.load() == seen; ++spins) {
+        if (spins < 4000) {
+          _mm_pause();
+          continue;
+        }
+        std::unique_lock<std::mutex> lock(mu);
+        sleepers.fetch_add(1);
+        cv.wait(lock, [&] { return gen.load() != seen; });
+        sleepers.fetch_sub(1);
+      }
+      const uint64_t g = gen.load();
+      seen = g;
+      active.fetch_add(1);
+      if (closed.load() < g) (*job)(tid);  // still open: the job of step g is alive until active drops
+      active.fetch_sub(1);
+    }
+  }
+  std::mutex busy;  // one step at a time on the helpers; a concurrent step runs on its own thread
+  // Run fn(0) here and fn(1..n-1) on helpers that manage to join in time.
+  void run(int n, const std::function<void(int)>& fn) {
+    std::unique_lock<std::mutex> one_step(busy, std::try_to_lock);
+    if (!one_step.owns_lock()) {
+      fn(0);
+      return;
+    }
+    if (pid != getpid()) {  // first use, or a forked child (the parent's helpers are not here)
+      threads.clear();  // (a child's std::thread objects name threads of the parent: drop them)
+      pid = getpid();
+    }
+    while (int(threads.size()) < n - 1) {
+      threads.emplace_back([this, t = int(threads.size()) + 1] { helper(t); });
+      threads.back().detach();
+    }
+    job = &fn;
+    const uint64_t g = gen.fetch_add(1) + 1;
+    if (sleepers.load() > 0) {
+      std::lock_guard<std::mutex> lock(mu);
+      cv.notify_all();
+    }
+    fn(0);
+    closed.store(g);
+    for (int spins = 0; active.load() != 0; ++spins) {
+      if (spins < 20000) _mm_pause();
+      else std::this_thread::yield();
+    }
+  }
+};
+StepPool* g_pool = new StepPool;  // never destroyed: detached helpers may still read it at exit
+
 // Whether a step runs on all of torch's threads or on the calling thread alone, chosen by
 // measuring both. The phases end in spin barriers and the region in OpenMP's join, so a step at
 // two threads waits whenever one of its threads is off the CPU. On a quiet 2-core machine two
@@ -815,13 +887,16 @@ struct ThreadChooser {
   std::mutex mu;
   Row rows[17];
   bool exploring[17] = {};
+  std::atomic<int64_t> policy{0};  // 0: choose by time; 1: always all threads; 2: always one (tests, benchmarks)
   bool one_thread(int64_t B) {
+    if (policy.load(std::memory_order_relaxed)) return policy.load(std::memory_order_relaxed) == 2;
     std::lock_guard<std::mutex> lock(mu);
     Row& r = rows[std::min<int64_t>(B, 16)];
     exploring[std::min<int64_t>(B, 16)] = ++r.since >= r.every;
     return exploring[std::min<int64_t>(B, 16)] ? !r.one : r.one;
   }
   void record(int64_t B, bool one, double seconds) {
+    if (policy.load(std::memory_order_relaxed)) return;
     std::lock_guard<std::mutex> lock(mu);
     const int64_t i = std::min<int64_t>(B, 16);
     Row& r = rows[i];
@@ -918,12 +993,11 @@ at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& slots, const 
   float* lg = logits.data_ptr<float>();
   std::vector<Phase> phases(1 + 5 * n_layer + 1);  // embeddings; per layer qkv, attention, proj, fc, out; head
 
-  auto worker = [&]() {
+  auto worker = [&](int tid) {
     // This thread's scratch: a normed row block, the MLP activations, attention scores, inputs.
     std::vector<float> h(B * C), g(B * F), scores((L + 7) / 8 * 8);
     Input in;
     Phase* ph_it = phases.data();
-    const int tid = at::get_thread_num();
 #ifdef GPT2_PHASE_PROFILE
     t_last = 0;
 #endif
@@ -982,8 +1056,8 @@ at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& slots, const 
   const bool one = all > 1 && g_chooser.one_thread(B);
   const int64_t threads = one ? 1 : all;
   const auto t0 = std::chrono::steady_clock::now();
-  // One index per thread: OpenMP's threads each run the worker once (one region for the step).
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { worker(); });
+  if (threads == 1) worker(0);
+  else g_pool->run(int(threads), std::function<void(int)>(worker));
   if (all > 1) g_chooser.record(B, one, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   return wte.scalar_type() == at::kFloat ? logits : logits.to(wte.scalar_type());
 }
@@ -1055,6 +1129,13 @@ at::Tensor argmax_rows(const at::Tensor& x) {  // (not counted in calls(): the t
 
 int64_t calls() { return g_calls.load(); }
 
+// decode_step's thread policy (ThreadChooser): 0 chooses by measured time (the default), 1 always
+// uses all of torch's threads, 2 always one; returns the previous policy.
+int64_t thread_policy(int64_t policy) {
+  TORCH_CHECK(0 <= policy && policy <= 2, "thread_policy: 0 (auto), 1 (all threads) or 2 (one thread)");
+  return g_chooser.policy.exchange(policy);
+}
+
 // The phase profile (see GPT2_PHASE_PROFILE) as a (4, 64, 4) fp64 tensor, reset; empty without it.
 at::Tensor phase_profile() {
 #ifdef GPT2_PHASE_PROFILE
@@ -1075,6 +1156,7 @@ TORCH_LIBRARY(gpt2model_kernels, m) {
   m.def("calls() -> int", calls);
   m.def("argmax_rows(Tensor x) -> Tensor");
   m.def("phase_profile() -> Tensor", phase_profile);
+  m.def("thread_policy(int policy) -> int", thread_policy);
   m.impl("argmax_rows", c10::DispatchKey::CPU, TORCH_FN(argmax_rows));
   m.def("decode_step(Tensor tokens, Tensor slots, Tensor positions, Tensor mask, Tensor wte, Tensor wpe, "
         "Tensor[] params, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, int[] interleaved, int n_head, "
