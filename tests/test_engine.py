@@ -365,7 +365,7 @@ def test_queue_full_and_bad_requests(model: GPT) -> None:
         ([1] * 65, SamplingParams(max_tokens=0), "exceeds the model's context length 64"),
         ([1], SamplingParams(max_tokens=3, temperature=float("nan")), "temperature must be"),
         ([1], SamplingParams(max_tokens=3, top_p=1.5), "top_p must be in"),
-        ([1], SamplingParams(max_tokens=3, top_k=0), "top_k must be"),
+        ([1], SamplingParams(max_tokens=3, top_k=-1), "top_k must be"),
         ([1], SamplingParams(max_tokens=3, logprobs=99), "logprobs must be"),
         ([1], SamplingParams(max_tokens=3, stop_token_ids=(77,)), "stop_token_ids"),
         ([1], SamplingParams(max_tokens=3, seed="x"), "seed must be"),  # type: ignore[arg-type]

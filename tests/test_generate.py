@@ -364,7 +364,7 @@ def test_bf16_model_generates_and_matches_fp32_greedy_at_first() -> None:
     (dict(input_ids=torch.tensor([1, 2])), r"ids\[None\]"),
     (dict(top_p=0.0), "top_p must be in"),
     (dict(top_p=1.5), "top_p must be in"),
-    (dict(top_k=0), "top_k must be an integer >= 1"),
+    (dict(top_k=-1), "top_k must be an integer >= 0"),
     (dict(temperature=-0.1), "temperature must be"),
     (dict(max_new_tokens=-1), "max_new_tokens must be"),
     (dict(eot_id=50), "eot_id 50"),
@@ -374,6 +374,14 @@ def test_bad_input_raises_value_error(kwargs: dict, fragment: str) -> None:
     args = dict(input_ids=[[1, 2]], max_new_tokens=3) | kwargs
     with pytest.raises(ValueError, match=fragment):
         generate(model, **args)
+
+
+def test_top_k_zero_is_no_filter_as_in_hf_generate() -> None:
+    model = tiny()
+    # HF generate, vLLM and llama.cpp read top_k=0 as "no top-k filter": the same draws as top_k=None
+    off = generate(model, [[1, 2], [3]], 12, temperature=1.3, seed=5)
+    assert generate(model, [[1, 2], [3]], 12, temperature=1.3, seed=5, top_k=0) == off
+    assert generate(model, [[1, 2], [3]], 12, temperature=1.3, seed=5, top_k=2) != off
 
 
 def test_zero_new_tokens_returns_the_prompt() -> None:
@@ -627,7 +635,7 @@ def test_sample_cli_stop_strings(char_model_dir, capsys) -> None:
     (["--prompt", "xyz"], "not in the"),
     (["--prompt", ""], "prompt is empty"),
     (["--top-p", "0"], "top_p must be in"),
-    (["--top-k", "0"], "top_k must be"),
+    (["--top-k", "-1"], "top_k must be"),
     (["--temperature", "-1"], "temperature must be"),
     (["--max-new-tokens", "-1"], "max_new_tokens must be"),
 ])

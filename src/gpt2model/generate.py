@@ -306,7 +306,8 @@ def sample_logits(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0,
     tokens whose total probability reaches ``top_p`` (always at least the most likely one; tokens
     tied with the last one kept stay too, so the set never depends on how a sort orders equal
     probabilities). Each setting is a number for all rows or a ``(B,)`` tensor per row
-    (``top_k <= 0`` and ``top_p >= 1`` then mean no filter for that row). Everything runs in fp32.
+    (``top_k <= 0`` and ``top_p >= 1`` then mean no filter for that row; an int ``top_k`` of 0 is no
+    filter too, as HF ``generate``, vLLM and llama.cpp read it). Everything runs in fp32.
 
     The draw is a Gumbel-max (exponential race) over the kept tokens, its noise a hash of
     ``(seed, step, token id)`` (:func:`random_bits`): the same seed gives the same tokens on every
@@ -346,6 +347,8 @@ def sample_logits(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0,
         scaled = logits / torch.where(greedy, torch.ones_like(t), t)[:, None]
     else:  # (x / 1 == x exactly; the same fp32 division as the per-row case otherwise)
         scaled = logits if temperature == 1 else logits / _per_row(temperature, B, device).float()[:, None]
+    if isinstance(top_k, int) and top_k == 0:  # HF/vLLM/llama.cpp: top_k 0 is no top-k filter
+        top_k = None
     candidates = None
     eager = not torch.compiler.is_compiling()
     nucleus = top_p is not None and (isinstance(top_p, torch.Tensor) or top_p < 1.0)
@@ -524,8 +527,8 @@ def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | No
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0 \
             or math.isinf(temperature):
         raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be an integer >= 1 (or None for no top-k filter), got {top_k!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        raise ValueError(f"top_k must be an integer >= 0 (0 or None: no top-k filter), got {top_k!r}")
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
                               or not 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be in (0, 1] (or None for no nucleus filter), got {top_p!r}")
