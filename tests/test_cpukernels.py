@@ -537,3 +537,4 @@ def test_engine_decodes_with_one_op_per_step_and_compiles_nothing(monkeypatch: p
     for p, s, tokens in zip(prompts, params, got, strict=True):
         expected = generate(reference, [p], s.max_tokens, temperature=s.temperature, top_k=s.top_k, seed=s.seed)[0]
         assert tokens == expected[len(p):]
+

@@ -807,6 +807,9 @@ void attend(const float* q, const float* k_new, const float* v_new, T* kc, T* vc
 // a seq_cst handshake), and the caller, after its own share, closes the step and waits only for
 // helpers inside it. A helper that arrives late finds every phase's chunks taken and leaves. Idle
 // helpers spin a little (the Python between two tokens takes ~0.2-0.4 ms), then sleep.
+#ifndef HELPER_SPINS
+#define HELPER_SPINS 4000
+#endif
 struct StepPool {
   std::atomic<uint64_t> gen{0}, closed{0};
   std::atomic<int> active{0}, sleepers{0};
@@ -820,7 +823,7 @@ struct StepPool {
     uint64_t seen = gen.load();
     for (;;) {
       for (int spins = 0; gen.load() == seen; ++spins) {
-        if (spins < 4000) {
+        if (spins < HELPER_SPINS) {
           _mm_pause();
           continue;
         }
@@ -844,10 +847,6 @@ struct StepPool {
       fn(0);
       return;
     }
-    if (pid != getpid()) {  // first use, or a forked child (the parent's helpers are not here)
-      threads.clear();  // (a child's std::thread objects name threads of the parent: drop them)
-      pid = getpid();
-    }
     while (int(threads.size()) < n - 1) {
       threads.emplace_back([this, t = int(threads.size()) + 1] { helper(t); });
       threads.back().detach();
@@ -866,7 +865,19 @@ struct StepPool {
     }
   }
 };
-StepPool* g_pool = new StepPool;  // never destroyed: detached helpers may still read it at exit
+StepPool* g_pool = nullptr;  // never destroyed: detached helpers may still read it at exit
+
+// The pool of this process: a forked child (a benchmark's case, a data loader's worker) gets a new
+// one, as the parent's helpers are not there and the parent's locks may have been held at the fork.
+StepPool& step_pool() {
+  static std::mutex made;
+  std::lock_guard<std::mutex> lock(made);
+  if (g_pool == nullptr || g_pool->pid != getpid()) {
+    g_pool = new StepPool;
+    g_pool->pid = getpid();
+  }
+  return *g_pool;
+}
 
 // Whether a step runs on all of torch's threads or on the calling thread alone, chosen by
 // measuring both. The phases end in spin barriers and the region in OpenMP's join, so a step at
@@ -1057,7 +1068,7 @@ at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& slots, const 
   const int64_t threads = one ? 1 : all;
   const auto t0 = std::chrono::steady_clock::now();
   if (threads == 1) worker(0);
-  else g_pool->run(int(threads), std::function<void(int)>(worker));
+  else step_pool().run(int(threads), std::function<void(int)>(worker));
   if (all > 1) g_chooser.record(B, one, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   return wte.scalar_type() == at::kFloat ? logits : logits.to(wte.scalar_type());
 }
