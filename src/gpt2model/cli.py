@@ -1,6 +1,7 @@
 """The ``gpt2`` command: parses arguments and calls the library. No logic of its own.
 
-Verbs: ``prepare`` (text -> token files), ``train``, ``sample``, ``eval``, ``info``. (Benchmarks
+Verbs: ``prepare`` (text -> token files), ``train``, ``sample``, ``eval``, ``info``, ``serve`` (the
+HTTP server, ``server.py``), ``export`` (GGUF for llama.cpp). (Benchmarks
 are ``make bench`` / ``bench/run.py``: they need the dev extras, not part of the installed command.)
 Each verb has an ``_add_<verb>`` function that declares its arguments and a ``_run_<verb>``
 function that calls into the package.

@@ -361,7 +361,8 @@ class Engine:
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams) -> Request:
         """Queue a request; ``ValueError`` names what is wrong with it, ``QueueFullError`` when
         ``max_queue`` requests already wait beyond the free slots, ``RuntimeError`` once shutting
-        down (or when the engine failed to start)."""
+        down (or when the engine failed to start). Requests submitted before :meth:`start` wait in
+        the queue until it is called: nothing runs them before then."""
         prompt = self._check(prompt_ids, params)
         request = Request(prompt, params, self._wake)
         with self._wake:

@@ -8,11 +8,13 @@ response shapes, ``/tokenize``) and llama.cpp's server (``/health``, ``/metrics`
 Endpoints (see the README's "Serving" section for every field):
 
 * ``POST /v1/completions``, ``POST /v1/chat/completions`` (streaming with server-sent events),
-  ``GET /v1/models``;
+  ``GET /v1/models``, ``GET /v1/models/{id}``;
 * ``GET /health``: 503 until the engine has warmed up (and again while shutting down), then 200;
 * ``GET /metrics``: Prometheus text (requests running and queued, tokens, TTFT and inter-token
   latency histograms);
 * ``POST /tokenize``, ``POST /detokenize``.
+
+Every GET endpoint answers HEAD; a wrong method is a 405 with ``Allow``; a compressed body a 415.
 
 Every error has OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``. A field we do not
 support is a 400 naming it (never silently ignored); OpenAI fields whose value changes nothing
