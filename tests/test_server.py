@@ -880,22 +880,22 @@ def test_serve_shortens_the_gil_switch_interval(monkeypatch: pytest.MonkeyPatch)
             server_mod.serve(model, load_tokenizer("gpt2"), port=0, request_timeout=bad)
 
 
-def test_sigterm_finishes_running_requests_and_exits_0(tmp_path):
+def _serve_char_model(tmp_path: Path, serve_args: list[str], **shape: int) -> tuple[subprocess.Popen, str]:
+    """``gpt2 serve`` in a subprocess on a free 127.0.0.1 port over a small random character model
+    (it starts faster than with the 50,257-token BPE) of ``shape``, once /health says ready; the
+    caller kills it if it is still running."""
     from gpt2model.tokenizer import CharTokenizer
 
-    # A small character model: the subprocess starts faster than with the 50,257-token BPE.
     tok = CharTokenizer("\n abcdefghijklmnopqrstuvwxyz")
     torch.manual_seed(0)
     model_dir = tmp_path / "char"
-    GPT(GPTconfig(vocab_size=tok.vocab_size, context_length=64, n_layer=1, n_head=2, d_model=32)).save_pretrained(
-        model_dir, tokenizer=tok)
+    GPT(GPTconfig(vocab_size=tok.vocab_size, n_head=2, **shape)).save_pretrained(model_dir, tokenizer=tok)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     proc = subprocess.Popen([sys.executable, "-m", "gpt2model", "serve", "--model", str(model_dir), "--port",
-                             str(port), "--device", "cpu", "--max-batch", "2", "--request-timeout", "20",
-                             "--max-prefill-tokens", "16"],
+                             str(port), "--device", "cpu", *serve_args],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -908,6 +908,17 @@ def test_sigterm_finishes_running_requests_and_exits_0(tmp_path):
                 pass
             assert proc.poll() is None, proc.communicate()
             time.sleep(0.1)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, url
+
+
+def test_sigterm_finishes_running_requests_and_exits_0(tmp_path):
+    proc, url = _serve_char_model(tmp_path, ["--max-batch", "2", "--request-timeout", "20",
+                                             "--max-prefill-tokens", "16"], context_length=64, n_layer=1, d_model=32)
+    try:
         pieces = []
         with httpx.stream("POST", url + "/v1/completions", timeout=60,
                           json={"prompt": "x", "max_tokens": 40, "temperature": 0, "stream": True}) as r:
@@ -933,32 +944,10 @@ def test_sigterm_past_the_request_timeout_answers_what_it_cancels(tmp_path):
     engine and answered: a 503 in OpenAI's shape, a stream's error event and [DONE]. Before,
     uvicorn's own deadline cut them: a bare text "500 Internal Server Error", a stream broken
     without [DONE], and a traceback per request in the log."""
-    from gpt2model.tokenizer import CharTokenizer
-
-    tok = CharTokenizer("\n abcdefghijklmnopqrstuvwxyz")
-    torch.manual_seed(0)
-    model_dir = tmp_path / "char"
-    GPT(GPTconfig(vocab_size=tok.vocab_size, context_length=1024, n_layer=2, n_head=2, d_model=64)).save_pretrained(
-        model_dir, tokenizer=tok)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    proc = subprocess.Popen([sys.executable, "-m", "gpt2model", "serve", "--model", str(model_dir), "--port",
-                             str(port), "--device", "cpu", "--max-batch", "1", "--request-timeout", "0"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = _serve_char_model(tmp_path, ["--max-batch", "1", "--request-timeout", "0"],
+                                  context_length=1024, n_layer=2, d_model=64)
     body = {"prompt": "x", "max_tokens": 1000, "temperature": 0, "ignore_eos": True}
     try:
-        t0 = time.perf_counter()
-        while time.perf_counter() - t0 < 60:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, proc.communicate()
-            time.sleep(0.1)
         with ThreadPoolExecutor(1) as pool, httpx.stream("POST", url + "/v1/completions", timeout=60,
                                                          json={**body, "stream": True}) as r:
             lines = r.iter_lines()

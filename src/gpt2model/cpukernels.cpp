@@ -287,44 +287,56 @@ inline float hsum_ps(__m256 v) {  // a fixed order: the same bits for a row what
   return ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]));
 }
 
-// (Named accumulators, not an array, for the reason given at dot_chunk.)
-template <int NM>
-inline void f32_block(const float* const* xr, const float* const* w, int64_t in, float (*acc)[F32_STREAMS]) {
+// bf16 weights: 8 per 16-byte load, widened to fp32 by a 16-bit shift (bf16 is fp32's top half).
+inline __m256 load_bf16x8(const c10::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// 8 fp32 or bf16 values (weights, cache entries) as fp32.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) { return load_bf16x8(p); }
+
+// (Named accumulators, not an array, for the reason given at dot_chunk.) W is float or bf16: the
+// same arithmetic and summation order, reading 4 or 2 bytes per weight.
+template <int NM, typename W = float>
+inline void f32_block(const float* const* xr, const W* const* w, int64_t in, float (*acc)[F32_STREAMS]) {
   static_assert(F32_STREAMS == 4 && (NM == 1 || NM == 2));
-  const float *x0 = xr[0], *x1 = xr[NM - 1], *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
+  const float *x0 = xr[0], *x1 = xr[NM - 1];
+  const W *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
   const __m256 z = _mm256_setzero_ps();
   __m256 s00 = z, s01 = z, s02 = z, s03 = z, s10 = z, s11 = z, s12 = z, s13 = z;
   int64_t k = 0;
   for (; k + 8 <= in; k += 8) {
     const __m256 a0 = _mm256_loadu_ps(x0 + k);
     if constexpr (NM == 1) {
-      s00 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + k), a0, s00);
-      s01 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + k), a0, s01);
-      s02 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + k), a0, s02);
-      s03 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + k), a0, s03);
+      s00 = _mm256_fmadd_ps(load8(w0 + k), a0, s00);
+      s01 = _mm256_fmadd_ps(load8(w1 + k), a0, s01);
+      s02 = _mm256_fmadd_ps(load8(w2 + k), a0, s02);
+      s03 = _mm256_fmadd_ps(load8(w3 + k), a0, s03);
     } else {
       const __m256 a1 = _mm256_loadu_ps(x1 + k);
-      __m256 v = _mm256_loadu_ps(w0 + k);
+      __m256 v = load8(w0 + k);
       s00 = _mm256_fmadd_ps(v, a0, s00);
       s10 = _mm256_fmadd_ps(v, a1, s10);
-      v = _mm256_loadu_ps(w1 + k);
+      v = load8(w1 + k);
       s01 = _mm256_fmadd_ps(v, a0, s01);
       s11 = _mm256_fmadd_ps(v, a1, s11);
-      v = _mm256_loadu_ps(w2 + k);
+      v = load8(w2 + k);
       s02 = _mm256_fmadd_ps(v, a0, s02);
       s12 = _mm256_fmadd_ps(v, a1, s12);
-      v = _mm256_loadu_ps(w3 + k);
+      v = load8(w3 + k);
       s03 = _mm256_fmadd_ps(v, a0, s03);
       s13 = _mm256_fmadd_ps(v, a1, s13);
     }
   }
   const __m256 s[2][4] = {{s00, s01, s02, s03}, {s10, s11, s12, s13}};
-  const float* wr[4] = {w0, w1, w2, w3};
+  const W* wr[4] = {w0, w1, w2, w3};
   const float* xm[2] = {x0, x1};
   for (int m = 0; m < NM; ++m)
     for (int r = 0; r < 4; ++r) {
       float t = hsum_ps(s[m][r]);
-      for (int64_t j = k; j < in; ++j) t += xm[m][j] * wr[r][j];
+      for (int64_t j = k; j < in; ++j) t += xm[m][j] * float(wr[r][j]);
       acc[m][r] = t;
     }
 }
@@ -543,54 +555,6 @@ void layer_norm_row(const float* x, float* y, int64_t n, FVec w, FVec b, float e
   for (int64_t i = 0; i < n; ++i) y[i] = (x[i] - mean) * rstd * (w ? w[i] : 1.f) + (b ? b[i] : 0.f);
 }
 
-// bf16 weights: 8 per 16-byte load, widened to fp32 by a 16-bit shift (bf16 is fp32's top half).
-inline __m256 load_bf16x8(const c10::BFloat16* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
-// bf16 GEMV block: f32_block's arithmetic (4 row streams, 8-wide FMA, the same fixed summation
-// order) reading 2 bytes per weight.
-template <int NM>
-inline void bf16_block(const float* const* xr, const c10::BFloat16* const* w, int64_t in, float (*acc)[F32_STREAMS]) {
-  const float *x0 = xr[0], *x1 = xr[NM - 1];
-  const c10::BFloat16 *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
-  const __m256 z = _mm256_setzero_ps();
-  __m256 s00 = z, s01 = z, s02 = z, s03 = z, s10 = z, s11 = z, s12 = z, s13 = z;
-  int64_t k = 0;
-  for (; k + 8 <= in; k += 8) {
-    const __m256 a0 = _mm256_loadu_ps(x0 + k);
-    if constexpr (NM == 1) {
-      s00 = _mm256_fmadd_ps(load_bf16x8(w0 + k), a0, s00);
-      s01 = _mm256_fmadd_ps(load_bf16x8(w1 + k), a0, s01);
-      s02 = _mm256_fmadd_ps(load_bf16x8(w2 + k), a0, s02);
-      s03 = _mm256_fmadd_ps(load_bf16x8(w3 + k), a0, s03);
-    } else {
-      const __m256 a1 = _mm256_loadu_ps(x1 + k);
-      __m256 v = load_bf16x8(w0 + k);
-      s00 = _mm256_fmadd_ps(v, a0, s00);
-      s10 = _mm256_fmadd_ps(v, a1, s10);
-      v = load_bf16x8(w1 + k);
-      s01 = _mm256_fmadd_ps(v, a0, s01);
-      s11 = _mm256_fmadd_ps(v, a1, s11);
-      v = load_bf16x8(w2 + k);
-      s02 = _mm256_fmadd_ps(v, a0, s02);
-      s12 = _mm256_fmadd_ps(v, a1, s12);
-      v = load_bf16x8(w3 + k);
-      s03 = _mm256_fmadd_ps(v, a0, s03);
-      s13 = _mm256_fmadd_ps(v, a1, s13);
-    }
-  }
-  const __m256 s[2][4] = {{s00, s01, s02, s03}, {s10, s11, s12, s13}};
-  const c10::BFloat16* wr[4] = {w0, w1, w2, w3};
-  const float* xm[2] = {x0, x1};
-  for (int m = 0; m < NM; ++m)
-    for (int r = 0; r < 4; ++r) {
-      float t = hsum_ps(s[m][r]);
-      for (int64_t j = k; j < in; ++j) t += xm[m][j] * float(wr[r][j]);
-      acc[m][r] = t;
-    }
-}
 
 // One linear layer of the step: its weight (int8 with fp32 scales, fp32, or bf16; row-major), bias.
 struct Lin {
@@ -718,27 +682,19 @@ void linear_chunk(const Lin& l, const Plan& p, const Input& in, int64_t rows, in
         const int nm = rows - m >= 2 ? 2 : 1;
         const float* xr[2] = {in.x + m * in.stride, in.x + (m + nm - 1) * in.stride};
         float acc[2][F32_STREAMS];
-        if (l.kind == Lin::F32) {
-          const float* wp = static_cast<const float*>(l.w);
-          const float* w[F32_STREAMS];
+        auto gemv = [&](auto* wp) {  // fp32 or bf16 weights
+          decltype(wp) w[F32_STREAMS];
           for (int r = 0; r < STREAMS; ++r) w[r] = wp + o[r] * l.in;  // (tail: the same row 4 times)
           if (nm == 2) f32_block<2>(xr, w, l.in, acc); else f32_block<1>(xr, w, l.in, acc);
-        } else {
-          const c10::BFloat16* wp = static_cast<const c10::BFloat16*>(l.w);
-          const c10::BFloat16* w[F32_STREAMS];
-          for (int r = 0; r < STREAMS; ++r) w[r] = wp + o[r] * l.in;
-          if (nm == 2) bf16_block<2>(xr, w, l.in, acc); else bf16_block<1>(xr, w, l.in, acc);
-        }
+        };
+        if (l.kind == Lin::F32) gemv(static_cast<const float*>(l.w));
+        else gemv(static_cast<const c10::BFloat16*>(l.w));
         for (int mm = 0; mm < nm; ++mm)
           for (int r = 0; r < nr; ++r) emit(m + mm, o[r], acc[mm][r] + (l.bias ? l.bias[o[r]] : 0.f));
       }
     }
   }
 }
-
-// 8 cache values (fp32 or bf16) as fp32.
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const c10::BFloat16* p) { return load_bf16x8(p); }
 
 // Attention of one row and head: write this token's k, v into cache slot `slot`, then softmax
 // over slots 0..L-1 (scores scaled by 1/sqrt(hd) plus the additive mask) and the weighted sum of
