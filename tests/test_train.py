@@ -88,6 +88,34 @@ def test_bf16_residual_option(dataset: Path, tmp_path: Path) -> None:
         train(tiny(dataset, tmp_path / "fp32", dtype="float32", bf16_residual=True))
 
 
+def test_bf16_residual_defaults_on_under_bf16_and_a_resumed_run_keeps_its_stream(dataset: Path,
+                                                                                  tmp_path: Path) -> None:
+    def run(name: str, **kw) -> tuple[bool, object]:
+        result = train(tiny(dataset, tmp_path / name, **{"max_steps": 2, "eval_interval": 2, **kw}))
+        return result.model.bf16_residual, load_training_state(tmp_path / name)["train_config"]["bf16_residual"]
+
+    # Unset: on under bf16 autocast, off otherwise; the checkpoint stores the resolved value.
+    assert run("bf16", dtype="bfloat16") == (True, True)
+    assert run("fp32", dtype="float32") == (False, False)
+    assert run("off", dtype="bfloat16", bf16_residual=False) == (False, False)
+    # A run trained with the fp32 stream (as every run before this default was) resumes with it when
+    # the flag is left out, so the resumed run equals an uninterrupted one; so does a bf16-stream run.
+    assert run("off", dtype="bfloat16", max_steps=4, resume=True) == (False, False)
+    assert run("bf16", dtype="bfloat16", max_steps=4, resume=True) == (True, True)
+    assert all(0 < r["mfu"] <= 1 for r in read_metrics(tmp_path / "bf16") if "mfu" in r)
+
+
+def test_bf16_residual_flag_parses_to_unset_true_or_false() -> None:
+    from gpt2model.cli import build_parser
+
+    def parsed(*flags: str) -> bool | None:
+        args = build_parser().parse_args(["train", "--data", "d", "--out", "o", *flags])
+        return TrainConfig.load(None, **{k: v for k, v in vars(args).items()
+                                         if k not in ("func", "command", "config")}).bf16_residual
+
+    assert parsed() is None and parsed("--bf16-residual") is True and parsed("--no-bf16-residual") is False
+
+
 # --- resume ---------------------------------------------------------------------------------------
 def test_resume_is_bit_identical_to_an_uninterrupted_run(dataset: Path, tmp_path: Path) -> None:
     # Dropout on, so the torch RNG state must be restored too; lr_decay_steps fixes the schedule.
@@ -232,6 +260,9 @@ def test_matmul_peak_probe_is_positive_and_cached() -> None:
     peak = measure_matmul_peak(torch.float32, "cpu")
     assert math.isfinite(peak) and peak > 1e8
     assert measure_matmul_peak(torch.float32, "cpu") == peak
+    # A bf16 run's peak is never below fp32's: a CPU without bf16 matmul units computes bf16 in fp32
+    # arithmetic, and its bf16 probe alone (~1 GFLOP/s on an AVX2 EPYC) made a training log say 160% MFU.
+    assert measure_matmul_peak(torch.bfloat16, "cpu") >= peak
 
 
 # --- outputs --------------------------------------------------------------------------------------

@@ -157,7 +157,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         shown = "" if default is None or default == "" else f" (default: {default})"
         # SUPPRESS: only options actually given reach the config, so they can override the file.
         kwargs = dict(default=argparse.SUPPRESS, help=f.metadata["help"] + shown)
-        if isinstance(default, bool):
+        if TrainConfig.field_type(f.name) is bool:  # bool, or bool | None (unset: decided by other options)
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         else:
             kind = TrainConfig.field_type(f.name)

@@ -482,14 +482,16 @@ class GPT(nn.Module):
         # checked the dataset (and torch.compile would graph-break on it).
         self.check_inputs = True
         # Under bf16 autocast, keep the residual stream in bf16, as llm.c and Megatron-LM do (the
-        # trainer's bf16_residual option). The embeddings are fp32 parameters, so by default every
-        # residual add, LayerNorm input and their gradients move fp32 values through memory (as in
-        # nanoGPT). LayerNorm still computes in fp32 (autocast runs it so), and weights, gradients and
-        # optimizer state stay fp32. Measured on an H100 (GPT-2 124M, batch 16 x 1024, compiled):
-        # 475,511 -> 505,889 tokens/s, 8.37 -> 7.78 GiB; it changes the rounding, though: the
-        # shakespeare_char GPU recipe's best val loss was 1.4773 against 1.4693-1.4699 without it
-        # (docs/benchmarks.md), so it is off by default. fp16 ignores it: its range is too small for
-        # GPT-2's large residual activations.
+        # trainer's bf16_residual option, on by default under bf16). The embeddings are fp32
+        # parameters, so without it every residual add, LayerNorm input and their gradients move fp32
+        # values through memory (as in nanoGPT). LayerNorm still computes in fp32 (autocast runs it
+        # so), and weights, gradients and optimizer state stay fp32. Measured on an H200 (GPT-2 124M,
+        # batch 16 x 1024, compiled, one run): 505,956 -> 530,812 tokens/s, 8.37 -> 7.78 GiB, 1.06x ->
+        # 1.11x nanoGPT. It changes the rounding, not the result: the shakespeare_char GPU recipe's
+        # val loss after 2,000 steps, two seeds each way in that run, was 1.4746 / 1.4644 with it and
+        # 1.4745 / 1.4675 without (docs/benchmarks.md). A model built here leaves it off (inference
+        # and HF parity are unchanged); the trainer sets it. fp16 ignores it: its range is too small
+        # for GPT-2's large residual activations.
         self.bf16_residual = False
         self.apply(self._init_weights)
         # GPT-2 scales the init of the projections that write into the residual stream by

@@ -21,7 +21,7 @@ import os
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -250,7 +250,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     setup = setup_device(cfg.device, cfg.dtype, tf32=True)  # TF32 is fine for gradient steps
-    if cfg.bf16_residual and setup.dtype != torch.bfloat16:
+    if cfg.bf16_residual is True and setup.dtype != torch.bfloat16:
         raise ValueError(f"bf16_residual keeps the residual stream in bfloat16 under bf16 autocast, but this run "
                          f"computes in {str(setup.dtype).removeprefix('torch.')} (dtype {cfg.dtype!r} on "
                          f"{setup.device}): pass --dtype bfloat16, or leave out --bf16-residual")
@@ -280,6 +280,12 @@ def _train(cfg: TrainConfig, setup: DeviceSetup, rank: int, world_size: int) -> 
     if master:
         clean_up_after_kill(out)
     state = load_training_state(out) if resume else None
+    if cfg.bf16_residual is None:
+        # Unset: a resumed run keeps the stream it was trained with (runs of versions before this default
+        # stored false), so that it resumes exactly; a new run keeps it in bf16 under bf16 autocast. The
+        # resolved value is what the checkpoints store.
+        stored = (state or {}).get("train_config", {}).get("bf16_residual")
+        cfg = replace(cfg, bf16_residual=stored if isinstance(stored, bool) else setup.dtype == torch.bfloat16)
 
     # Model: same seed on every rank, so every rank starts from the same weights. Built (and a
     # --init-from source read) before a previous run is cleared: the source may live in --out.
