@@ -1251,3 +1251,53 @@ def test_return_tokens_as_token_ids_as_vllm(served, client):
     assert all(t.token.startswith("token_id:") and all(x.token.startswith("token_id:") for x in t.top_logprobs)
                for t in chat.logprobs.content)
     assert bytes(chat.logprobs.content[0].bytes) == served.tok.token_bytes(int(chat.logprobs.content[0].token[9:]))
+
+
+def test_sse_lines_survive_line_based_readers_of_unicode_line_separators(served, client):
+    """U+2028, U+2029 and U+0085 in a chunk's text (here the echoed prompt; a model can generate them)
+    were written raw: httpx's iter_lines() (openai's with_streaming_response ... iter_lines()) and
+    requests' iter_lines(decode_unicode=True) cut the "data:" line there and its JSON broke."""
+    prompt = "a\u2028b\u2029c\x85d"
+    kw = dict(model="tiny", prompt=prompt, max_tokens=2, temperature=0, echo=True, stream=True)
+    with client.completions.with_streaming_response.create(**kw) as r:
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert lines[-1] == "data: [DONE]" and all(ln.startswith("data: {") for ln in lines[:-1]), lines
+    chunks = [json.loads(ln[6:]) for ln in lines[:-1]]
+    assert chunks[0]["choices"][0]["text"] == prompt
+    assert "".join(c.choices[0].text for c in client.completions.create(**kw)) == "".join(
+        c["choices"][0]["text"] for c in chunks)
+
+
+def test_system_fingerprint_names_the_backend_in_every_response(served, client, model_dir):
+    """OpenAI's system_fingerprint (llama-server sends one too) was missing: now in completions and
+    chat, streamed chunks included, the same for every request of one server, and another for other
+    weights (what a seed's tokens depend on)."""
+    from gpt2model.server import system_fingerprint
+
+    fp = client.completions.create(model="tiny", prompt="x", max_tokens=1).system_fingerprint
+    assert fp and fp.startswith("fp_")
+    msgs = [{"role": "user", "content": "x"}]
+    assert client.chat.completions.create(model="tiny", messages=msgs, max_tokens=1).system_fingerprint == fp
+    streams = [client.completions.create(model="tiny", prompt="x", max_tokens=2, stream=True),
+               client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2, stream=True,
+                                              stream_options={"include_usage": True})]
+    assert {c.system_fingerprint for s in streams for c in s} == {fp}
+    other = GPT.from_pretrained(model_dir)
+    assert system_fingerprint(other) == fp
+    with torch.no_grad():
+        other.transformer.h[0].mlp.c_fc.weight[0, 0] += 1.0  # (sampled: element 0 of every tensor)
+    assert system_fingerprint(other) != fp
+
+
+def test_stop_and_text_part_errors_name_the_field_and_the_fix(served):
+    """A bad stop gave pydantic's two union branches ("String should have at least 1 character; or
+    Input should be a valid list"); an unknown key in a text part (an Anthropic-style cache_control)
+    gave "Input should be a valid string; or Extra inputs are not permitted", naming no field."""
+    for stop in ("", [5], {"a": 1}):
+        r = served.post("/v1/completions", {"prompt": "x", "stop": stop})
+        assert r.status_code == 400 and "stop must be a non-empty string or a list" in r.json()["error"]["message"]
+    part = {"type": "text", "text": "a", "cache_control": {"type": "ephemeral"}}
+    e = served.post("/v1/chat/completions", {"messages": [{"role": "user", "content": [part]}]}).json()["error"]
+    assert (e["param"], e["code"]) == ("messages.0.content.0.cache_control", "unsupported_field")
+    e = served.post("/v1/completions", {"prompt": "x", "repetition_penalty": 0}).json()["error"]
+    assert "Value error" not in e["message"] and "must be a number > 0" in e["message"]

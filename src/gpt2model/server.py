@@ -32,6 +32,7 @@ import asyncio
 import codecs
 import contextlib
 import functools
+import hashlib
 import hmac
 import json
 import math
@@ -47,6 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
 import prometheus_client
+import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -56,6 +58,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from . import __version__
 from .engine import Engine, FinishEvent, PromptEvent, QueueFullError, SamplingParams, TokenEvent
 from .generate import TextStream
 from .tokenizer import split_special
@@ -103,7 +106,11 @@ class APIError(Exception):
 def _validation_error(e: ValidationError, body: dict[str, Any]) -> APIError:
     """The first pydantic error as one 400 naming the field (``messages.0.role``)."""
     errors = e.errors()
-    err = errors[0]
+    # What names the problem best: our own sentence (a tool role, an image part), else a field we do
+    # not implement wherever it sits (a text part's "cache_control": the other branch of the union,
+    # "a valid string", would say nothing), else the first error.
+    err = next((x for x in errors if x["type"].startswith("unsupported_")), None) \
+        or next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
 
     def where(loc: tuple) -> str:
         # pydantic puts the branch of a union into locations ("list[int]"): not part of the field's path.
@@ -126,13 +133,17 @@ def _validation_error(e: ValidationError, body: dict[str, Any]) -> APIError:
     shown = shown if len(shown) <= 60 else shown[:57] + "..."
     # A union (prompt: string | strings | ids ...) fails once per branch: say what each wanted (the
     # errors at the field or inside it, not those of its neighbours: messages.0.role's, not .tool_call_id's).
-    msgs = list(dict.fromkeys(f"{where(x['loc'])!r} is required" if x["type"] == "missing" else x["msg"]
+    msgs = list(dict.fromkeys(f"{where(x['loc'])!r} is required" if x["type"] == "missing"
+                              else x["msg"].removeprefix("Value error, ")
                               for x in errors if f"{where(x['loc'])}.".startswith(f"{loc}.")
                               or where(x["loc"]).startswith(f"{loc}.")))
     if loc.split(".")[0] == "prompt" and "prompt" in body:  # its four shapes, rather than each branch's complaint
         msgs = ["prompt must be a string, a list of strings, a list of token ids (integers) or a list of lists of "
                 "token ids"]
         loc = "prompt"
+    if loc.split(".")[0] == "stop" and "stop" in body:
+        msgs = [f"stop must be a non-empty string or a list of at most {MAX_STOP} non-empty strings"]
+        loc = "stop"
     return APIError(400, f"invalid value for {loc!r} (got {shown}): {'; or '.join(msgs[:4])}", param=loc,
                     code="invalid_value")
 
@@ -336,6 +347,24 @@ def _check_noops(req: _Sampling) -> None:
 
 
 # --- the server's state -------------------------------------------------------------------------
+def system_fingerprint(model: Any) -> str:
+    """OpenAI's ``system_fingerprint``: names the backend configuration that decides which tokens a
+    seed gives (this package's and torch's versions, the device, the model's shape, dtypes and
+    weights), so that a client can tell when the same request and seed may stop repeating.
+
+    The weights enter as an evenly spaced sample of each tensor's values in logical order (the same
+    whatever the memory layout; cheap for any size): a fine-tune or another quantization changes it."""
+    h = hashlib.sha256(f"gpt2model {__version__}|torch {torch.__version__}|{model.device.type}|"
+                       f"{model.config}".encode())
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            flat = t.detach().reshape(-1)
+            sample = flat[::max(1, flat.numel() // 4096)].cpu().contiguous()
+            h.update(f"|{name}{tuple(t.shape)}{t.dtype}|".encode())
+            h.update(sample.view(torch.uint8).numpy().tobytes() if sample.numel() else b"")
+    return f"fp_{h.hexdigest()[:12]}"
+
+
 @dataclass
 class ServerConfig:
     """What ``create_app`` needs besides the engine and tokenizer."""
@@ -438,6 +467,7 @@ class _Server:
                              f"tokens: make the engine with Engine(model, vocab_limit=tokenizer.vocab_size) so that "
                              f"it never draws an id the tokenizer cannot decode")
         self.metrics = _Metrics(engine)
+        self.fingerprint = system_fingerprint(engine.model)
         self.shutting_down = False
         self.start_error: str | None = None
         # HF's chat-template environment (transformers' _compile_jinja_template), so that a template
@@ -849,8 +879,15 @@ class _Server:
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
+# Characters that JSON leaves raw (ensure_ascii=False) but Python's str.splitlines() reads as line
+# ends: httpx's iter_lines() (openai's with_streaming_response ... iter_lines(), and clients built on
+# it) and requests' iter_lines(decode_unicode=True) cut a "data:" line there, so its JSON no longer
+# parses. Escaped (valid JSON, the same string once parsed), every SSE line holds one whole event.
+_SSE_ESCAPES = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
+
+
 def _sse(obj: Any) -> bytes:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+    return f"data: {json.dumps(obj, ensure_ascii=False).translate(_SSE_ESCAPES)}\n\n".encode()
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -1026,7 +1063,8 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig) -> FastAPI:
         server.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         echo = [server.echo_text(ids)[0] if req.echo else "" for ids in prompts]
-        base = {"id": rid, "object": "text_completion", "created": created, "model": config.model_name}
+        base = {"id": rid, "object": "text_completion", "created": created, "model": config.model_name,
+                "system_fingerprint": server.fingerprint}
 
         if req.stream:
             def chunk(c: _Choice, piece: str, finish: str | None) -> dict[str, Any]:
@@ -1080,7 +1118,7 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig) -> FastAPI:
         server.metrics.prompt_tokens.inc(len(prompts[0]))
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": rid, "object": "chat.completion.chunk" if req.stream else "chat.completion",
-                "created": created, "model": config.model_name}
+                "created": created, "model": config.model_name, "system_fingerprint": server.fingerprint}
 
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
