@@ -612,6 +612,7 @@ def test_api_key_guards_the_openai_api_and_leaves_probes_open(served):
         assert httpx.get(served.url + path).status_code == 401
     r = httpx.post(served.url + "/v1/completions", json={"prompt": "x"}, headers={"Authorization": "Bearer wrong"})
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert r.headers["WWW-Authenticate"] == "Bearer"  # RFC 9110: a 401 names its scheme (was missing)
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=served.url + "/v1", api_key="nope", max_retries=0).models.list()
 
@@ -1301,3 +1302,17 @@ def test_stop_and_text_part_errors_name_the_field_and_the_fix(served):
     assert (e["param"], e["code"]) == ("messages.0.content.0.cache_control", "unsupported_field")
     e = served.post("/v1/completions", {"prompt": "x", "repetition_penalty": 0}).json()["error"]
     assert "Value error" not in e["message"] and "must be a number > 0" in e["message"]
+
+
+def test_a_body_that_is_not_json_says_how_it_was_sent(served):
+    """curl -F (multipart) or -d 'a=b' (form-urlencoded) got "Expecting value: line 1 column 1",
+    naming neither the cause nor the fix; any Content-Type with a JSON body still works (as llama-server)."""
+    for ctype, body in (("multipart/form-data; boundary=x", b"--x\r\n"), ("application/x-www-form-urlencoded", b"a=b")):
+        r = served.post("/v1/completions", content=body, headers={"Content-Type": ctype})
+        assert r.status_code == 400 and f"sent as {ctype.split(';')[0]}" in r.json()["error"]["message"], r.text
+        assert "Content-Type: application/json" in r.json()["error"]["message"]
+    r = served.post("/v1/completions", content=b'{"prompt": "x", "max_tokens": 1}',
+                    headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200, r.text
+    r = served.post("/v1/completions", content=b"{bad", headers={"Content-Type": "application/json; charset=utf-8"})
+    assert r.status_code == 400 and "sent as" not in r.json()["error"]["message"]

@@ -515,13 +515,18 @@ class _Server:
                                code="request_too_large")
             chunks.append(chunk)
         raw = b"".join(chunks)
+        # Any Content-Type is read as JSON (curl -d sends form-urlencoded; llama-server reads it too),
+        # but a body that is not JSON says how it was sent (curl -F: multipart form data).
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        sent_as = "" if not ctype or ctype == "application/json" or ctype.endswith("+json") else \
+            f" (it was sent as {ctype}: send a JSON object with Content-Type: application/json)"
         if not raw.strip():
             raise APIError(400, "the request body is empty: send a JSON object", code="invalid_json")
         try:
             text = raw.decode("utf-8").removeprefix("\ufeff")  # a BOM, which RFC 8259 lets parsers ignore
         except UnicodeDecodeError as e:
             raise APIError(400, f"the request body is not valid UTF-8 (byte {e.start}): send JSON encoded as "
-                                f"UTF-8", code="invalid_json") from None
+                                f"UTF-8{sent_as}", code="invalid_json") from None
 
         def no_constants(name: str) -> Any:
             raise ValueError(f"{name} is not a valid JSON number")
@@ -529,7 +534,7 @@ class _Server:
         try:
             body = json.loads(text, parse_constant=no_constants)
         except (json.JSONDecodeError, ValueError, RecursionError) as e:
-            raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+            raise APIError(400, f"the request body is not valid JSON: {e}{sent_as}", code="invalid_json") from None
         if not isinstance(body, dict):
             raise APIError(400, f"the request body must be a JSON object, got a JSON {type(body).__name__}",
                            code="invalid_json")
@@ -1173,7 +1178,9 @@ class _AuthAndCount:
             if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), key.encode()):
                 self.server.metrics.responses.labels(label, "401").inc()
                 response = APIError(401, "missing or incorrect API key: send the header 'Authorization: Bearer "
-                                         "KEY'", code="invalid_api_key").response()
+                                         "KEY'", code="invalid_api_key",
+                                    # RFC 9110: a 401 names the scheme it wants
+                                    headers={"WWW-Authenticate": "Bearer"}).response()
                 return await response(scope, receive, send)
 
         async def counting_send(message: dict[str, Any]) -> None:
