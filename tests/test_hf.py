@@ -116,6 +116,29 @@ def test_no_bias_model_exports_to_hf(tmp_path: Path) -> None:
     assert again.config.bias is False and torch.equal(again(x), ours(x))
 
 
+def test_a_model_changed_and_saved_by_transformers_loads_as_transformers_reads_it(tmp_path: Path) -> None:
+    """transformers keeps our "gpt2model" config block verbatim while its tools change its own keys:
+    HF's keys win (a stale block made resize_token_embeddings' output unloadable), and a bias=False
+    model whose zero biases HF trained loads with its biases."""
+    torch.manual_seed(0)
+    GPT(GPTconfig(context_length=32, vocab_size=50, n_layer=2, n_head=2, d_model=16, bias=False)).save_pretrained(
+        tmp_path / "ours")
+    hf = hf_reference(tmp_path / "ours")
+    hf.resize_token_embeddings(53, mean_resizing=False)  # e.g. a chat fine-tune's <|im_start|>, <|im_end|>, pad
+    with torch.no_grad():  # what fine-tuning does to the zero biases HF loaded
+        for name, p in hf.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    hf.config.layer_norm_epsilon = 1e-3
+    hf.save_pretrained(tmp_path / "hf")
+    assert "gpt2model" in json.loads((tmp_path / "hf" / "config.json").read_text())  # the stale block is kept
+    ours = GPT.from_pretrained(tmp_path / "hf")
+    assert (ours.config.vocab_size, ours.config.bias, ours.config.layer_norm_eps) == (53, True, 1e-3)
+    x = torch.randint(0, 53, (2, 32))
+    with torch.no_grad():
+        assert max_diff(ours(x), hf_reference(tmp_path / "hf")(x).logits) <= 1e-5
+
+
 def test_hf_writes_no_weight_warnings(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     GPT(SHAPES["odd"]).save_pretrained(tmp_path)
     with caplog.at_level(logging.WARNING):
@@ -222,7 +245,7 @@ def test_bad_model_folders(tmp_path: Path) -> None:
     # config.json that does not describe the weights
     GPT(SHAPES["odd"]).save_pretrained(tmp_path / "k")
     cfg = json.loads((tmp_path / "k" / "config.json").read_text())
-    cfg["gpt2model"]["n_layer"] = 4
+    cfg["n_layer"] = 4
     (tmp_path / "k" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="does not match its config.json"):
         GPT.from_pretrained(tmp_path / "k")

@@ -23,7 +23,7 @@ import torch
 
 from .config import GPTconfig
 from .fileio import atomic_path, atomic_write_json
-from .hf import OPENAI_NAMES, config_from_hf, config_to_hf, state_dict_from_hf, state_dict_to_hf
+from .hf import IGNORED_SUFFIXES, OPENAI_NAMES, config_from_hf, config_to_hf, state_dict_from_hf, state_dict_to_hf
 from .model import GPT
 
 CONFIG_FILE = "config.json"
@@ -262,6 +262,11 @@ def load_model(name_or_path: str | Path, *, context_length: int | None = None, d
     if dropout is not None:
         config = GPTconfig.from_dict({**config.to_dict(), "dropout": dropout})
     weights, tensors = _read_weights(directory)
+    if not config.bias and any(name.endswith(".bias") and not name.endswith(IGNORED_SUFFIXES) and t.any()
+                               for name, t in tensors.items()):
+        # A bias=False model saves zero biases, which HF loads as trainable ones: after a fine-tune
+        # with transformers they hold values, and the folder describes a GPT-2 with biases.
+        config = GPTconfig.from_dict({**config.to_dict(), "bias": True})
     state = state_dict_from_hf(tensors, config)
     model = GPT(config)
     expected = {k: v.shape for k, v in model.state_dict().items() if k != "lm_head.weight"}

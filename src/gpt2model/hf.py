@@ -62,10 +62,19 @@ def config_to_hf(config: GPTconfig, eot_id: int | None = None,
     }
 
 
+# HF's config.json keys for the fields of ours that HF's GPT2Config holds too.
+HF_CONFIG_KEYS = {"vocab_size": "vocab_size", "n_positions": "context_length", "n_embd": "d_model",
+                  "n_layer": "n_layer", "n_head": "n_head", "layer_norm_epsilon": "layer_norm_eps",
+                  "resid_pdrop": "dropout"}
+
+
 def config_from_hf(d: dict[str, Any]) -> GPTconfig:
-    """Our config from a HF GPT-2 ``config.json`` dict (ours carry it verbatim)."""
-    if "gpt2model" in d:
-        return GPTconfig.from_dict(d["gpt2model"])
+    """Our config from a HF GPT-2 ``config.json`` dict.
+
+    Ours carry our config under ``"gpt2model"`` (for what HF cannot say, e.g. ``bias=False``), but
+    HF's own keys win where both are present: transformers keeps that block verbatim while its
+    tools change its own keys (``resize_token_embeddings`` after adding a chat fine-tune's
+    tokens, then ``save_pretrained``), and the weights follow HF's keys."""
     if d.get("model_type", "gpt2") != "gpt2":
         raise ValueError(f"config.json describes a {d.get('model_type')!r} model; only GPT-2 ('gpt2') is supported")
     unsupported = []
@@ -80,6 +89,10 @@ def config_from_hf(d: dict[str, Any]) -> GPTconfig:
         unsupported.append("scale_attn_weights=False")
     if unsupported:
         raise ValueError(f"this GPT-2 variant is not supported: {', '.join(unsupported)}")
+    if "gpt2model" in d:
+        ours = dict(d["gpt2model"])
+        ours.update({key: d[hf_key] for hf_key, key in HF_CONFIG_KEYS.items() if d.get(hf_key) is not None})
+        return GPTconfig.from_dict(ours)
     return GPTconfig(
         context_length=d["n_positions"], vocab_size=d["vocab_size"], n_layer=d["n_layer"],
         n_head=d["n_head"], d_model=d["n_embd"], dropout=float(d.get("resid_pdrop", 0.0)),
