@@ -425,3 +425,23 @@ def test_sample_reads_escapes_in_prompt_and_stop_as_llama_cli(model_dir: Path, m
     assert seen == {"ids": load_tokenizer(model_dir).encode("To be,\nor"), "stops": ["\n\n", "a\\b"]}
     assert main([*base, "--prompt", "To be", "--stop", "\\n", "--no-escape"]) == 0
     assert seen["stops"] == ["\\n"]
+
+
+def test_library_warnings_print_as_one_line_naming_the_command(model_dir: Path, capsys) -> None:
+    """A warning (here: the prompt is longer than the context) reads "gpt2 sample: warning: ...", not
+    Python's "FILE:LINE: UserWarning: ..." plus the source line of torch's no_grad wrapper."""
+    import sys
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # Python's default, to stderr
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    default_format = warnings.formatwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show  # (pytest records warnings instead of printing them)
+        assert main(["sample", "--model", str(model_dir), "--device", "cpu", "--prompt", "To be, " * 8,
+                     "--max-new-tokens", "2", "--temperature", "0"]) == 0
+    err = capsys.readouterr().err
+    assert err == "gpt2 sample: warning: the prompt has 56 tokens, more than context_length 32: using its last 32\n"
+    assert warnings.formatwarning is default_format  # only while the command runs

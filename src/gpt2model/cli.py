@@ -561,9 +561,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _warning_line(command: str):  # noqa: ANN202 - a warnings.formatwarning
+    """``warnings.formatwarning`` for the command line: "gpt2 sample: warning: ..." on one line. The
+    default printed the library's file:line and the source line of whatever called it (for the
+    prompt-too-long warning of ``gpt2 sample``: torch's ``return func(*args, **kwargs)``)."""
+
+    def format_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                       line: str | None = None) -> str:
+        where = "" if issubclass(category, UserWarning) else f" ({category.__name__}, {filename}:{lineno})"
+        return f"gpt2 {command}: warning: {message}{where}\n"
+
+    return format_warning
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import warnings
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    default_format, warnings.formatwarning = warnings.formatwarning, _warning_line(args.command)
+    try:
+        return _main(args)
+    finally:
+        warnings.formatwarning = default_format
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except (FolderBusyError, DiskFullError) as e:
