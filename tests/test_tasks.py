@@ -22,6 +22,7 @@ from gpt2model.evaluate import loglikelihoods, rolling_windows
 from gpt2model.tasks import (
     TASKS,
     encode_pair,
+    encode_text,
     hellaswag_preprocess,
     mean_stderr,
     run_task,
@@ -168,6 +169,19 @@ def test_context_continuation_split(gpt2_tokenizer) -> None:
     assert tok.decode(ctx) == "count: one," and tok.decode(cont) == "  two"
     # An empty context is the end-of-text token.
     assert encode_pair(tok, "", " Hello")[0] == [tok.eot]
+
+
+def test_special_token_text_in_a_task_is_the_token_as_lm_eval_encodes_it(gpt2_tokenizer, tmp_path) -> None:
+    """lm-eval's hf model encodes with HF's tokenizer, which reads "<|endoftext|>" written in a task's
+    text as the token (one id, not 7 ordinary ones: a log-likelihood tens of nats apart)."""
+    transformers = pytest.importorskip("transformers")
+    gpt2_tokenizer.save(tmp_path)
+    hf_tok = transformers.GPT2TokenizerFast.from_pretrained(str(tmp_path))
+    context, continuation = "Special <|endoftext|> inside", " a<|endoftext|>b"
+    ctx = hf_tok.encode(context)
+    assert encode_pair(gpt2_tokenizer, context, continuation) == (ctx, hf_tok.encode(context + continuation)[len(ctx):])
+    assert encode_pair(gpt2_tokenizer, "", "<|endoftext|>x") == ([50256], [87])  # lm-eval: the token is the context
+    assert encode_text(gpt2_tokenizer, "a <|endoftext|>") == hf_tok.encode("a <|endoftext|>") == [64, 220, 50256]
 
 
 # --- the tasks on the fixtures -------------------------------------------------------------------------

@@ -188,13 +188,23 @@ def multiple_choice_docs(path: str | Path, limit: int | None = None) -> list[dic
 
 
 # --- requests -----------------------------------------------------------------------------------
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a task's text as lm-eval's ``hf`` model encodes it (``tokenizer.encode(text,
+    add_special_tokens=False)`` with HF's tokenizer): special-token strings written in the text
+    (``"<|endoftext|>"``) are those tokens (7 ordinary tokens of GPT-2 read as text, a log-likelihood
+    off by tens of nats)."""
+    if getattr(tokenizer, "special_tokens", None):
+        return tokenizer.encode(text, allowed_special="all")
+    return tokenizer.encode(text)
+
+
 def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """lm-eval's context/continuation split (``api/model.py``: ``loglikelihood`` + ``_encode_pair``):
     trailing spaces of the context join the continuation; the continuation's tokens are those that
     ``context + continuation`` has after the context's own tokens. An empty context becomes the
     end-of-text token (or, without one, the continuation's first token, which is then not scored)."""
     if context == "":
-        cont = tokenizer.encode(continuation)
+        cont = encode_text(tokenizer, continuation)
         eot = getattr(tokenizer, "eot", None)
         if eot is None or (cont and cont[0] == eot):
             return cont[:1], cont[1:]
@@ -203,8 +213,8 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
     if n_spaces:
         continuation = context[-n_spaces:] + continuation
         context = context[:-n_spaces]
-    whole = tokenizer.encode(context + continuation)
-    ctx = tokenizer.encode(context)
+    whole = encode_text(tokenizer, context + continuation)
+    ctx = encode_text(tokenizer, context)
     return ctx, whole[len(ctx):]
 
 
@@ -280,7 +290,7 @@ def _rolling(model: GPT, tokenizer: Any, texts: Sequence[str], batch_size: int, 
     windows: list[Request] = []
     owner: list[int] = []
     for i, text in enumerate(texts):
-        w = rolling_windows(tokenizer.encode(text), eot, model.config.context_length)
+        w = rolling_windows(encode_text(tokenizer, text), eot, model.config.context_length)
         windows += w
         owner += [i] * len(w)
     res = loglikelihoods(model, windows, batch_size=batch_size, progress=progress, desc=desc)
@@ -371,7 +381,7 @@ def run_task(model: GPT, tokenizer: Any, task: str, *, limit: int | None = None,
     path = task_file(task)
     raw = path.read_bytes()
     test = raw[len(raw) - len(raw) // 20:].decode("utf-8", errors="replace")
-    tokens = tokenizer.encode(test)
+    tokens = encode_text(tokenizer, test)
     eot = getattr(tokenizer, "eot", None)
     windows = rolling_windows(tokens, eot, model.config.context_length)
     if limit is not None:
