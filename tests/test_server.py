@@ -1316,3 +1316,16 @@ def test_a_body_that_is_not_json_says_how_it_was_sent(served):
     assert r.status_code == 200, r.text
     r = served.post("/v1/completions", content=b"{bad", headers={"Content-Type": "application/json; charset=utf-8"})
     assert r.status_code == 400 and "sent as" not in r.json()["error"]["message"]
+
+
+def test_a_404_names_the_path_meant_or_lists_the_endpoints(served):
+    """A base_url without /v1 (or with it twice) got "no such endpoint: POST /chat/completions" and no
+    fix; an unknown endpoint (/v1/responses, /v1/embeddings) did not say which exist."""
+    msgs = [{"role": "user", "content": "x"}]
+    with pytest.raises(openai.NotFoundError, match=r"did you mean /v1/chat/completions\?"):
+        openai.OpenAI(base_url=served.url, api_key=KEY, max_retries=0).chat.completions.create(
+            model="tiny", messages=msgs, max_tokens=1)
+    e = served.post("/v1/v1/completions", {"prompt": "x"}).json()["error"]
+    assert "did you mean /v1/completions?" in e["message"] and e["code"] == "not_found"
+    e = served.post("/v1/responses", {"input": "x"}).json()["error"]
+    assert "POST /v1/chat/completions" in e["message"] and "GET /v1/models/{id}" in e["message"]

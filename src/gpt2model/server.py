@@ -991,7 +991,17 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig) -> FastAPI:
 
     @app.exception_handler(404)
     async def _not_found(request: Request, e: Exception) -> JSONResponse:
-        return APIError(404, f"no such endpoint: {request.method} {request.url.path}", code="not_found").response()
+        # Name the fix: a client whose base_url lacks /v1 (POST /chat/completions) or repeats it
+        # (/v1/v1/...) is told the path it meant; any other path gets the list of endpoints.
+        path = request.url.path
+        routes = {r.path: r.methods for r in app.routes if getattr(r, "methods", None)}
+        meant = next((p for p in ("/v1" + path, re.sub(r"^(/v1)+/", "/v1/", path)) if p != path and p in routes), None)
+        if meant is not None:
+            hint = f": did you mean {meant}? (the OpenAI client's base_url is http://HOST:PORT/v1)"
+        else:
+            hint = " (endpoints: " + ", ".join(f"{m} {re.sub(r'{[^}]*}', '{id}', p)}" for p, ms in routes.items()
+                                              for m in sorted(ms) if m != "HEAD") + ")"
+        return APIError(404, f"no such endpoint: {request.method} {path}{hint}", code="not_found").response()
 
     @app.exception_handler(405)
     async def _bad_method(request: Request, e: Exception) -> JSONResponse:
