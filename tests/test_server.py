@@ -1329,3 +1329,21 @@ def test_a_404_names_the_path_meant_or_lists_the_endpoints(served):
     assert "did you mean /v1/completions?" in e["message"] and e["code"] == "not_found"
     e = served.post("/v1/responses", {"input": "x"}).json()["error"]
     assert "POST /v1/chat/completions" in e["message"] and "GET /v1/models/{id}" in e["message"]
+
+
+def test_openais_newer_fields_safety_identifier_prompt_cache_key_and_obfuscation(served, client):
+    """openai-python sends what OpenAI added since `user`: safety_identifier and prompt_cache_key (no-ops
+    here, as user is) and stream_options.include_obfuscation (chunks padded with a random "obfuscation"
+    string, OpenAI's guard against inferring tokens from chunk sizes). All three were a 400."""
+    msgs = [{"role": "user", "content": "x"}]
+    kw = dict(model="tiny", messages=msgs, max_tokens=6, temperature=0, safety_identifier="u-1", prompt_cache_key="k")
+    want = client.chat.completions.create(**kw).choices[0].message.content
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_obfuscation": True,
+                                                                              "include_usage": True}, **kw))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    pads = [c.obfuscation for c in chunks]
+    assert all(isinstance(p, str) and p for p in pads) and len(set(pads)) > 1 and chunks[-1].usage is not None
+    plain = client.completions.create(model="tiny", prompt="x", max_tokens=2, stream=True,
+                                      stream_options={"include_obfuscation": False},
+                                      extra_body={"safety_identifier": "u"})
+    assert all(getattr(c, "obfuscation", None) is None for c in plain)

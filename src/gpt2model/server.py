@@ -37,6 +37,7 @@ import hmac
 import json
 import math
 import re
+import secrets
 import signal
 import sys
 import threading
@@ -179,6 +180,9 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    # OpenAI's: each chunk carries an "obfuscation" field of random length, so that a network
+    # observer cannot infer the tokens from the chunks' sizes (OpenAI's default is true; ours false)
+    include_obfuscation: bool = False
 
 
 PositiveInt = Annotated[int, Field(ge=1)]
@@ -203,6 +207,10 @@ class _Sampling(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted and ignored, as OpenAI's docs allow
+    # OpenAI's successors of ``user``: an end-user id for abuse monitoring (ignored, as user) and a
+    # prompt-cache routing key (this server has no prompt cache to route to).
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
     presence_penalty: Penalty = 0.0  # engine.SamplingParams: OpenAI's penalties, over the generated tokens
     frequency_penalty: Penalty = 0.0
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]] | None = None
@@ -926,9 +934,12 @@ async def _collect(server: _Server, request: Request, choices: list[_Choice], ar
 def _stream(server: _Server, request: Request, choices: list[_Choice], arrived: float,
             make_chunk: Callable[[_Choice, str, str | None], dict[str, Any]],
             first_chunks: list[dict[str, Any]], usage: Callable[[], dict[str, int]] | None,
-            usage_chunk: Callable[[dict[str, int]], dict[str, Any]]) -> StreamingResponse:
+            usage_chunk: Callable[[dict[str, int]], dict[str, Any]], obfuscate: bool = False) -> StreamingResponse:
     """An SSE response: ``first_chunks``, one chunk per piece of text, a final chunk per choice
-    with its finish_reason, the usage chunk (``stream_options.include_usage``), ``[DONE]``."""
+    with its finish_reason, the usage chunk (``stream_options.include_usage``), ``[DONE]``;
+    ``obfuscate`` (``stream_options.include_obfuscation``): each chunk padded by a random string."""
+    def sse(obj: dict[str, Any]) -> bytes:
+        return _sse({**obj, "obfuscation": secrets.token_urlsafe(1 + secrets.randbelow(24))} if obfuscate else obj)
 
     async def body() -> AsyncIterator[bytes]:
         # A client that leaves wakes the event loop of server.events, which then ends at once
@@ -939,21 +950,21 @@ def _stream(server: _Server, request: Request, choices: list[_Choice], arrived: 
         gen = server.events(choices, arrived, ready, gone.done)
         try:
             for chunk in first_chunks:
-                yield _sse(chunk)
+                yield sse(chunk)
             try:
                 async for c, piece, finished in gen:
                     if gone.done():
                         return
                     if piece or not finished:  # text, or the prompt's logprobs (echo)
-                        yield _sse(make_chunk(c, piece, None))
+                        yield sse(make_chunk(c, piece, None))
                     if finished:
-                        yield _sse(make_chunk(c, "", c.finish_reason))
+                        yield sse(make_chunk(c, "", c.finish_reason))
             except APIError as e:
                 yield _sse(e.body())
             if gone.done():
                 return  # the client left: nobody reads the rest
             if usage is not None:
-                yield _sse(usage_chunk(usage()))
+                yield sse(usage_chunk(usage()))
             yield b"data: [DONE]\n\n"
         finally:
             gone.cancel()
@@ -1099,7 +1110,8 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig) -> FastAPI:
                      for c in choices if req.echo and not echo_logprobs]  # with logprobs, it waits for the prompt's
             return _stream(server, request, choices, arrived, chunk, first,
                            (lambda: server.usage(prompts, choices)) if include_usage else None,
-                           lambda u: {**base, "choices": [], "usage": u})
+                           lambda u: {**base, "choices": [], "usage": u},
+                           bool(req.stream_options and req.stream_options.include_obfuscation))
 
         await _collect(server, request, choices, arrived)
         return JSONResponse({**base, "choices": [
@@ -1155,7 +1167,8 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig) -> FastAPI:
                       **({"usage": None} if include_usage else {})} for c in choices]
             return _stream(server, request, choices, arrived, chunk, first,
                            (lambda: server.usage(prompts, choices)) if include_usage else None,
-                           lambda u: {**base, "choices": [], "usage": u})
+                           lambda u: {**base, "choices": [], "usage": u},
+                           bool(req.stream_options and req.stream_options.include_obfuscation))
 
         await _collect(server, request, choices, arrived)
         return JSONResponse({**base, "choices": [
