@@ -1347,3 +1347,13 @@ def test_openais_newer_fields_safety_identifier_prompt_cache_key_and_obfuscation
                                       stream_options={"include_obfuscation": False},
                                       extra_body={"safety_identifier": "u"})
     assert all(getattr(c, "obfuscation", None) is None for c in plain)
+
+
+def test_the_printed_url_of_an_ipv6_host_has_brackets():
+    """`gpt2 serve --host ::1` printed "on http://::1:8000 (OpenAI API at http://::1:8000/v1", which no
+    client opens (httpx: "Invalid port"); RFC 3986 puts an IPv6 address in brackets."""
+    from gpt2model.server import base_url
+
+    assert base_url("::1", 8000) == "http://[::1]:8000" and base_url("::", 80) == "http://[::]:80"
+    assert base_url("127.0.0.1", 8000) == "http://127.0.0.1:8000" and base_url("[::1]", 1) == "http://[::1]:1"
+    assert httpx.URL(base_url("::1", 8000) + "/v1").port == 8000

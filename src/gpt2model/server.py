@@ -1225,6 +1225,12 @@ def read_chat_template(path: str | Path) -> str:
     return Path(path).read_text(encoding="utf-8-sig")
 
 
+def base_url(host: str, port: int) -> str:
+    """The URL of a server listening on ``host``:``port`` (an IPv6 address in brackets, RFC 3986:
+    "http://::1:8000" is no URL a client can open)."""
+    return f"http://[{host}]:{port}" if ":" in host and not host.startswith("[") else f"http://{host}:{port}"
+
+
 # The server process's GIL switch interval (Python's default: 5 ms). The inference thread releases
 # the GIL inside every torch op and needs it back after each one (hundreds per decode step); while
 # the HTTP thread runs Python (parsing, SSE chunks) it waits until that thread yields, at the
@@ -1288,7 +1294,7 @@ def serve(model: Any, tokenizer: Any, *, host: str = "127.0.0.1", port: int = 80
                                lifespan="on")
     server = _GracefulServer(uv_config, state)
     if ready is not None:
-        server.on_started = lambda: ready(f"http://{host}:{port}")
+        server.on_started = lambda: ready(base_url(host, port))
     server.run()
     return 0
 
