@@ -174,6 +174,10 @@ def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
     assert set(draws(probs, top_p=0.81).tolist()) == {0, 1, 2}
     assert set(draws(probs, top_p=0.5).tolist()) == {0}
     assert set(draws(probs, top_p=0.01).tolist()) == {0}  # always at least the most likely token
+    # top_p 0: only the most likely token, as HF's TopPLogitsWarper (min_tokens_to_keep=1) and llama.cpp
+    # keep it (it was an error while the server, after OpenAI, already read 0 as greedy)
+    assert set(draws(probs, top_p=0.0).tolist()) == {0}
+    assert set(draws(probs, top_p=torch.tensor([0.0] * 4000)).tolist()) == {0}  # the per-row (engine) path
     assert set(draws(probs, top_p=1.0).tolist()) == {0, 1, 2, 3}
     # Order in the vocabulary does not matter, and the kept tokens are renormalised.
     kept = draws([0.05, 0.3, 0.15, 0.5], top_p=0.8)
@@ -357,12 +361,18 @@ def test_bf16_model_generates_and_matches_fp32_greedy_at_first() -> None:
     assert [len(r) for r in sampled] == [41, 42]
 
 
+def test_top_p_zero_generates_greedily() -> None:
+    model = tiny()
+    prompts = [[1, 2], [3]]
+    assert generate(model, prompts, 12, seed=5, top_p=0.0) == generate(model, prompts, 12, temperature=0)
+
+
 @pytest.mark.parametrize("kwargs, fragment", [
     (dict(input_ids=[[]]), "empty prompt"),
     (dict(input_ids=torch.zeros(1, 0, dtype=torch.long)), "empty prompt"),
     (dict(input_ids=[[1, 99]]), "token id 99 is out of range"),
     (dict(input_ids=torch.tensor([1, 2])), r"ids\[None\]"),
-    (dict(top_p=0.0), "top_p must be in"),
+    (dict(top_p=-0.1), "top_p must be in"),
     (dict(top_p=1.5), "top_p must be in"),
     (dict(top_k=-1), "top_k must be an integer >= 0"),
     (dict(temperature=-0.1), "temperature must be"),
@@ -634,7 +644,7 @@ def test_sample_cli_stop_strings(char_model_dir, capsys) -> None:
 @pytest.mark.parametrize("extra, fragment", [
     (["--prompt", "xyz"], "not in the"),
     (["--prompt", ""], "prompt is empty"),
-    (["--top-p", "0"], "top_p must be in"),
+    (["--top-p", "-0.5"], "top_p must be in"),
     (["--top-k", "-1"], "top_k must be"),
     (["--temperature", "-1"], "temperature must be"),
     (["--max-new-tokens", "-1"], "max_new_tokens must be"),

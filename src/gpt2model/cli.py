@@ -236,7 +236,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
                    help="0 = greedy; higher = more random (default: 0.8)")
     p.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
     p.add_argument("--top-p", type=_finite_float, default=None, help="nucleus sampling: smallest set with this total "
-                   "probability, in (0, 1]")
+                   "probability, in [0, 1] (0: only the most likely token)")
     p.add_argument("--repetition-penalty", type=_finite_float, default=1.0,
                    help="divide positive (multiply negative) logits of tokens already in the prompt or the sample by "
                    "this, > 0; 1 = off (default), 1.1-1.3 typical (HF/vLLM/llama.cpp's repetition penalty)")

@@ -303,7 +303,8 @@ def sample_logits(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0,
     any temperature below ``GREEDY_TEMPERATURE`` (1e-5, as vLLM).
     Otherwise the logits are divided by ``temperature``, ``top_k`` keeps the k largest logits (all
     tokens tied with the k-th stay), and ``top_p`` (nucleus) keeps the smallest set of most likely
-    tokens whose total probability reaches ``top_p`` (always at least the most likely one; tokens
+    tokens whose total probability reaches ``top_p`` (always at least the most likely one, so
+    ``top_p=0`` keeps only it, as HF's ``TopPLogitsWarper`` and llama.cpp do; tokens
     tied with the last one kept stay too, so the set never depends on how a sort orders equal
     probabilities). Each setting is a number for all rows or a ``(B,)`` tensor per row
     (``top_k <= 0`` and ``top_p >= 1`` then mean no filter for that row; an int ``top_k`` of 0 is no
@@ -530,8 +531,9 @@ def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | No
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
         raise ValueError(f"top_k must be an integer >= 0 (0 or None: no top-k filter), got {top_k!r}")
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
-                              or not 0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p must be in (0, 1] (or None for no nucleus filter), got {top_p!r}")
+                              or not 0.0 <= top_p <= 1.0):  # 0: the most likely token only, as HF/llama.cpp/OpenAI
+        raise ValueError(f"top_p must be in [0, 1] (0: only the most likely token; 1 or None: no nucleus filter), "
+                         f"got {top_p!r}")
     if isinstance(repetition_penalty, bool) or not isinstance(repetition_penalty, (int, float)) \
             or not 0.0 < repetition_penalty < math.inf:
         raise ValueError(f"repetition_penalty must be a finite number > 0 (1 = no penalty; HF and vLLM use "
