@@ -44,7 +44,8 @@ def test_prepare_shakespeare_char_equals_nanogpt(shakespeare_text, tmp_path):
     src = ds.meta["sources"][0]
     assert src["bytes"] == 1_115_394
     assert src["sha256"] == "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-    assert {p.name for p in out.iterdir()} == {"train.bin", "val.bin", "meta.json", "tokenizer_spec.json"}
+    assert {p.name for p in out.iterdir()} == {"train.bin", "val.bin", "meta.json", "tokenizer_spec.json",
+                                               "tokenizer.json", "tokenizer_config.json"}  # (the latter: HF's)
 
 
 def test_prepare_shakespeare_gpt2_chunked_equals_whole(shakespeare_text, tmp_path):

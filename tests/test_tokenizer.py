@@ -94,6 +94,24 @@ def test_char_unknown_characters_error_names_them():
         tok.decode([0, 99])
 
 
+def test_a_saved_char_tokenizer_is_the_same_tokenizer_for_transformers(tmp_path):
+    """AutoTokenizer on a char model's folder (config.json says gpt2) built an empty GPT-2 tokenizer
+    that encoded every text to [] without a word; now it reads our tokenizer.json: same ids, same text."""
+    transformers = pytest.importorskip("transformers")
+    from gpt2model import GPT, GPTconfig
+
+    text = "Hello, World!\r\n\n   tabs\tend e\u0301 \U0001F468\u200d\U0001F469 12345 <|endoftext|>"
+    tok = CharTokenizer.from_text(text, unknown="!")
+    GPT(GPTconfig(context_length=8, vocab_size=tok.vocab_size, n_layer=1, n_head=1, d_model=8)).save_pretrained(
+        tmp_path, tokenizer=tok)
+    assert isinstance(load_tokenizer(tmp_path), CharTokenizer)  # ours still reads its spec first
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert len(hf) == tok.vocab_size
+    for s in (text, text[::-1], "  \n\n", "e\u0301\u0301", "qyz!"):  # q, y, z: mapped to the unknown character
+        assert hf.encode(s) == tok.encode(s)
+        assert hf.decode(tok.encode(s)) == tok.decode(tok.encode(s))
+
+
 def test_char_mixed_script_round_trip():
     tok = CharTokenizer.from_text(MIXED)
     assert tok.decode(tok.encode(MIXED)) == MIXED

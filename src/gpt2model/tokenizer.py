@@ -222,7 +222,19 @@ class CharTokenizer:
         return {"type": "char", "vocab_size": self.vocab_size, "chars": self.chars, "unknown": self.unknown}
 
     def save(self, directory: str | Path) -> None:
-        _write_spec(directory, self.spec())
+        """``tokenizer_spec.json`` (ours), and the same tokenizer for transformers: ``tokenizer.json`` +
+        ``tokenizer_config.json``, so ``AutoTokenizer.from_pretrained`` on a char model's folder gives
+        our ids (without them it built an empty GPT-2 tokenizer that encodes every text to ``[]``)."""
+        directory = _write_spec(directory, self.spec())
+        from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+        hf = Tokenizer(models.WordLevel(dict(self._stoi), unk_token=self.unknown))
+        hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one piece per character
+        hf.decoder = decoders.Fuse()  # joined as they are (WordLevel's default puts spaces between tokens)
+        with atomic_path(directory / BPETokenizer.FILE) as tmp:
+            hf.save(str(tmp))
+        # The generic class: the folder's config.json says gpt2, whose tokenizer class would expect a BPE.
+        atomic_write_json(directory / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast"})
 
     def __repr__(self) -> str:
         return f"CharTokenizer(vocab_size={self.vocab_size})"
