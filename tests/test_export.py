@@ -118,6 +118,9 @@ def test_f16_and_q8_0_exports_dequantize_close_to_the_weights(char_model_dir, tm
         assert tensors[name].tensor_type == gguf.GGMLQuantizationType.F32
     want = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
     assert _fields(r)["general.file_type"] == want
+    # GGUF's spec: present when any tensor is quantized (as llama.cpp's convert_hf_to_gguf.py writes it)
+    assert _fields(r)["general.quantization_version"] == gguf.GGML_QUANT_VERSION == 2
+    assert _fields(r)["general.type"] == "model"
 
 
 def test_char_model_without_biases_exports_byte_level_tokens_and_zero_biases(tmp_path):
