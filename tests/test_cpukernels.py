@@ -538,3 +538,34 @@ def test_engine_decodes_with_one_op_per_step_and_compiles_nothing(monkeypatch: p
         expected = generate(reference, [p], s.max_tokens, temperature=s.temperature, top_k=s.top_k, seed=s.seed)[0]
         assert tokens == expected[len(p):]
 
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", ["int8", "bf16"])
+def test_greedy_generation_step_as_one_op_gives_the_torch_ops_results(dtype: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A greedy generation step runs as one op (GPT.fused_greedy_step: the decode step, the argmax
+    and the loop's bookkeeping) with the same tokens, step by step, as the torch ops of
+    generation_step: ragged rows, a vocab limit (row 2 would repeat id 270 without it), a row that
+    finishes at one of a list of eos ids and is padded with the first while the others go on,
+    past the context (the sliding window re-prefills)."""
+    from gpt2model.generate import stream
+
+    model = _fused_model(dtype)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 270]]
+
+    def run(**kwargs: object) -> list[list[int]]:
+        return [t.tolist() for t in stream(model, prompts, 45, temperature=0, vocab_limit=250, **kwargs)]
+
+    calls = []
+    fused = GPT.fused_greedy_step
+    monkeypatch.setattr(GPT, "fused_greedy_step", lambda self, *a: calls.append(fused(self, *a)) or calls[-1])
+    free = run()
+    assert len(calls) >= 40 and all(calls)  # every decode step but the window's re-prefills: one op
+    monkeypatch.setattr(GPT, "fused_greedy_step", lambda self, *a: False)  # generation_step's torch ops
+    reference = [run(), run(eot_id=[11, 299])]
+    monkeypatch.setattr(GPT, "fused_greedy_step", fused)
+    got = [run(), run(eot_id=[11, 299])]
+    assert got == reference and reference[0] == free
+    assert len(got[1]) == 45 and {t[0] for t in got[1]} == {11} and {t[1] for t in got[1]} != {11}
+    assert max(map(max, free)) < 250 and free[0][2] != 270

@@ -341,6 +341,71 @@ inline void f32_block(const float* const* xr, const W* const* w, int64_t in, flo
     }
 }
 
+// bf16 weights, 16 per 32-byte load (decode_step's bf16 layers): a load holds 8 (even, odd) pairs
+// of bf16; the even element becomes an fp32 by a 16-bit left shift of its 32-bit lane, the odd one
+// by clearing the lane's low 16 bits (bf16 is fp32's top half): 2 integer ops per 16 weights,
+// where widening 8 at a time (load_bf16x8: a zero-extension and a shift per 8) takes 4. The
+// activations are read in the matching order: xd holds each 16-block's 8 even inputs, then its 8
+// odd ones (deinterleave16). A fixed summation order per row (the same bits for any rows, chunks
+// or threads); the in % 16 inputs left over are added one at a time.
+inline void deinterleave16(const float* x, float* xd, int64_t in) {
+  int64_t k = 0;
+  for (; k + 16 <= in; k += 16)
+    for (int j = 0; j < 8; ++j) {
+      xd[k + j] = x[k + 2 * j];
+      xd[k + 8 + j] = x[k + 2 * j + 1];
+    }
+  for (; k < in; ++k) xd[k] = x[k];
+}
+
+template <int NM>
+inline void bf16_block(const float* const* xd, const c10::BFloat16* const* w, int64_t in, float (*acc)[F32_STREAMS]) {
+  static_assert(F32_STREAMS == 4 && (NM == 1 || NM == 2));
+  const float *d0 = xd[0], *d1 = xd[NM - 1];
+  const c10::BFloat16 *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
+  const __m256 z = _mm256_setzero_ps();
+  const __m256i high = _mm256_set1_epi32(int32_t(0xFFFF0000u));
+  __m256 s00 = z, s01 = z, s02 = z, s03 = z, s10 = z, s11 = z, s12 = z, s13 = z;
+  auto pair = [&](const c10::BFloat16* p, __m256& even, __m256& odd) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    odd = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+  };
+  int64_t k = 0;
+  for (; k + 16 <= in; k += 16) {
+    const __m256 e0 = _mm256_loadu_ps(d0 + k), o0 = _mm256_loadu_ps(d0 + k + 8);
+    __m256 we, wo;
+    if constexpr (NM == 1) {
+      pair(w0 + k, we, wo); s00 = _mm256_fmadd_ps(wo, o0, _mm256_fmadd_ps(we, e0, s00));
+      pair(w1 + k, we, wo); s01 = _mm256_fmadd_ps(wo, o0, _mm256_fmadd_ps(we, e0, s01));
+      pair(w2 + k, we, wo); s02 = _mm256_fmadd_ps(wo, o0, _mm256_fmadd_ps(we, e0, s02));
+      pair(w3 + k, we, wo); s03 = _mm256_fmadd_ps(wo, o0, _mm256_fmadd_ps(we, e0, s03));
+    } else {
+      const __m256 e1 = _mm256_loadu_ps(d1 + k), o1 = _mm256_loadu_ps(d1 + k + 8);
+      pair(w0 + k, we, wo);
+      s00 = _mm256_fmadd_ps(wo, o0, _mm256_fmadd_ps(we, e0, s00));
+      s10 = _mm256_fmadd_ps(wo, o1, _mm256_fmadd_ps(we, e1, s10));
+      pair(w1 + k, we, wo);
+      s01 = _mm256_fmadd_ps(wo, o0, _mm256_fmadd_ps(we, e0, s01));
+      s11 = _mm256_fmadd_ps(wo, o1, _mm256_fmadd_ps(we, e1, s11));
+      pair(w2 + k, we, wo);
+      s02 = _mm256_fmadd_ps(wo, o0, _mm256_fmadd_ps(we, e0, s02));
+      s12 = _mm256_fmadd_ps(wo, o1, _mm256_fmadd_ps(we, e1, s12));
+      pair(w3 + k, we, wo);
+      s03 = _mm256_fmadd_ps(wo, o0, _mm256_fmadd_ps(we, e0, s03));
+      s13 = _mm256_fmadd_ps(wo, o1, _mm256_fmadd_ps(we, e1, s13));
+    }
+  }
+  const __m256 s[2][4] = {{s00, s01, s02, s03}, {s10, s11, s12, s13}};
+  const c10::BFloat16* wr[4] = {w0, w1, w2, w3};
+  for (int m = 0; m < NM; ++m)
+    for (int r = 0; r < 4; ++r) {
+      float t = hsum_ps(s[m][r]);
+      for (int64_t j = k; j < in; ++j) t += xd[m][j] * float(wr[r][j]);  // (past the 16-blocks xd is x)
+      acc[m][r] = t;
+    }
+}
+
 at::Tensor f32_linear(const at::Tensor& x_in, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   g_calls.fetch_add(1, std::memory_order_relaxed);
   TORCH_CHECK(x_in.dim() == 2 && weight.dim() == 2 && x_in.size(1) == weight.size(1), "f32_linear: shapes");
@@ -431,6 +496,7 @@ struct alignas(64) Phase {  // one cache line each: the two threads' counters do
 double g_prof[4][64][4];
 thread_local int64_t t_last = 0;
 inline int64_t now_ns() { return std::chrono::steady_clock::now().time_since_epoch().count(); }
+std::atomic<int64_t> g_step_start{0};  // when the caller opened the step (StepPool::run)
 #endif
 
 #ifndef SPIN_PAUSES
@@ -597,10 +663,16 @@ struct Input {
   int64_t stride = 0;
   std::vector<int16_t> xq;
   std::vector<float> sx, tmp;
+  std::vector<float> xd;  // bf16 layers: the rows deinterleaved (rows, in)
   int64_t xs = 0;  // xq's row stride
   void prepare(const Lin& l, const float* x_, int64_t stride_, int64_t rows) {
     x = x_;
     stride = stride_;
+    if (l.kind == Lin::BF16) {  // each row's 16-blocks as (8 even, 8 odd) inputs: bf16_block's order
+      xd.resize(rows * l.in);
+      for (int64_t m = 0; m < rows; ++m) deinterleave16(x + m * stride, &xd[m * l.in], l.in);
+      return;
+    }
     if (l.kind != Lin::INT8) return;
     xs = (l.in + 15) / 16 * 16;
     xq.assign(rows * xs, 0);
@@ -682,13 +754,18 @@ void linear_chunk(const Lin& l, const Plan& p, const Input& in, int64_t rows, in
         const int nm = rows - m >= 2 ? 2 : 1;
         const float* xr[2] = {in.x + m * in.stride, in.x + (m + nm - 1) * in.stride};
         float acc[2][F32_STREAMS];
-        auto gemv = [&](auto* wp) {  // fp32 or bf16 weights
-          decltype(wp) w[F32_STREAMS];
+        if (l.kind == Lin::F32) {
+          const float* wp = static_cast<const float*>(l.w);
+          const float* w[F32_STREAMS];
           for (int r = 0; r < STREAMS; ++r) w[r] = wp + o[r] * l.in;  // (tail: the same row 4 times)
           if (nm == 2) f32_block<2>(xr, w, l.in, acc); else f32_block<1>(xr, w, l.in, acc);
-        };
-        if (l.kind == Lin::F32) gemv(static_cast<const float*>(l.w));
-        else gemv(static_cast<const c10::BFloat16*>(l.w));
+        } else {
+          const c10::BFloat16* wp = static_cast<const c10::BFloat16*>(l.w);
+          const c10::BFloat16* w[F32_STREAMS];
+          for (int r = 0; r < STREAMS; ++r) w[r] = wp + o[r] * l.in;
+          const float* xdr[2] = {&in.xd[m * l.in], &in.xd[(m + nm - 1) * l.in]};
+          if (nm == 2) bf16_block<2>(xdr, w, l.in, acc); else bf16_block<1>(xdr, w, l.in, acc);
+        }
         for (int mm = 0; mm < nm; ++mm)
           for (int r = 0; r < nr; ++r) emit(m + mm, o[r], acc[mm][r] + (l.bias ? l.bias[o[r]] : 0.f));
       }
@@ -791,6 +868,10 @@ struct StepPool {
       const uint64_t g = gen.load();
       seen = g;
       active.fetch_add(1);
+#ifdef GPT2_PHASE_PROFILE
+      g_prof[std::min(tid, 3)][63][0] += double(now_ns() - g_step_start);  // how late a helper joins
+      g_prof[std::min(tid, 3)][63][3] += 1;
+#endif
       if (closed.load() < g) (*job)(tid);  // still open: the job of step g is alive until active drops
       active.fetch_sub(1);
     }
@@ -808,6 +889,9 @@ struct StepPool {
       threads.back().detach();
     }
     job = &fn;
+#ifdef GPT2_PHASE_PROFILE
+    g_step_start = now_ns();
+#endif
     const uint64_t g = gen.fetch_add(1) + 1;
     if (sleepers.load() > 0) {
       std::lock_guard<std::mutex> lock(mu);
@@ -857,6 +941,7 @@ struct ThreadChooser {
   Row rows[17];
   bool exploring[17] = {};
   std::atomic<int64_t> policy{0};  // 0: choose by time; 1: always all threads; 2: always one (tests, benchmarks)
+  std::atomic<int64_t> steps[2] = {0, 0};  // steps run on all threads, on one (benchmarks report the split)
   bool one_thread(int64_t B) {
     if (policy.load(std::memory_order_relaxed)) return policy.load(std::memory_order_relaxed) == 2;
     std::lock_guard<std::mutex> lock(mu);
@@ -893,10 +978,13 @@ ThreadChooser g_chooser;
 // empty tensors. `interleaved`: per linear (4 per layer, then the head), int8_linear's flag.
 constexpr int64_t PER_LAYER = 16;
 
-at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& slots, const at::Tensor& positions,
-                       const at::Tensor& mask, const at::Tensor& wte, const at::Tensor& wpe, at::TensorList params,
-                       at::TensorList k_caches, at::TensorList v_caches, at::IntArrayRef interleaved, int64_t n_head,
-                       double eps_d) {
+int64_t argmax_row(const float* x, int64_t V);
+
+// The step's logits (B, 1, V) in fp32 (decode_step returns them in the embeddings' dtype).
+at::Tensor decode_logits(const at::Tensor& tokens, const at::Tensor& slots, const at::Tensor& positions,
+                         const at::Tensor& mask, const at::Tensor& wte, const at::Tensor& wpe, at::TensorList params,
+                         at::TensorList k_caches, at::TensorList v_caches, at::IntArrayRef interleaved, int64_t n_head,
+                         double eps_d) {
   g_calls.fetch_add(1, std::memory_order_relaxed);
   const int64_t n_layer = int64_t(k_caches.size());
   TORCH_CHECK(n_layer >= 1 && int64_t(v_caches.size()) == n_layer && int64_t(params.size()) == PER_LAYER * n_layer + 5
@@ -1026,12 +1114,85 @@ at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& slots, const 
   };
   const int64_t all = at::get_num_threads();
   const bool one = all > 1 && g_chooser.one_thread(B);
+  if (all > 1) g_chooser.steps[one].fetch_add(1, std::memory_order_relaxed);
   const int64_t threads = one ? 1 : all;
   const auto t0 = std::chrono::steady_clock::now();
   if (threads == 1) worker(0);
   else step_pool().run(int(threads), std::function<void(int)>(worker));
   if (all > 1) g_chooser.record(B, one, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  return logits;
+}
+
+at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& slots, const at::Tensor& positions,
+                       const at::Tensor& mask, const at::Tensor& wte, const at::Tensor& wpe, at::TensorList params,
+                       at::TensorList k_caches, at::TensorList v_caches, at::IntArrayRef interleaved, int64_t n_head,
+                       double eps) {
+  at::Tensor logits = decode_logits(tokens, slots, positions, mask, wte, wpe, params, k_caches, v_caches, interleaved,
+                                    n_head, eps);
   return wte.scalar_type() == at::kFloat ? logits : logits.to(wte.scalar_type());
+}
+
+// greedy_step: generate.generation_step for greedy decoding (temperature 0, no repetition penalty)
+// in one call, on the generation loop's buffers (generate._Buffers): the torch ops around the
+// decode step (~20 eager ops of ~2-6 us each, ~2x that with cold caches: 0.3-0.6 ms per token,
+// a fifth of a 2-core step of the 6x384 BPE model) done here in a few microseconds. The same
+// results as those ops, bit for bit (tested against them):
+//   slot, step = counters; mask[..., slot] = 0; token = out[:, step - 1]
+//   logits = decode_step(token, slot, pos, mask[..., :length]) (in the embeddings' dtype)
+//   next = argmax(logits[:, :vocab_limit]) (the first maximum; a NaN counts as the maximum)
+//   next = eot[0] (>= 0) where done; out[:, step] = next; done |= next in eot; finished = all(done)
+//   pos += 1; counters += 1
+// length <= 0: every slot of the mask; vocab_limit <= 0: every id.
+void greedy_step(const at::Tensor& out, const at::Tensor& mask, const at::Tensor& pos, const at::Tensor& counters,
+                 const at::Tensor& done, const at::Tensor& eot, const at::Tensor& finished, int64_t length,
+                 int64_t vocab_limit, const at::Tensor& wte, const at::Tensor& wpe, at::TensorList params,
+                 at::TensorList k_caches, at::TensorList v_caches, at::IntArrayRef interleaved, int64_t n_head,
+                 double eps) {
+  TORCH_CHECK(out.dim() == 2 && out.scalar_type() == at::kLong, "greedy_step: out (B, N) int64");
+  const int64_t B = out.size(0);
+  TORCH_CHECK(counters.numel() == 2 && counters.scalar_type() == at::kLong && counters.is_contiguous(),
+              "greedy_step: counters (2,) int64");
+  TORCH_CHECK(done.numel() == B && done.scalar_type() == at::kBool && done.is_contiguous() &&
+                  finished.numel() == 1 && finished.scalar_type() == at::kBool,
+              "greedy_step: done (B,) and finished (1,) bool");
+  TORCH_CHECK(eot.dim() == 1 && eot.numel() >= 1 && eot.scalar_type() == at::kLong && eot.is_contiguous(),
+              "greedy_step: eot (E,) int64");
+  TORCH_CHECK(pos.numel() == B && pos.scalar_type() == at::kLong && pos.is_contiguous(), "greedy_step: pos (B, 1)");
+  TORCH_CHECK(mask.dim() == 4 && mask.size(0) == B && mask.is_contiguous() &&
+                  (mask.scalar_type() == at::kFloat || mask.scalar_type() == at::kBFloat16),
+              "greedy_step: a contiguous (B, 1, 1, L) float mask");
+  int64_t* cnt = counters.data_ptr<int64_t>();
+  const int64_t slot = cnt[0], step = cnt[1], M = mask.size(3);
+  TORCH_CHECK(1 <= step && step < out.size(1) && 0 <= slot && slot < M && (length <= 0 || slot < length),
+              "greedy_step: slot or step out of range");
+  const int64_t mrow = mask.stride(0);
+  for (int64_t b = 0; b < B; ++b) {  // the slot written now becomes visible
+    if (mask.scalar_type() == at::kFloat) mask.data_ptr<float>()[b * mrow + slot] = 0.f;
+    else mask.data_ptr<c10::BFloat16>()[b * mrow + slot] = c10::BFloat16(0.f);
+  }
+  const at::Tensor logits = decode_logits(out.narrow(1, step - 1, 1), counters.narrow(0, 0, 1), pos,
+                                          length > 0 ? mask.narrow(3, 0, std::min(length, M)) : mask, wte, wpe,
+                                          params, k_caches, v_caches, interleaved, n_head, eps);
+  const int64_t V = logits.size(2), Vl = vocab_limit > 0 ? std::min(vocab_limit, V) : V;
+  float* lg = logits.data_ptr<float>();
+  if (wte.scalar_type() == at::kBFloat16)  // the argmax of the logits as decode_step returns them: in bf16
+    for (int64_t i = 0; i < B * V; ++i) lg[i] = float(c10::BFloat16(lg[i]));
+  const int64_t* e = eot.data_ptr<int64_t>();
+  const int64_t E = eot.numel();
+  bool* dn = done.data_ptr<bool>();
+  int64_t* o = out.data_ptr<int64_t>();
+  int64_t* ps = pos.data_ptr<int64_t>();
+  bool all_done = true;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t token = dn[b] ? std::max<int64_t>(e[0], 0) : argmax_row(lg + b * V, Vl);
+    o[b * out.stride(0) + step * out.stride(1)] = token;
+    for (int64_t j = 0; j < E; ++j) dn[b] = dn[b] || token == e[j];
+    all_done = all_done && dn[b];
+    ps[b] += 1;
+  }
+  finished.data_ptr<bool>()[0] = all_done;
+  cnt[0] += 1;
+  cnt[1] += 1;
 }
 
 // argmax_rows(x (B, V) fp32, last dim contiguous) -> (B,) int64: torch.argmax(x, -1) exactly (the
@@ -1108,6 +1269,10 @@ int64_t thread_policy(int64_t policy) {
   return g_chooser.policy.exchange(policy);
 }
 
+// How many multi-threaded-capable steps (torch.get_num_threads() > 1) ran on all threads and on
+// one since the process started: [all, one].
+std::vector<int64_t> thread_steps() { return {g_chooser.steps[0].load(), g_chooser.steps[1].load()}; }
+
 // The phase profile (see GPT2_PHASE_PROFILE) as a (4, 64, 4) fp64 tensor, reset; empty without it.
 at::Tensor phase_profile() {
 #ifdef GPT2_PHASE_PROFILE
@@ -1129,11 +1294,16 @@ TORCH_LIBRARY(gpt2model_kernels, m) {
   m.def("argmax_rows(Tensor x) -> Tensor");
   m.def("phase_profile() -> Tensor", phase_profile);
   m.def("thread_policy(int policy) -> int", thread_policy);
+  m.def("thread_steps() -> int[]", thread_steps);
   m.impl("argmax_rows", c10::DispatchKey::CPU, TORCH_FN(argmax_rows));
   m.def("decode_step(Tensor tokens, Tensor slots, Tensor positions, Tensor mask, Tensor wte, Tensor wpe, "
         "Tensor[] params, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, int[] interleaved, int n_head, "
         "float eps) -> Tensor");
   m.impl("decode_step", c10::DispatchKey::CPU, TORCH_FN(decode_step));
+  m.def("greedy_step(Tensor(a!) out, Tensor(b!) mask, Tensor(c!) pos, Tensor(d!) counters, Tensor(e!) done, "
+        "Tensor eot, Tensor(f!) finished, int length, int vocab_limit, Tensor wte, Tensor wpe, Tensor[] params, "
+        "Tensor(g!)[] k_caches, Tensor(h!)[] v_caches, int[] interleaved, int n_head, float eps) -> ()");
+  m.impl("greedy_step", c10::DispatchKey::CPU, TORCH_FN(greedy_step));
   m.impl("f32_linear", c10::DispatchKey::CPU, TORCH_FN(f32_linear));
   m.impl("int8_linear", c10::DispatchKey::CPU, TORCH_FN(int8_linear));
 }

@@ -939,6 +939,9 @@ def generation_step(model: GPT, out: torch.Tensor, mask: torch.Tensor, pos: torc
     (eager: the filled ones); None: all of them (one static shape for every step). ``penalty``,
     ``repeat``: the repetition-penalty buffers of :class:`_Buffers` (updated in place too);
     ``min_p``, ``vocab_limit``: see :func:`sample_logits`."""
+    if penalty is None and not isinstance(temperature, torch.Tensor) and temperature < GREEDY_TEMPERATURE \
+            and model.fused_greedy_step(out, mask, pos, counters, done, eot, finished, length, vocab_limit):
+        return  # all of the below as one op call on a CPU (GPT.fused_greedy_step)
     slot, step = counters[0:1], counters[1:2]
     mask.index_fill_(3, slot, 0.0)  # the slot written now becomes visible
     token = out.index_select(1, step - 1)  # (B, 1): the newest token
