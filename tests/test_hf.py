@@ -225,6 +225,20 @@ def test_dtype_device_and_dropout_overrides(tmp_path: Path) -> None:
     GPT(SHAPES["odd"]).save_pretrained(tmp_path)
     m = GPT.from_pretrained(tmp_path, dtype=torch.bfloat16, device="cpu", dropout=0.25)
     assert m.dtype == torch.bfloat16 and m.config.dropout == 0.25 and not m.training
+    # dtype names as HF's from_pretrained takes them ("auto": the saved tensors' dtype); clear errors for
+    # the rest and for a device this machine lacks (were TypeError / AssertionError from inside torch)
+    assert GPT.from_pretrained(tmp_path, dtype="bfloat16").dtype == torch.bfloat16
+    assert GPT.from_pretrained(tmp_path, dtype="float16", device="auto").dtype == torch.float16
+    m.save_pretrained(tmp_path / "bf16")
+    assert GPT.from_pretrained(tmp_path / "bf16", dtype="auto").dtype == torch.bfloat16
+    assert GPT.from_pretrained(tmp_path / "bf16").dtype == torch.float32
+    with pytest.raises(ValueError, match="unknown dtype 'int4': use float32, bfloat16, float16 or auto"):
+        GPT.from_pretrained(tmp_path, dtype="int4")
+    with pytest.raises(ValueError, match=r"model.quantize\('int8'\) after loading"):
+        GPT.from_pretrained(tmp_path, dtype=torch.int8)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU is visible"):
+            GPT.from_pretrained(tmp_path, device="cuda")
 
 
 def test_bad_model_folders(tmp_path: Path) -> None:

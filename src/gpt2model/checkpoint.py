@@ -246,12 +246,20 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
 
 
 def load_model(name_or_path: str | Path, *, context_length: int | None = None, dropout: float | None = None,
-               device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> GPT:
+               device: str | torch.device | None = None, dtype: torch.dtype | str | None = None) -> GPT:
     """Load a model folder (ours or HF GPT-2) or a hub name into a :class:`GPT` in eval mode.
 
     ``context_length`` crops the position embeddings (e.g. 1024 -> 256); ``dropout`` overrides the
-    stored value (useful for fine-tuning).
+    stored value (useful for fine-tuning). ``dtype``: a torch floating dtype or its name as HF's
+    ``from_pretrained`` takes it (``"bfloat16"``, ``"float16"``, ``"float32"``; ``"auto"``: the
+    saved tensors' dtype); default float32. ``device``: a torch device or a name (``"auto"``: cuda,
+    then mps, then cpu); a device this machine lacks is a ``ValueError`` naming it.
     """
+    from .device import resolve_device
+
+    dtype = _as_dtype(dtype)
+    if device is not None and not isinstance(device, torch.device):
+        device = resolve_device(str(device))
     directory = resolve_model_dir(name_or_path)
     config = _read_config(directory / CONFIG_FILE)
     if context_length is not None:
@@ -278,9 +286,34 @@ def load_model(name_or_path: str | Path, *, context_length: int | None = None, d
         raise CheckpointError(f"{weights} does not match its config.json: "
                               f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}")
     model.load_state_dict(state, strict=False)  # lm_head.weight is tied to wte
+    if dtype == "auto":
+        dtype = state["transformer.wte.weight"].dtype
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
     return model.eval()
+
+
+_DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str | None:
+    """A load dtype: None, "auto", or a torch floating dtype (from one or its name, e.g. "bfloat16",
+    as HF's ``torch_dtype`` / ``dtype`` take it)."""
+    if dtype is None or dtype == "auto":
+        return dtype
+    if isinstance(dtype, str):
+        name = dtype.removeprefix("torch.")
+        if name not in _DTYPE_NAMES:
+            raise ValueError(f"unknown dtype {dtype!r}: use float32, bfloat16, float16 or auto (the saved dtype); "
+                             f"int8 is model.quantize('int8') after loading")
+        return _DTYPE_NAMES[name]
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch dtype (float32, bfloat16, float16) or 'auto', got {dtype!r}"
+                         + ("; for int8 weights call model.quantize('int8') after loading"
+                            if dtype in (torch.int8, torch.qint8) else ""))
+    return dtype
 
 
 # transformers' GPT2Config defaults: what it reads for a key a config.json leaves out.
