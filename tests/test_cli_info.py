@@ -36,6 +36,14 @@ def test_info_model_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert '"n_layer": 1' in capsys.readouterr().out
 
 
+def test_info_reads_a_folder_named_like_a_preset(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A model folder called shakespeare-char (a run's --out) was shadowed by the preset of that name."""
+    GPT(GPTconfig(n_layer=1, d_model=32, n_head=2, context_length=16)).save_pretrained(tmp_path / "shakespeare-char")
+    monkeypatch.chdir(tmp_path)
+    assert main(["info", "shakespeare-char"]) == 0
+    assert '"n_layer": 1' in capsys.readouterr().out
+
+
 def test_info_bad_path_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["info", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err

@@ -123,10 +123,13 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_info(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from .config import PRESETS, GPTconfig
     from .model import GPT
 
-    if args.model in PRESETS:
+    # A folder of that name wins, as everywhere a model is named (a run's --out called shakespeare-char)
+    if args.model in PRESETS and not Path(args.model).expanduser().is_dir():
         model = GPT(GPTconfig.preset(args.model))
     else:
         model = GPT.from_pretrained(args.model)
