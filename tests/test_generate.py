@@ -370,6 +370,17 @@ def test_top_p_zero_generates_greedily() -> None:
     assert generate(model, prompts, 12, seed=5, top_p=0.0) == generate(model, prompts, 12, temperature=0)
 
 
+def test_hf_generate_arguments_name_their_equivalent() -> None:
+    model = tiny()
+    ids = torch.tensor([[1, 2]])
+    with pytest.raises(TypeError, match=r"generate\(\) has no argument 'do_sample' .*temperature=0 is greedy"):
+        model.generate(ids, 3, do_sample=False)
+    with pytest.raises(TypeError, match=r"stream\(\) has no argument 'eos_token_id' .*eot_id="):
+        model.stream(ids, 3, eos_token_id=5)
+    with pytest.raises(TypeError, match="'attention_mask' .*list of lists"):
+        generate(model, ids, 3, attention_mask=torch.ones_like(ids))
+
+
 @pytest.mark.parametrize("kwargs, fragment", [
     (dict(input_ids=[[]]), "empty prompt"),
     (dict(input_ids=torch.zeros(1, 0, dtype=torch.long)), "empty prompt"),

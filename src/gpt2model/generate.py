@@ -1156,6 +1156,27 @@ def _mark_stopped(done: torch.Tensor, token: torch.Tensor, texts: list[TextStrea
                 done[b] = True
 
 
+# HF ``generate`` arguments a user may carry over, and what does their job here.
+_HF_ARGUMENTS = {
+    "do_sample": "temperature=0 is greedy (do_sample=False); any temperature > 0 samples",
+    "eos_token_id": "eot_id= (an id or a list of ids)",
+    "pad_token_id": "nothing: finished rows are padded with eot_id (its first id)",
+    "attention_mask": "pass prompts of different lengths as a list of lists of ids (left-padded with a mask "
+                      "for you); a (B, T) tensor is taken as it is",
+    "num_return_sequences": "repeat the prompt in the batch (row i draws with seed + i)",
+    "max_length": "max_new_tokens (new tokens, the prompt not counted)",
+    "num_beams": "nothing (no beam search); temperature=0 is greedy",
+}
+
+
+def check_hf_arguments(kwargs: dict[str, Any], where: str = "generate") -> None:
+    """A ``TypeError`` naming the equivalent for HF ``generate`` arguments that this API spells
+    otherwise (was Python's bare "got an unexpected keyword argument 'do_sample'")."""
+    for name in kwargs:
+        if name in _HF_ARGUMENTS:
+            raise TypeError(f"{where}() has no argument {name!r} (HF generate's); here: {_HF_ARGUMENTS[name]}")
+
+
 @torch.no_grad()
 def generate(model: GPT, input_ids: torch.Tensor | Sequence[Sequence[int]], max_new_tokens: int,
              **kwargs: Any) -> torch.Tensor | list[list[int]]:
@@ -1167,6 +1188,7 @@ def generate(model: GPT, input_ids: torch.Tensor | Sequence[Sequence[int]], max_
     token (one of ``eot_id``, included, as HF does). Keyword arguments are those of :func:`stream`
     (``temperature=0`` is greedy).
     """
+    check_hf_arguments(kwargs)
     new = list(stream(model, input_ids, max_new_tokens, _views=True, **kwargs))  # stacked below: no copy per token
     is_tensor = isinstance(input_ids, torch.Tensor)
     if is_tensor:

@@ -939,6 +939,7 @@ class GPT(nn.Module):
 
     def stream(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs: Any) -> Iterator[torch.Tensor]:
         """Yield new tokens as they are produced; see ``gpt2model.generate.stream``."""
-        from .generate import stream
+        from .generate import check_hf_arguments, stream
 
+        check_hf_arguments(kwargs, "stream")
         return stream(self, input_ids, max_new_tokens, **kwargs)
