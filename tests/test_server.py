@@ -1288,6 +1288,10 @@ def test_system_fingerprint_names_the_backend_in_every_response(served, client, 
     with torch.no_grad():
         other.transformer.h[0].mlp.c_fc.weight[0, 0] += 1.0  # (sampled: element 0 of every tensor)
     assert system_fingerprint(other) != fp
+    # int8 weight-only and int8 weights + activations hold the same tensors but give other tokens
+    if "fbgemm" in torch.backends.quantized.supported_engines:
+        fps = {system_fingerprint(GPT.from_pretrained(model_dir).quantize(m)) for m in ("int8", "int8-dynamic")}
+        assert len(fps) == 2 and fp not in fps
 
 
 def test_stop_and_text_part_errors_name_the_field_and_the_fix(served):

@@ -62,6 +62,7 @@ from pydantic_core import PydanticCustomError
 from . import __version__
 from .engine import Engine, FinishEvent, PromptEvent, QueueFullError, SamplingParams, TokenEvent
 from .generate import TextStream
+from .model import KVCache
 from .tokenizer import split_special
 
 if TYPE_CHECKING:
@@ -357,13 +358,16 @@ def _check_noops(req: _Sampling) -> None:
 # --- the server's state -------------------------------------------------------------------------
 def system_fingerprint(model: Any) -> str:
     """OpenAI's ``system_fingerprint``: names the backend configuration that decides which tokens a
-    seed gives (this package's and torch's versions, the device, the model's shape, dtypes and
-    weights), so that a client can tell when the same request and seed may stop repeating.
+    seed gives (this package's and torch's versions, the device, the model's shape, its modules as
+    ``repr`` describes them (int8 weight-only vs int8 activations too: same tensors, other numbers),
+    dtypes and weights), so that a client can tell when the same request and seed may stop repeating.
 
     The weights enter as an evenly spaced sample of each tensor's values in logical order (the same
     whatever the memory layout; cheap for any size): a fine-tune or another quantization changes it."""
+    modules = [(name, type(m).__name__, m.extra_repr()) for name, m in model.named_modules()
+               if not isinstance(m, KVCache)]  # (a cache comes and goes with the engine)
     h = hashlib.sha256(f"gpt2model {__version__}|torch {torch.__version__}|{model.device.type}|"
-                       f"{model.config}".encode())
+                       f"{model.config}|{modules}".encode())
     with torch.no_grad():
         for name, t in model.state_dict().items():
             flat = t.detach().reshape(-1)
