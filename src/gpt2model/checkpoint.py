@@ -245,6 +245,12 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
                               f"model.safetensors) and pass its path") from None
 
 
+def load_config(name_or_path: str | Path) -> GPTconfig:
+    """The :class:`GPTconfig` of a model folder (ours or HF GPT-2) or hub name, from its config.json
+    alone (the weights are not read: HF's ``AutoConfig``)."""
+    return _read_config(resolve_model_dir(name_or_path) / CONFIG_FILE)
+
+
 def load_model(name_or_path: str | Path, *, context_length: int | None = None, dropout: float | None = None,
                device: str | torch.device | None = None, dtype: torch.dtype | str | None = None) -> GPT:
     """Load a model folder (ours or HF GPT-2) or a hub name into a :class:`GPT` in eval mode.

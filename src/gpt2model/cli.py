@@ -125,14 +125,19 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
 def _run_info(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    import torch
+
+    from .checkpoint import load_config
     from .config import PRESETS, GPTconfig
     from .model import GPT
 
     # A folder of that name wins, as everywhere a model is named (a run's --out called shakespeare-char)
     if args.model in PRESETS and not Path(args.model).expanduser().is_dir():
-        model = GPT(GPTconfig.preset(args.model))
+        config = GPTconfig.preset(args.model)
     else:
-        model = GPT.from_pretrained(args.model)
+        config = load_config(args.model)  # the config only: no weights read
+    with torch.device("meta"):  # shapes without memory: gpt2-xl took 37 s and 6 GB to count its parameters
+        model = GPT(config)
     print(model.config.to_json(), end="")
     print(f"parameters: {model.num_params():,}")
     return 0
