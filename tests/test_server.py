@@ -1361,3 +1361,19 @@ def test_the_printed_url_of_an_ipv6_host_has_brackets():
     assert base_url("::1", 8000) == "http://[::1]:8000" and base_url("::", 80) == "http://[::]:80"
     assert base_url("127.0.0.1", 8000) == "http://127.0.0.1:8000" and base_url("[::1]", 1) == "http://[::1]:1"
     assert httpx.URL(base_url("::1", 8000) + "/v1").port == 8000
+
+
+def test_every_response_carries_an_x_request_id(served, client):
+    """OpenAI's API sends x-request-id (openai-python's `_request_id`); ours sent none. The client's own
+    X-Request-Id comes back (vLLM's rule) when it is a plain token, else a fresh one, 401s and streams too."""
+    r = client.completions.create(model="tiny", prompt="x", max_tokens=1)
+    assert r._request_id and r._request_id.startswith("req_")
+    assert client.completions.create(model="tiny", prompt="x", max_tokens=1)._request_id != r._request_id
+    raw = client.chat.completions.with_raw_response.create(
+        model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=1, stream=True,
+        extra_headers={"X-Request-Id": "trace-42"})
+    assert raw.headers["x-request-id"] == "trace-42"
+    assert served.post("/v1/completions", {"prompt": "x", "max_tokens": 1},
+                       headers={"X-Request-Id": "two words"}).headers["x-request-id"].startswith("req_")
+    r401 = httpx.get(served.url + "/v1/models", headers={"X-Request-Id": "t-401"})
+    assert r401.status_code == 401 and r401.headers["x-request-id"] == "t-401"

@@ -1185,7 +1185,10 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig) -> FastAPI:
 
 class _AuthAndCount:
     """ASGI middleware: the API key check (the OpenAI API under /v1, as vLLM does: /health, /metrics
-    and /tokenize stay open to probes and scrapers) and response counts by status.
+    and /tokenize stay open to probes and scrapers), response counts by status, and an
+    ``x-request-id`` header on every response, as OpenAI's API sends (openai-python's
+    ``_request_id``): the client's own ``X-Request-Id`` when it sent a plain one (vLLM's rule), else
+    a fresh id, for matching a client's log line to the server's.
 
     Plain ASGI rather than ``@app.middleware``: Starlette's BaseHTTPMiddleware wraps ``receive``,
     which hides client disconnects from streaming responses."""
@@ -1198,22 +1201,27 @@ class _AuthAndCount:
             return await self.app(scope, receive, send)
         path = scope["path"]
         label = path if path in _ROUTES else "other"
-        key = self.server.config.api_key
-        if key is not None and (path == "/v1" or path.startswith("/v1/")):
-            auth = dict(scope["headers"]).get(b"authorization", b"")
-            scheme, _, given = auth.partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), key.encode()):
-                self.server.metrics.responses.labels(label, "401").inc()
-                response = APIError(401, "missing or incorrect API key: send the header 'Authorization: Bearer "
-                                         "KEY'", code="invalid_api_key",
-                                    # RFC 9110: a 401 names the scheme it wants
-                                    headers={"WWW-Authenticate": "Bearer"}).response()
-                return await response(scope, receive, send)
+        headers = dict(scope["headers"])
+        given = headers.get(b"x-request-id", b"")
+        request_id = given if 0 < len(given) <= 128 and all(33 <= c <= 126 for c in given) \
+            else f"req_{uuid.uuid4().hex}".encode()
 
         async def counting_send(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 self.server.metrics.responses.labels(label, str(message["status"])).inc()
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id)]}
             await send(message)
+
+        key = self.server.config.api_key
+        if key is not None and (path == "/v1" or path.startswith("/v1/")):
+            auth = headers.get(b"authorization", b"")
+            scheme, _, given_key = auth.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(given_key.strip(), key.encode()):
+                response = APIError(401, "missing or incorrect API key: send the header 'Authorization: Bearer "
+                                         "KEY'", code="invalid_api_key",
+                                    # RFC 9110: a 401 names the scheme it wants
+                                    headers={"WWW-Authenticate": "Bearer"}).response()
+                return await response(scope, receive, counting_send)
 
         await self.app(scope, receive, counting_send)
 
