@@ -284,7 +284,7 @@ def test_client_disconnect_mid_stream_frees_the_slot(served):
     (b'{"prompt": "x", "mirostat": 2}', 400, "mirostat", "unsupported_field"),
     (b'{"prompt": "x", "stream_options": {"include_usage": true}}', 400, "stream_options", None),
     (b'{"prompt": "x", "stop": ["ok", ""]}', 400, "stop", "invalid_value"),
-    (b'{"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}', 400, "stop", "invalid_value"),
+    (json.dumps({"prompt": "x", "stop": [str(i) for i in range(33)]}).encode(), 400, "stop", "invalid_value"),
     (b'{"prompt": "x", "logit_bias": {"\xd9\xa1": 5}}', 400, "logit_bias", None),  # Arabic-Indic "1": not an id
     (b'{"prompt": "x", "response_format": {"type": "json_object"}}', 400, "response_format", "unsupported_value"),
     (b'{"prompt": null}', 400, "prompt", "invalid_value"),
@@ -1377,3 +1377,14 @@ def test_every_response_carries_an_x_request_id(served, client):
                        headers={"X-Request-Id": "two words"}).headers["x-request-id"].startswith("req_")
     r401 = httpx.get(served.url + "/v1/models", headers={"X-Request-Id": "t-401"})
     assert r401.status_code == 401 and r401.headers["x-request-id"] == "t-401"
+
+
+def test_more_than_four_stop_strings_as_vllm_and_llama_server_take_them(served, client):
+    """OpenAI's limit of 4 stop strings was a 400 here; vLLM and llama-server take any number, and
+    clients of local servers (editor autocompletion) send more. Each of them stops the text."""
+    ids = served.tok.encode("Once upon a time")
+    full = served.text(served.greedy(ids, 12))
+    at = next(i for i in range(1, len(full) - 3) if full.find(full[i:i + 3]) == i)
+    stops = [f"\x00{i}" for i in range(9)] + [full[at:at + 3]]
+    r = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=12, temperature=0, stop=stops)
+    assert (r.choices[0].text, r.choices[0].finish_reason) == (full[:at], "stop")

@@ -82,7 +82,9 @@ DEFAULT_CHAT_TEMPLATE = (
 DEFAULT_CHAT_STOP = ("\nUser:",)
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any prompt that fits a GPT-2 context
 MAX_N = 16
-MAX_STOP = 4  # as OpenAI
+# OpenAI takes 4 stop strings, vLLM and llama-server any number; editor and agent clients (Continue's
+# autocomplete ...) send more than 4 to local servers. Bounded, as each is looked for after every token.
+MAX_STOP = 32
 MAX_STOP_TOKEN_IDS = 64  # vLLM extension: end-of-text and these end a choice
 MAX_LOGPROBS = 5  # completions: as OpenAI
 MAX_TOP_LOGPROBS = 20  # chat: as OpenAI
