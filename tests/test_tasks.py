@@ -184,6 +184,19 @@ def test_special_token_text_in_a_task_is_the_token_as_lm_eval_encodes_it(gpt2_to
     assert encode_text(gpt2_tokenizer, "a <|endoftext|>") == hf_tok.encode("a <|endoftext|>") == [64, 220, 50256]
 
 
+def test_an_error_names_the_task_it_comes_from(tmp_path) -> None:
+    """`--task text8,multiple_choice` with a char model lacking a character said only "1 character(s) not
+    in the 4-character vocabulary", not in which task."""
+    from gpt2model.tokenizer import CharTokenizer, UnknownCharError
+
+    tok = CharTokenizer(" abc")
+    model = GPT(GPTconfig(context_length=16, vocab_size=tok.vocab_size, n_layer=1, n_head=1, d_model=8)).eval()
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text(json.dumps({"context": "ab", "choices": ["c", "a!"], "label": 0}) + "\n")
+    with pytest.raises(UnknownCharError, match=r"^task multiple_choice: 1 character\(s\) not in the 4-character"):
+        run_tasks(model, tok, ["multiple_choice"], mc_file=mc)
+
+
 # --- the tasks on the fixtures -------------------------------------------------------------------------
 def test_tasks_on_fixtures_match_separate_forwards(fixtures_data, tmp_path, tiny_gpt2, gpt2_tokenizer) -> None:
     """Each task's numbers from per-item log-likelihoods recomputed independently: HF's tokenizer

@@ -427,7 +427,13 @@ def run_tasks(model: GPT, tokenizer: Any, tasks: Sequence[str], **kwargs: Any) -
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {', '.join(map(repr, unknown))}; known: {', '.join(TASKS)}")
-    return [run_task(model, tokenizer, t, **kwargs) for t in tasks]
+    results = []
+    for t in tasks:
+        try:
+            results.append(run_task(model, tokenizer, t, **kwargs))
+        except ValueError as e:  # which task (of several) the text, an item or a length problem is in
+            raise type(e)(f"task {t}: {e}") from None
+    return results
 
 
 def format_table(results: Sequence[TaskResult]) -> str:
