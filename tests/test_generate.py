@@ -338,6 +338,23 @@ def test_stream_text_holds_back_partial_characters_and_stop_strings(monkeypatch:
     assert "".join(stream_text(None, tok, "x", 100, stop_strings=["STOP"])) == "abc ST"  # type: ignore[arg-type]
 
 
+def test_stream_text_reads_endoftext_in_a_text_prompt_as_the_token(data_dir, monkeypatch) -> None:
+    """As `gpt2 sample --prompt`, the server's completions prompt and HF's pipelines read it (it was 7
+    ordinary tokens here); a tokenizer without special tokens (ByteDecoder) encodes as before."""
+    seen = []
+
+    def recording(model, input_ids, max_new_tokens, **kwargs) -> Iterator[torch.Tensor]:
+        seen.append(input_ids[0])
+        yield from ()
+
+    from gpt2model.tokenizer import load_tokenizer
+
+    monkeypatch.setattr(gen_mod, "stream", recording)
+    list(stream_text(None, load_tokenizer("gpt2"), "a<|endoftext|>b", 3))  # type: ignore[arg-type]
+    list(stream_text(None, ByteDecoder(), "a<|", 3))  # type: ignore[arg-type]
+    assert seen == [[64, 50256, 65], [97, 60, 124]]
+
+
 def test_stream_text_with_the_gpt2_tokenizer(data_dir) -> None:
     from gpt2model.tokenizer import load_tokenizer
 

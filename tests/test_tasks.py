@@ -22,7 +22,6 @@ from gpt2model.evaluate import loglikelihoods, rolling_windows
 from gpt2model.tasks import (
     TASKS,
     encode_pair,
-    encode_text,
     hellaswag_preprocess,
     mean_stderr,
     run_task,
@@ -30,6 +29,7 @@ from gpt2model.tasks import (
     wikitext_detokenize,
     wikitext_pages,
 )
+from gpt2model.tokenizer import encode_as_hf
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "tasks"
 MC_FILE = FIXTURES / "multiple_choice.jsonl"
@@ -181,7 +181,7 @@ def test_special_token_text_in_a_task_is_the_token_as_lm_eval_encodes_it(gpt2_to
     ctx = hf_tok.encode(context)
     assert encode_pair(gpt2_tokenizer, context, continuation) == (ctx, hf_tok.encode(context + continuation)[len(ctx):])
     assert encode_pair(gpt2_tokenizer, "", "<|endoftext|>x") == ([50256], [87])  # lm-eval: the token is the context
-    assert encode_text(gpt2_tokenizer, "a <|endoftext|>") == hf_tok.encode("a <|endoftext|>") == [64, 220, 50256]
+    assert encode_as_hf(gpt2_tokenizer, "a <|endoftext|>") == hf_tok.encode("a <|endoftext|>") == [64, 220, 50256]
 
 
 def test_an_error_names_the_task_it_comes_from(tmp_path) -> None:

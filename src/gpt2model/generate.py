@@ -41,6 +41,7 @@ import torch
 
 from . import cpukernels
 from .model import check_token_ids
+from .tokenizer import encode_as_hf
 
 if TYPE_CHECKING:
     from .model import GPT
@@ -1231,7 +1232,7 @@ def stream_text(model: GPT, tokenizer: Any, prompt: str | Sequence[int], max_new
     if isinstance(prompt, str):
         if not prompt:
             raise ValueError("empty prompt: give some text (or the end-of-text token's ids)")
-        prompt_ids = tokenizer.encode(prompt)
+        prompt_ids = prompt_ids_for(tokenizer, prompt)[1]  # "<|endoftext|>" in it is the token, as the CLI reads it
     else:
         prompt_ids = [int(t) for t in prompt]
     text = TextStream(tokenizer, [s for s in (stop_strings or []) if s])
@@ -1257,7 +1258,7 @@ def prompt_ids_for(tokenizer: Any, prompt: str | None) -> tuple[str, list[int]]:
     tokenizer has one (the text is then ``""``), else a newline. "<|endoftext|>" written in the
     prompt is the end-of-text token, as nanoGPT's sample.py and HF's tokenizer read a prompt."""
     if prompt is not None:
-        ids = tokenizer.encode(prompt, allowed_special="all")
+        ids = encode_as_hf(tokenizer, prompt)
         if not ids:
             raise ValueError("the prompt is empty; give some text, or leave the prompt out for the default")
         return prompt, ids

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 from .assets import ASSETS, asset_path, data_dir
 from .evaluate import Request, loglikelihoods, rolling_windows
+from .tokenizer import encode_as_hf
 
 if TYPE_CHECKING:
     from .model import GPT
@@ -188,23 +189,13 @@ def multiple_choice_docs(path: str | Path, limit: int | None = None) -> list[dic
 
 
 # --- requests -----------------------------------------------------------------------------------
-def encode_text(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of a task's text as lm-eval's ``hf`` model encodes it (``tokenizer.encode(text,
-    add_special_tokens=False)`` with HF's tokenizer): special-token strings written in the text
-    (``"<|endoftext|>"``) are those tokens (7 ordinary tokens of GPT-2 read as text, a log-likelihood
-    off by tens of nats)."""
-    if getattr(tokenizer, "special_tokens", None):
-        return tokenizer.encode(text, allowed_special="all")
-    return tokenizer.encode(text)
-
-
 def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """lm-eval's context/continuation split (``api/model.py``: ``loglikelihood`` + ``_encode_pair``):
     trailing spaces of the context join the continuation; the continuation's tokens are those that
     ``context + continuation`` has after the context's own tokens. An empty context becomes the
     end-of-text token (or, without one, the continuation's first token, which is then not scored)."""
     if context == "":
-        cont = encode_text(tokenizer, continuation)
+        cont = encode_as_hf(tokenizer, continuation)
         eot = getattr(tokenizer, "eot", None)
         if eot is None or (cont and cont[0] == eot):
             return cont[:1], cont[1:]
@@ -213,8 +204,8 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
     if n_spaces:
         continuation = context[-n_spaces:] + continuation
         context = context[:-n_spaces]
-    whole = encode_text(tokenizer, context + continuation)
-    ctx = encode_text(tokenizer, context)
+    whole = encode_as_hf(tokenizer, context + continuation)
+    ctx = encode_as_hf(tokenizer, context)
     return ctx, whole[len(ctx):]
 
 
@@ -290,7 +281,7 @@ def _rolling(model: GPT, tokenizer: Any, texts: Sequence[str], batch_size: int, 
     windows: list[Request] = []
     owner: list[int] = []
     for i, text in enumerate(texts):
-        w = rolling_windows(encode_text(tokenizer, text), eot, model.config.context_length)
+        w = rolling_windows(encode_as_hf(tokenizer, text), eot, model.config.context_length)
         windows += w
         owner += [i] * len(w)
     res = loglikelihoods(model, windows, batch_size=batch_size, progress=progress, desc=desc)
@@ -381,7 +372,7 @@ def run_task(model: GPT, tokenizer: Any, task: str, *, limit: int | None = None,
     path = task_file(task)
     raw = path.read_bytes()
     test = raw[len(raw) - len(raw) // 20:].decode("utf-8", errors="replace")
-    tokens = encode_text(tokenizer, test)
+    tokens = encode_as_hf(tokenizer, test)
     eot = getattr(tokenizer, "eot", None)
     windows = rolling_windows(tokens, eot, model.config.context_length)
     if limit is not None:

@@ -144,6 +144,17 @@ def _encode_special(text: str, encode: Any, special_tokens: dict[str, int]) -> l
     return ids
 
 
+def encode_as_hf(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of ``text`` as HF's tokenizer reads text handed to it (a prompt in HF's pipelines
+    and vLLM, a task's text in lm-eval): special-token strings written in it (``"<|endoftext|>"``, a
+    fine-tune's ``"<|im_start|>"``) are those tokens (``encode(text, allowed_special="all")``), not
+    ordinary text as ``encode`` (and ``gpt2 prepare``) reads them. A tokenizer without
+    ``special_tokens`` (any object with ``encode``) encodes as it does."""
+    if getattr(tokenizer, "special_tokens", None):
+        return tokenizer.encode(text, allowed_special="all")
+    return tokenizer.encode(text)
+
+
 class UnknownCharError(ValueError):
     """Text holds characters outside a char tokenizer's vocabulary."""
 
