@@ -1388,3 +1388,13 @@ def test_more_than_four_stop_strings_as_vllm_and_llama_server_take_them(served, 
     stops = [f"\x00{i}" for i in range(9)] + [full[at:at + 3]]
     r = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=12, temperature=0, stop=stops)
     assert (r.choices[0].text, r.choices[0].finish_reason) == (full[:at], "stop")
+
+
+def test_completions_logprobs_up_to_20_as_vllm(served, client):
+    """logprobs above OpenAI's legacy 5 were a 400; vLLM gives up to 20 (its default max_logprobs), as
+    chat's top_logprobs here: each entry holds the 10 most likely tokens and the chosen one."""
+    r = client.completions.create(model="tiny", prompt="x", max_tokens=3, temperature=0, logprobs=10).choices[0]
+    for top, token, lp in zip(r.logprobs.top_logprobs, r.logprobs.tokens, r.logprobs.token_logprobs, strict=True):
+        assert len(top) >= 10 and top[token] == lp and max(top.values()) >= lp
+    e = served.post("/v1/completions", {"prompt": "x", "logprobs": 21}).json()["error"]
+    assert e["param"] == "logprobs" and "less than or equal to 20" in e["message"]

@@ -86,7 +86,7 @@ MAX_N = 16
 # autocomplete ...) send more than 4 to local servers. Bounded, as each is looked for after every token.
 MAX_STOP = 32
 MAX_STOP_TOKEN_IDS = 64  # vLLM extension: end-of-text and these end a choice
-MAX_LOGPROBS = 5  # completions: as OpenAI
+MAX_LOGPROBS = 20  # completions: vLLM's default limit (OpenAI's legacy API: 5), as chat's top_logprobs
 MAX_TOP_LOGPROBS = 20  # chat: as OpenAI
 
 
