@@ -295,6 +295,8 @@ def bench_against_llama(args: Any, clock: Any) -> list[dict[str, Any]]:
     import tempfile
     from statistics import median
 
+    import torch
+
     from gpt2model import cpukernels
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -307,6 +309,11 @@ def bench_against_llama(args: Any, clock: Any) -> list[dict[str, Any]]:
     plain: dict[str, list[float]] = {d: [] for d in dtypes}
     layered: dict[str, list[float]] = {d: [] for d in dtypes}
     theirs: dict[str, list[float]] = {d: [] for d in dtypes}
+    shares: dict[str, list[float]] = {d: [] for d in dtypes}
+
+    def thread_steps() -> list[int]:
+        return list(torch.ops.gpt2model_kernels.thread_steps()) if with_kernels else [0, 0]
+
     with tempfile.TemporaryDirectory() as tmp:
         ggufs = _export_ggufs("bpe", tuple(LLAMA_PEERS[d] for d in dtypes), Path(tmp))
         for d in dtypes:
@@ -318,7 +325,11 @@ def bench_against_llama(args: Any, clock: Any) -> list[dict[str, Any]]:
                     per_token_ms(models[d], 2, 1, True, clock)
         for r in range(args.repeats):
             for d in dtypes:
+                before = thread_steps()
                 ours[d].append(per_token_ms(models[d], args.tokens, 1, True, clock)[0])
+                split = [a - b for a, b in zip(thread_steps(), before, strict=True)]
+                if sum(split):  # the whole-step op's steps on all threads / on one (its ThreadChooser)
+                    shares[d].append(split[0] / sum(split))
                 if with_kernels:
                     with per_layer_ops():
                         layered[d].append(per_token_ms(models[d], args.tokens, 1, True, clock)[0])
@@ -327,6 +338,7 @@ def bench_against_llama(args: Any, clock: Any) -> list[dict[str, Any]]:
                 theirs[d].append(llama_per_token_ms(args.llama_bench, ggufs[LLAMA_PEERS[d]], args.threads,
                                                     args.tokens))
                 print(f"  round {r + 1}: ours {d} {ours[d][-1]:.2f} ms"
+                      + (f" ({100 * shares[d][-1]:.0f}% of steps on all threads)" if sum(split) else "")
                       + (f" (per-layer ops {layered[d][-1]:.2f}, torch's kernels only {plain[d][-1]:.2f})"
                          if plain[d] else "")
                       + f", llama.cpp {LLAMA_PEERS[d]} {theirs[d][-1]:.2f} ms", file=sys.stderr, flush=True)
@@ -336,6 +348,7 @@ def bench_against_llama(args: Any, clock: Any) -> list[dict[str, Any]]:
         rows.append(dict(shape="bpe-6x384", dtype=d, peer=f"llama.cpp {LLAMA_PEERS[d]}", threads=args.threads,
                          ours_ms=a, llama_ms=b, speed_ratio=b / a, ours_all=ours[d], llama_all=theirs[d],
                          torch_kernels_ms=median(plain[d]) if plain[d] else None, torch_kernels_all=plain[d],
+                         all_threads_share=shares[d],
                          per_layer_ms=median(layered[d]) if layered[d] else None, per_layer_all=layered[d]))
     return rows
 

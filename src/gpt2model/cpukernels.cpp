@@ -839,9 +839,13 @@ void attend(const float* q, const float* k_new, const float* v_new, T* kc, T* vc
 // has not started the step: a helper enters a step only if it is still open (`active`, `closed`:
 // a seq_cst handshake), and the caller, after its own share, closes the step and waits only for
 // helpers inside it. A helper that arrives late finds every phase's chunks taken and leaves. Idle
-// helpers spin a little (the Python between two tokens takes ~0.2-0.4 ms), then sleep.
+// helpers spin ~0.3 ms (a pause is ~33 ns on the 2-core EPYC), then sleep: longer than the Python
+// between two greedy tokens (~0.05-0.15 ms since greedy_step), so a helper is awake for the next
+// step instead of waiting for a wake-up (4,000 spins, ~0.13 ms: in a generate at load ~4 the
+// helper missed 15-25% of the steps and joined the rest 0.5-1.8 ms late on average; 10,000: it
+// joined every step, 0.07-0.14 ms late on average in one round, ~0.5 ms in another: load noise).
 #ifndef HELPER_SPINS
-#define HELPER_SPINS 4000
+#define HELPER_SPINS 10000
 #endif
 struct StepPool {
   std::atomic<uint64_t> gen{0}, closed{0};
