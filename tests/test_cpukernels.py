@@ -339,12 +339,15 @@ def test_fused_decode_step_matches_the_layers_and_is_the_same_for_any_threads_or
                 for blk, (k, v) in zip(model.transformer.h, saved, strict=True):
                     blk.attn.kv_cache.k.copy_(k)
                     blk.attn.kv_cache.v.copy_(v)
-                before = cpukernels.calls()
+                before, split = cpukernels.calls(), torch.ops.gpt2model_kernels.thread_steps()
                 try:
                     outs.append(model(ids, input_pos=slots, mask=mask))  # eager forward: the op
                 finally:
                     torch.ops.gpt2model_kernels.thread_policy(previous)
                 assert cpukernels.calls() - before == 1  # one op for the whole step
+                # thread_steps: [steps on all threads, on one] of multi-threaded runs (benchmarks read it)
+                ran = [a - b for a, b in zip(torch.ops.gpt2model_kernels.thread_steps(), split, strict=True)]
+                assert ran == ([0, 0] if n == 1 else [1, 0] if policy == 1 else [0, 1]), (n, policy, ran)
             assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
             tol = 0.02 if dtype == "bf16" else 2e-5
             assert outs[0].dtype == ref.dtype and outs[0].shape == (B, 1, 300)
