@@ -1398,3 +1398,16 @@ def test_completions_logprobs_up_to_20_as_vllm(served, client):
         assert len(top) >= 10 and top[token] == lp and max(top.values()) >= lp
     e = served.post("/v1/completions", {"prompt": "x", "logprobs": 21}).json()["error"]
     assert e["param"] == "logprobs" and "less than or equal to 20" in e["message"]
+
+
+def test_add_special_tokens_is_accepted_as_vllm_takes_it(served, client):
+    """vLLM's add_special_tokens (completions and chat) was a 400; GPT-2 adds no special token to a
+    prompt either way (HF's add_bos_token is false), so the tokens are the same."""
+    kw = dict(model="tiny", prompt="Hello there", max_tokens=4, temperature=0, logprobs=0, echo=True)
+    base = client.completions.create(**kw).choices[0]
+    for flag in (True, False):
+        r = client.completions.create(**kw, extra_body={"add_special_tokens": flag}).choices[0]
+        assert (r.text, r.logprobs.tokens) == (base.text, base.logprobs.tokens)
+    msgs = [{"role": "user", "content": "x"}]
+    assert client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2,
+                                          extra_body={"add_special_tokens": False}).usage.prompt_tokens > 0

@@ -228,6 +228,9 @@ class _Sampling(_Strict):
     include_stop_str_in_output: bool = False
     # vLLM's: logprobs name tokens "token_id:{id}" (exact, where a part of a character reads U+FFFD)
     return_tokens_as_token_ids: bool = False
+    # vLLM's (a BOS added to the prompt where the tokenizer asks for one): GPT-2's tokenizers add none
+    # either way, as HF's GPT-2 tokenizer (add_bos_token false), so both values ask for nothing.
+    add_special_tokens: bool | None = None
     # vLLM's (and HF's, llama.cpp's) sampling extensions: over the prompt and the generated tokens; 1 / 0 = off.
     # float32's range: the factor multiplies fp32 logits (1e300 overflowed into a 500)
     repetition_penalty: Annotated[float, Field(allow_inf_nan=False), AfterValidator(_float32_positive)] = 1.0
