@@ -195,6 +195,40 @@ def test_paths_the_os_refuses_are_one_line_errors(model_dir: Path, tmp_path: Pat
     assert f"Permission denied: {text} (no permission: pick a path you may use" in capsys.readouterr().err
 
 
+def test_an_unwritable_output_folder_fails_before_the_work_naming_the_users_path(model_dir: Path, tmp_path: Path,
+                                                                                  monkeypatch, capsys) -> None:
+    """eval --json into a read-only folder failed after the (possibly hours-long) evaluation, and that error
+    and export's named the temp file (".r.json.tmp-25360-aa9a2f59") instead of the path given."""
+    import errno
+    import os
+
+    from gpt2model.fileio import atomic_path
+
+    def refuse(self, missing_ok=False) -> None:  # a read-only file system refuses even unlinking a missing file
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    # a write refused inside atomic_path names the path asked for (the cleanup's own EROFS replaced it)
+    with monkeypatch.context() as m:
+        m.setattr(Path, "unlink", refuse)
+        with pytest.raises(OSError) as info, atomic_path(tmp_path / "out.gguf") as tmp:
+            raise OSError(errno.EROFS, "Read-only file system", str(tmp))
+    assert info.value.filename == str(tmp_path / "out.gguf")
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    real_access = os.access
+    # (a read-only file system or a folder without write permission, as seen by access(2); tests may run as root)
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != readonly and real_access(p, mode))
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT * 5)
+    loads = []
+    monkeypatch.setattr("gpt2model.cli._load", lambda args: loads.append(args) or (_ for _ in ()).throw(AssertionError))
+    assert main(["eval", "--model", str(model_dir), "--text", str(text), "--json", str(readonly / "r.json")]) == 2
+    assert main(["export", str(model_dir), "--gguf", str(readonly / "sub" / "m.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert f"--json {readonly / 'r.json'}: {readonly} is not writable" in err
+    assert f"--gguf {readonly / 'sub' / 'm.gguf'}: {readonly} is not writable" in err and not loads
+
+
 def test_sample_piped_into_head_stops_quietly(model_dir: Path) -> None:
     """`gpt2 sample ... | head -c 1` was a BrokenPipeError traceback once head had left."""
     import os

@@ -332,6 +332,22 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_eval)
 
 
+def _check_writable(flag: str, path: str) -> None:
+    """Fail before the work (an evaluation may take hours) if ``path`` could not be written: the
+    folder it would go in (or the nearest existing one above it) is a file, read-only or not ours."""
+    import os
+    from pathlib import Path
+
+    parent = Path(path).expanduser().absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {path}: {parent} is a file, so the file cannot be written there")
+    if not os.access(parent, os.W_OK | os.X_OK):  # (access() says EROFS for a read-only file system, root too)
+        raise ValueError(f"{flag} {path}: {parent} is not writable (read-only file system or no permission); "
+                         f"give a path in a folder you can write to")
+
+
 def _run_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -341,11 +357,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.json is not None and Path(args.json).is_dir():  # fail now, not after a long evaluation
         raise ValueError(f"--json {args.json} is a folder; give a file name, e.g. {Path(args.json) / 'eval.json'}")
     if args.json is not None:
-        parent = Path(args.json).expanduser().absolute().parent
-        while not parent.exists():
-            parent = parent.parent
-        if not parent.is_dir():
-            raise ValueError(f"--json {args.json}: {parent} is a file, so the file cannot be written there")
+        _check_writable("--json", args.json)
     for name in ("batch_size", "stride"):
         if getattr(args, name) is not None and getattr(args, name) < 1:  # 0 would silently mean the default
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -549,6 +561,7 @@ def _run_export(args: argparse.Namespace) -> int:
 
     if Path(args.gguf).is_dir():
         raise ValueError(f"--gguf {args.gguf} is a folder; give a file name, e.g. {Path(args.gguf) / 'model.gguf'}")
+    _check_writable("--gguf", args.gguf)
     out = export_gguf(args.model, args.gguf, args.dtype)
     print(f"wrote {out} ({args.dtype}, {Path(out).stat().st_size / 2**20:.1f} MiB)")
     return 0

@@ -68,7 +68,9 @@ def mount_point(path: str | Path) -> Path:
 
 @contextlib.contextmanager
 def disk_full_names(path: str | Path) -> Iterator[None]:
-    """Turn ``ENOSPC`` raised inside the block into a :class:`DiskFullError` naming ``path``."""
+    """Turn ``ENOSPC`` raised inside the block into a :class:`DiskFullError` naming ``path``; any
+    other error about ``path``'s temp sibling (:func:`temp_sibling`, e.g. a read-only file system)
+    names ``path``, the file the user asked for, instead."""
     try:
         yield
     except DiskFullError:
@@ -76,6 +78,8 @@ def disk_full_names(path: str | Path) -> Iterator[None]:
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise DiskFullError(path) from e
+        if e.filename is not None and Path(os.fsdecode(e.filename)).name.startswith(f".{Path(path).name}.tmp-"):
+            e.filename = str(path)
         raise
 
 
@@ -95,7 +99,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
         fsync_dir(path.parent)
     finally:
-        tmp.unlink(missing_ok=True)
+        # (a read-only file system refuses even unlinking a missing file, EROFS: that must not
+        # replace the error being raised)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
