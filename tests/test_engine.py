@@ -187,10 +187,16 @@ def test_prompts_as_id_arrays_and_tensors(engine: Engine) -> None:
 
     params = SamplingParams(max_tokens=4, temperature=0)
     want = [e.token for e in collect(engine.submit([4, 4, 2], params))[0]]
-    for prompt in (np.array([4, 4, 2], dtype=np.uint32), torch.tensor([4, 4, 2]), (4, 4, 2)):
+    # list(a uint32 array) holds numpy integers (were refused: "encode text with the tokenizer")
+    ids = np.array([4, 4, 2], dtype=np.uint32)
+    for prompt in (ids, torch.tensor([4, 4, 2]), (4, 4, 2), list(ids), [np.int64(4), 4, np.uint16(2)]):
         assert [e.token for e in collect(engine.submit(prompt, params))[0]] == want
-    for bad in (torch.tensor([4.0, 2.0]), torch.tensor([[4, 2]]), np.array([4.5])):
+    for bad in (torch.tensor([4.0, 2.0]), np.array([4.5]), [np.float32(4)], [np.bool_(True)]):
         with pytest.raises(ValueError, match="list of token ids"):
+            engine.submit(bad, params)
+    # generate()'s (1, T) batch names the shape and the fix (was "encode text with the tokenizer")
+    for bad in (torch.tensor([[4, 2]]), np.array([[4, 2]]), torch.tensor(4)):
+        with pytest.raises(ValueError, match=r"got a (Tensor|ndarray) of shape .*submit each row as its own request"):
             engine.submit(bad, params)
 
 

@@ -415,11 +415,17 @@ class Engine:
         V = self.vocab
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
-        if (isinstance(prompt_ids, torch.Tensor) and prompt_ids.ndim == 1 and not prompt_ids.is_floating_point()) \
-                or (isinstance(prompt_ids, np.ndarray) and prompt_ids.ndim == 1 and prompt_ids.dtype.kind in "iu"):
+        if isinstance(prompt_ids, (torch.Tensor, np.ndarray)) and prompt_ids.ndim != 1:
+            # a (1, T) batch as generate() takes it: one request is one row
+            raise ValueError(f"the prompt must be a list of token ids or a 1-D tensor of them, got a "
+                             f"{type(prompt_ids).__name__} of shape {tuple(prompt_ids.shape)}: submit each row as "
+                             f"its own request")
+        if (isinstance(prompt_ids, torch.Tensor) and not prompt_ids.is_floating_point()) \
+                or (isinstance(prompt_ids, np.ndarray) and prompt_ids.dtype.kind in "iu"):
             prompt_ids = prompt_ids.tolist()  # what encode_batch (uint32 arrays) and a (T,) id tensor hold
         if isinstance(prompt_ids, (str, bytes)) or not isinstance(prompt_ids, Sequence) \
-                or any(isinstance(t, bool) or not isinstance(t, int) for t in prompt_ids):
+                or any(isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)) for t in prompt_ids):
+            # (numpy integers are ids too: list(encode_batch(...)[0]) holds np.uint32, which is no int)
             raise ValueError("the prompt must be a list of token ids (integers); encode text with the tokenizer")
         prompt = [int(t) for t in prompt_ids]
         check_token_ids(torch.tensor(prompt, dtype=torch.long), cfg.vocab_size, ndim=1, name="the prompt")
