@@ -194,6 +194,17 @@ def test_prompts_as_id_arrays_and_tensors(engine: Engine) -> None:
     for bad in (torch.tensor([4.0, 2.0]), np.array([4.5]), [np.float32(4)], [np.bool_(True)]):
         with pytest.raises(ValueError, match="list of token ids"):
             engine.submit(bad, params)
+    # numpy numbers in the params (a seed from np.random, ids from an array) are numbers: were refused as
+    # "seed must be an integer, got np.int64(5)"
+    plain = SamplingParams(max_tokens=4, temperature=0.7, top_k=20, seed=5, logprobs=2, stop_token_ids=(3,),
+                           logit_bias={2: 1.5}, min_tokens=1)
+    typed = SamplingParams(max_tokens=np.int64(4), temperature=np.float32(0.7), top_k=np.int32(20),
+                           seed=np.int64(5), logprobs=np.uint8(2), stop_token_ids=(np.int64(3),),
+                           logit_bias={np.int64(2): np.float64(1.5)}, min_tokens=np.int64(1))
+    got = [(e.token, e.logprob) for e in collect(engine.submit([4, 4, 2], typed))[0]]
+    assert got == [(e.token, e.logprob) for e in collect(engine.submit([4, 4, 2], plain))[0]] and len(got) == 4
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        engine.submit([4], SamplingParams(max_tokens=1, seed=np.bool_(True)))
     # generate()'s (1, T) batch names the shape and the fix (was "encode text with the tokenizer")
     for bad in (torch.tensor([[4, 2]]), np.array([[4, 2]]), torch.tensor(4)):
         with pytest.raises(ValueError, match=r"got a (Tensor|ndarray) of shape .*submit each row as its own request"):

@@ -50,7 +50,7 @@ import traceback
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -262,6 +262,20 @@ def _logprob_events(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list[
             for t, lp, v, i in zip(tokens.tolist(), chosen, values, ids, strict=True)]
 
 
+def _plain(value: Any) -> Any:
+    """``value`` with numpy integers and floats (inside tuples, lists and dict keys and values too) as
+    Python's int and float; numpy bools stay (an error where a number is asked for)."""
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    return value
+
+
 def _set_all(events: list[asyncio.Event]) -> None:
     for event in events:
         event.set()
@@ -363,7 +377,7 @@ class Engine:
         ``max_queue`` requests already wait beyond the free slots, ``RuntimeError`` once shutting
         down (or when the engine failed to start). Requests submitted before :meth:`start` wait in
         the queue until it is called: nothing runs them before then."""
-        prompt = self._check(prompt_ids, params)
+        prompt, params = self._check(prompt_ids, params)
         request = Request(prompt, params, self._wake)
         with self._wake:
             if not self._accepting or self._fatal is not None:
@@ -410,11 +424,15 @@ class Engine:
                         max_queue=self.max_queue, ready=self.ready.is_set(), error=self._fatal,
                         **self._counts, **self._seconds, finished=dict(self._finished))
 
-    def _check(self, prompt_ids: Sequence[int], params: SamplingParams) -> list[int]:
+    def _check(self, prompt_ids: Sequence[int], params: SamplingParams) -> tuple[list[int], SamplingParams]:
+        """The prompt as a list of ints and the params with numpy numbers as Python's (a seed from
+        np.random, a top_k from an array: "seed must be an integer, got np.int64(5)" named no
+        problem), or a ValueError naming what is wrong."""
         cfg = self.model.config
         V = self.vocab
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        params = replace(params, **{f.name: _plain(getattr(params, f.name)) for f in fields(params)})
         if isinstance(prompt_ids, (torch.Tensor, np.ndarray)) and prompt_ids.ndim != 1:
             # a (1, T) batch as generate() takes it: one request is one row
             raise ValueError(f"the prompt must be a list of token ids or a 1-D tensor of them, got a "
@@ -463,7 +481,7 @@ class Engine:
                 raise ValueError(f"logit_bias keys must be token ids in [0, {V}), got {t!r}")
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100.0 <= v <= 100.0:
                 raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {v!r} for token {t}")
-        return prompt
+        return prompt, params
 
     # --- the inference thread ---------------------------------------------------------------------
     def _run(self) -> None:
