@@ -110,6 +110,18 @@ def test_a_saved_char_tokenizer_is_the_same_tokenizer_for_transformers(tmp_path)
     for s in (text, text[::-1], "  \n\n", "e\u0301\u0301", "qyz!"):  # q, y, z: mapped to the unknown character
         assert hf.encode(s) == tok.encode(s)
         assert hf.decode(tok.encode(s)) == tok.decode(tok.encode(s))
+    # Another tokenizer saved over it: transformers must not read the char tokenizer's files left there
+    gpt2 = load_tokenizer("gpt2")
+    GPT(GPTconfig(context_length=8, vocab_size=50257, n_layer=1, n_head=1, d_model=8)).save_pretrained(
+        tmp_path, tokenizer=gpt2)
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert hf.encode(text) == gpt2.encode(text, allowed_special="all")
+    CharTokenizer.from_text(text).save(tmp_path)
+    bpe = BPETokenizer.train([text * 3], 300)
+    bpe.save(tmp_path)
+    assert not (tmp_path / "tokenizer_config.json").exists()  # it held only the char tokenizer's class
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert hf.encode(text) == bpe.encode(text, allowed_special="all")
 
 
 def test_char_mixed_script_round_trip():

@@ -96,6 +96,26 @@ def _write_spec(directory: str | Path, spec: dict[str, Any]) -> Path:
     return directory
 
 
+# tokenizer_config.json's class for a char tokenizer's tokenizer.json (the generic fast tokenizer).
+CHAR_HF_CLASS = "PreTrainedTokenizerFast"
+
+
+def _drop_char_hf_class(directory: Path) -> None:
+    """Saving another tokenizer over a char tokenizer's folder: the tokenizer_config.json class that
+    CharTokenizer wrote would make transformers read the folder's BPE with the generic class."""
+    config = directory / "tokenizer_config.json"
+    try:
+        old = json.loads(config.read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError):
+        return
+    if isinstance(old, dict) and old.get("tokenizer_class") == CHAR_HF_CLASS:
+        del old["tokenizer_class"]
+        if old:
+            atomic_write_json(config, old)
+        else:
+            config.unlink()
+
+
 def _allowed(allowed_special: Set[str] | str, special_tokens: dict[str, int]) -> dict[str, int]:
     """The special tokens (text -> id) that ``allowed_special`` lets ``encode`` read as tokens."""
     if isinstance(allowed_special, str):
@@ -245,7 +265,7 @@ class CharTokenizer:
         with atomic_path(directory / BPETokenizer.FILE) as tmp:
             hf.save(str(tmp))
         # The generic class: the folder's config.json says gpt2, whose tokenizer class would expect a BPE.
-        atomic_write_json(directory / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast"})
+        atomic_write_json(directory / "tokenizer_config.json", {"tokenizer_class": CHAR_HF_CLASS})
 
     def __repr__(self) -> str:
         return f"CharTokenizer(vocab_size={self.vocab_size})"
@@ -373,6 +393,10 @@ class GPT2Tokenizer:
                 continue
             with atomic_path(dst) as tmp:
                 shutil.copyfile(src, tmp)
+        # transformers reads a tokenizer.json before vocab.json + merges.txt: one left by a tokenizer saved
+        # here before (a char model's, a fine-tune's) would be read instead of these.
+        (directory / BPETokenizer.FILE).unlink(missing_ok=True)
+        _drop_char_hf_class(directory)
 
     def __repr__(self) -> str:
         return f"GPT2Tokenizer(vocab_size={self.vocab_size})"
@@ -560,6 +584,7 @@ class BPETokenizer:
         directory = _write_spec(directory, self.spec())
         with atomic_path(directory / self.FILE) as tmp:
             self._tok.save(str(tmp))
+        _drop_char_hf_class(directory)
         if self.chat_template is not None:  # where transformers >= 4.43 (and hf.find_chat_template) read it
             with atomic_path(directory / "chat_template.jinja") as tmp:
                 tmp.write_text(self.chat_template, encoding="utf-8")
