@@ -139,6 +139,26 @@ def test_a_model_changed_and_saved_by_transformers_loads_as_transformers_reads_i
         assert max_diff(ours(x), hf_reference(tmp_path / "hf")(x).logits) <= 1e-5
 
 
+def test_saving_over_a_folder_updates_its_generation_config_eos(tmp_path: Path) -> None:
+    """A downloaded GPT-2's generation_config.json (eos 50256), which HF's generate and `gpt2 sample/serve`
+    read before config.json, kept stopping at end-of-text after a chat fine-tune was saved over it."""
+    from gpt2model.hf import find_eos_ids
+    from gpt2model.tokenizer import BPETokenizer
+
+    tok = BPETokenizer.train(["hello world, a chat " * 50], 300)
+    tok._tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    tok = BPETokenizer(tok._tok)
+    tok.eos_token = "<|im_end|>"
+    im_end = tok.special_tokens["<|im_end|>"]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"bos_token_id": 50256, "eos_token_id": 50256,
+                                                                 "do_sample": True}))
+    GPT(GPTconfig(context_length=8, vocab_size=tok.vocab_size, n_layer=1, n_head=1, d_model=8)).save_pretrained(
+        tmp_path, tokenizer=tok)
+    assert json.loads((tmp_path / "generation_config.json").read_text()) == {
+        "bos_token_id": tok.eot, "eos_token_id": im_end, "do_sample": True}  # its other settings kept
+    assert find_eos_ids(tmp_path) == (im_end,)
+
+
 def test_hf_writes_no_weight_warnings(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     GPT(SHAPES["odd"]).save_pretrained(tmp_path)
     with caplog.at_level(logging.WARNING):

@@ -215,6 +215,16 @@ def save_model(model: torch.nn.Module, directory: str | Path, tokenizer: Any = N
                                    eos_id=eos_id(tokenizer) if tokenizer is not None else None))
     if tokenizer is not None and save_tokenizer:
         tokenizer.save(directory)
+    generation = directory / "generation_config.json"
+    if tokenizer is not None and generation.is_file():
+        # HF's generate and find_eos_ids read it before config.json: one left by the model saved here
+        # before (a downloaded gpt2's 50256) would override the eos written now (a chat fine-tune's).
+        try:
+            old = json.loads(generation.read_text(encoding="utf-8-sig"))
+        except (OSError, ValueError):
+            old = None
+        if isinstance(old, dict):
+            atomic_write_json(generation, {**old, "bos_token_id": eot, "eos_token_id": eos_id(tokenizer)})
     return directory
 
 
