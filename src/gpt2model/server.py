@@ -14,7 +14,9 @@ Endpoints (see the README's "Serving" section for every field):
   latency histograms);
 * ``POST /tokenize``, ``POST /detokenize``.
 
-Every GET endpoint answers HEAD; a wrong method is a 405 with ``Allow``; a compressed body a 415.
+Every GET endpoint answers HEAD; a wrong method is a 405 with ``Allow``; a compressed body a 415; an
+unknown path a 404 naming the path meant (a base_url without ``/v1``) or the endpoints. Responses carry
+``system_fingerprint`` (:func:`system_fingerprint`) and an ``x-request-id`` header, as OpenAI's do.
 
 Every error has OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``. A field we do not
 support is a 400 naming it (never silently ignored); OpenAI fields whose value changes nothing
