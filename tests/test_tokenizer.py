@@ -110,6 +110,8 @@ def test_a_saved_char_tokenizer_is_the_same_tokenizer_for_transformers(tmp_path)
     for s in (text, text[::-1], "  \n\n", "e\u0301\u0301", "qyz!"):  # q, y, z: mapped to the unknown character
         assert hf.encode(s) == tok.encode(s)
         assert hf.decode(tok.encode(s)) == tok.decode(tok.encode(s))
+    CharTokenizer("a\udc80").save(tmp_path / "surrogate")  # (no HF files for it, and no crash)
+    assert isinstance(load_tokenizer(tmp_path / "surrogate"), CharTokenizer)
     # Another tokenizer saved over it: transformers must not read the char tokenizer's files left there
     gpt2 = load_tokenizer("gpt2")
     GPT(GPTconfig(context_length=8, vocab_size=50257, n_layer=1, n_head=1, d_model=8)).save_pretrained(

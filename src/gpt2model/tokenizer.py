@@ -257,6 +257,8 @@ class CharTokenizer:
         ``tokenizer_config.json``, so ``AutoTokenizer.from_pretrained`` on a char model's folder gives
         our ids (without them it built an empty GPT-2 tokenizer that encodes every text to ``[]``)."""
         directory = _write_spec(directory, self.spec())
+        if any("\ud800" <= c <= "\udfff" for c in self.chars):
+            return  # lone surrogates (a str from surrogateescape) are no UTF-8 text: HF's tokenizers cannot hold them
         from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
         hf = Tokenizer(models.WordLevel(dict(self._stoi), unk_token=self.unknown))
