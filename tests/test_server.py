@@ -1411,3 +1411,27 @@ def test_add_special_tokens_is_accepted_as_vllm_takes_it(served, client):
     msgs = [{"role": "user", "content": "x"}]
     assert client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2,
                                           extra_body={"add_special_tokens": False}).usage.prompt_tokens > 0
+
+
+def test_a_client_that_times_out_is_a_499_not_an_asgi_exception(served):
+    """A non-streamed request whose client gave up (its timeout) ended the handler with CancelledError:
+    uvicorn logged "Exception in ASGI application" and a 50-line traceback per such client. Now it is
+    nginx's 499 (client closed request) in /metrics, the slots freed, nothing logged."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger("uvicorn.error").addHandler(handler)
+    try:
+        with pytest.raises(httpx.TimeoutException):
+            served.post("/v1/completions", {"prompt": "x", "max_tokens": CTX - 2, "n": 4}, timeout=0.2)
+        for _ in range(100):
+            time.sleep(0.05)
+            metrics = httpx.get(served.url + "/metrics").text
+            if served.running() == 0 and 'endpoint="/v1/completions",status="499"' in metrics:
+                break
+        assert 'endpoint="/v1/completions",status="499"' in metrics and served.running() == 0
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(handler)
+    assert not records, [r.getMessage() for r in records]

@@ -939,6 +939,12 @@ async def _collect(server: _Server, request: Request, choices: list[_Choice], ar
             work.cancel()  # the client left: events()'s finally cancels the engine requests
             with contextlib.suppress(asyncio.CancelledError):
                 await work
+    if work.cancelled():
+        # Nobody reads an answer now; nginx's 499 ("client closed request") is what /metrics counts.
+        # (work.result() raised CancelledError out of the handler: uvicorn logged "Exception in ASGI
+        # application" and a 50-line traceback for every client that timed out.)
+        raise APIError(499, "the client closed the connection before the answer was ready",
+                       code="client_closed_request")
     work.result()
 
 
