@@ -548,6 +548,14 @@ def test_hidden_files_and_folders_inside_an_input_folder_are_skipped(tmp_path):
         prepare_dataset([notes], tmp_path / "out3", tokenizer="char", progress=False)
 
 
+def test_special_tokens_with_a_char_tokenizer_is_refused(tmp_path):
+    """`prepare --tokenizer char --special-tokens` ignored the option silently (a char vocabulary has none)."""
+    (tmp_path / "a.txt").write_text("hello world\n" * 5)
+    with pytest.raises(ValueError, match="--special-tokens reads .* but the char tokenizer has none; drop it"):
+        prepare_dataset([tmp_path / "a.txt"], tmp_path / "ds", tokenizer="char", special_tokens=True, progress=False)
+    assert not (tmp_path / "ds").exists()
+
+
 @pytest.mark.parametrize("kind, extra", [("gpt2", {}), ("bpe", {"vocab_size": 260})])
 def test_unknown_char_with_a_byte_level_tokenizer_is_refused(tmp_path, kind, extra):
     """`prepare --tokenizer gpt2 --unknown-char X` (or bpe) ignored the option silently."""

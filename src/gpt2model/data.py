@@ -336,6 +336,9 @@ def _write_dataset(out: Path, name: str, sources: list[Path], tokenizer: str, vo
                    val_fraction: float, errors: str, unknown_char: str | None, chunk_bytes: int, total_bytes: int,
                    progress: bool, special_tokens: bool = False) -> None:
     tok = _build_tokenizer(tokenizer, sources, vocab_size, errors, unknown_char, chunk_bytes)
+    if special_tokens and not getattr(tok, "special_tokens", None):  # was silently ignored
+        raise ValueError(f"--special-tokens reads a tokenizer's special-token strings as those tokens, but the "
+                         f"{tok.name} tokenizer has none; drop it")
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32)
     remove_stale_temporaries(out.parent, name=out.name)  # temp folders of killed prepares of `out`
     tmp = temp_sibling(out)
