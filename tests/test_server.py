@@ -1414,7 +1414,8 @@ def test_add_special_tokens_is_accepted_as_vllm_takes_it(served, client):
 
 
 def test_a_client_that_times_out_is_a_499_not_an_asgi_exception(served):
-    """A non-streamed request whose client gave up (its timeout) ended the handler with CancelledError:
+    """A non-streamed request whose client gave up (its timeout) ended the handler with CancelledError
+    (one whose client left mid-body with ClientDisconnect):
     uvicorn logged "Exception in ASGI application" and a 50-line traceback per such client. Now it is
     nginx's 499 (client closed request) in /metrics, the slots freed, nothing logged."""
     import logging
@@ -1432,6 +1433,17 @@ def test_a_client_that_times_out_is_a_499_not_an_asgi_exception(served):
             if served.running() == 0 and 'endpoint="/v1/completions",status="499"' in metrics:
                 break
         assert 'endpoint="/v1/completions",status="499"' in metrics and served.running() == 0
+        # A client that leaves halfway through sending its body: starlette's ClientDisconnect, logged the same way
+        host, port = served.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
+                      + b"\r\nContent-Length: 1000\r\n\r\n{\"messa")
+            time.sleep(0.2)
+        for _ in range(100):
+            time.sleep(0.05)
+            if 'endpoint="/v1/chat/completions",status="499"' in httpx.get(served.url + "/metrics").text:
+                break
+        assert 'endpoint="/v1/chat/completions",status="499"' in httpx.get(served.url + "/metrics").text
     finally:
         logging.getLogger("uvicorn.error").removeHandler(handler)
     assert not records, [r.getMessage() for r in records]

@@ -60,6 +60,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
+from starlette.requests import ClientDisconnect
 
 from . import __version__
 from .engine import Engine, FinishEvent, PromptEvent, QueueFullError, SamplingParams, TokenEvent
@@ -527,12 +528,16 @@ class _Server:
             raise APIError(413, f"request body of {int(length)} bytes is larger than the limit of {limit} bytes",
                            code="request_too_large")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise APIError(413, f"request body is larger than the limit of {limit} bytes",
-                               code="request_too_large")
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise APIError(413, f"request body is larger than the limit of {limit} bytes",
+                                   code="request_too_large")
+                chunks.append(chunk)
+        except ClientDisconnect:  # (else uvicorn logs "Exception in ASGI application" and a traceback)
+            raise APIError(499, "the client closed the connection while sending the request body",
+                           code="client_closed_request") from None
         raw = b"".join(chunks)
         # Any Content-Type is read as JSON (curl -d sends form-urlencoded; llama-server reads it too),
         # but a body that is not JSON says how it was sent (curl -F: multipart form data).
