@@ -27,6 +27,13 @@ and with torch's kernels only, compiled (without gpt2model.cpukernels); with ``-
 are CPU time per token, with more threads wall time:
 
     flock /work/wt/.bench.lock python bench/bench_decode.py --llama-bench --threads 1 --dtypes fp32,bf16,int8
+
+``--op`` instead times the whole-step op alone (``gpt2model_kernels::decode_step`` called directly
+on a cache holding a 100-token history, ``--calls`` calls per round; with more than one thread on
+all threads and on the calling thread alone, the op's two modes, interleaved): what a token costs
+inside the op, against the memory floor, without generate's Python around it:
+
+    flock /work/wt/.bench.lock python bench/bench_decode.py --op --threads 2 --shapes bpe-6x384 --dtypes bf16
 """
 
 from __future__ import annotations
@@ -353,6 +360,60 @@ def bench_against_llama(args: Any, clock: Any) -> list[dict[str, Any]]:
     return rows
 
 
+def bench_op(args: Any, clock: Any, bandwidth: float) -> list[dict[str, Any]]:
+    """ms per call of the whole-step op (medians and minima of ``--calls`` calls per round, interleaved
+    over ``--repeats`` rounds) per shape and dtype; at more than one thread per mode (all, one)."""
+    import torch
+
+    from gpt2model import cpukernels
+
+    if not cpukernels.load():
+        raise SystemExit(f"--op needs our CPU kernels: {cpukernels._state.get('why')}")
+    modes = {"all threads": 1, "one thread": 2} if args.threads > 1 else {"one thread": 0}
+    rows = []
+    for name in args.shapes.split(","):
+        for dtype in args.dtypes.split(","):
+            model = build(SHAPES[name], dtype)
+            L = min(100, model.config.context_length)
+            model.setup_cache(1, L)
+            restore = None
+            try:
+                from gpt2model.quantize import restore_layout
+
+                restore_layout(model)  # fp32: the row-major layout the op reads (a one-row cache's)
+                ids = torch.randint(0, model.config.vocab_size, (1, L), generator=torch.Generator().manual_seed(0))
+                with torch.no_grad():
+                    model(ids[:, :-1], input_pos=torch.arange(L - 1))
+                    args_ = model._fused_decode_args()
+                    if args_ is None:
+                        raise SystemExit(f"the whole-step op does not apply to {name} {dtype}")
+                    mask = torch.zeros(1, 1, 1, L, dtype=model.dtype)
+                    token, slot = ids[:, -1:], torch.tensor([L - 1])
+                    op = torch.ops.gpt2model_kernels.decode_step
+                    times: dict[str, list[float]] = {m: [] for m in modes}
+                    restore = torch.ops.gpt2model_kernels.thread_policy(0)
+                    for _ in range(args.repeats):
+                        for mode, policy in modes.items():
+                            torch.ops.gpt2model_kernels.thread_policy(policy)
+                            for _ in range(5):
+                                op(token, slot, slot, mask, *args_)
+                            for _ in range(args.calls):
+                                t = clock()
+                                op(token, slot, slot, mask, *args_)
+                                times[mode].append((clock() - t) * 1e3)
+            finally:
+                if restore is not None:
+                    torch.ops.gpt2model_kernels.thread_policy(restore)
+                model.clear_cache()
+            floor = weight_bytes(model) / (bandwidth * 1e9) * 1e3
+            for mode, ts in times.items():
+                ts.sort()
+                rows.append(dict(shape=name, dtype=dtype, threads=args.threads, mode=mode, median_ms=ts[len(ts) // 2],
+                                 min_ms=ts[0], memory_floor_ms=floor, calls=len(ts)))
+                print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=1)
@@ -364,6 +425,8 @@ def main() -> int:
     p.add_argument("--out", default=None, help="JSON file (default: bench/results/decode.json)")
     p.add_argument("--matmuls", action="store_true", help="time the decode matmuls alone in every layout")
     p.add_argument("--rows", default="1,8,16", help="with --matmuls: comma-separated row counts")
+    p.add_argument("--op", action="store_true", help="time the whole-step op alone (at >1 thread: all vs one)")
+    p.add_argument("--calls", type=int, default=200, help="with --op: calls per mode and round")
     p.add_argument("--llama-bench", nargs="?", const=find_llama_bench() or "", default=None, metavar="PATH",
                    help="instead: ours compiled vs llama.cpp (fp32 vs f32, bf16 vs f16, int8 vs q8_0) on the "
                         "bpe-6x384 model at batch 1, interleaved over --repeats rounds (default binary: "
@@ -396,6 +459,18 @@ def main() -> int:
         out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / "decode_llama.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(dict(bandwidth_gbs=bandwidth, rows=rows), indent=2))
+        return 0
+    if args.op:
+        result = bench_op(args, clock, bandwidth)
+        print(f"\nread bandwidth {bandwidth:.1f} GB/s ({args.threads} thread(s)); torch {torch.__version__}; "
+              f"load {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
+        print(f"{'shape':>10} {'dtype':>5} {'mode':>12} {'median ms':>9} {'min ms':>7} {'mem floor':>9}")
+        for r in result:
+            print(f"{r['shape']:>10} {r['dtype']:>5} {r['mode']:>12} {r['median_ms']:9.3f} {r['min_ms']:7.3f} "
+                  f"{r['memory_floor_ms']:9.3f}")
+        out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / "decode_op.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(dict(bandwidth_gbs=bandwidth, rows=result), indent=2))
         return 0
     if args.matmuls:
         result = bench_matmuls(args, clock)

@@ -54,3 +54,17 @@ def test_matmuls_mode_writes_a_row_per_matrix_dtype_and_row_count(tmp_path: Path
     assert {(r["matrix"], r["rows"]) for r in rows} == {(m, n) for m in ("qkv", "fc", "mlp proj") for n in (1, 4)}
     for r in rows:
         assert r["ms"]["F.linear(x, W) row-major"] > 0 and r["ms"]["F.linear(x, W) column-major (x @ Wt)"] > 0
+
+
+def test_op_mode_times_the_whole_step_op_in_both_thread_modes(tmp_path: Path, run_script) -> None:
+    out = tmp_path / "op.json"
+    proc = run_script(
+        [sys.executable, str(ROOT / "bench" / "bench_decode.py"), "--op", "--shapes", "seed", "--dtypes", "int8",
+         "--threads", "2", "--repeats", "1", "--calls", "3", "--out", str(out)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    modes = [(r["dtype"], r["mode"], r["calls"]) for r in rows]
+    assert modes == [("int8", "all threads", 3), ("int8", "one thread", 3)]
+    assert all(0 < r["min_ms"] <= r["median_ms"] and r["memory_floor_ms"] > 0 for r in rows)
