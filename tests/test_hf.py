@@ -164,18 +164,18 @@ def test_hf_writes_no_weight_warnings(tmp_path: Path, caplog: pytest.LogCaptureF
     with caplog.at_level(logging.WARNING):
         GPT2LMHeadModel.from_pretrained(tmp_path)
     # HF logs a "LOAD REPORT" table listing MISSING / UNEXPECTED / MISMATCHED keys when anything is off.
-    noisy = ("load report", "missing", "unexpected", "mismatch", "newly initialized", "weight")
+    noisy = ("load report", "missing", "unexpected", "mismatch", "newly initialized", "weight", "deprecated")
     assert not [r for r in caplog.records if any(w in r.getMessage().lower() for w in noisy)]
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["model_type"] == "gpt2" and cfg["architectures"] == ["GPT2LMHeadModel"]
     # llama.cpp's convert_hf_to_gguf.py reads n_ctx (OpenAI's configs carry it); the dtype is the tensors'.
-    assert cfg["n_ctx"] == cfg["n_positions"] == 96 and cfg["torch_dtype"] == "float32"
+    assert cfg["n_ctx"] == cfg["n_positions"] == 96 and cfg["dtype"] == "float32"
 
 
 def test_config_json_names_the_saved_dtype(tmp_path: Path) -> None:
     GPT(SHAPES["odd"]).to(torch.bfloat16).save_pretrained(tmp_path)
-    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
-    hf = GPT2LMHeadModel.from_pretrained(tmp_path, torch_dtype="auto")
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path, dtype="auto")
     assert hf.dtype == torch.bfloat16
 
 

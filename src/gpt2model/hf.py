@@ -30,7 +30,7 @@ def config_to_hf(config: GPTconfig, eot_id: int | None = None,
                  dtype: torch.dtype = torch.float32, eos_id: int | None = None) -> dict[str, Any]:
     """A ``config.json`` dict that ``transformers.GPT2Config`` reads, with our config kept under
     ``"gpt2model"`` so a round trip loses nothing (e.g. ``bias=False``). ``dtype``: that of the
-    saved tensors (HF's ``torch_dtype``). ``eos_id``: the end-of-sequence id where it is not
+    saved tensors (HF's ``dtype``, formerly ``torch_dtype``). ``eos_id``: the end-of-sequence id where it is not
     ``eot_id`` (a chat fine-tune's ``<|im_end|>``). ``n_ctx`` repeats ``n_positions`` as OpenAI's
     GPT-2 configs do: llama.cpp's ``convert_hf_to_gguf.py`` reads it."""
     return {
@@ -57,7 +57,9 @@ def config_to_hf(config: GPTconfig, eot_id: int | None = None,
         # HF insists these lie inside the vocabulary; a char model has no end-of-text token.
         "bos_token_id": eot_id,
         "eos_token_id": eot_id if eos_id is None else eos_id,  # a chat fine-tune's own (<|im_end|>)
-        "torch_dtype": str(dtype).removeprefix("torch."),
+        # (transformers >= 4.56 names it "dtype" and warns "`torch_dtype` is deprecated!" on the old key;
+        # older versions without the key take the weights' own dtype for torch_dtype="auto")
+        "dtype": str(dtype).removeprefix("torch."),
         "gpt2model": config.to_dict(),
     }
 
