@@ -1108,6 +1108,9 @@ def test_cors_preflight_and_headers_as_vllm_sends_them(served):
     bad = httpx.post(served.url + "/v1/completions", json={"prompt": "x"}, headers=origin)
     assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "*"
     assert bad.status_code == 401 and bad.headers["access-control-allow-origin"] == "*"
+    # a page's script may read x-request-id and a 429's Retry-After (were not exposed: invisible to it)
+    exposed = {h.strip().lower() for h in ok.headers["access-control-expose-headers"].split(",")}
+    assert {"x-request-id", "retry-after"} <= exposed
 
 
 def test_a_byte_order_mark_is_no_part_of_a_body_or_a_chat_template(served, tmp_path):

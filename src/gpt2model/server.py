@@ -1020,7 +1020,10 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig) -> FastAPI:
         # Outermost (added last), as vLLM's: a browser's preflight OPTIONS carries no API key, and the
         # CORS headers go on every answer, errors included (else the page cannot read them).
         app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_credentials=False,
-                           allow_methods=["*"], allow_headers=["*"])
+                           allow_methods=["*"], allow_headers=["*"],
+                           # what a page's script may read besides the CORS-safelisted headers: the
+                           # request id to report and the 429's back-off
+                           expose_headers=["x-request-id", "retry-after"])
 
     @app.exception_handler(404)
     async def _not_found(request: Request, e: Exception) -> JSONResponse:
