@@ -548,6 +548,15 @@ def test_hidden_files_and_folders_inside_an_input_folder_are_skipped(tmp_path):
         prepare_dataset([notes], tmp_path / "out3", tokenizer="char", progress=False)
 
 
+def test_a_broken_symbolic_link_in_an_input_folder_is_named(tmp_path):
+    """A *.txt link whose target is gone was skipped silently: a document missing from the corpus."""
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("hello world\n" * 50)
+    (tmp_path / "texts" / "b.txt").symlink_to(tmp_path / "gone.txt")
+    with pytest.raises(FileNotFoundError, match=r"b.txt is a broken symbolic link \(to .*gone.txt, which does not "):
+        prepare_dataset([tmp_path / "texts"], tmp_path / "ds", tokenizer="char", progress=False)
+
+
 def test_special_tokens_with_a_char_tokenizer_is_refused(tmp_path):
     """`prepare --tokenizer char --special-tokens` ignored the option silently (a char vocabulary has none)."""
     (tmp_path / "a.txt").write_text("hello world\n" * 5)

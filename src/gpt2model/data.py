@@ -180,8 +180,15 @@ def resolve_sources(inputs: Sequence[str | Path], glob: str = "*.txt") -> list[P
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
-            matches = [p for p in path.rglob(glob) if p.is_file()]
+            every = list(path.rglob(glob))
+            matches = [p for p in every if p.is_file()]
             found = sorted(p for p in matches if not any(part.startswith(".") for part in p.relative_to(path).parts))
+            broken = sorted(p for p in every if p.is_symlink() and not p.exists()
+                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            if broken:  # (was skipped silently: a document missing from the corpus without a word)
+                raise FileNotFoundError(f"{broken[0]} is a broken symbolic link (to {os.readlink(broken[0])}, which "
+                                        f"does not exist){f' and {len(broken) - 1} more' if len(broken) > 1 else ''}; "
+                                        f"restore its target or remove the link")
             if not found:
                 hidden = f" (only hidden ones, which are skipped: {matches[0]}, ...; name them directly)" \
                     if matches else ""
