@@ -414,6 +414,13 @@ def bench_op(args: Any, clock: Any, bandwidth: float) -> list[dict[str, Any]]:
     return rows
 
 
+def write_results(args: argparse.Namespace, name: str, bandwidth: float, rows: list[dict[str, Any]]) -> None:
+    """The run's rows as JSON: ``--out``, else ``bench/results/NAME.json``."""
+    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(bandwidth_gbs=bandwidth, rows=rows), indent=2))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=1)
@@ -456,9 +463,7 @@ def main() -> int:
             tk, pl = r["torch_kernels_ms"], r["per_layer_ms"]
             print(f"{r['dtype']:>5} {r['ours_ms']:8.2f} {r['peer']:>15} {r['llama_ms']:8.2f} {r['speed_ratio']:15.3f} "
                   + (f"{pl:12.2f} {tk:16.2f} {r['llama_ms'] / tk:16.3f}" if tk else f"{'-':>12} {'-':>16} {'-':>16}"))
-        out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / "decode_llama.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(dict(bandwidth_gbs=bandwidth, rows=rows), indent=2))
+        write_results(args, "decode_llama", bandwidth, rows)
         return 0
     if args.op:
         result = bench_op(args, clock, bandwidth)
@@ -468,16 +473,12 @@ def main() -> int:
         for r in result:
             print(f"{r['shape']:>10} {r['dtype']:>5} {r['mode']:>12} {r['median_ms']:9.3f} {r['min_ms']:7.3f} "
                   f"{r['memory_floor_ms']:9.3f}")
-        out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / "decode_op.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(dict(bandwidth_gbs=bandwidth, rows=result), indent=2))
+        write_results(args, "decode_op", bandwidth, result)
         return 0
     if args.matmuls:
         result = bench_matmuls(args, clock)
         print(f"\nread bandwidth {bandwidth:.1f} GB/s ({args.threads} thread(s)); torch {torch.__version__}")
-        out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / "decode_matmuls.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(dict(bandwidth_gbs=bandwidth, rows=result), indent=2))
+        write_results(args, "decode_matmuls", bandwidth, result)
         return 0
     rows = []
     for name in args.shapes.split(","):
@@ -502,9 +503,7 @@ def main() -> int:
     for r in rows:
         print(f"{r['shape']:>10} {r['dtype']:>5} {r['eager_ms']:9.2f} {r.get('compiled_ms', float('nan')):9.2f} "
               f"{r.get('compile_s', float('nan')):9.1f} {r['memory_floor_ms']:9.2f} {r['overhead_floor_ms']:9.2f}")
-    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / "decode.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(bandwidth_gbs=bandwidth, rows=rows), indent=2))
+    write_results(args, "decode", bandwidth, rows)
     return 0
 
 
